@@ -35,6 +35,31 @@ def test_demo_writes_report_and_summary(demo_dir):
     assert [r["step"] for r in rows] == [1, 2]
 
 
+def test_demo_sft_data_comes_from_other_worlds(monkeypatch):
+    """SFT never sees the demo world (seed S): its train and test entities are both new."""
+    import aepo.tasks.world as world_mod
+    from aepo.demo import DemoPlan, expert_demonstrations
+
+    seeds, real = [], world_mod.build_world
+
+    def spy(*args, **kwargs):
+        seeds.append((kwargs["seed"], kwargs.get("name_seed")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(world_mod, "build_world", spy)
+    demos = expert_demonstrations(DemoPlan(n_demos=30, demo_worlds=3), seed=5)
+    assert len(demos) == 30 and len({s for s, _ in seeds}) == 3
+    assert all(s != 5 and name_seed == 5 for s, name_seed in seeds)
+
+
+def test_demo_tokenizer_keeps_numbers_whole(demo_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_dir / "model_init")
+    for text in (" 1952", " 37", "2031"):
+        assert len(tok.encode(text, add_special_tokens=False)) == 1, text
+
+
 def test_demo_rerun_reuses_finished_stages(demo_dir):
     before = (demo_dir / "sft" / "model.safetensors").stat().st_mtime_ns
     res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(demo_dir)])

@@ -73,6 +73,18 @@ def test_digits_split_and_punctuation_separate(tok):
     assert pieces(tok, "(Zorblax)") == ["(", "Zorblax", ")"]
 
 
+def test_whole_numbers_when_digits_are_not_split():
+    nums = " ".join(str(n) for n in range(1900, 2000))
+    tok = build_tokenizer([nums, nums, "\n".join(nums.split()), "\n".join(nums.split()), "born in", "born in"],
+                          max_vocab=800, split_digits=False)
+    assert pieces(tok, " 1952") == [" 1952"]
+    assert pieces(tok, "\n1952")[-1] == "1952"
+    assert pieces(tok, "born in 1952.") == ["born", " in", " 1952", "."]
+    # numbers never seen still encode losslessly, in pieces
+    for text in ["x=40512;", "in 123456789 years", "1952"]:
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
 def test_frequent_words_are_single_tokens(tok):
     for word in ["Zorblax", " Zorblax", " Quenton", " born", " the"]:
         assert len(tok.encode(word, add_special_tokens=False)) == 1, word

@@ -33,13 +33,13 @@ class DemoPlan:
     world_size: str = "small"
     world_level: int = 2
     model_preset: str = "tiny"
-    n_demos: int = 3000
-    sft_epochs: int = 6
+    n_demos: int = 24000
+    sft_epochs: int = 1
     eval_questions: int = 200
     eval_n: int = 4
-    rl_steps: int = 40
-    vocab_size: int = 2000
-    demo_worlds: int = 6
+    rl_steps: int = 50
+    vocab_size: int = 2400
+    demo_worlds: int = 40
     tokenizer_worlds: int = 4
 
     @classmethod
@@ -89,48 +89,54 @@ def tokenizer_texts(seed: int, plan: DemoPlan) -> list[str]:
     for s in range(plan.tokenizer_worlds):
         texts += build_world(seed=10_000 + 97 * seed + s, size=plan.world_size,
                              level=plan.world_level, name_seed=seed).vocabulary_texts()
-    return texts
+    # Every number the world can ask for or compute (counts, ages, differences, years) is one
+    # token: the tokenizer keeps digit runs whole (`split_digits=False`).
+    # " 1952" inside a sentence and "1952" alone on a calculator's result line are different
+    # pre-tokens, so both forms are listed (twice: BPE merges pairs seen at least twice).
+    numbers = [str(n) for n in [*range(0, 300), *range(1780, 2070)]]
+    return texts + [" ".join(numbers), "\n".join(numbers)] * 2
 
 
-def expert_demonstrations(world: Any, plan: DemoPlan, seed: int, runner: Any) -> list[dict]:
-    """Noisy expert demonstrations from this world's train split and from `plan.demo_worlds - 1`
-    other sample worlds. Other worlds' entities and facts differ, so the model cannot memorise
-    answers: it has to copy names and facts out of the question and the search results, which
-    is what transfers to the held-out entities."""
+def expert_demonstrations(plan: DemoPlan, seed: int) -> list[dict]:
+    """Noisy expert demonstrations from `plan.demo_worlds` sample worlds other than the demo
+    world. Their entities and facts differ from the demo world's (only the name pool is
+    shared), so the model cannot memorise answers: it has to copy names and facts out of the
+    question and the search results. The demo world itself is new to the SFT model, on its
+    train split (where RL trains) as on its test split (where both are evaluated)."""
     from aepo.tasks.expert import demonstrations
     from aepo.tasks.world import build_world
 
     per = max(1, plan.n_demos // plan.demo_worlds)
     demos: list[dict] = []
-    for i in range(plan.demo_worlds):
-        w = world if i == 0 else build_world(seed=20_000 + 97 * seed + i, size=plan.world_size,
-                                             level=plan.world_level, name_seed=seed)
-        r = runner if i == 0 else build_tools(w)
+    for i in range(1, plan.demo_worlds + 1):
+        w = build_world(seed=20_000 + 97 * seed + i, size=plan.world_size, level=plan.world_level,
+                        name_seed=seed)
+        r = build_tools(w)
         try:
             def tool_fn(name: str, arg: str, r: Any = r) -> str:
                 return r.run_one(name, arg).result
 
             demos += demonstrations(w, "train", tool_fn, n=per, seed=seed + i)
         finally:
-            if r is not runner:
-                r.close()
+            r.close()
     random.Random(seed).shuffle(demos)
     return demos
 
 
-def stage_model(out: Path, world: Any, plan: DemoPlan, seed: int, runner: Any) -> tuple[Path, list[dict]]:
+def stage_model(out: Path, plan: DemoPlan, seed: int) -> tuple[Path, list[dict]]:
     """Demonstrations, tokenizer and the randomly initialised model (cached)."""
     from aepo.models.factory import init_model
     from aepo.models.tokenizer import build_tokenizer
 
     demo_file = out / "sft_data.jsonl"
     if not demo_file.exists():
-        write_jsonl(demo_file, expert_demonstrations(world, plan, seed, runner))
+        write_jsonl(demo_file, expert_demonstrations(plan, seed))
     demos = read_jsonl(demo_file)
     mdir = out / "model_init"
     if not (mdir / "config.json").exists():
         with atomic_dir(mdir) as tmp:
-            tok = build_tokenizer(tokenizer_texts(seed, plan), tmp, max_vocab=plan.vocab_size)
+            tok = build_tokenizer(tokenizer_texts(seed, plan), tmp, max_vocab=plan.vocab_size,
+                                  split_digits=False)
             init_model(tmp, tok, preset=plan.model_preset, seed=seed)
     return mdir, demos
 
@@ -250,7 +256,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, algo: str = 
     runner = build_tools(world, timeout=cfg.tools.timeout)
     try:
         console.print(f"world: {len(world.corpus)} documents, {len(world.train)} train / {len(world.test)} test questions")
-        init_dir, demos = stage_model(out, world, plan, seed, runner)
+        init_dir, demos = stage_model(out, plan, seed)
         sft_dir = stage_sft(out, init_dir, demos, plan, seed, progress)
         test = world_tasks(world.test)[: plan.eval_questions]
         train = world_tasks(world.train)

@@ -124,7 +124,7 @@ def run_compare(algos: Sequence[str], seeds: int | Sequence[int], out: str | Pat
     world = stage_world(base, plan, 0)
     runner = build_tools(world)
     try:
-        init_dir, demos = stage_model(base, world, plan, 0, runner)
+        init_dir, demos = stage_model(base, plan, 0)
         sft_dir = stage_sft(base, init_dir, demos, plan, 0, progress)
         test = world_tasks(world.test)[: plan.eval_questions]
         train = world_tasks(world.train)

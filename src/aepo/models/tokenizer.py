@@ -10,8 +10,11 @@ The tiny demo model is trained from scratch, so its tokenizer is fitted locally 
 - a byte-level BPE is trained with a vocabulary large enough that every frequent word of the
   corpus becomes one token (with its leading space), while any other text still encodes,
   byte by byte at worst, so encode/decode is lossless for every string;
-- digits are always split one by one (so arithmetic generalises across numbers) and
-  punctuation never sticks to letters (the byte-level pre-tokenizer separates them).
+- digits are split one by one by default (so arithmetic generalises across numbers); with
+  `split_digits=False` a run of digits is one pre-token, so every frequent number becomes a
+  single token (the demo's choice: its arithmetic is done by tools, and copying a year out
+  of a search result is then one token, like copying a name);
+- punctuation never sticks to letters (the byte-level pre-tokenizer separates them).
 
 The result is a `PreTrainedTokenizerFast` that `AutoTokenizer.from_pretrained` loads back.
 """
@@ -93,15 +96,14 @@ def _default_corpus() -> list[str]:
     return lines
 
 
-def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+def _pre_tokenizer(split_digits: bool = True) -> pre_tokenizers.PreTokenizer:
     # Digits first (one piece each), then the GPT-2 byte-level split, which keeps letters,
-    # punctuation runs and whitespace apart and maps every byte to a printable symbol.
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
+    # punctuation runs and whitespace apart and maps every byte to a printable symbol (and
+    # keeps " 1952" together when digits are not split).
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if not split_digits:
+        return byte_level
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:
@@ -112,7 +114,8 @@ def _lines(texts: Iterable[str]) -> Iterator[str]:
 
 
 def build_tokenizer(
-    texts: Iterable[str] | None = None, out_dir: str | Path | None = None, max_vocab: int = 8000
+    texts: Iterable[str] | None = None, out_dir: str | Path | None = None, max_vocab: int = 8000,
+    *, split_digits: bool = True,
 ) -> PreTrainedTokenizerFast:
     """Fit the built-in byte-level BPE tokenizer on `texts` (a generic vocabulary when None).
 
@@ -127,7 +130,7 @@ def build_tokenizer(
     min_frequency = 1 if texts is None else 2
 
     core = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    core.pre_tokenizer = _pre_tokenizer()
+    core.pre_tokenizer = _pre_tokenizer(split_digits)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=max_vocab,
