@@ -37,7 +37,7 @@ class DemoPlan:
     sft_epochs: int = 1
     eval_questions: int = 200
     eval_n: int = 4
-    rl_steps: int = 50
+    rl_steps: int = 40
     vocab_size: int = 2400
     demo_worlds: int = 40
     tokenizer_worlds: int = 4
