@@ -303,3 +303,15 @@ def test_shared_name_pool_shares_words_not_facts():
     facts_b = {(p.name, p.birth_year) for p in b.people}
     assert len(facts_a & facts_b) < 0.1 * len(facts_a)
     assert build_world(seed=1, name_seed=7).corpus == a.corpus
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_number_words_cover_every_number_a_world_uses(level):
+    from aepo.tasks.world import number_words
+
+    known = set(number_words())
+    w = build_world(seed=3, level=level)
+    texts = [d["text"] for d in w.corpus] + [r["question"] for r in w.train + w.test]
+    texts += [a for r in w.train + w.test for a in r["answer"]]
+    used = {n for t in texts for n in re.findall(r"\d+", t)}
+    assert used and used <= known, sorted(used - known)[:10]

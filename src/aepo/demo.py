@@ -78,22 +78,30 @@ def stage_world(out: Path, plan: DemoPlan, seed: int) -> Any:
     return World.load(wdir)
 
 
+def sample_world(plan: DemoPlan, seed: int, base: int, index: int) -> Any:
+    """Sample world `index` of series `base` for demo seed `seed`: it shares the demo world's
+    name pool (`name_seed`) but none of its entities or facts."""
+    from aepo.tasks.world import build_world
+
+    return build_world(seed=base + 97 * seed + index, size=plan.world_size, level=plan.world_level,
+                       name_seed=seed)
+
+
 def tokenizer_texts(seed: int, plan: DemoPlan) -> list[str]:
     """Text of sample worlds that share this world's name pool (`name_seed`): every name word
     is one token, and each also names someone in the training data of some world, so the
     model learns to write it. (With per-world names, a held-out person's name would be a token
     that is never a training target, and the model could never write it.)"""
-    from aepo.tasks.world import build_world
+    from aepo.tasks.world import number_words
 
     texts: list[str] = []
     for s in range(plan.tokenizer_worlds):
-        texts += build_world(seed=10_000 + 97 * seed + s, size=plan.world_size,
-                             level=plan.world_level, name_seed=seed).vocabulary_texts()
-    # Every number the world can ask for or compute (counts, ages, differences, years) is one
-    # token: the tokenizer keeps digit runs whole (`split_digits=False`).
-    # " 1952" inside a sentence and "1952" alone on a calculator's result line are different
-    # pre-tokens, so both forms are listed (twice: BPE merges pairs seen at least twice).
-    numbers = [str(n) for n in [*range(0, 300), *range(1780, 2070)]]
+        texts += sample_world(plan, seed, 10_000, s).vocabulary_texts()
+    # Every number the world can ask for or compute is one token: the tokenizer keeps digit
+    # runs whole (`split_digits=False`). " 1952" inside a sentence and "1952" alone on a
+    # calculator's result line are different pre-tokens, so both forms are listed (twice:
+    # BPE merges pairs seen at least twice).
+    numbers = number_words()
     return texts + [" ".join(numbers), "\n".join(numbers)] * 2
 
 
@@ -104,13 +112,11 @@ def expert_demonstrations(plan: DemoPlan, seed: int) -> list[dict]:
     question and the search results. The demo world itself is new to the SFT model, on its
     train split (where RL trains) as on its test split (where both are evaluated)."""
     from aepo.tasks.expert import demonstrations
-    from aepo.tasks.world import build_world
 
     per = max(1, plan.n_demos // plan.demo_worlds)
     demos: list[dict] = []
     for i in range(1, plan.demo_worlds + 1):
-        w = build_world(seed=20_000 + 97 * seed + i, size=plan.world_size, level=plan.world_level,
-                        name_seed=seed)
+        w = sample_world(plan, seed, 20_000, i)
         r = build_tools(w)
         try:
             def tool_fn(name: str, arg: str, r: Any = r) -> str:

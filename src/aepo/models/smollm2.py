@@ -172,8 +172,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = SAVE_D
     require_gguf_support()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from aepo.models.loading import save_model_dir
-    from aepo.models.loading import resolve_dtype
+    from aepo.models.loading import resolve_dtype, save_model_dir
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():

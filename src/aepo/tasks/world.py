@@ -61,6 +61,12 @@ RESULT_PAGE = "Page {i}: {title}: {text}"
 NO_RESULTS = "No results found for '{query}'."
 
 # The expert's reasoning phrases (the "{...}" parts are names, numbers or facts).
+# Ranges the generator draws numbers from (inclusive).
+FOUNDED_YEARS = (1850, 1990)
+BIRTH_YEARS = (1900, 1999)
+FOUNDER_AGE = (25, 60)  # a founder's age when founding the organisation
+TURN_AGES = (10, 60)  # "in what year did X turn N?"
+
 THINK_LOOKUP = "look up {name}."
 THINK_NOT_FOUND = "{name} not found."
 THINK_GUESS = "guess."
@@ -625,6 +631,14 @@ class World:
 # ----------------------------------------------------------------------------- helpers
 
 
+def number_words() -> list[str]:
+    """Every number a world can state, ask about or compute, as text: counts, ages and year
+    differences (0-299) and years (1780-2069: founders' births at 1850-60 = 1790 up to
+    1999+60 = 2059 for "turn N" answers, with a margin of 10). A tokenizer that keeps digit
+    runs whole can make each of them one token."""
+    return [str(n) for n in [*range(0, 300), *range(1780, 2070)]]
+
+
 def word_split(text: str) -> list[str]:
     """Lower-case words of `text` as a word-level tokenizer sees them: digits one by one,
     punctuation as its own word."""
@@ -815,7 +829,7 @@ def build_world(seed: int = 0, size: str = "small", level: int = 2, spec: WorldS
             f"o{i:03d}",
             base,
             rng.choice(ORG_TYPES),
-            rng.randint(1850, 1990),
+            rng.randint(*FOUNDED_YEARS),
             "",
             rng.choice(cities).id,
             "test" if i < n_test_orgs else "train",
@@ -872,7 +886,7 @@ def _make_people(
                 first,
                 last,
                 city,
-                rng.randint(1900, 1999),
+                rng.randint(*BIRTH_YEARS),
                 rng.choice(org_ids[split]),
                 split,
                 twin_of=twin_of,
@@ -906,7 +920,7 @@ def _assign_founders(rng: random.Random, orgs: list[Org], people: list[Person]) 
             raise ValueError(f"the {split} split has {len(pool)} people for {len(split_orgs)} organisations")
         for org, founder in zip(split_orgs, rng.sample(pool, len(split_orgs))):
             org.founder = founder.id
-            founder.birth_year = org.founded_year - rng.randint(25, 60)
+            founder.birth_year = org.founded_year - rng.randint(*FOUNDER_AGE)
 
 
 def _assign_nicknames(rng: random.Random, spec: WorldSpec, words: _Words, people: list[Person]) -> None:
@@ -988,7 +1002,7 @@ def _candidates(
             ):
                 continue
         if template.key == "p_turn":
-            b["n"] = rng.randint(10, 60)
+            b["n"] = rng.randint(*TURN_AGES)
         if template.key == "op_after" and (
             world.person_by_id[b["p"]].birth_year <= world.org_by_id[b["o"]].founded_year
         ):
