@@ -83,3 +83,18 @@ def test_jsonl_formats_and_errors(tok, tmp_path):
     p.write_text(json.dumps({"text": "x"}) + "\n")
     with pytest.raises(ValueError, match="segments"):
         load_sft_jsonl(p, tok)
+
+
+def test_loss_of_a_right_padded_batch_needs_no_attention_mask(tok):
+    from aepo.train.sft import _collate
+
+    model = model_for(tok)
+    short = encode_demonstration("where was ana born?", SEGS[:1], tok)
+    long = encode_demonstration("where was ana born?", SEGS, tok)
+    ids, attn, mask = _collate([short, long], tok.pad_token_id, 512)
+    assert attn[0].sum() < attn[1].sum()  # the short row is padded on the right
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+    ref = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+    assert sft_loss(model, ids, None, mask).item() == pytest.approx(ref.item(), abs=1e-5)
+    assert sft_loss(model, ids, attn, mask).item() == pytest.approx(ref.item(), abs=1e-5)

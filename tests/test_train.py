@@ -167,3 +167,48 @@ def test_missing_model_dir_and_bad_dataset_row(tmp_path):
     f.write_text('{"question": "a?", "answer": "b"}\n{"answer": "c"}\n')
     with pytest.raises(ValueError, match=r"d\.jsonl:2"):
         load_dataset(f)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "fallback"])
+def test_masked_head_matches_full_logits_values_and_gradients(tok, arch):
+    """The head runs only at scored positions, and right-padded rows need no attention mask:
+    log-probs, entropies and gradients equal the plain full-logits computation."""
+    from transformers import LlamaConfig
+
+    from aepo.train.batch import PLAIN_HEAD_MODEL_TYPES
+
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            model = AutoModelForCausalLM.from_config(cfg)
+        assert model.config.model_type in PLAIN_HEAD_MODEL_TYPES
+    else:
+        model = micro_model(tok, seed=1)
+        if arch == "fallback":
+            model.config.model_type = "not-a-plain-head"
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, len(tok), (3, 9), generator=gen)
+    attn = torch.ones_like(ids)
+    attn[1, 6:] = 0  # right padding
+    attn[2, 4:] = 0
+    ids[attn == 0] = tok.pad_token_id
+    mask = (torch.rand(3, 8, generator=gen) < 0.6).float() * attn[:, 1:]
+    temp = 0.7
+
+    logp, ent = token_logprobs_and_entropy(model, ids, None, temp, mask=mask)
+    (logp * mask).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    full = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / temp, -1)
+    ref_logp = full.gather(-1, ids[:, 1:, None])[..., 0]
+    ref_ent = -(full.exp() * full).sum(-1)
+    (ref_logp * mask).sum().backward()
+    sel = mask.bool()
+    assert torch.allclose(logp[sel], ref_logp[sel], atol=1e-5)
+    assert torch.allclose(ent[sel], ref_ent[sel], atol=1e-5)
+    assert (logp[~sel] == 0).all() and (ent[~sel] == 0).all()
+    for g, p in zip(grads, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-5)

@@ -88,17 +88,39 @@ def collate(trajectories: Sequence[Trajectory], pad_id: int) -> TokenBatch:
     return TokenBatch(ids, attn, mask, old, ent)
 
 
+# Architectures whose logits are exactly `lm_head(last hidden state)`: for these the head (the
+# largest matmul of a small model) runs only at the positions a loss reads, which in agent
+# trajectories are a minority (prompts and tool results are never scored).
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"})
+
+
+def selected_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, select: torch.Tensor
+) -> torch.Tensor:
+    """Next-token logits (float32, [N, V]) at the positions j where `select[:, j]` ([B, L-1]) is
+    set, in row-major order. Rows here are right-padded, so under causal attention no real
+    token sees a pad: `attention_mask=None` gives the same values, faster."""
+    sel = select.bool()
+    if getattr(model.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES:
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state
+        return model.get_output_embeddings()(hidden[:, :-1][sel]).float()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return logits[:, :-1][sel].float()
+
+
 def token_logprobs_and_entropy(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-    temperature: float = 1.0, with_entropy: bool = True,
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+    temperature: float = 1.0, with_entropy: bool = True, mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(token_{j+1} | <= j) and the entropy H_j of softmax(logits_j / T), both [B, L-1], float32."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    logp = logp_all.gather(-1, targets).squeeze(-1)
+    """log pi(token_{j+1} | <= j) and the entropy H_j of softmax(logits_j / T), both [B, L-1],
+    float32. With `mask` ([B, L-1]) only its positions are computed; the rest are 0."""
+    select = torch.ones_like(input_ids[:, 1:], dtype=torch.bool) if mask is None else mask.bool()
+    logp_all = F.log_softmax(selected_logits(model, input_ids, attention_mask, select) / temperature, dim=-1)
+    logp = torch.zeros(select.shape, dtype=torch.float, device=input_ids.device)
+    logp[select] = logp_all.gather(-1, input_ids[:, 1:][select].unsqueeze(-1)).squeeze(-1)
     entropy = None
     if with_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        entropy = torch.zeros_like(logp)
+        entropy[select] = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy

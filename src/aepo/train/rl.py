@@ -170,9 +170,9 @@ class RLTrainer:
             entropy=batch.rollout_entropy if a.adv_estimator == "aepo" else None, **opts)
         if self.ref_model is not None and a.kl_coef > 0:
             with torch.no_grad():
-                ref, _ = token_logprobs_and_entropy(
-                    self.ref_model, batch.input_ids.to(self.device), batch.attention_mask.to(self.device),
-                    self.cfg.rollout.temperature, with_entropy=False)
+                ref, _ = token_logprobs_and_entropy(  # rows are right-padded: no attention mask needed
+                    self.ref_model, batch.input_ids.to(self.device), None,
+                    self.cfg.rollout.temperature, with_entropy=False, mask=batch.loss_mask.to(self.device))
             batch.ref_log_prob = ref.cpu()
         return batch
 
@@ -214,8 +214,8 @@ class RLTrainer:
                 for u in range(0, len(mb_idx), micro):
                     mu = batch.select(mb_idx[u : u + micro]).to(self.device)
                     share = len(mu) / len(mb_idx)
-                    logp, ent = token_logprobs_and_entropy(self.model, mu.input_ids, mu.attention_mask,
-                                                           cfg.rollout.temperature)
+                    logp, ent = token_logprobs_and_entropy(self.model, mu.input_ids, None,  # right-padded
+                                                           cfg.rollout.temperature, mask=mu.loss_mask)
                     loss, m = algos.policy_loss(a.policy_loss, logp, mu.old_log_prob, mu.advantages,
                                                 mu.loss_mask, **kw, **totals)
                     total = loss

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from aepo.io import read_jsonl
 from aepo.rollout.protocol import format_result
 from aepo.tasks.prompting import encode_prompt
+from aepo.train.batch import selected_logits
 from aepo.train.console import StepProgress
 
 
@@ -128,12 +129,13 @@ def _length_bucketed_batches(examples: Sequence[SFTExample], batch_size: int,
     return batches
 
 
-def sft_loss(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token-mean cross-entropy over the masked-in target tokens."""
-    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
-    target_mask = mask[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-    return (nll.view_as(target_mask) * target_mask).sum() / target_mask.sum().clamp_min(1.0)
+def sft_loss(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """Token-mean cross-entropy over the masked-in target tokens (logits computed only there)."""
+    target = mask[:, 1:].bool()
+    logits = selected_logits(model, ids, attn, target)
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, ids[:, 1:][target])
 
 
 def sft_train(model: torch.nn.Module, tokenizer: Any, examples: Sequence[SFTExample], cfg: SFTConfig, *,
@@ -164,7 +166,7 @@ def sft_train(model: torch.nn.Module, tokenizer: Any, examples: Sequence[SFTExam
             for idx in _length_bucketed_batches(examples, cfg.batch_size, rng):
                 batch = [examples[j] for j in idx]
                 ids, attn, mask = (x.to(device) for x in _collate(batch, pad, cfg.max_len))
-                loss = sft_loss(model, ids, attn, mask)
+                loss = sft_loss(model, ids, None, mask)  # right-padded rows
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
