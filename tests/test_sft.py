@@ -98,3 +98,29 @@ def test_loss_of_a_right_padded_batch_needs_no_attention_mask(tok):
     ref = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
     assert sft_loss(model, ids, None, mask).item() == pytest.approx(ref.item(), abs=1e-5)
     assert sft_loss(model, ids, attn, mask).item() == pytest.approx(ref.item(), abs=1e-5)
+
+
+def test_recall_drills_score_only_the_value_recalled_for_each_key():
+    from aepo.train.sft import recall_drills
+
+    keys = ["mira", "velin", "tolva", "gara", "rope", "durik"]
+    values = ["1956", "1902", "24", "7"]
+    tok = build_tokenizer(["recall: |", " ".join(keys), " ".join(values)] * 3, split_digits=False)
+    drills = recall_drills(tok, keys, values, n=50, seed=3)
+    assert len(drills) == 50
+    assert [d.input_ids for d in drills] == [d.input_ids for d in recall_drills(tok, keys, values, 50, seed=3)]
+    assert [d.input_ids for d in drills] != [d.input_ids for d in recall_drills(tok, keys, values, 50, seed=4)]
+    for d in drills:
+        words = tok.decode(d.input_ids).split()
+        assert words[0] == "recall:"
+        cut = words.index("|")
+        given = dict(zip(words[1:cut:2], words[2:cut:2]))
+        recalled = list(zip(words[cut + 1 :: 2], words[cut + 2 :: 2]))
+        assert 3 <= len(given) <= 6 and sorted(k for k, _ in recalled) == sorted(given)
+        assert all(given[k] == v for k, v in recalled)  # every recalled value is the one given
+        scored = tok.decode([i for i, m in zip(d.input_ids, d.loss_mask) if m]).split()
+        assert scored == [v for _, v in recalled]  # only the recalled values carry loss
+    with pytest.raises(ValueError, match="pairs"):
+        recall_drills(tok, keys[:2], values, n=1)
+    with pytest.raises(ValueError, match="n must be"):
+        recall_drills(tok, keys, values, n=-1)

@@ -33,7 +33,7 @@ class DemoPlan:
     world_size: str = "small"
     world_level: int = 2
     model_preset: str = "tiny"
-    n_demos: int = 24000
+    n_demos: int = 32000
     sft_epochs: int = 1
     eval_questions: int = 200
     eval_n: int = 4
@@ -41,10 +41,12 @@ class DemoPlan:
     vocab_size: int = 2400
     demo_worlds: int = 40
     tokenizer_worlds: int = 4
+    recall_drills: int = 6000  # name -> number recall drills mixed into SFT (see `recall_drills`)
 
     @classmethod
     def quick(cls) -> "DemoPlan":
-        return cls(n_demos=200, sft_epochs=1, eval_questions=16, eval_n=2, rl_steps=2, tokenizer_worlds=2, demo_worlds=2)
+        return cls(n_demos=200, sft_epochs=1, eval_questions=16, eval_n=2, rl_steps=2, tokenizer_worlds=2, demo_worlds=2,
+                   recall_drills=50)
 
 
 def _threads() -> None:
@@ -150,13 +152,18 @@ def stage_model(out: Path, plan: DemoPlan, seed: int) -> tuple[Path, list[dict]]
 def stage_sft(out: Path, init_dir: Path, demos: list[dict], plan: DemoPlan, seed: int,
               progress: bool) -> Path:
     from aepo.models.loading import load_model, save_model_dir
-    from aepo.train.sft import SFTConfig, encode_demonstration, sft_train
+    from aepo.tasks.world import number_words
+    from aepo.train.sft import SFTConfig, encode_demonstration, recall_drills, sft_train
 
     sdir = out / "sft"
     if (sdir / "config.json").exists():
         return sdir
     model, tok = load_model(init_dir, device="cpu")
     examples = [encode_demonstration(d["prompt"], [tuple(s) for s in d["segments"]], tok) for d in demos]
+    # Years and other numbers are rare tokens that the tiny model would otherwise not learn to
+    # copy out of a search result within the budget: drill "name -> number" recall alongside.
+    names = {w for p in sample_world(plan, seed, 10_000, 0).people for w in p.name.split()}
+    examples += recall_drills(tok, sorted(names), number_words(), plan.recall_drills, seed=seed)
     history = sft_train(model, tok, examples, SFTConfig(epochs=plan.sft_epochs, seed=seed), progress=progress)
     return save_model_dir(sdir, model, tok, jsonl_files={"sft_history.jsonl": history})
 

@@ -102,6 +102,43 @@ def load_sft_jsonl(path: str | Path, tokenizer: Any, *, chat_template: bool = Fa
     return out
 
 
+def recall_drills(tokenizer: Any, keys: Sequence[str], values: Sequence[str], n: int, seed: int = 0,
+                  pairs: tuple[int, int] = (3, 6)) -> list[SFTExample]:
+    """`n` associative-recall drills, "recall: k1 v1 k2 v2 k3 v3 | k3 v3 k1 v1 k2 v2", with the
+    loss on the recalled values only. A small model copies a frequent token out of its context
+    early in SFT but a rare one (a year read from a search result) much later; mixed into SFT,
+    these drills teach it to look a value up by its key (the entity's name) and copy it."""
+    if n < 0:
+        raise ValueError(f"recall_drills: n must be >= 0, got {n}")
+    lo, hi = pairs
+    if not 1 <= lo <= hi or len(set(keys)) < hi:
+        raise ValueError(f"recall_drills: need 1 <= pairs[0] <= pairs[1] <= number of distinct keys "
+                         f"({len(set(keys))}), got pairs={pairs}")
+    if n and not values:
+        raise ValueError("recall_drills: values is empty")
+    keys = sorted(set(keys))
+    rng = random.Random(f"aepo-recall:{seed}")
+
+    def enc(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    out = []
+    for _ in range(n):
+        ks = rng.sample(keys, rng.randint(lo, hi))
+        vs = [rng.choice(values) for _ in ks]
+        ids = enc("recall:")
+        for k, v in zip(ks, vs):
+            ids += enc(f" {k}") + enc(f" {v}")
+        ids += enc(" |")
+        mask = [0] * len(ids)
+        for i in rng.sample(range(len(ks)), len(ks)):
+            k, v = enc(f" {ks[i]}"), enc(f" {vs[i]}")
+            ids += k + v
+            mask += [0] * len(k) + [1] * len(v)
+        out.append(SFTExample(ids, mask))
+    return out
+
+
 def _collate(examples: Sequence[SFTExample], pad_id: int, max_len: int) -> tuple[torch.Tensor, ...]:
     length = min(max(len(e.input_ids) for e in examples), max_len)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
