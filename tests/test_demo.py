@@ -56,8 +56,12 @@ def test_demo_tokenizer_keeps_numbers_whole(demo_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(demo_dir / "model_init")
-    for text in (" 1952", " 37", "2031"):
-        assert len(tok.encode(text, add_special_tokens=False)) == 1, text
+    for number in ("1952", "37", "2031"):
+        ids = tok.encode(number, add_special_tokens=False)
+        assert len(ids) == 1, number
+        # the same token in a sentence and on a calculator's result line
+        assert tok.encode(f"born in {number}.", add_special_tokens=False)[-2] == ids[0]
+        assert tok.encode(f"\n{number}\n", add_special_tokens=False)[1] == ids[0]
 
 
 def test_demo_rerun_reuses_finished_stages(demo_dir):

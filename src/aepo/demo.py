@@ -33,7 +33,7 @@ class DemoPlan:
     world_size: str = "small"
     world_level: int = 2
     model_preset: str = "tiny"
-    n_demos: int = 32000
+    n_demos: int = 30000
     sft_epochs: int = 1
     eval_questions: int = 200
     eval_n: int = 4
@@ -100,9 +100,8 @@ def tokenizer_texts(seed: int, plan: DemoPlan) -> list[str]:
     for s in range(plan.tokenizer_worlds):
         texts += sample_world(plan, seed, 10_000, s).vocabulary_texts()
     # Every number the world can ask for or compute is one token: the tokenizer keeps digit
-    # runs whole (`split_digits=False`). " 1952" inside a sentence and "1952" alone on a
-    # calculator's result line are different pre-tokens, so both forms are listed (twice:
-    # BPE merges pairs seen at least twice).
+    # runs whole (`split_digits=False`) and listing each number twice makes it a merge (BPE
+    # merges pairs seen at least twice); listed as in sentences and as on a result line.
     numbers = number_words()
     return texts + [" ".join(numbers), "\n".join(numbers)] * 2
 

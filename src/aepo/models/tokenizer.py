@@ -11,9 +11,11 @@ The tiny demo model is trained from scratch, so its tokenizer is fitted locally 
   corpus becomes one token (with its leading space), while any other text still encodes,
   byte by byte at worst, so encode/decode is lossless for every string;
 - digits are split one by one by default (so arithmetic generalises across numbers); with
-  `split_digits=False` a run of digits is one pre-token, so every frequent number becomes a
-  single token (the demo's choice: its arithmetic is done by tools, and copying a year out
-  of a search result is then one token, like copying a name);
+  `split_digits=False` a run of digits is one pre-token, apart from the space before it, so
+  every frequent number becomes a single token and the same token wherever it stands (" 1952"
+  in a sentence is " " + "1952", as is a calculator's "1952" on its own line). The demo's
+  choice: its arithmetic is done by tools, and copying a year out of a search result is
+  then one token, like copying a name;
 - punctuation never sticks to letters (the byte-level pre-tokenizer separates them).
 
 The result is a `PreTrainedTokenizerFast` that `AutoTokenizer.from_pretrained` loads back.
@@ -97,13 +99,11 @@ def _default_corpus() -> list[str]:
 
 
 def _pre_tokenizer(split_digits: bool = True) -> pre_tokenizers.PreTokenizer:
-    # Digits first (one piece each), then the GPT-2 byte-level split, which keeps letters,
-    # punctuation runs and whitespace apart and maps every byte to a printable symbol (and
-    # keeps " 1952" together when digits are not split).
+    # Digits first (one piece each, or one piece per run when not split), then the GPT-2
+    # byte-level split, which keeps letters, punctuation runs and whitespace apart and maps
+    # every byte to a printable symbol.
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if not split_digits:
-        return byte_level
-    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=split_digits), byte_level])
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:
