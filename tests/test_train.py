@@ -157,6 +157,36 @@ def test_collate_aligns_masks_with_next_token_logprobs(tok):
         collate([Trajectory("p", 0, [1], [2, 3], [1], [0.0], [0.0])], pad_id=0)
 
 
+def test_recompute_old_log_prob_scores_with_the_trainers_model(tok, world, runner, varied_reward, tmp_path):
+    """With `actor.recompute_old_log_prob`, the update's pi_old is the trainer's model on the
+    rollout tokens (verl's old_log_prob), not the sampler's numbers; a sampler that differs
+    from the trainer shows up in `rollout_logprob_diff`."""
+    model = micro_model(tok, seed=2)
+    cfg = small_cfg("grpo", tmp_path, **{"actor.recompute_old_log_prob": True})
+    trainer = RLTrainer(cfg, model, tok, world_tasks(world.train[:20]), runner.run, tmp_path)
+    trajs, _, _ = trainer.collect(1)
+    sampled = collate(trajs, trainer.pad_id).old_log_prob
+
+    # same weights as the sampler: the recomputed pi_old agrees with the sampler's log-probs
+    trainer._rescore_stats = {}
+    same = trainer.make_batch(trajs)
+    assert torch.allclose(same.old_log_prob, sampled, atol=1e-4)
+    assert trainer._rescore_stats["rollout_logprob_diff"] < 1e-4
+
+    # the trainer's weights move after sampling (as with a stale or bf16 sampler)
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(0.05 * torch.randn_like(prm))
+    moved = trainer.make_batch(trajs)
+    mask = moved.loss_mask.bool()
+    full = torch.log_softmax(model(input_ids=moved.input_ids).logits.float(), -1)[:, :-1]
+    expect = full.gather(-1, moved.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(moved.old_log_prob[mask], expect[mask], atol=1e-5)
+    assert (moved.old_log_prob[~mask] == 0).all()
+    assert trainer._rescore_stats["rollout_logprob_diff"] > 1e-3
+    assert not torch.allclose(moved.old_log_prob[mask], sampled[mask], atol=1e-3)
+
+
 def test_missing_model_dir_and_bad_dataset_row(tmp_path):
     from aepo.models.loading import load_model
     from aepo.tasks.datasets import load_dataset

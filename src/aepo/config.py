@@ -87,6 +87,9 @@ class AlgoConfig:
     epo_band_low: float = 0.5  # kappa_l
     epo_band_high: float = 1.5  # kappa_r
     epo_band_coef: float = 1.0
+    # re-score each rollout with the trainer's model before the update (verl's old_log_prob):
+    # needed when the sampler is not the trainer's own fp32 model (vLLM, bf16 kernels)
+    recompute_old_log_prob: bool = False
     kl_coef: float = 0.0  # KL to the reference policy; 0 = no reference model
     kl_type: Literal["k1", "k2", "k3"] = "k3"
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal

@@ -76,6 +76,7 @@ class RLTrainer:
         self.cfg, self.model, self.tokenizer, self.tasks, self.tool_fn = cfg, model, tokenizer, list(tasks), tool_fn
         self.out_dir = Path(out_dir)
         self.device = next(model.parameters()).device
+        self._rescore_stats: dict[str, float] = {}  # set by make_batch, logged by train_step
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         a = cfg.actor
         if a.kl_coef > 0 and ref_model is None:
@@ -168,13 +169,29 @@ class RLTrainer:
         batch.advantages = algos.compute_advantages(
             a.adv_estimator, rewards, [t.prompt_id for t in trajs], batch.loss_mask,
             entropy=batch.rollout_entropy if a.adv_estimator == "aepo" else None, **opts)
+        if a.recompute_old_log_prob:
+            self.model.eval()
+            sampler_lp = batch.old_log_prob
+            batch.old_log_prob = self._score(self.model, batch)
+            n_tok = batch.loss_mask.sum().clamp_min(1)
+            self._rescore_stats = {
+                "rollout_logprob_diff": float(((sampler_lp - batch.old_log_prob).abs() * batch.loss_mask).sum() / n_tok)}
         if self.ref_model is not None and a.kl_coef > 0:
-            with torch.no_grad():
-                ref, _ = token_logprobs_and_entropy(  # rows are right-padded: no attention mask needed
-                    self.ref_model, batch.input_ids.to(self.device), None,
-                    self.cfg.rollout.temperature, with_entropy=False, mask=batch.loss_mask.to(self.device))
-            batch.ref_log_prob = ref.cpu()
+            batch.ref_log_prob = self._score(self.ref_model, batch)
         return batch
+
+    def _score(self, model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+        """log pi(token) of every response token under `model`, in micro-batches, without grad."""
+        micro = max(1, self.cfg.trainer.ppo_micro_batch_size)
+        out = torch.zeros_like(batch.old_log_prob)
+        with torch.no_grad():
+            for s in range(0, len(batch), micro):
+                ids = batch.input_ids[s : s + micro].to(self.device)
+                mask = batch.loss_mask[s : s + micro]
+                lp, _ = token_logprobs_and_entropy(  # rows are right-padded: no attention mask needed
+                    model, ids, None, self.cfg.rollout.temperature, with_entropy=False, mask=mask.to(self.device))
+                out[s : s + micro] = lp.float().cpu()
+        return out
 
     def _loss_kwargs(self) -> dict[str, Any]:
         a = self.cfg.actor
@@ -255,7 +272,9 @@ class RLTrainer:
         trajs, all_trajs, rstats = self.collect(step)
         t_roll = time.time() - t0
         metrics = rollout_metrics(all_trajs, rstats)
+        self._rescore_stats = {}
         batch = self.make_batch(trajs) if trajs else None
+        metrics.update(self._rescore_stats)
         a = self.cfg.actor
         if batch is not None and (bool(batch.advantages.abs().sum() > 0) or a.kl_coef > 0 or a.epo):
             metrics.update(self.update(batch, step))
