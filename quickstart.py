@@ -8,7 +8,9 @@ Both create or update `.venv` next to this file (safe to run again: the install 
 skipped while `pyproject.toml` is unchanged). Torch is installed first when the environment
 has none, pinned to AEPO_TORCH (default `torch==2.13.0`) so that an unpinned request does
 not pull a multi-GB CUDA build on a CPU machine. Set AEPO_TORCH to your own spec on GPU
-machines (e.g. `AEPO_TORCH=torch`).
+machines (e.g. `AEPO_TORCH=torch`). AEPO_EXTRAS adds optional extras to the install (e.g.
+`AEPO_VENV=.venv-verl AEPO_EXTRAS=verl python3 quickstart.py test tests/test_verl_reference.py`
+checks aepo's math against verl's own; verl pins its own transformers, so give it its own venv).
 """
 from __future__ import annotations
 
@@ -39,10 +41,11 @@ def ensure_env() -> None:
         _run([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip"])
     if not _has_torch():
         _run([str(PY), "-m", "pip", "install", "-q", os.environ.get("AEPO_TORCH", "torch==2.13.0")])
+    extras = ",".join(["dev", *[e.strip() for e in os.environ.get("AEPO_EXTRAS", "").split(",") if e.strip()]])
     stamp = VENV / ".aepo-installed"
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
     if not stamp.exists() or stamp.read_text().strip() != digest:
-        _run([str(PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[dev]"])
+        _run([str(PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[{extras}]"])
         stamp.write_text(digest)
 
 

@@ -122,10 +122,10 @@ def np_agg(mat, mask, mode):
     nonempty = [i for i in range(mat.shape[0]) if counts[i] > 0]
     if mode == "token-mean":
         return sum(rows) / max(sum(counts), 1)
-    if mode == "seq-mean-token-sum-norm":
-        return sum(rows) / mat.shape[1]
     if not nonempty:
         return 0.0
+    if mode == "seq-mean-token-sum-norm":
+        return sum(rows[i] for i in nonempty) / len(nonempty) / mat.shape[1]
     if mode == "seq-mean-token-sum":
         return sum(rows[i] for i in nonempty) / len(nonempty)
     return sum(rows[i] / counts[i] for i in nonempty) / len(nonempty)
@@ -158,7 +158,7 @@ def test_agg_loss_hand_values(mode):
         "token-mean": (1 + 2 + 4) / 3,
         "seq-mean-token-mean": (1.5 + 4) / 2,  # the empty row is left out
         "seq-mean-token-sum": (3 + 4) / 2,
-        "seq-mean-token-sum-norm": (3 + 4) / 3,  # divided by T = 3, not by the rows
+        "seq-mean-token-sum-norm": (3 + 4) / 2 / 3,  # mean over the 2 non-empty rows, / T = 3
     }[mode]
     assert float(agg_loss(mat, mask, mode)) == pytest.approx(expected)
 
@@ -175,7 +175,7 @@ def test_agg_loss_micro_batches_sum_to_mini_batch():
         parts = sum(agg_loss(mat[i : i + 2], mask[i : i + 2], mode, **totals) for i in range(0, 6, 2))
         assert float(parts) == pytest.approx(float(full), abs=1e-6), mode
     assert float(agg_loss(mat, mask, "seq-mean-token-sum-norm", loss_scale_factor=4.0)) == pytest.approx(
-        float((mat * mask).sum() / 4.0), abs=1e-6
+        float((mat * mask).sum() / (mask.sum(-1) > 0).sum() / 4.0), abs=1e-6
     )
 
 

@@ -77,15 +77,16 @@ def agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=Non
     if loss_agg_mode == "token-mean":
         n = m.sum() if batch_num_tokens is None else batch_num_tokens
         return (loss_mat * m).sum() / n * dp_size
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        return (loss_mat * m).sum() / (m.shape[-1] if loss_scale_factor is None else loss_scale_factor)
     row_tokens = m.sum(-1)
     rows = (loss_mat * m).sum(-1)
     if loss_agg_mode == "seq-mean-token-mean":
         rows = rows / (row_tokens + 1e-8)
     has_tokens = (row_tokens > 0).float()
     n_rows = has_tokens.sum() if global_batch_size is None else global_batch_size
-    return (rows * has_tokens).sum() / n_rows * dp_size
+    loss = (rows * has_tokens).sum() / n_rows * dp_size
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        loss = loss / (m.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return loss
 
 
 def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask,
@@ -317,7 +318,7 @@ def test_detection_fails_clearly_without_vanilla(make_verl):
         ("token-mean", {"dp_size": 2, "batch_num_tokens": 31}),
         ("seq-mean-token-sum", {"dp_size": 4, "global_batch_size": 13}),
         ("seq-mean-token-mean", {"dp_size": 2, "global_batch_size": 9}),
-        ("seq-mean-token-sum-norm", {"dp_size": 2, "loss_scale_factor": 48}),
+        ("seq-mean-token-sum-norm", {"dp_size": 2, "global_batch_size": 11, "loss_scale_factor": 48}),
     ],
 )
 def test_global_batch_info_aggregates_like_verl(make_verl, agg, info):

@@ -55,12 +55,11 @@ def agg_loss(
     token-mean:              sum_{i,t} m_it L_it / sum_{i,t} m_it
     seq-mean-token-mean:     (1 / B') sum_i [ sum_t m_it L_it / sum_t m_it ]
     seq-mean-token-sum:      (1 / B') sum_i sum_t m_it L_it
-    seq-mean-token-sum-norm: (1 / T) sum_{i,t} m_it L_it   (Dr.GRPO's constant normaliser)
+    seq-mean-token-sum-norm: (1 / B') sum_i sum_t m_it L_it / T   (Dr.GRPO's constant normaliser)
 
     B' = number of rows with at least one valid token (fully masked rows are left out of the
-    mean, as current verl does). T = mask.shape[-1] unless `loss_scale_factor` is given. As in
-    verl, seq-mean-token-sum-norm is NOT divided by the number of rows (so it is the Dr.GRPO
-    objective times B); pass loss_scale_factor = T * B for the per-row mean.
+    mean, as current verl does). T = mask.shape[-1] unless `loss_scale_factor` is given (set it
+    to the maximum response length so the normaliser stays constant, as Dr.GRPO does).
     For gradient accumulation over micro-batches pass the totals of the whole mini-batch as
     `batch_num_tokens` (token-mean) / `batch_num_seqs` (seq-mean-*): the micro-batch losses then
     sum to the mini-batch loss. A batch with no valid token gives 0 with a zero gradient.
@@ -78,17 +77,17 @@ def agg_loss(
     if mode == "token-mean":
         denom = valid.sum() if batch_num_tokens is None else batch_num_tokens
         return masked.sum() / _at_least_one(denom, loss_mat)
+    scale = 1.0
     if mode == "seq-mean-token-sum-norm":
         scale = float(mask.shape[-1]) if loss_scale_factor is None else float(loss_scale_factor)
         if scale <= 0:
             raise ValueError(f"loss_scale_factor must be > 0, got {loss_scale_factor}")
-        return masked.sum() / scale
     row_tokens = valid.sum(dim=-1).to(loss_mat.dtype)
     row_loss = masked.sum(dim=-1)
     if mode == "seq-mean-token-mean":
         row_loss = row_loss / row_tokens.clamp(min=1)
     n_rows = (row_tokens > 0).sum() if batch_num_seqs is None else batch_num_seqs
-    return row_loss.sum() / _at_least_one(n_rows, loss_mat)
+    return row_loss.sum() / _at_least_one(n_rows, loss_mat) / scale
 
 
 def _at_least_one(count: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:

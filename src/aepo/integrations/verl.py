@@ -116,8 +116,9 @@ def _clip_widths(config: Any) -> tuple[float, float, float]:
 def _aggregation_options(config: Any, loss_agg_mode: str) -> tuple[dict[str, Any], Any]:
     """(`agg_loss` totals, loss multiplier) from verl's `config.global_batch_info`.
 
-    verl's agg_loss computes sum / global_count * dp_size for token-mean and the seq-mean
-    modes, and sum / loss_scale_factor for seq-mean-token-sum-norm.
+    verl's agg_loss computes sum / global_count * dp_size for every mode (global_count = tokens
+    for token-mean, rows for the seq-mean modes), and seq-mean-token-sum-norm then divides by
+    loss_scale_factor.
     """
     info = _cfg_get(config, "global_batch_info", None) or {}
     info = dict(info.items()) if hasattr(info, "items") else {}
@@ -138,9 +139,7 @@ def _aggregation_options(config: Any, loss_agg_mode: str) -> tuple[dict[str, Any
         scale_factor = _cfg_get(config, "loss_scale_factor", None)
     if scale_factor is not None:
         opts["loss_scale_factor"] = scale_factor
-    dp_size = info.get("dp_size") or 1
-    multiplier = 1 if loss_agg_mode == "seq-mean-token-sum-norm" else dp_size
-    return opts, multiplier
+    return opts, info.get("dp_size") or 1
 
 
 def _rollout_weights(
