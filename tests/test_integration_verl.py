@@ -205,6 +205,8 @@ def call_direct(aepo_name: str, batch: dict[str, torch.Tensor], **kwargs: Any):
 
 
 def test_import_without_verl_and_register_gives_install_hint(monkeypatch):
+    for name in [m for m in sys.modules if m.startswith("verl.")]:  # a real verl may be imported already
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, "verl", None)  # `import verl` now fails like a missing package
     monkeypatch.delitem(sys.modules, "aepo.integrations.verl")
     fresh = importlib.import_module("aepo.integrations.verl")
