@@ -33,11 +33,11 @@ class DemoPlan:
     world_size: str = "small"
     world_level: int = 2
     model_preset: str = "tiny"
-    n_demos: int = 30000
+    n_demos: int = 26000
     sft_epochs: int = 1
     eval_questions: int = 200
     eval_n: int = 4
-    rl_steps: int = 40
+    rl_steps: int = 60
     vocab_size: int = 2400
     demo_worlds: int = 40
     tokenizer_worlds: int = 4
