@@ -168,22 +168,22 @@ def test_recompute_old_log_prob_scores_with_the_trainers_model(tok, world, runne
     sampled = collate(trajs, trainer.pad_id).old_log_prob
 
     # same weights as the sampler: the recomputed pi_old agrees with the sampler's log-probs
-    trainer._rescore_stats = {}
-    same = trainer.make_batch(trajs)
+    stats: dict = {}
+    same = trainer.make_batch(trajs, stats)
     assert torch.allclose(same.old_log_prob, sampled, atol=1e-4)
-    assert trainer._rescore_stats["rollout_logprob_diff"] < 1e-4
+    assert stats["rollout_logprob_diff"] < 1e-4
 
     # the trainer's weights move after sampling (as with a stale or bf16 sampler)
     with torch.no_grad():
         for prm in model.parameters():
             prm.add_(0.05 * torch.randn_like(prm))
-    moved = trainer.make_batch(trajs)
+    moved = trainer.make_batch(trajs, stats)
     mask = moved.loss_mask.bool()
     full = torch.log_softmax(model(input_ids=moved.input_ids).logits.float(), -1)[:, :-1]
     expect = full.gather(-1, moved.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(moved.old_log_prob[mask], expect[mask], atol=1e-5)
     assert (moved.old_log_prob[~mask] == 0).all()
-    assert trainer._rescore_stats["rollout_logprob_diff"] > 1e-3
+    assert stats["rollout_logprob_diff"] > 1e-3
     assert not torch.allclose(moved.old_log_prob[mask], sampled[mask], atol=1e-3)
 
 

@@ -113,7 +113,7 @@ def _clip_widths(config: Any) -> tuple[float, float, float]:
     )
 
 
-def _aggregation_options(config: Any, loss_agg_mode: str) -> tuple[dict[str, Any], Any]:
+def _aggregation_options(config: Any) -> tuple[dict[str, Any], Any]:
     """(`agg_loss` totals, loss multiplier) from verl's `config.global_batch_info`.
 
     verl's agg_loss computes sum / global_count * dp_size for every mode (global_count = tokens
@@ -227,7 +227,7 @@ def _make_policy_loss(verl_name: str) -> Callable[..., tuple[Any, ...]]:
         if ignored:
             warnings.warn(f"aepo verl loss {verl_name!r} ignores arguments {ignored}", stacklevel=2)
         clip_low, clip_high, clip_c = _clip_widths(config)
-        agg_opts, multiplier = _aggregation_options(config, loss_agg_mode)
+        agg_opts, multiplier = _aggregation_options(config)
         weight = _rollout_weights(config, old_log_prob, rollout_log_probs, rollout_is_weights)
         if weight is not None:
             advantages = _weighted_advantages(advantages, weight, response_mask)

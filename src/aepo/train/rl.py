@@ -76,7 +76,6 @@ class RLTrainer:
         self.cfg, self.model, self.tokenizer, self.tasks, self.tool_fn = cfg, model, tokenizer, list(tasks), tool_fn
         self.out_dir = Path(out_dir)
         self.device = next(model.parameters()).device
-        self._rescore_stats: dict[str, float] = {}  # set by make_batch, logged by train_step
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         a = cfg.actor
         if a.kl_coef > 0 and ref_model is None:
@@ -157,7 +156,9 @@ class RLTrainer:
         return [t for t in kept if t.prompt_id in groups], trajs, stats
 
     # ------------------------------------------------------------------ update
-    def make_batch(self, trajs: list[Trajectory]) -> TokenBatch:
+    def make_batch(self, trajs: list[Trajectory], metrics: dict[str, float] | None = None) -> TokenBatch:
+        """Training tensors, advantages and (when configured) re-scored pi_old and reference
+        log-probs; `metrics`, when given, receives `rollout_logprob_diff`."""
         a = self.cfg.actor
         batch = collate(trajs, self.pad_id)
         rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float)
@@ -173,9 +174,9 @@ class RLTrainer:
             self.model.eval()
             sampler_lp = batch.old_log_prob
             batch.old_log_prob = self._score(self.model, batch)
-            n_tok = batch.loss_mask.sum().clamp_min(1)
-            self._rescore_stats = {
-                "rollout_logprob_diff": float(((sampler_lp - batch.old_log_prob).abs() * batch.loss_mask).sum() / n_tok)}
+            if metrics is not None:
+                diff = (sampler_lp - batch.old_log_prob).abs() * batch.loss_mask
+                metrics["rollout_logprob_diff"] = float(diff.sum() / batch.loss_mask.sum().clamp_min(1))
         if self.ref_model is not None and a.kl_coef > 0:
             batch.ref_log_prob = self._score(self.ref_model, batch)
         return batch
@@ -272,9 +273,7 @@ class RLTrainer:
         trajs, all_trajs, rstats = self.collect(step)
         t_roll = time.time() - t0
         metrics = rollout_metrics(all_trajs, rstats)
-        self._rescore_stats = {}
-        batch = self.make_batch(trajs) if trajs else None
-        metrics.update(self._rescore_stats)
+        batch = self.make_batch(trajs, metrics) if trajs else None
         a = self.cfg.actor
         if batch is not None and (bool(batch.advantages.abs().sum() > 0) or a.kl_coef > 0 or a.epo):
             metrics.update(self.update(batch, step))
