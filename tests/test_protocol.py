@@ -155,7 +155,8 @@ def test_malformed_call_gives_error_result_and_rollout_continues():
     assert tools.batches == []  # malformed calls never reach the tools
     assert t.finish_reason == "answer"
     assert [s.role for s in t.segments] == ["model", "tool", "model", "tool", "model"]
-    assert "</search> without a matching <search>" in t.segments[1].text
+    # the error names the tags, escaped like any tool output
+    assert "&lt;/search> without a matching &lt;search>" in t.segments[1].text
     assert t.segments[1].text.startswith("<result>\nError: ")
     assert "empty argument" in t.segments[3].text
     assert [(c.name, c.ok) for c in t.tool_calls] == [("search", False), ("calc", False)]
@@ -211,10 +212,21 @@ def test_tool_result_truncated_to_max_result_tokens():
 
 
 def test_tool_result_cut_at_the_response_budget():
+    # 8 tokens: the call takes 3, the wrapper 4 (<result>, \n, \n, </result>), the body keeps 1
     t, sampler, _ = one_row(lambda ctx, draw: "<search>q</search>", max_response_tokens=8)
     assert len(t.response_ids) == 8 and t.finish_reason == "length"
-    assert t.response_ids[3:] == TOK.encode(format_result("found q"))[:5]
+    assert t.response_ids[3:] == TOK.encode(format_result("f"))
+    assert t.segments[1].text == "<result>\nf\n</result>" and t.tool_calls[0].result == "f"
     assert len(sampler.generate_calls) == 1
+
+
+def test_no_partial_wrapper_when_it_does_not_fit():
+    # 6 tokens: the call takes 3, 3 are left, the wrapper needs 4: nothing is appended
+    t, sampler, tools = one_row(lambda ctx, draw: "<search>q</search>", max_response_tokens=6)
+    assert t.finish_reason == "length" and t.response_ids == TOK.encode("<search>q</search>")
+    assert [s.role for s in t.segments] == ["model"] and t.tool_calls == []
+    assert not [e for e in sampler.log if e[0] == "append"]
+    assert tools.batches == [[("search", "q")]]
 
 
 def test_eos_finish_and_text():

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aepo.rollout.types import ToolCall
-from aepo.tools.runner import TRUNCATION_MARK, ToolRunner, truncate_result
+from aepo.tools.runner import TRUNCATION_MARK, ToolRunner, is_timeout, truncate_result
 
 
 class FnTool:
@@ -94,6 +94,8 @@ def test_hung_tool_times_out_without_blocking(release):
     assert not hung.ok and hung.result == "Error: hang timed out after 0.2s"
     assert hung.seconds >= 0.2
     assert fine.ok and fine.result == "ok"
+    assert hung.timed_out and is_timeout(hung)
+    assert not fine.timed_out and not is_timeout(fine)
     # The abandoned thread holds no worker slot: with one worker, later calls still run.
     runner_one = ToolRunner([hang, FnTool("echo", lambda a: a)], timeout=0.2, max_workers=1)
     first = runner_one.run([("hang", "")])[0]
@@ -159,3 +161,27 @@ def test_truncate_result_properties(text, max_chars):
     else:
         kept = out.removesuffix(TRUNCATION_MARK)
         assert text.startswith(kept)
+
+
+def test_only_timeouts_are_flagged_as_timeouts():
+    def boom(argument):
+        raise ValueError("bad input")
+
+    runner = ToolRunner([FnTool("boom", boom), FnTool("echo", lambda a: a)], timeout=5)
+    failed, unknown, echoed = runner.run([("boom", "x"), ("nope", "x"), ("echo", "timed out after 3s")])
+    assert not failed.ok and not failed.timed_out and not is_timeout(failed)
+    assert not unknown.ok and not unknown.timed_out and not is_timeout(unknown)
+    assert echoed.ok and not is_timeout(echoed)  # the words alone, not an error line, are no timeout
+
+
+@pytest.mark.parametrize("result, expected", [
+    ("Error: search timed out after 5s", True),  # the runner's text, flag lost in a copy
+    ("Error: timed out after 2.5s", True),  # the Python sandbox's limit
+    ("partial output\nmore\nError: timed out after 2s", True),  # ... after what it printed
+    ("Error: SearchBackendError: retriever http://x unreachable: timed out", False),
+    ("print('Error: timed out after')", False),
+    ("Page 1: the request timed out after 3 tries", False),
+])
+def test_is_timeout_reads_the_known_timeout_texts(result, expected):
+    assert is_timeout(ToolCall("python", "code", result, ok=False)) is expected
+    assert is_timeout(ToolCall("python", "code", "fine", timed_out=True))

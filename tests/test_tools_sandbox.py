@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 from aepo.cli import app
 from aepo.tools import sandbox as sandbox_module
 from aepo.tools.runner import TRUNCATION_MARK, ToolRunner
-from aepo.tools.sandbox import CHILD_ENVIRONMENT, PythonSandbox, SandboxResult
+from aepo.tools.sandbox import CHILD_ENVIRONMENT, SCRATCH_PREFIX, PythonSandbox, SandboxResult
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the sandbox needs a POSIX system")
 
@@ -86,7 +87,11 @@ def test_scratch_directory_is_private_writable_and_removed(box):
     assert result.ok, result.error
     cwd, listing = result.stdout.splitlines()
     assert listing == "['note.txt']"
-    assert not Path(cwd).exists() and not Path(cwd).parent.exists()
+    assert cwd in ("/work", "/sandbox", "/aepo-work")  # a fresh directory of the sandbox's own root
+    second = box.run("import os\nsorted(os.listdir('.'))")
+    assert second.stdout == "[]\n"  # nothing survives from one run to the next
+    leftovers = list(Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}{os.getpid()}-*"))
+    assert leftovers == []  # the host-side directory of each run is removed
 
 
 def test_parent_environment_is_not_visible(box, monkeypatch):
@@ -192,13 +197,11 @@ def test_writing_outside_the_scratch_directory_fails(box, tmp_path):
     target_dir.chmod(0o777)  # only the sandbox, not file permissions, may stop the write
     target = target_dir / "pwned.txt"
     result = box.run(f"open({str(target)!r}, 'w').write('x')\nprint('written')")
-    if not box.isolation.readonly_filesystem:
-        target.unlink(missing_ok=True)
-        pytest.skip(
-            "no read-only mount namespace on this machine: writes outside the scratch dir are possible"
-        )
-    assert not result.ok and "Read-only file system" in result.error
+    assert not result.ok and "written" not in result.stdout
     assert not target.exists()
+    for path in ("/usr/lib/pwned", "/pwned", "/etc/passwd"):  # the sandbox's own root is read-only
+        result = box.run(f"open({path!r}, 'w').write('x')")
+        assert not result.ok and "Read-only file system" in result.error, path
 
 
 def test_child_has_no_capabilities(box):
@@ -216,16 +219,18 @@ def test_signal_death_is_reported(box):
 # ----------------------------------------------------------------------------- fallback, tool use
 
 
-def test_fallback_without_namespaces_warns_once_and_still_limits(monkeypatch):
+def test_limits_only_mode_warns_once_and_still_limits(monkeypatch):
     monkeypatch.setattr(sandbox_module, "_isolation_cache", {})
-    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None)
-    box = PythonSandbox(timeout=2.0, cpu_seconds=1, memory_mb=256)
-    with pytest.warns(RuntimeWarning, match="namespaces are unavailable"):
+    box = PythonSandbox(timeout=2.0, cpu_seconds=1, memory_mb=256, mode="limits-only")
+    with pytest.warns(RuntimeWarning, match="limits-only mode: sandboxed code CAN read every file"):
         isolation = box.isolation
-    assert not isolation.namespaces and not isolation.readonly_filesystem
+    assert isolation.mode == "limits-only"
+    assert not isolation.namespaces and not isolation.minimal_root and isolation.process_filter
+    assert "minimal root (host files hidden)=NO" in isolation.describe()
     monkeypatch.setenv("AEPO_TEST_SECRET", "hunter2")
     assert box("import os\nprint(os.environ.get('AEPO_TEST_SECRET'))") == "None\n"
     assert "MemoryError" in box("x = ' ' * 10**10")
+    assert "PermissionError" in box("import socket\nsocket.socket(socket.AF_UNIX)")  # the filter holds
     result, elapsed = run_timed(box, "import os\nwhile True:\n    os.fork()")
     assert not result.ok and elapsed < 3.5
     import warnings
@@ -233,6 +238,11 @@ def test_fallback_without_namespaces_warns_once_and_still_limits(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second use does not warn again
         assert box("1 + 1") == "2\n"
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="strict, limits-only"):
+        PythonSandbox(mode="none")
 
 
 def test_sandbox_as_a_tool_in_the_runner(box):

@@ -4,6 +4,7 @@ protocol against a fake loopback server, fall-through, rendering and `aepo tools
 from __future__ import annotations
 
 import json
+import logging
 import math
 import socket
 import threading
@@ -21,6 +22,7 @@ from aepo.tools.search import (
     BM25Backend,
     CacheBackend,
     HttpBackend,
+    RateLimitedWarning,
     SearchBackendError,
     SearchTool,
     build_search_tool,
@@ -287,6 +289,71 @@ def test_http_backend_down_raises_and_runner_reports_it():
     (call,) = runner.run([("search", "q")])
     assert not call.ok
     assert call.result.startswith("Error: SearchBackendError: retriever ") and "unreachable" in call.result
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def search_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "aepo.tools.search" and r.levelno == logging.WARNING]
+
+
+def test_retriever_down_fails_the_call_and_warns_once_a_minute_per_url(caplog):
+    first = f"http://127.0.0.1:{free_port()}/retrieve"
+    second = f"http://127.0.0.1:{free_port()}/retrieve"
+    tool = SearchTool([HttpBackend(first, timeout=2), HttpBackend(second, timeout=2)])
+    clock = FakeClock()
+    tool.failure_warning.clock = clock
+    runner = ToolRunner([tool], timeout=10)
+    caplog.set_level(logging.WARNING, logger="aepo.tools.search")
+
+    (call,) = runner.run([("search", "q")])
+    assert not call.ok and not call.timed_out
+    assert first in call.result and second in call.result and call.result.count("unreachable") == 2
+    logged = search_warnings(caplog)
+    assert len(logged) == 2  # one per URL
+    assert first in logged[0] and "unreachable" in logged[0]
+    assert "falling back to the next backend" in logged[0]
+    assert second in logged[1] and "search calls it would answer fail" in logged[1]
+    assert "at most every 60s" in logged[0]
+
+    caplog.clear()
+    for seconds in (1, 30, 59.9):
+        clock.now = 1000.0 + seconds
+        assert not runner.run([("search", "q")])[0].ok
+    assert search_warnings(caplog) == []  # within the minute: held back
+
+    clock.now = 1061.0
+    runner.run([("search", "q")])
+    logged = search_warnings(caplog)
+    assert len(logged) == 2 and all("(3 more since the last warning)" in m for m in logged)
+
+
+def test_a_failed_backend_is_not_hidden_behind_nothing_found():
+    down = HttpBackend(f"http://127.0.0.1:{free_port()}/retrieve", timeout=2)
+    runner = ToolRunner([SearchTool([down, CacheBackend({"other": "Page 1: x"})])], timeout=10)
+    (call,) = runner.run([("search", "q")])
+    assert not call.ok and "unreachable" in call.result
+    healthy = SearchTool([CacheBackend({"other": "Page 1: x"}), BM25Backend(DOCS)])
+    assert healthy("Zorvthx") == "No results found for 'Zorvthx'."  # every backend looked
+
+
+def test_rate_limited_warning(caplog):
+    clock = FakeClock()
+    warn = RateLimitedWarning(10, clock=clock)
+    caplog.set_level(logging.WARNING, logger="aepo.tools.search")
+    assert warn("a", "a down") and warn("b", "b down") and not warn("a", "a down")
+    clock.now += 10
+    assert warn("a", "a still down")
+    assert search_warnings(caplog) == ["a down", "b down", "a still down (1 more since the last warning)"]
+    with pytest.raises(ValueError, match="interval"):
+        RateLimitedWarning(-1)
 
 
 def test_http_backend_rejects_non_http_urls():

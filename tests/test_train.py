@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import socket
 
 import pytest
 import torch
@@ -12,14 +14,17 @@ from aepo.algos.presets import preset_names
 from aepo.config import load_config
 from aepo.demo import world_tasks
 from aepo.models.tokenizer import build_tokenizer
+from aepo.rollout.agent import RowState, fork_row_state
+from aepo.rollout.protocol import parse_action
+from aepo.rollout.types import SegmentRecord, ToolCall, Trajectory
 from aepo.tasks.world import build_world
 from aepo.tools.calc import Calculator
 from aepo.tools.runner import ToolRunner
-from aepo.tools.search import BM25Backend, SearchTool
+from aepo.tools.search import BM25Backend, HttpBackend, SearchTool
 from aepo.train import rl as rl_module
 from aepo.train.batch import collate, token_logprobs_and_entropy
 from aepo.train.checkpoint import STATE_FILE, latest_checkpoint
-from aepo.train.rl import RLTrainer
+from aepo.train.rl import RLTrainer, own_tool_calls, rollout_metrics, tool_metrics
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +57,11 @@ def runner(world):
 def varied_reward(monkeypatch):
     """A random-init model never writes a valid answer, so every reward would be -1 and every
     advantage 0. Score by response length instead, so updates really happen."""
-    def fake_score(text, golds, data_source=None, **kw):
-        r = float(len(text) % 3) / 2
+    def fake_score(traj, golds, data_source=None, **kw):
+        r = float(len(traj.text) % 3) / 2
         return {"reward": r, "acc": float(r > 0.5), "f1": r, "em": 0.0, "format_ok": True, "answer": ""}
 
-    monkeypatch.setattr(rl_module, "score", fake_score)
+    monkeypatch.setattr(rl_module, "score_trajectory", fake_score)
 
 
 def small_cfg(algo, out_dir, **extra):
@@ -112,10 +117,20 @@ def test_kill_and_resume_matches_uninterrupted(tok, world, runner, varied_reward
     model_b = micro_model(tok, seed=1)
     with pytest.raises(Killed):
         RLTrainer(cfg_b, model_b, tok, tasks, runner.run, tmp_path / "b").fit(progress=False, on_step=kill_after_3)
-    assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step_2"
+    root = tmp_path / "b" / "checkpoints"
+    assert latest_checkpoint(root).name == "step_2"
+    # what a kill during a later save or prune leaves: a temp dir, a newer step dir without
+    # trainer state (half pruned) and a renamed-for-pruning one; resume must not pick any of them
+    (root / ".step_4.k1ll3d.tmp").mkdir()
+    (root / "step_4").mkdir()
+    (root / "step_4" / "model.safetensors").write_bytes(b"half")
+    (root / ".step_1.pruning").mkdir()
+    (root / "notes.txt").write_text("a user's file")
     # a fresh process: new model object from the same initial weights, resume from step 2
     model_c = micro_model(tok, seed=1)
     RLTrainer(cfg_b, model_c, tok, tasks, runner.run, tmp_path / "b").fit(progress=False, resume=True)
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt", "step_2", "step_4"]
+    assert (root / "step_4" / STATE_FILE).exists()  # the resumed run's own step 4
     for (name, pa), pc in zip(model_a.named_parameters(), model_c.parameters()):
         assert torch.allclose(pa, pc, atol=1e-6, rtol=0), name
     rows_a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -242,3 +257,119 @@ def test_masked_head_matches_full_logits_values_and_gradients(tok, arch):
     assert (logp[~sel] == 0).all() and (ent[~sel] == 0).all()
     for g, p in zip(grads, model.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-5)
+
+
+def test_fit_clears_checkpoint_leftovers_on_start(tok, world, runner, varied_reward, tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    (root / ".step_3.abc.tmp").mkdir(parents=True)
+    (root / "step_3").mkdir()  # no trainer state
+    (root / "keep_me").mkdir()
+    cfg = small_cfg("grpo", tmp_path, **{"trainer.total_steps": 1, "trainer.save_every": 1})
+    trainer = RLTrainer(cfg, micro_model(tok), tok, world_tasks(world.train[:10]), runner.run, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="aepo.train.checkpoint"):
+        trainer.fit(progress=False)
+    assert sorted(p.name for p in root.iterdir()) == ["keep_me", "step_1"]
+    assert sum("step_3" in r.getMessage() for r in caplog.records) == 2
+
+
+# ----------------------------------------------------------------------------- per-tool metrics
+
+
+class ForkOnly:
+    """The one sampler call fork_row_state makes."""
+
+    def fork(self, row, position=None):
+        return row + 100
+
+
+def add_turn(traj: Trajectory, call: ToolCall, n_model: int = 3, n_tool: int = 2) -> None:
+    """A model segment, then the tool segment and ToolCall of `call`, as the agent appends them."""
+    for role, n in (("model", n_model), ("tool", n_tool)):
+        start = len(traj.response_ids)
+        traj.response_ids += [7] * n
+        traj.response_mask += [int(role == "model")] * n
+        traj.logprobs += [0.0] * n
+        traj.entropies += [0.0] * n
+        traj.segments.append(SegmentRecord(role, start, start + n))
+    traj.tool_calls.append(call)
+
+
+def test_branch_rows_count_only_their_own_tool_calls():
+    parent = RowState(row=0, group=0, traj=Trajectory("p", 0, [1, 2]))
+    add_turn(parent.traj, ToolCall("search", "a", "Page 1: a", seconds=1.0))
+    add_turn(parent.traj, ToolCall("search", "b", "Page 1: b", seconds=3.0))
+    child = fork_row_state(ForkOnly(), parent, 5, row_id=1)  # after the first call's result
+    assert len(child.traj.tool_calls) == 1  # a copy of the parent's first call
+    add_turn(child.traj, ToolCall("calc", "1+1", "2", seconds=0.5))
+    grandchild = fork_row_state(ForkOnly(), child, len(child.traj.response_ids), row_id=2)
+    assert len(grandchild.traj.tool_calls) == 2
+
+    assert [c.argument for c in own_tool_calls(parent.traj)] == ["a", "b"]
+    assert [c.argument for c in own_tool_calls(child.traj)] == ["1+1"]
+    assert own_tool_calls(grandchild.traj) == []
+    m = tool_metrics([parent.traj, child.traj, grandchild.traj])
+    assert m["tools/search/calls"] == 2 and m["tools/calc/calls"] == 1  # not 4 and 2
+    assert m["tools/search/seconds"] == 2.0 and m["tools/calc/seconds"] == 0.5
+    assert m["tools/search/error_rate"] == 0.0 and m["tools/search/timeout_rate"] == 0.0
+
+
+def make_row(row_id: int, calls: list[ToolCall]) -> Trajectory:
+    t = Trajectory("p", row_id, [1], text="x", score={"acc": 0.0})
+    for c in calls:
+        add_turn(t, c)
+    return t
+
+
+def test_error_timeout_and_malformed_counts(caplog):
+    malformed = parse_action("</answer>")
+    assert malformed.kind == "malformed"
+    calls = [
+        ToolCall("search", "q1", "Page 1: x", seconds=0.2),
+        ToolCall("search", "q2", "Error: search timed out after 5s", ok=False, seconds=5.0, timed_out=True),
+        ToolCall("search", "q3", "Error: search timed out after 5s", ok=False, seconds=5.0),  # flag not kept
+        ToolCall("search", "q4", "Error: SearchBackendError: retriever down", ok=False, seconds=0.1),
+        # the sandbox's own limit: the runner sees a normal answer
+        ToolCall("python", "while 1: pass", "Error: timed out after 2s", ok=True, seconds=2.0),
+        ToolCall("python", "print(1)", "1", seconds=0.5),
+        ToolCall(malformed.tag or "", malformed.argument, malformed.error, ok=False),
+    ]
+    with caplog.at_level(logging.WARNING, logger="aepo.train.rl"):
+        m = rollout_metrics([make_row(0, calls[:4]), make_row(1, calls[4:])], {})
+    assert m["tools/search/calls"] == 4
+    assert m["tools/search/error_rate"] == 0.75 and m["tools/search/timeout_rate"] == 0.5
+    assert m["tools/search/seconds"] == pytest.approx(10.3 / 4)
+    assert m["tools/python/calls"] == 2
+    assert m["tools/python/error_rate"] == 0.5 and m["tools/python/timeout_rate"] == 0.5
+    assert m["tools/malformed_calls"] == 1 and m["tools/malformed_rate"] == pytest.approx(1 / 7)
+    assert "tools/answer/calls" not in m  # a malformed </answer> is not a tool
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "'search' failed on 3 of 4 calls (75%)" in warning and "timed out after 5s" in warning
+    assert tool_metrics([make_row(0, [])]) == {}
+
+
+@pytest.mark.parametrize("n_calls, n_failed, warned",
+                         [(4, 2, False), (3, 3, False), (4, 3, True), (10, 6, True)])
+def test_failing_tool_warning_threshold(caplog, n_calls, n_failed, warned):
+    calls = [ToolCall("calc", str(i), "Error: CalcError: division by zero" if i < n_failed else "1",
+                      ok=i >= n_failed) for i in range(n_calls)]
+    with caplog.at_level(logging.WARNING, logger="aepo.train.rl"):
+        tool_metrics([make_row(0, calls)])
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == int(warned)
+    if warned:
+        assert "'calc'" in messages[0] and "division by zero" in messages[0]
+
+
+def test_a_retriever_that_is_down_shows_in_the_step_metrics(caplog):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    search = SearchTool([HttpBackend(f"http://127.0.0.1:{port}/retrieve", timeout=2)])
+    with ToolRunner([search], timeout=10) as tools:
+        calls = tools.run([("search", f"q{i}") for i in range(4)])
+    with caplog.at_level(logging.WARNING, logger="aepo.train.rl"):
+        m = tool_metrics([make_row(0, calls[:2]), make_row(1, calls[2:])])
+    assert m["tools/search/calls"] == 4 and m["tools/search/error_rate"] == 1.0
+    assert m["tools/search/timeout_rate"] == 0.0
+    assert any("'search' failed on 4 of 4 calls" in r.getMessage() and "unreachable" in r.getMessage()
+               for r in caplog.records)

@@ -136,6 +136,9 @@ class ToolsConfig:
     timeout: float = 10.0  # per tool call
     python_timeout: float = 10.0  # the sandbox's own wall-clock limit (at most `timeout`)
     python_memory_mb: int = 512
+    # "strict": namespaces, a minimal root and a system-call filter, or refuse to run;
+    # "limits-only": resource limits only, the program can read host files (README "Security")
+    python_isolation: Literal["strict", "limits-only"] = "strict"
 
 
 @dataclass

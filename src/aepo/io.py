@@ -1,6 +1,12 @@
-"""Atomic file output: a kill mid-write never leaves a half-written file or directory."""
+"""Atomic file output: a kill mid-write never leaves a half-written file or directory.
+
+A write that fails because the disk (or the user's quota) is full raises `DiskFullError`, whose
+message names the path, the free space left and what to do, instead of a bare errno or one of
+torch's "unexpected pos" errors.
+"""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -12,11 +18,86 @@ from typing import Any, Iterator
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# What libraries put in the message when they drop the errno: the OS text (safetensors, ...) ...
+_DISK_FULL_TEXTS = ("no space left on device", "disk quota exceeded")
+# ... or, for torch.save to a path, only that a write came up short (the cause is lost)
+_WRITE_FAILED_TEXTS = ("unexpected pos", "file write failed")
+# a short write with less than this free is taken to be a full disk
+NEARLY_FULL_BYTES = 64 * 2**20
+DEFAULT_DISK_FULL_HINT = "free space on that disk, or write to another one (for training: set trainer.out_dir)"
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+
+class DiskFullError(OSError):
+    """A write failed because the disk or quota is full; the message says where and what to do."""
+
+    def __init__(self, path: str | Path, free_bytes: int | None, cause: BaseException, hint: str) -> None:
+        if isinstance(cause, DiskFullError) and cause.__cause__ is not None:
+            cause = cause.__cause__  # a nested atomic write already wrapped it; name the OS error once
+        free = "unknown space" if free_bytes is None else format_bytes(free_bytes)
+        super().__init__(
+            f"disk full (no space left on device) while writing {path}: {free} free there "
+            f"({type(cause).__name__}: {cause}). To fix: {hint}."
+        )
+        self.errno = errno.ENOSPC
+        self.path = Path(path)
+        self.free_bytes = free_bytes
+
+
+def format_bytes(n: int) -> str:
+    """`n` bytes in the largest binary unit that keeps it >= 1, e.g. "1.5 GiB (1610612736 bytes)"."""
+    size, unit = float(n), "bytes"
+    for name in ("KiB", "MiB", "GiB", "TiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, name
+    return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit} ({n} bytes)"
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Bytes free to this user on the filesystem holding `path` (its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def is_disk_full(exc: BaseException, free: int | None) -> bool:
+    """Whether `exc` (or an error it was raised from) means the disk or quota is full.
+
+    An OSError says so by errno; other libraries by the OS's text; torch.save to a path only
+    says a write came up short, which counts when less than NEARLY_FULL_BYTES are `free`.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return True
+        text = str(e).lower()
+        if any(t in text for t in _DISK_FULL_TEXTS):
+            return True
+        short_write = isinstance(e, RuntimeError) and any(t in text for t in _WRITE_FAILED_TEXTS)
+        if short_write and free is not None and free < NEARLY_FULL_BYTES:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def atomic_write_bytes(
+    path: str | Path, data: bytes, *, disk_full_hint: str = DEFAULT_DISK_FULL_HINT
+) -> None:
+    """Write `data` to `path` via a temporary file in the same directory and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # no free inodes, or a full quota
+        _raise_if_disk_full(exc, path, free_bytes(path.parent), disk_full_hint)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -24,8 +105,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        free = free_bytes(path.parent)  # measured before the partial file is removed
         Path(tmp).unlink(missing_ok=True)
+        _raise_if_disk_full(exc, path, free, disk_full_hint)
         raise
 
 
@@ -38,11 +121,20 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 @contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `path` only when the block succeeds."""
+def atomic_dir(path: str | Path, *, disk_full_hint: str = DEFAULT_DISK_FULL_HINT) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `path` only when the block succeeds.
+
+    The temporary directory is `.{name}.<random>.tmp` next to `path`; a `path` that already
+    exists is moved to `.{name}.old` for the swap. On any failure the temporary directory is
+    removed; a full disk raises `DiskFullError` (with `disk_full_hint` as the advice).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as exc:
+        _raise_if_disk_full(exc, path, free_bytes(path.parent), disk_full_hint)
+        raise
     try:
         yield tmp
         if path.exists():
@@ -53,9 +145,17 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        free = free_bytes(path.parent)  # measured before the partial directory is removed
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_full(exc, path, free, disk_full_hint)
         raise
+
+
+def _raise_if_disk_full(exc: BaseException, path: Path, free: int | None, hint: str) -> None:
+    """Raise DiskFullError from `exc` when it means a full disk (interrupts pass through)."""
+    if isinstance(exc, Exception) and is_disk_full(exc, free):
+        raise DiskFullError(path, free, exc, hint) from exc
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

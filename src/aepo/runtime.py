@@ -13,7 +13,7 @@ def build_tool_runner(tools: ToolsConfig, *, corpus_docs: list[dict] | None = No
     """A ToolRunner with the enabled tools; search chains cache -> BM25 corpus -> HTTP retriever."""
     from aepo.tools.calc import Calculator
     from aepo.tools.runner import ToolRunner
-    from aepo.tools.sandbox import PythonSandbox
+    from aepo.tools.sandbox import PythonSandbox, SandboxError
     from aepo.tools.search import BM25Backend, CacheBackend, HttpBackend, SearchTool
 
     bad = [t for t in tools.enabled if t not in TOOL_NAMES]
@@ -37,8 +37,13 @@ def build_tool_runner(tools: ToolsConfig, *, corpus_docs: list[dict] | None = No
     if "calc" in tools.enabled:
         made.append(Calculator())
     if "python" in tools.enabled:
-        made.append(PythonSandbox(timeout=min(tools.timeout, tools.python_timeout),
-                                  memory_mb=tools.python_memory_mb))
+        sandbox = PythonSandbox(timeout=min(tools.timeout, tools.python_timeout),
+                                memory_mb=tools.python_memory_mb, mode=tools.python_isolation)
+        try:
+            sandbox.isolation  # checked before any work: a run never starts with a sandbox that cannot hold
+        except SandboxError as e:
+            raise ConfigError(f"tools.enabled has 'python' but {e}") from None
+        made.append(sandbox)
     return ToolRunner(made, timeout=tools.timeout)
 
 

@@ -18,7 +18,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from aepo.tasks.rewards import extract_answer, normalize_answer, parse_tool_calls
+from aepo.tasks.rewards import (
+    Part,
+    extract_answer,
+    model_text,
+    normalize_answer,
+    parse_tool_calls,
+    split_response,
+)
 
 __all__ = [
     "agglomerative_clusters",
@@ -97,6 +104,17 @@ def _rollout_text(rollout: Any) -> str:
     return text
 
 
+def _model_text(rollout: Any) -> str:
+    """What the model itself wrote: segments by position when the rollout has them (a
+    Trajectory, or a dict with "segments" of {"role", "text"}), else the text cut at its
+    result blocks. Tool output never supplies an answer."""
+    segments = None if isinstance(rollout, str) else _field(rollout, "segments")
+    if not segments:
+        return model_text(split_response(_rollout_text(rollout)))
+    parts: list[Part] = [(_field(seg, "role"), str(_field(seg, "text", ""))) for seg in segments]
+    return model_text(parts)
+
+
 def _normalise_argument(tool: str, argument: str) -> str:
     if tool == "search":
         return normalize_answer(argument)
@@ -108,7 +126,7 @@ def _tool_call_pairs(rollout: Any) -> list[tuple[str, str]]:
         return parse_tool_calls(rollout)
     calls = _field(rollout, "tool_calls")
     if calls is None:
-        return parse_tool_calls(_rollout_text(rollout))
+        return parse_tool_calls(_model_text(rollout))
     pairs = []
     for call in calls:
         if isinstance(call, (tuple, list)) and len(call) >= 2:
@@ -125,12 +143,13 @@ def rollout_action_key(rollout: Any) -> tuple[tuple[tuple[str, str], ...], str]:
     """(normalised tool calls, normalised final answer) of a response text, dict or Trajectory.
 
     Dicts/objects may give `tool_calls` ((name, argument) pairs, dicts or ToolCall objects)
-    and `answer`; missing parts are parsed from `text` (or `response`).
+    and `answer`; missing parts are parsed from what the model wrote (`segments` when given,
+    else `text` or `response` without its result blocks).
     """
     calls = tuple((name, _normalise_argument(name, arg)) for name, arg in _tool_call_pairs(rollout))
     answer = None if isinstance(rollout, str) else _field(rollout, "answer")
     if answer is None:
-        answer = extract_answer(_rollout_text(rollout))
+        answer = extract_answer(_model_text(rollout))
     return calls, normalize_answer(answer) if answer is not None else ""
 
 

@@ -22,7 +22,7 @@ from aepo.rollout.strategies import rollout
 from aepo.rollout.torch_sampler import TorchSampler
 from aepo.tasks.datasets import TaskRow
 from aepo.tasks.prompting import encode_prompt
-from aepo.tasks.rewards import score
+from aepo.tasks.rewards import score_trajectory
 from aepo.train.console import StepProgress
 
 
@@ -70,7 +70,7 @@ def evaluate_tasks(
             for t in chunk:
                 samples = []
                 for tr in by.get(t.id, []):
-                    s = score(tr.text, t.answers, t.data_source)
+                    s = score_trajectory(tr, t.answers, t.data_source)
                     samples.append({
                         "answer": s.get("answer"), "acc": float(s.get("acc", 0.0)), "em": float(s.get("em", 0.0)),
                         "f1": float(s.get("f1", 0.0)), "reward": float(s.get("reward", 0.0)),

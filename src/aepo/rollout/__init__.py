@@ -8,9 +8,11 @@ from typing import Any
 
 from aepo.rollout.agent import Agent, RowState, ToolFn, TurnOutcome, segment_entropy_value
 from aepo.rollout.protocol import (
+    PROTOCOL_TAGS,
     STOP_STRINGS,
     TOOL_TAGS,
     Action,
+    escape_protocol_tags,
     extract_answer,
     extract_boxed,
     format_result,
@@ -30,6 +32,7 @@ from aepo.rollout.strategies import (
 from aepo.rollout.types import Generation, Sampler, SegmentRecord, ToolCall, Trajectory
 
 __all__ = [
+    "PROTOCOL_TAGS",
     "STOP_STRINGS",
     "STRATEGIES",
     "TOOL_TAGS",
@@ -48,6 +51,7 @@ __all__ = [
     "aepo_branch_probability",
     "aepo_global_budget",
     "arpo_branch_probability",
+    "escape_protocol_tags",
     "extract_answer",
     "extract_boxed",
     "format_result",

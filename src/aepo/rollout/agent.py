@@ -16,7 +16,15 @@ from typing import Any
 
 from aepo.algos.entropy import segment_entropy
 from aepo.config import RolloutConfig
-from aepo.rollout.protocol import STOP_STRINGS, Action, format_result, parse_action
+from aepo.rollout.protocol import (
+    RESULT_CLOSE,
+    RESULT_OPEN,
+    STOP_STRINGS,
+    Action,
+    escape_protocol_tags,
+    format_result,
+    parse_action,
+)
 from aepo.rollout.types import Generation, Sampler, SegmentRecord, ToolCall, Trajectory
 
 ToolFn = Callable[[list[tuple[str, str]]], list[ToolCall]]
@@ -265,16 +273,40 @@ class Agent:
                 results[i] = call
         return [r for r in results if r is not None]
 
+    def _result_ids(self, text: str, remaining: int) -> tuple[list[int], str] | None:
+        """Token ids of the wrapped result that fit in `remaining` tokens, and the body text.
+
+        The opening `<result>\\n` and closing `\\n</result>` are always kept whole; only the body
+        (the escaped tool output) is cut, to min(max_result_tokens, what the wrapper leaves).
+        None when even the wrapper does not fit. An uncut result is encoded in one piece, as
+        the SFT demonstrations encode `format_result`.
+        """
+        head, tail = self.encode(RESULT_OPEN), self.encode(RESULT_CLOSE)
+        room = remaining - len(head) - len(tail)
+        if room < 0:
+            return None
+        body = escape_protocol_tags(text)
+        body_ids = self.encode(body)
+        limit = min(self.cfg.max_result_tokens, room)
+        if len(body_ids) <= limit:
+            whole = self.encode(format_result(text))
+            if len(whole) <= remaining:
+                return whole, body
+        body_ids = body_ids[:limit]
+        return head + body_ids + tail, self.decode(body_ids)
+
     def _append_result(self, s: RowState, call: ToolCall) -> None:
-        """Truncate the result to max_result_tokens tokens, wrap it, append it (mask 0)."""
-        text = str(call.result)
-        body_ids = self.encode(text)
-        if len(body_ids) > self.cfg.max_result_tokens:
-            text = self.decode(body_ids[: self.cfg.max_result_tokens])
-        ids = self.encode(format_result(text))
+        """Append the escaped, truncated, wrapped tool result to the row (mask 0).
+
+        When the wrapper does not fit in the response budget the row ends with reason
+        "length" and nothing is appended: the call is left without a result.
+        """
         remaining = self.cfg.max_response_tokens - s.response_len
-        overflow = len(ids) >= remaining
-        ids = ids[:remaining]
+        got = self._result_ids(str(call.result), remaining)
+        if got is None:
+            s.finish("length")
+            return
+        ids, text = got
         self.sampler.append(s.row, ids)
         t = s.traj
         start = len(t.response_ids)
@@ -284,10 +316,10 @@ class Agent:
         t.logprobs.extend([0.0] * k)
         t.entropies.extend([0.0] * k)
         t.segments.append(SegmentRecord("tool", start, start + k, None, self.decode(ids)))
-        t.tool_calls.append(
-            ToolCall(name=call.name, argument=call.argument, result=text, ok=call.ok, seconds=call.seconds)
-        )
-        if overflow:
+        seen = copy.copy(call)  # every field of the call, its result as the model saw it
+        seen.result = text
+        t.tool_calls.append(seen)
+        if s.response_len >= self.cfg.max_response_tokens:
             s.finish("length")
         else:
             s.awaiting_decision = True

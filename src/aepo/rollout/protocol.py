@@ -5,26 +5,42 @@ The model writes reasoning, then either a tool call `<search>query</search>`,
 final `<answer>...</answer>` (ends the rollout). The environment answers a tool call with
 `format_result(text)`. This module is the one place that knows the tags; the rollout agent,
 the SFT data builder and the rewards all go through it.
+
+Tool output is untrusted text: a program can print `</result><answer>...</answer>`. Before it
+reaches the model, every protocol tag in it is escaped (`escape_protocol_tags`), so a result
+block can neither close itself early nor carry tags that read as the model's own.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 TOOL_TAGS: tuple[str, ...] = ("search", "python", "calc")
 ANSWER_TAG = "answer"
 RESULT_TAG = "result"
+THINK_TAG = "think"
+PROTOCOL_TAGS: tuple[str, ...] = (THINK_TAG, *TOOL_TAGS, ANSWER_TAG, RESULT_TAG)
+RESULT_OPEN = f"<{RESULT_TAG}>\n"  # what the environment writes before a tool result
+RESULT_CLOSE = f"\n</{RESULT_TAG}>"  # ... and after it
 STOP_STRINGS: tuple[str, ...] = tuple(f"</{tag}>" for tag in TOOL_TAGS) + (f"</{ANSWER_TAG}>",)
 
 ActionKind = Literal["tool", "answer", "none", "malformed"]
 
+_PROTOCOL_TAG_RE = re.compile(r"<(/?(?:" + "|".join(map(re.escape, PROTOCOL_TAGS)) + r")>)")
+
 __all__ = [
     "ANSWER_TAG",
+    "PROTOCOL_TAGS",
+    "RESULT_CLOSE",
+    "RESULT_OPEN",
     "RESULT_TAG",
     "STOP_STRINGS",
+    "THINK_TAG",
     "TOOL_TAGS",
     "Action",
     "ActionKind",
+    "escape_protocol_tags",
     "extract_answer",
     "extract_boxed",
     "format_result",
@@ -52,9 +68,18 @@ class Action:
         return self.tag if self.kind == "tool" else None
 
 
+def escape_protocol_tags(text: str) -> str:
+    """`text` with the `<` of every protocol tag (`<tag>` or `</tag>` for each tag in
+    PROTOCOL_TAGS) written as `&lt;`: `</result>` becomes `&lt;/result>`. Other text, including
+    other angle brackets, is unchanged."""
+    return _PROTOCOL_TAG_RE.sub(r"&lt;\1", text)
+
+
 def format_result(text: str) -> str:
-    """The text the environment appends after a tool call: `<result>\\n{text}\\n</result>`."""
-    return f"<{RESULT_TAG}>\n{text}\n</{RESULT_TAG}>"
+    """The text the environment appends after a tool call: `<result>\\n{body}\\n</result>`,
+    where body is `text` with its protocol tags escaped (`escape_protocol_tags`), so the only
+    result tags in the block are the environment's own."""
+    return f"{RESULT_OPEN}{escape_protocol_tags(text)}{RESULT_CLOSE}"
 
 
 def _closing_tag(text: str) -> str | None:

@@ -67,6 +67,7 @@ class ToolCall:
     result: str
     ok: bool = True
     seconds: float = 0.0
+    timed_out: bool = False  # the call hit the runner's time limit (then ok is False too)
 
 
 @dataclass

@@ -4,8 +4,16 @@ QA token F1 / exact match, math equivalence, and a registry of scorers chosen by
     score("<think>..</think><answer>Paris</answer>", ["Paris"], "hotpotqa")
     -> {"reward": 1.0, "f1": 1.0, "em": 1.0, "acc": 1.0, "format_ok": True, "answer": "Paris", ...}
 
-`score` is the only function the trainer needs; the pieces are public so evaluation, logging
-and tests can use them on their own.
+Rewards read only what the model wrote. A response is a list of parts, ("model", text) written
+by the policy and ("tool", text) inserted by the environment; `score_trajectory` takes the parts
+from a rollout's segments (by token position), `score` cuts a joined text at its `<result>`
+blocks (`split_response`). Both go through `score_parts`: each tool part is one opaque result
+block, a result tag inside model text is a format failure (the model forging environment
+output), and the answer and the tool calls come from model text only, so a tool that prints
+`<answer>...</answer>` answers nothing.
+
+`score_trajectory` is the function the trainer and the evaluation use; the pieces are public
+so logging and tests can use them on their own.
 
 QA normalisation (`normalize_answer`) is the SQuAD/HotpotQA one (lower-case, drop punctuation
 and the articles a/an/the, collapse whitespace) with three additions that only ever make two
@@ -42,16 +50,23 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
+
+from aepo.rollout.protocol import ANSWER_TAG, PROTOCOL_TAGS, RESULT_TAG, THINK_TAG, TOOL_TAGS
+
+if TYPE_CHECKING:
+    from aepo.rollout.types import Trajectory
 
 __all__ = [
     "DEFAULT_EOS_TOKENS",
     "TAGS",
     "TOOL_TAGS",
     "AnswerScore",
+    "Part",
     "Scorer",
     "available_scorers",
     "check_format",
+    "check_format_parts",
     "em",
     "extract_answer",
     "extract_boxed",
@@ -59,16 +74,21 @@ __all__ = [
     "get_scorer",
     "math_equal",
     "math_scorer",
+    "model_text",
     "normalize_answer",
     "parse_tool_calls",
     "qa_scorer",
     "register_scorer",
     "score",
+    "score_parts",
+    "score_trajectory",
     "scorer_name_for",
+    "split_response",
+    "trajectory_parts",
 ]
 
-TAGS: tuple[str, ...] = ("think", "search", "python", "calc", "answer", "result")
-TOOL_TAGS: tuple[str, ...] = ("search", "python", "calc")
+TAGS: tuple[str, ...] = PROTOCOL_TAGS
+Part = tuple[Literal["model", "tool"], str]  # who wrote a piece of a response, and its text
 DEFAULT_EOS_TOKENS: tuple[str, ...] = (
     "<|im_end|>",
     "<|endoftext|>",
@@ -79,8 +99,9 @@ DEFAULT_EOS_TOKENS: tuple[str, ...] = (
     "<\uff5cend\u2581of\u2581sentence\uff5c>",
 )
 
-_TAG_RE = re.compile(r"<(/?)(" + "|".join(TAGS) + r")>")
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_TAG_RE = re.compile(r"<(/?)(" + "|".join(map(re.escape, TAGS)) + r")>")
+_ANSWER_RE = re.compile(rf"<{ANSWER_TAG}>(.*?)</{ANSWER_TAG}>", re.DOTALL)
+_RESULT_OPEN, _RESULT_CLOSE = f"<{RESULT_TAG}>", f"</{RESULT_TAG}>"
 
 # ============================================================================ QA matching
 
@@ -231,18 +252,81 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+def split_response(text: str) -> list[Part]:
+    """A joined response cut into parts: each `<result>` block up to the first `</result>`
+    after it (to the end when unclosed) is a "tool" part, the text between is "model" text.
+
+    Exact only when tool output cannot contain `</result>`, which `format_result` ensures by
+    escaping it; rollouts have exact parts in their segments (`trajectory_parts`).
+    """
+    parts: list[Part] = []
+    i = 0
+    while (start := text.find(_RESULT_OPEN, i)) >= 0:
+        end = text.find(_RESULT_CLOSE, start + len(_RESULT_OPEN))
+        stop = len(text) if end < 0 else end + len(_RESULT_CLOSE)
+        if start > i:
+            parts.append(("model", text[i:start]))
+        parts.append(("tool", text[start:stop]))
+        i = stop
+    if i < len(text):
+        parts.append(("model", text[i:]))
+    return parts
+
+
+def trajectory_parts(traj: Trajectory) -> list[Part]:
+    """The parts of a rollout, by position: one per segment (`Trajectory.segments`), so tool
+    output is known by where the environment inserted it, never by the tags it contains.
+
+    A trailing end-of-sequence string that `traj.text` dropped is dropped here too. A
+    trajectory without segments falls back to `split_response(traj.text)`.
+    """
+    segments = getattr(traj, "segments", None) or []
+    if not segments:
+        return split_response(str(getattr(traj, "text", "")))
+    parts: list[Part] = [(_checked_role(seg.role), str(seg.text)) for seg in segments]
+    return _drop_final_eos(parts, str(getattr(traj, "text", "")), getattr(traj, "finish_reason", ""))
+
+
+def _checked_role(role: Any) -> Literal["model", "tool"]:
+    if role not in ("model", "tool"):
+        raise ValueError(f"a response part's role must be 'model' or 'tool', got {role!r}")
+    return role
+
+
+def _drop_final_eos(parts: list[Part], text: str, finish_reason: str) -> list[Part]:
+    """Cut from the last model part what the decoded `text` left off after it (the EOS string)."""
+    joined = "".join(t for _, t in parts)
+    extra = len(joined) - len(text)
+    if finish_reason != "eos" or not text or extra <= 0 or not joined.startswith(text):
+        return parts
+    role, last = parts[-1]
+    if role != "model" or len(last) < extra:
+        return parts
+    return [*parts[:-1], ("model", last[:-extra])]
+
+
+def model_text(parts: Sequence[Part]) -> str:
+    """The text the model wrote: its parts joined, tool parts left out."""
+    return "".join(text for role, text in parts if _checked_role(role) == "model")
+
+
 def extract_answer(text: str) -> str | None:
     """The final answer: content of the last <answer>...</answer>, unwrapped from `\\boxed{}`.
 
     Without a complete answer block, the last `\\boxed{}` anywhere in the text (plain
-    chain-of-thought output); None when there is neither.
+    chain-of-thought output); None when there is neither. Tool results (`<result>` blocks, see
+    `split_response`) are skipped: only the model's own text can hold its answer.
     """
-    blocks = _ANSWER_RE.findall(text)
+    return _answer_in(model_text(split_response(text)))
+
+
+def _answer_in(own_text: str) -> str | None:
+    blocks = _ANSWER_RE.findall(own_text)
     if blocks:
         content = blocks[-1].strip()
         boxed = extract_boxed(content)
         return boxed if boxed is not None else content
-    return extract_boxed(text)
+    return extract_boxed(own_text)
 
 
 def parse_tool_calls(text: str) -> list[tuple[str, str]]:
@@ -250,27 +334,23 @@ def parse_tool_calls(text: str) -> list[tuple[str, str]]:
 
     Tool results are opaque: tags inside <result>...</result> are not calls.
     """
-    return [(name, content.strip()) for name, content in _blocks(text) if name in TOOL_TAGS]
+    return _calls_in(model_text(split_response(text)))
+
+
+def _calls_in(own_text: str) -> list[tuple[str, str]]:
+    return [(name, content.strip()) for name, content in _blocks(own_text) if name in TOOL_TAGS]
 
 
 def _blocks(text: str) -> Iterator[tuple[str, str]]:
-    """(tag name, content) of each innermost <tag>content</tag> block outside result text."""
-    i = 0
+    """(tag name, content) of each innermost <tag>content</tag> block of model text."""
     open_name, open_end = None, 0
-    while (m := _TAG_RE.search(text, i)) is not None:
+    for m in _TAG_RE.finditer(text):
         closing, name = m.group(1) == "/", m.group(2)
-        if name == "result" and not closing:
-            end = text.find("</result>", m.end())
-            if end < 0:
-                return
-            i = end + len("</result>")
-            continue
         if not closing:
             open_name, open_end = name, m.end()
         elif name == open_name:
             yield name, text[open_end : m.start()]
             open_name = None
-        i = m.end()
 
 
 # ============================================================================ format gate
@@ -289,40 +369,47 @@ def _strip_eos(text: str, eos_tokens: Sequence[str]) -> str:
 
 
 def check_format(text: str, *, eos_tokens: Sequence[str] = DEFAULT_EOS_TOKENS) -> tuple[bool, str]:
+    """`check_format_parts` of a joined response cut by `split_response`."""
+    return check_format_parts(split_response(text), eos_tokens=eos_tokens)
+
+
+def check_format_parts(
+    parts: Sequence[Part], *, eos_tokens: Sequence[str] = DEFAULT_EOS_TOKENS
+) -> tuple[bool, str]:
     """Whether a response follows the tag protocol; (False, reason) names the first problem.
 
-    Rules: tags among think/search/python/calc/answer/result open and close in order; tool
-    calls may sit inside <think> but nothing else nests; every tool call is followed by a
-    <result> block (whose text is the environment's and is not checked); there is a
-    non-empty <answer>; after </answer> only whitespace and end-of-sequence tokens.
+    Rules: in model text, tags among think/search/python/calc/answer open and close in order;
+    tool calls may sit inside <think> but nothing else nests; a result tag in model text is a
+    failure (only the environment writes results). Every tool call is followed by a tool part,
+    one opaque result block that must end with </result>. There is a non-empty <answer>; after
+    </answer> only whitespace and end-of-sequence tokens.
     """
     stack: list[str] = []
     awaiting_result: str | None = None
-    answer_span: tuple[int, int] | None = None
-    i = 0
-    while (m := _TAG_RE.search(text, i)) is not None:
-        closing, name = m.group(1) == "/", m.group(2)
-        tag = m.group(0)
-        if answer_span is not None:
-            return False, f"text after </answer> ({tag})"
-        if name == "result":
-            if closing:
-                return False, "</result> without <result>"
+    answer: tuple[int, int, int] | None = None  # (part index, content start, content end)
+    for k, (role, text) in enumerate(parts):
+        if _checked_role(role) == "tool":
+            if answer is not None:
+                return False, f"text after </{ANSWER_TAG}> ({_RESULT_OPEN})"
             if awaiting_result is None:
-                return False, "<result> not preceded by a tool call"
-            end = text.find("</result>", m.end())
-            if end < 0:
-                return False, "unclosed <result>"
+                return False, f"{_RESULT_OPEN} not preceded by a tool call"
+            if not text.rstrip().endswith(_RESULT_CLOSE):
+                return False, f"unclosed {_RESULT_OPEN}"
             awaiting_result = None
-            i = end + len("</result>")
             continue
-        if awaiting_result is not None:
-            return False, f"<{awaiting_result}> call without a following <result>"
-        if not closing:
-            if stack and not (stack[-1] == "think" and name in TOOL_TAGS):
-                return False, f"<{name}> inside <{stack[-1]}>"
-            stack.append(name)
-        else:
+        for m in _TAG_RE.finditer(text):
+            closing, name, tag = m.group(1) == "/", m.group(2), m.group(0)
+            if answer is not None:
+                return False, f"text after </{ANSWER_TAG}> ({tag})"
+            if name == RESULT_TAG:
+                return False, f"{tag} written by the model"
+            if awaiting_result is not None:
+                return False, f"<{awaiting_result}> call without a following {_RESULT_OPEN}"
+            if not closing:
+                if stack and not (stack[-1] == THINK_TAG and name in TOOL_TAGS):
+                    return False, f"<{name}> inside <{stack[-1]}>"
+                stack.append(name)
+                continue
             if not stack:
                 return False, f"</{name}> without <{name}>"
             if stack[-1] != name:
@@ -330,20 +417,20 @@ def check_format(text: str, *, eos_tokens: Sequence[str] = DEFAULT_EOS_TOKENS) -
             stack.pop()
             if name in TOOL_TAGS:
                 awaiting_result = name
-            elif name == "answer":
-                answer_span = (_last_open(text, "answer", m.start()), m.start())
-        i = m.end()
+            elif name == ANSWER_TAG:
+                answer = (k, _last_open(text, ANSWER_TAG, m.start()), m.start())
     if stack:
         return False, f"unclosed <{stack[-1]}>"
     if awaiting_result is not None:
-        return False, f"<{awaiting_result}> call without a following <result>"
-    if answer_span is None:
-        return False, "no <answer>"
-    if not text[answer_span[0] : answer_span[1]].strip():
-        return False, "empty <answer>"
-    tail = text[answer_span[1] + len("</answer>") :]
+        return False, f"<{awaiting_result}> call without a following {_RESULT_OPEN}"
+    if answer is None:
+        return False, f"no <{ANSWER_TAG}>"
+    k, start, end = answer
+    if not parts[k][1][start:end].strip():
+        return False, f"empty <{ANSWER_TAG}>"
+    tail = parts[k][1][end + len(f"</{ANSWER_TAG}>") :] + "".join(t for _, t in parts[k + 1 :])
     if _strip_eos(tail, eos_tokens):
-        return False, "text after </answer>"
+        return False, f"text after </{ANSWER_TAG}>"
     return True, "ok"
 
 
@@ -857,41 +944,73 @@ def math_scorer(answer: str, golds: list[str]) -> AnswerScore:
 
 def score(
     response_text: str,
-    golds: str | int | float | Sequence[Any],
+    golds: str | float | Sequence[Any],
     data_source: str | None = None,
     *,
     multi_tool_bonus: float = 0.0,
     format_penalty: float = -1.0,
 ) -> dict[str, Any]:
-    """Format-gated reward of one response.
+    """`score_parts` of a joined response text, cut at its result blocks (`split_response`).
 
-    Invalid format: reward = `format_penalty`. Otherwise the scorer's reward (QA: F1, math:
-    1/0 equivalence) plus `multi_tool_bonus` when the response called more than one kind of
-    tool and F1 > 0. f1/em/acc are computed from the extracted answer whatever the format,
-    so evaluation accuracy does not depend on the gate. Keys: reward, f1, em, acc,
-    format_ok, format_reason, answer, scorer.
+    For text-only callers (SFT data, external reward hooks); rollouts use `score_trajectory`.
     """
     if not isinstance(response_text, str):
         raise ValueError(f"response_text must be a str, got {type(response_text).__name__}")
+    return score_parts(split_response(response_text), golds, data_source,
+                       multi_tool_bonus=multi_tool_bonus, format_penalty=format_penalty)
+
+
+def score_trajectory(
+    traj: Trajectory,
+    golds: str | float | Sequence[Any],
+    data_source: str | None = None,
+    *,
+    multi_tool_bonus: float = 0.0,
+    format_penalty: float = -1.0,
+) -> dict[str, Any]:
+    """`score_parts` of a rollout, its tool output known by position (`trajectory_parts`)."""
+    return score_parts(trajectory_parts(traj), golds, data_source,
+                       multi_tool_bonus=multi_tool_bonus, format_penalty=format_penalty)
+
+
+def score_parts(
+    parts: Sequence[Part],
+    golds: str | float | Sequence[Any],
+    data_source: str | None = None,
+    *,
+    multi_tool_bonus: float = 0.0,
+    format_penalty: float = -1.0,
+) -> dict[str, Any]:
+    """Format-gated reward of one response given as ("model" | "tool", text) parts.
+
+    Invalid format (`check_format_parts`): reward = `format_penalty`. Otherwise the scorer's
+    reward (QA: F1, math: 1/0 equivalence) plus `multi_tool_bonus` when the model called more
+    than one kind of tool and F1 > 0. The answer and the tool calls are read from model parts
+    only. f1/em/acc are computed from the extracted answer whatever the format, so evaluation
+    accuracy does not depend on the gate. Keys: reward, f1, em, acc, format_ok, format_reason,
+    answer, scorer.
+    """
+    parts = list(parts)
     gold_list = _as_gold_list(golds)
     if not gold_list:
         raise ValueError("golds must hold at least one gold answer")
-    ok, reason = check_format(response_text)
-    answer = extract_answer(response_text)
+    ok, reason = check_format_parts(parts)
+    own = model_text(parts)
+    answer = _answer_in(own)
     name = scorer_name_for(data_source, gold_list)
-    parts = _SCORERS[name](answer, gold_list) if answer else AnswerScore(reward=0.0, f1=0.0, em=0.0, acc=0.0)
+    got = _SCORERS[name](answer, gold_list) if answer else AnswerScore(reward=0.0, f1=0.0, em=0.0, acc=0.0)
     if not ok:
         reward = float(format_penalty)
     else:
-        reward = float(parts["reward"])
-        kinds = {n for n, _ in parse_tool_calls(response_text)}
-        if multi_tool_bonus and len(kinds) > 1 and parts["f1"] > 0:
+        reward = float(got["reward"])
+        kinds = {n for n, _ in _calls_in(own)}
+        if multi_tool_bonus and len(kinds) > 1 and got["f1"] > 0:
             reward += multi_tool_bonus
     return {
         "reward": reward,
-        "f1": float(parts["f1"]),
-        "em": float(parts["em"]),
-        "acc": float(parts["acc"]),
+        "f1": float(got["f1"]),
+        "em": float(got["em"]),
+        "acc": float(got["acc"]),
         "format_ok": ok,
         "format_reason": reason,
         "answer": answer,

@@ -46,12 +46,22 @@ def python_command(
     timeout: float = typer.Option(5.0, "--timeout", min=0.01, help="Wall-clock limit in seconds."),
     memory_mb: int = typer.Option(512, "--memory-mb", min=32, help="Address-space limit in MiB."),
     verbose: bool = typer.Option(False, "--verbose", help="Also print the isolation in force to stderr."),
+    isolation: str = typer.Option(
+        "strict", "--isolation",
+        help="strict (namespaces, minimal root, system-call filter; refuses to run where the kernel "
+        "cannot) or limits-only (resource limits only: the program can read host files).",
+    ),
 ) -> None:
     """Run code in the isolated Python sandbox and print its output (exit status 1 on error)."""
     from aepo.tools.sandbox import PythonSandbox, SandboxError
 
     source = sys.stdin.read() if code == "-" else code
-    sandbox = PythonSandbox(timeout=timeout, cpu_seconds=max(1, int(timeout + 0.999)), memory_mb=memory_mb)
+    try:
+        sandbox = PythonSandbox(timeout=timeout, cpu_seconds=max(1, int(timeout + 0.999)), memory_mb=memory_mb,
+                                mode=isolation)
+    except ValueError as exc:
+        _fail(f"Error: --isolation: {exc}")
+        return
     try:
         if verbose:
             typer.echo(sandbox.isolation.describe(), err=True)

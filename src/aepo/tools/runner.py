@@ -4,7 +4,8 @@ A tool is any callable `(argument: str) -> str` with a `name` attribute. The rol
 batch of `(tool name, argument)` pairs to `ToolRunner.run` and gets one `ToolCall` per pair,
 in the same order. Nothing a tool does (raise, hang, return garbage) reaches the caller: an
 unknown name, an exception or a timeout becomes an `ok=False` call whose result text says what
-went wrong, so the model sees it inside `<result>...</result>` and the rollout goes on.
+went wrong, so the model sees it inside `<result>...</result>` and the rollout goes on. A
+timeout also sets `timed_out`, so the trainer can report timeouts apart from other errors.
 
 Each call runs on its own daemon thread. A thread that hangs is abandoned when its timeout
 passes: it no longer counts against `max_workers`, and as a daemon it cannot keep the
@@ -15,6 +16,7 @@ the Python sandbox, should enforce their own limits in a child process.)
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -24,6 +26,9 @@ from typing import Protocol, runtime_checkable
 from aepo.rollout.types import ToolCall
 
 TRUNCATION_MARK = " ...[truncated]"
+# The runner's own timeout text ("Error: search timed out after 5s") and the Python sandbox's
+# ("Error: timed out after 5s", after any output the program printed first).
+_TIMEOUT_TEXT = re.compile(r"^Error: (?:\S+ )?timed out after \d", re.MULTILINE)
 
 
 @runtime_checkable
@@ -48,6 +53,12 @@ def truncate_result(text: str, max_chars: int) -> str:
     if max_chars <= len(TRUNCATION_MARK):
         return text[:max_chars]
     return text[: max_chars - len(TRUNCATION_MARK)].rstrip() + TRUNCATION_MARK
+
+
+def is_timeout(call: ToolCall) -> bool:
+    """Whether `call` hit a time limit: flagged by the runner, or said so in its result text
+    (the sandbox's own limit, or a copy of the call that did not keep the flag)."""
+    return call.timed_out or bool(_TIMEOUT_TEXT.search(call.result))
 
 
 def _format_seconds(seconds: float) -> str:
@@ -147,7 +158,8 @@ class ToolRunner:
                     if now - start >= self.timeout:
                         name, argument = calls[j]
                         text = f"Error: {name} timed out after {_format_seconds(self.timeout)}s"
-                        results[j] = ToolCall(name, argument, text, ok=False, seconds=now - start)
+                        results[j] = ToolCall(name, argument, text, ok=False, seconds=now - start,
+                                              timed_out=True)
                         del started[j]  # the thread is abandoned; a late answer is ignored
                 continue
             if i in started:

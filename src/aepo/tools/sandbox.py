@@ -1,30 +1,34 @@
 """Run untrusted Python (model-written code) in an isolated, resource-limited child process.
 
-Every run gets a fresh process tree, started as
-`unshare --user --map-root-user --net --pid --fork --kill-child --mount --mount-proc` (the
-largest subset that works here, probed once per process) around a small bootstrap that sets the
-remaining walls, then forks `python -I` on the program and reports its exact exit status or
-signal through a private pipe:
+The policy under training is optimised to find any path to reward, so the program is treated
+as hostile. In the default mode, "strict", every run gets (`aepo.tools.sandbox_child` builds it):
 
-- **Time**: a wall-clock timeout kills the whole process group (and with it the PID namespace);
-  RLIMIT_CPU bounds CPU seconds.
-- **Memory**: RLIMIT_AS and RLIMIT_DATA (`memory_mb`); RLIMIT_FSIZE bounds any file written.
-- **Processes**: RLIMIT_NPROC (`max_processes`). Linux does not apply RLIMIT_NPROC to the host's
-  root user, so when this library runs as root a seccomp filter refuses new processes
-  (fork/vfork/clone without CLONE_THREAD) instead; threads still work.
-- **Network**: an empty network namespace (not even loopback is up).
-- **Files**: inside the mount namespace every mount is remounted read-only and the working
-  directory is a private size-limited tmpfs; the child keeps no capabilities, so it cannot undo
-  this. Reading files is not restricted. The host-side temporary directory is removed afterwards.
-- **Environment**: nothing is inherited from the parent (no secrets in environment variables);
-  the child sees only a fixed, minimal environment (`CHILD_ENVIRONMENT`). With the PID
-  namespace its /proc shows only its own processes, so the host's environments are unreadable.
+- **Its own file system.** A minimal root on a tmpfs: read-only binds of what Python needs (the
+  interpreter, its standard library, the installed packages of its environment and the
+  system's shared libraries), fresh empty /tmp, /run, /var, /home, /root, /dev/shm and the
+  working directory /work (one size-limited tmpfs, `scratch_mb`), a new /proc, /dev/null and
+  friends, and a three-file /etc. No other host file exists inside: not the user's home, not
+  the training data or its gold answers, not other runs' scratch, not a socket file.
+- **Namespaces**: user (mapped to an unprivileged root inside, every capability dropped), mount,
+  PID (the program sees only its own processes), network (empty: not even loopback), IPC, UTS.
+- **A system-call filter** (seccomp), for every user: no new namespaces (`unshare`, `setns`,
+  `clone` with namespace flags, `clone3`), no `mount`/`pivot_root`/`chroot`, no `ptrace` or
+  `process_vm_*`, no `bpf`, `keyctl`, `perf_event_open`, `io_uring_*`, `userfaultfd`, kernel
+  modules, and no `socket(AF_UNIX)`. Where RLIMIT_NPROC does not bind (the host's root user),
+  the filter also refuses new processes; threads still work.
+- **Limits**: wall clock (a watchdog inside, and the parent as a backstop), CPU seconds,
+  address space, file size, open files, processes.
+- **No leftovers**: each link of the process chain dies with its parent, so a killed trainer
+  (even `kill -9`) leaves no process; host-side scratch directories of dead runs are removed
+  when the next sandbox starts.
+- **Environment**: nothing is inherited (`CHILD_ENVIRONMENT` is all it sees).
 
-Where `unshare` is unavailable (no user namespaces), the sandbox falls back, with one loud
-warning, to resource limits, an empty environment and a scratch working directory; then the
-network, the rest of the file system and the /proc entries of the caller's other processes are
-NOT protected, and a program that calls setsid() can outlive the run. `PythonSandbox.isolation`
-reports what is in force.
+When the kernel does not allow this (no unprivileged user namespaces, no seccomp), strict mode
+refuses to run and says why. `mode="limits-only"` runs anyway, with resource limits, an empty
+environment, a scratch directory and (where possible) the filter; the program can then read
+every file the user can, use the network and signal the user's processes. It is a named,
+loud opt-in (`tools.python_isolation=limits-only`), never a silent fallback.
+`PythonSandbox.isolation` and `aepo tools python --verbose` report what is in force.
 
 The program runs like a REPL cell: when its last statement is an expression whose value is not
 None, the value's repr is printed (`sys.displayhook`).
@@ -32,6 +36,8 @@ None, the value's repr is printed (`sys.displayhook`).
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -46,6 +52,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from aepo.tools.runner import truncate_result
 
@@ -54,181 +61,34 @@ logger = logging.getLogger(__name__)
 CHILD_ENVIRONMENT: dict[str, str] = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "LANG": "C.UTF-8",
+    "HOME": "/root",
     "OMP_NUM_THREADS": "1",  # numerical libraries: one thread, so memory limits hold
     "OPENBLAS_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
 }
 """The whole environment of the sandboxed program: fixed values, nothing from the parent."""
 
-_NAMESPACE_FLAG_SETS: tuple[tuple[str, ...], ...] = (
-    ("--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc"),
-    ("--user", "--map-root-user", "--net", "--mount"),
-    ("--user", "--map-root-user", "--net"),
-)
+SandboxMode = Literal["strict", "limits-only"]
+SANDBOX_MODES: tuple[str, ...] = ("strict", "limits-only")
+SCRATCH_PREFIX = "aepo-sandbox-"
+
+_CHILD = Path(__file__).with_name("sandbox_child.py")
+_RUNNER = Path(__file__).with_name("sandbox_runner.py")
+_SYSTEM_LIBRARY_DIRS = ("/lib", "/lib64", "/lib32", "/libx32", "/usr/lib", "/usr/lib64", "/usr/lib32",
+                        "/usr/libx32")
 _PROBE_TIMEOUT_S = 20.0
+_BACKSTOP_S = 2.0  # the parent kills the whole tree this long after the inner watchdog should have
 _DRAIN_AFTER_KILL_S = 1.0
 _GRACE_AFTER_EXIT_S = 0.25  # output still in flight when the program has exited
 _STDERR_TAIL_CHARS = 800
-
-# Runs in the child as `python -I -S -c _BOOTSTRAP <json settings>`: makes the mounts read-only,
-# drops capabilities, forks; the fork sets resource limits and the process filter and execs the
-# program runner, while the bootstrap waits and writes the exit status to the status pipe.
-# Only the standard library, and nothing of the parent's environment.
-_BOOTSTRAP = r'''
-import ctypes, json, os, platform, resource, struct, sys
-cfg = json.loads(sys.argv[1])
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND = (
-    1, 2, 4, 8, 32, 1024, 2048, 4096)
-MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
-OPTION_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
-                "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
-
-def fail(message):
-    raise RuntimeError(message)
-
-def mount(source, target, fstype, flags, data):
-    enc = lambda s: None if s is None else s.encode()
-    if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
-        return os.strerror(ctypes.get_errno())
-    return None
-
-def unescape(path):
-    return path.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "replace")
-
-def make_readonly(work):
-    err = mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV,
-                "size=%dk,mode=0777" % (cfg["scratch_mb"] * 1024))
-    if err:
-        fail("tmpfs on the working directory: " + err)
-    with open("/proc/self/mountinfo") as f:
-        mounts = [line.split() for line in f]
-    failures = []
-    for fields in mounts:
-        target = unescape(fields[4])
-        if target == work:
-            continue
-        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
-        for option in fields[5].split(","):
-            flags |= OPTION_FLAGS.get(option, 0)
-        err = mount(None, target, None, flags, None)
-        if err and os.path.exists(target):
-            failures.append(target + ": " + err)
-    return failures
-
-def install_process_filter():
-    machine = platform.machine()
-    if machine == "x86_64":
-        arch, deny, clone, enosys = 0xC000003E, (57, 58), 56, (435,)
-    elif machine == "aarch64":
-        arch, deny, clone, enosys = 0xC00000B7, (), 220, (435,)
-    else:
-        fail("no process filter for architecture " + machine)
-    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
-    ALLOW, EAGAIN, ENOSYS = 0x7FFF0000, 0x00050000 | 11, 0x00050000 | 38
-    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, ENOSYS), (LD, 0, 0, 0),
-            (JGE, 0, 1, 0x40000000), (RET, 0, 0, ENOSYS)]
-    for nr in deny:
-        prog += [(JEQ, 0, 1, nr), (RET, 0, 0, EAGAIN)]
-    for nr in enosys:
-        prog += [(JEQ, 0, 1, nr), (RET, 0, 0, ENOSYS)]
-    prog += [(JEQ, 1, 0, clone), (RET, 0, 0, ALLOW), (LD, 0, 0, 16),
-             (JSET, 0, 1, 0x00010000), (RET, 0, 0, ALLOW), (RET, 0, 0, EAGAIN)]
-    buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in prog))
-    class Prog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-    fprog = Prog(len(prog), ctypes.addressof(buf))
-    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
-        fail("PR_SET_NO_NEW_PRIVS: " + os.strerror(ctypes.get_errno()))
-    if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
-        fail("seccomp: " + os.strerror(ctypes.get_errno()))
-
-def drop_capabilities():
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        last = int(f.read())
-    for cap in range(last + 1):  # PR_CAPBSET_DROP: no capabilities survive exec (fails,
-        libc.prctl(24, cap, 0, 0, 0)  # harmlessly, where there are none to drop)
-    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
-
-def run_program(status_fd):
-    """In the forked child: limits and filter, then the program (or the probe checks)."""
-    try:
-        for name, value in cfg["limits"].items():
-            resource.setrlimit(getattr(resource, name), tuple(value))
-        if cfg["process_filter"]:
-            install_process_filter()
-        if cfg["probe"]:
-            report = {"mount_failures": mount_failures}
-            try:
-                with open(os.path.join(cfg["outside"], "probe-write"), "w") as f:
-                    f.write("x")
-                report["outside_writable"] = True
-            except OSError:
-                report["outside_writable"] = False
-            try:
-                pid = os.fork()
-                if pid == 0:
-                    os._exit(0)
-                os.waitpid(pid, 0)
-                report["can_fork"] = True
-            except OSError:
-                report["can_fork"] = False
-            print(json.dumps(report), flush=True)
-            os._exit(0)
-        os.execve(cfg["python"], [cfg["python"], "-I", "-X", "utf8", "-c", cfg["runner"], cfg["program"]],
-                  cfg["env"])
-    except BaseException as exc:
-        os.write(status_fd, ("setup failed: %s: %s\n" % (type(exc).__name__, exc)).encode())
-        os._exit(125)
-
-status_fd = cfg["status_fd"]
-os.set_inheritable(status_fd, False)  # the program never sees it (close-on-exec)
-mount_failures = make_readonly(cfg["work"]) if cfg["readonly"] else []
-os.chdir(cfg["work"])
-os.umask(0o077)
-drop_capabilities()
-# The program runs in a child: its exit status or signal is reported exactly (through the
-# status pipe), and in a PID namespace it is not PID 1, which would ignore default signals.
-child = os.fork()
-if child == 0:
-    run_program(status_fd)
-_, wait_status = os.waitpid(child, 0)
-os.write(status_fd, (json.dumps({"returncode": os.waitstatus_to_exitcode(wait_status)}) + "\n").encode())
-os._exit(0)
-'''
-
-# The program runner, `python -I -c _RUNNER <program file>`: REPL-style execution of one cell
-# with tracebacks that show only the program's own frames.
-_RUNNER = r"""
-import ast, builtins, linecache, sys, traceback
-path = sys.argv[1]
-sys.argv = ["<python>"]
-with open(path, encoding="utf-8") as f:
-    source = f.read()
-linecache.cache["<python>"] = (len(source), None, source.splitlines(True), "<python>")
-try:
-    tree = ast.parse(source, "<python>", "exec")
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = tree.body[-1]
-        show = ast.Expr(ast.Call(ast.Attribute(ast.Name("__aepo_sys__", ast.Load()), "displayhook",
-                                               ast.Load()), [last.value], []))
-        tree.body[-1] = ast.copy_location(show, last)
-        ast.fix_missing_locations(tree)
-    code = compile(tree, "<python>", "exec")
-except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
-    sys.stderr.write("".join(traceback.format_exception_only(type(exc), exc)))
-    sys.exit(1)
-namespace = {"__name__": "__main__", "__builtins__": builtins, "__aepo_sys__": sys}
-try:
-    exec(code, namespace)
-except SystemExit:
-    raise
-except BaseException as exc:
-    traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
-    sys.stderr.flush()
-    sys.exit(1)
-"""
+_STALE_AFTER_S = 60.0
+_UNAVAILABLE_HINT = (
+    "The strict sandbox needs Linux user namespaces and seccomp. Enable unprivileged user "
+    "namespaces (sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04 and later also "
+    "kernel.apparmor_restrict_unprivileged_userns=0), or accept a weaker sandbox that does NOT "
+    "hide host files or block the network by name: tools.python_isolation=limits-only "
+    "(`aepo tools python --isolation limits-only`)."
+)
 
 
 class SandboxError(RuntimeError):
@@ -239,28 +99,33 @@ class SandboxError(RuntimeError):
 class Isolation:
     """What protects the host during a sandbox run (probed once per process)."""
 
-    unshare_flags: tuple[str, ...]  # empty: no namespaces, resource limits only
-    readonly_filesystem: bool  # everything except the working directory is read-only
+    mode: str  # "strict" or "limits-only"
+    namespaces: bool  # user, mount, PID, network, IPC, UTS namespaces
+    minimal_root: bool  # the program sees only its own root: no host file outside the binds
+    process_filter: bool  # the seccomp filter is installed
     process_limit: str  # "rlimit" (RLIMIT_NPROC) or "seccomp" (no new processes at all)
 
     @property
-    def namespaces(self) -> bool:
-        return bool(self.unshare_flags)
-
-    @property
     def network_isolated(self) -> bool:
-        return "--net" in self.unshare_flags
+        return self.namespaces
 
     @property
     def pid_namespace(self) -> bool:
-        return "--pid" in self.unshare_flags
+        return self.namespaces
+
+    @property
+    def readonly_filesystem(self) -> bool:
+        return self.minimal_root
 
     def describe(self) -> str:
-        """One line for logs and `aepo tools python --verbose`."""
+        """What is and is not in force, for logs and `aepo tools python --verbose`."""
+        yes = lambda flag: "yes" if flag else "NO"  # noqa: E731
         return (
-            f"namespaces={' '.join(self.unshare_flags) or 'none'}; "
-            f"read-only filesystem={self.readonly_filesystem}; network isolated={self.network_isolated}; "
-            f"process limit={self.process_limit}"
+            f"sandbox mode={self.mode}; namespaces (user, mount, pid, net, ipc, uts)={yes(self.namespaces)}; "
+            f"minimal root (host files hidden)={yes(self.minimal_root)}; "
+            f"network isolated={yes(self.network_isolated)}; "
+            f"system-call filter (no namespaces, mount, ptrace, bpf, keyctl, perf, io_uring, "
+            f"unix sockets)={yes(self.process_filter)}; process limit={self.process_limit}"
         )
 
 
@@ -279,12 +144,10 @@ class SandboxResult:
         return self.error is None
 
 
-_isolation_cache: dict[tuple[str, bool], Isolation] = {}
-_isolation_lock = threading.Lock()
-
-
-def _host_is_root() -> bool:
-    return os.geteuid() == 0
+def _check_mode(mode: str) -> str:
+    if mode not in SANDBOX_MODES:
+        raise ValueError(f"sandbox mode must be one of {', '.join(SANDBOX_MODES)}, got {mode!r}")
+    return mode
 
 
 def _limits(cpu_seconds: int, memory_mb: int, max_processes: int, max_file_mb: int) -> dict[str, list[int]]:
@@ -298,6 +161,144 @@ def _limits(cpu_seconds: int, memory_mb: int, max_processes: int, max_file_mb: i
         "RLIMIT_CORE": [0, 0],
         "RLIMIT_NOFILE": [256, 256],
     }
+
+
+def _nproc_does_not_bind() -> bool:
+    """True when RLIMIT_NPROC cannot stop a fork bomb: the caller is (mapped to) the host's root."""
+    uid = os.geteuid()
+    if uid == 0:
+        return True
+    try:
+        with open("/proc/self/uid_map") as f:
+            for line in f:
+                inside, outside, count = map(int, line.split())
+                if inside <= uid < inside + count:
+                    return outside + (uid - inside) == 0
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+# ----------------------------------------------------------------------------- what Python needs
+
+_LAYOUT_SCRIPT = r"""
+import json, os, site, sys, sysconfig
+paths = {os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable))}
+paths.update(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib"))
+paths.update(site.getsitepackages())
+paths.update(p for p in sys.path if p.endswith("lib-dynload"))
+libdir = sysconfig.get_config_var("LIBDIR") or ""
+if libdir and os.path.exists(os.path.join(libdir, sysconfig.get_config_var("LDLIBRARY") or "-")):
+    paths.add(libdir)
+cfg = os.path.join(sys.prefix, "pyvenv.cfg")
+if os.path.exists(cfg):
+    paths.add(cfg)
+print(json.dumps(sorted(p for p in paths if p and os.path.exists(p))))
+"""
+_layout_cache: dict[str, list[str]] = {}
+
+
+def _minimal_cover(paths: list[str]) -> list[str]:
+    """The paths that are not inside another one of them (binding those binds them all)."""
+    kept: list[str] = []
+    for p in sorted({os.path.normpath(p) for p in paths}):
+        if not any(p == k or p.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(p)
+    return kept
+
+
+def python_binds(python: str) -> list[str]:
+    """Host paths bound read-only into the strict sandbox for interpreter `python`."""
+    if python not in _layout_cache:
+        try:
+            done = subprocess.run([python, "-I", "-c", _LAYOUT_SCRIPT], capture_output=True, text=True,
+                                  timeout=60, env={})
+            paths = json.loads(done.stdout) if done.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            paths = None
+        if not isinstance(paths, list):
+            raise SandboxError(f"cannot ask the interpreter {python!r} where its files are")
+        system = [d for d in _SYSTEM_LIBRARY_DIRS if os.path.lexists(d)]
+        # A symlinked system directory (/lib -> usr/lib) is recreated as a link to its target.
+        targets = [os.path.realpath(d) for d in system if os.path.islink(d)]
+        links = [d for d in system if os.path.islink(d)]
+        _layout_cache[python] = links + _minimal_cover([d for d in system if not os.path.islink(d)]
+                                                      + targets + paths)
+    return _layout_cache[python]
+
+
+# ----------------------------------------------------------------------------- scratch directories
+
+
+def _owner_pid(name: str) -> int | None:
+    parts = name[len(SCRATCH_PREFIX):].split("-", 1)
+    return int(parts[0]) if parts and parts[0].isdigit() else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_scratch_dirs(directory: str | Path | None = None) -> list[Path]:
+    """Remove this user's sandbox scratch directories left by runs that were killed.
+
+    A directory is in use while its owner holds an flock on it; one whose lock is free is stale
+    when its owner process is gone (or, for a reused PID, when it is older than a minute).
+    Returns the removed paths.
+    """
+    removed = []
+    base = Path(directory or tempfile.gettempdir())
+    try:
+        entries = list(base.glob(SCRATCH_PREFIX + "*"))
+    except OSError:
+        return removed
+    for path in entries:
+        try:
+            st = path.lstat()
+            if not path.is_dir() or path.is_symlink() or st.st_uid != os.geteuid():
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # in use
+            owner = _owner_pid(path.name)
+            if (owner is not None and not _pid_alive(owner)) or time.time() - st.st_mtime > _STALE_AFTER_S:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        finally:
+            os.close(fd)
+    if removed:
+        logger.info("removed %d stale sandbox scratch directories under %s", len(removed), base)
+    return removed
+
+
+class _ScratchDir:
+    """A host directory for one run, locked (flock) while in use and removed afterwards."""
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._fd)
+
+
+# ----------------------------------------------------------------------------- one launch
 
 
 class _BoundedReader:
@@ -322,7 +323,7 @@ class _BoundedReader:
 
 @dataclass
 class _Launch:
-    """Raw outcome of one bootstrap process: output, the status pipe's text, and whether it was killed."""
+    """Raw outcome of one sandbox process tree: output, the status pipe's text, whether it was killed."""
 
     stdout: str
     stderr: str
@@ -339,68 +340,68 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _launch(
-    python: str, flags: tuple[str, ...], settings: dict, cwd: Path, timeout: float, output_cap: int
-) -> _Launch:
-    """Start the bootstrap (inside `unshare flags` when given), collect bounded output, enforce `timeout`."""
+def _launch(python: str, settings: dict, code: str, cwd: Path, timeout: float, output_cap: int) -> _Launch:
+    """Start the child (`sandbox_child.py`), feed it `code`, collect bounded output; the parent
+    kills the whole tree `_BACKSTOP_S` after `timeout` should the inner watchdog not have."""
     status_read, status_write = os.pipe()
-    settings = {**settings, "status_fd": status_write}
-    command = [
-        *(("unshare", *flags) if flags else ()),
-        python,
-        "-I",
-        "-S",
-        "-c",
-        _BOOTSTRAP,
-        json.dumps(settings),
-    ]
+    settings = {**settings, "status_fd": status_write, "parent_pid": os.getpid(), "timeout": timeout}
+    command = [python, "-I", "-S", str(_CHILD), json.dumps(settings)]
     try:
         child = subprocess.Popen(
-            command,
-            cwd=cwd,
-            env={},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(status_write,),
-            start_new_session=True,
+            command, cwd=cwd, env={}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, pass_fds=(status_write,), start_new_session=True,
         )
     except OSError as exc:
         os.close(status_read)
-        raise SandboxError(f"cannot start the sandbox process {command[0]!r}: {exc}") from exc
+        raise SandboxError(f"cannot start the sandbox process {python!r}: {exc}") from exc
     finally:
         os.close(status_write)
-    assert child.stdout is not None and child.stderr is not None
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
     streams = {
         child.stdout.fileno(): _BoundedReader(output_cap, keep_tail=False),
         child.stderr.fileno(): _BoundedReader(output_cap, keep_tail=True),
         status_read: _BoundedReader(4096, keep_tail=True),
     }
+    pending = memoryview(code.encode("utf-8"))
+    stdin_fd = child.stdin.fileno()
+    os.set_blocking(stdin_fd, False)
     timed_out = killed = finished = False
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout + _BACKSTOP_S
     try:
         with selectors.DefaultSelector() as selector:
             for fd, reader in streams.items():
                 selector.register(fd, selectors.EVENT_READ, reader)
-            while selector.get_map():
+            selector.register(stdin_fd, selectors.EVENT_WRITE, None)
+            while any(key.data is not None for key in selector.get_map().values()):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     if killed:  # killed, yet an escaped process holds the pipes: stop reading
                         break
-                    # Past the timeout, or the program is done but a leftover process it
-                    # started still holds the output pipes: end them all.
+                    # Past the backstop, or the program is done but a leftover process still
+                    # holds the output pipes: end them all.
                     timed_out = not finished
                     killed = True
                     _kill_group(child.pid)
                     deadline = time.monotonic() + _DRAIN_AFTER_KILL_S
                     continue
                 for key, _ in selector.select(timeout=remaining):
+                    if key.data is None:  # the program's source, written as the pipe takes it
+                        try:
+                            pending = pending[os.write(stdin_fd, pending[:65536]):]
+                        except BlockingIOError:
+                            continue
+                        except BrokenPipeError:  # the child is gone; its status says why
+                            pending = pending[:0]
+                        if not len(pending):
+                            selector.unregister(stdin_fd)
+                            child.stdin.close()
+                        continue
                     chunk = os.read(key.fd, 65536)
                     if chunk:
                         key.data.feed(chunk)
                         continue
                     selector.unregister(key.fd)
-                    if key.fd == status_read:  # the program and the bootstrap have exited
+                    if key.fd == status_read:  # the program and its supervisor have exited
                         finished = True
                         deadline = min(deadline, time.monotonic() + _GRACE_AFTER_EXIT_S)
         try:  # the program may have closed its output and still be running
@@ -410,102 +411,125 @@ def _launch(
             _kill_group(child.pid)
             exit_code = child.wait()
     finally:
-        _kill_group(child.pid)  # stragglers that left the PID namespace-less sandbox running
+        _kill_group(child.pid)  # stragglers of a limits-only run
         child.wait()
-        child.stdout.close()
-        child.stderr.close()
+        for pipe in (child.stdin, child.stdout, child.stderr):
+            if not pipe.closed:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
         os.close(status_read)
     out, err, status = (streams[fd].text() for fd in streams)
     return _Launch(out, err, status, exit_code, timed_out)
 
 
-def _parse_status(status: str) -> tuple[int | None, str | None]:
-    """(program return code, setup failure message) from the status pipe's text."""
-    returncode, failure = None, None
+def _parse_status(status: str) -> tuple[int | None, bool, str | None]:
+    """(program return code, timed out by the watchdog, setup failure message) from the status pipe."""
+    returncode, timed_out, failure = None, False, None
     for line in status.splitlines():
         if line.startswith("setup failed: "):
             failure = line
         elif line.startswith("{"):
             try:
-                returncode = int(json.loads(line)["returncode"])
+                report = json.loads(line)
+                returncode, timed_out = int(report["returncode"]), bool(report.get("timed_out"))
             except (ValueError, KeyError, TypeError):
                 pass
-    return returncode, failure
+    return returncode, timed_out, failure
 
 
-def _probe(python: str, use_namespaces: bool) -> Isolation:
-    """Find the strongest working isolation by running the bootstrap in probe mode."""
-    process_filter = _host_is_root()
-    process_limit = "seccomp" if process_filter else "rlimit"
-    candidates: list[tuple[str, ...]] = list(_NAMESPACE_FLAG_SETS) if use_namespaces else []
-    problems: list[str] = []
-    if use_namespaces and shutil.which("unshare") is None:
-        candidates, problems = [], ["the `unshare` command (util-linux) is not installed"]
-    for flags in [*candidates, ()]:
-        label = " ".join(flags) or "no namespaces"
-        with tempfile.TemporaryDirectory(prefix="aepo-sandbox-probe-") as root:
-            work, outside = Path(root, "work"), Path(root, "outside")
-            work.mkdir()
-            outside.mkdir()
-            os.chmod(outside, 0o777)  # only a read-only mount can stop the write
-            settings = {
-                "readonly": "--mount" in flags,
-                "process_filter": process_filter,
-                "probe": True,
-                "work": str(work),
-                "outside": str(outside),
-                "scratch_mb": 1,
-                "limits": _limits(10, 1024, 64, 1),
-            }
-            try:
-                launch = _launch(python, flags, settings, work, _PROBE_TIMEOUT_S, 65536)
-            except SandboxError as exc:
-                problems.append(f"{label}: {exc}")
-                continue
-        returncode, failure = _parse_status(launch.status)
+# ----------------------------------------------------------------------------- probe
+
+
+def _settings(mode: str, python: str, root: Path, scratch_mb: int, limits: dict, *, probe: bool,
+              canary: str = "", tag: str = "") -> dict:
+    strict = mode == "strict"
+    return {
+        "namespaces": strict,
+        "binds": python_binds(python) if strict else [],
+        "root": str(root),
+        "scratch_mb": scratch_mb,
+        "limits": limits,
+        "deny_fork": _nproc_does_not_bind(),
+        "require_filter": strict,
+        "probe": probe,
+        "canary": canary,
+        "python": python,
+        "runner": _RUNNER.read_text(encoding="utf-8"),
+        "env": CHILD_ENVIRONMENT,
+        "tag": tag,
+    }
+
+
+def _probe(python: str, mode: str) -> Isolation:
+    """Run the child in probe mode and check, from inside, every wall the mode promises."""
+    remove_stale_scratch_dirs()
+    strict = mode == "strict"
+    with _ScratchDir() as root, tempfile.TemporaryDirectory(prefix="aepo-probe-canary-") as outside:
+        os.chmod(outside, 0o777)  # only the sandbox, not file permissions, may stop the write
+        canary = Path(outside, "canary")
+        canary.write_text("host file")
+        settings = _settings(mode, python, root, 1, _limits(10, 1024, 64, 1), probe=True, canary=str(canary))
+        launch = _launch(python, settings, "", root, _PROBE_TIMEOUT_S, 65536)
+        returncode, _, failure = _parse_status(launch.status)
         try:
             report = json.loads(launch.stdout) if returncode == 0 else None
         except ValueError:
             report = None
-        if not isinstance(report, dict):
-            detail = (
-                failure or (launch.stderr.strip().splitlines() or [f"exit status {launch.exit_code}"])[-1]
-            )
-            problems.append(f"{label}: {detail}")
-            continue
-        if process_filter and report.get("can_fork", True):
-            problems.append(f"{label}: the seccomp process filter had no effect")
-            continue
-        readonly = "--mount" in flags and report.get("outside_writable") is False
-        if "--mount" in flags and not readonly:
-            problems.append(f"{label}: read-only remount failed {report.get('mount_failures')}")
-            continue
-        if problems:
-            logger.debug("sandbox isolation probe: %s", "; ".join(problems))
-        return Isolation(unshare_flags=flags, readonly_filesystem=readonly, process_limit=process_limit)
-    raise SandboxError("cannot start a sandboxed Python process: " + "; ".join(problems))
+    if not isinstance(report, dict):
+        detail = failure or (launch.stderr.strip().splitlines() or [f"exit status {launch.exit_code}"])[-1]
+        if strict:
+            raise SandboxError(f"cannot start the strict Python sandbox ({detail}). {_UNAVAILABLE_HINT}")
+        raise SandboxError(f"cannot start a sandboxed Python process: {detail}")
+    problems = []
+    if strict:
+        for key, bad, what in (
+            ("canary_visible", True, "a host file is visible inside"),
+            ("outside_writable", True, "a host directory is writable inside"),
+            ("root_writable", True, "the sandbox root is writable"),
+            ("unshare_blocked", False, "new namespaces are not refused"),
+            ("unix_socket_blocked", False, "unix sockets are not refused"),
+            ("filter", False, "the system-call filter is not installed"),
+        ):
+            if report.get(key, bad) == bad:
+                problems.append(what)
+    if report.get("filter") and _nproc_does_not_bind() and report.get("can_fork", True):
+        problems.append("the process filter did not stop fork")
+    if problems:
+        raise SandboxError(f"the {mode} Python sandbox is not holding on this machine: {'; '.join(problems)}. "
+                           + (_UNAVAILABLE_HINT if strict else ""))
+    return Isolation(
+        mode=mode, namespaces=strict, minimal_root=strict, process_filter=bool(report.get("filter")),
+        process_limit="seccomp" if report.get("filter") and _nproc_does_not_bind() else "rlimit",
+    )
 
 
-def probe_isolation(python: str | None = None, use_namespaces: bool = True) -> Isolation:
-    """The isolation the sandbox uses on this machine; probed on first use, then cached.
+_isolation_cache: dict[tuple[str, str], Isolation] = {}
+_isolation_lock = threading.Lock()
 
-    Warns once (RuntimeWarning and log) when Linux namespaces are unavailable.
+
+def probe_isolation(python: str | None = None, mode: str = "strict") -> Isolation:
+    """The isolation of `mode` on this machine, checked on first use, then cached.
+
+    Raises SandboxError (saying why and what to do) when the mode cannot hold here. The
+    limits-only mode warns once (RuntimeWarning and log) that it does not isolate the host.
     """
     python = python or sys.executable
-    key = (python, use_namespaces)
+    key = (python, _check_mode(mode))
     with _isolation_lock:
         if key not in _isolation_cache:
-            isolation = _probe(python, use_namespaces)
-            if use_namespaces and not isolation.namespaces:
+            isolation = _probe(python, mode)
+            if mode == "limits-only":
                 message = (
-                    "aepo python sandbox: Linux namespaces are unavailable (`unshare --user` failed), "
-                    "falling back to resource limits only: sandboxed code CAN use the network and "
-                    "write files outside its working directory."
+                    "aepo python sandbox in limits-only mode: sandboxed code CAN read every file this "
+                    "user can (training data and gold answers included), use the network and signal "
+                    "this user's processes. " + isolation.describe()
                 )
                 warnings.warn(message, RuntimeWarning, stacklevel=3)
                 logger.warning(message)
             else:
-                logger.info("aepo python sandbox isolation: %s", isolation.describe())
+                logger.info("aepo python sandbox: %s", isolation.describe())
             _isolation_cache[key] = isolation
         return _isolation_cache[key]
 
@@ -547,7 +571,7 @@ class PythonSandbox:
         max_output_chars: int = 2000,
         max_file_mb: int = 16,
         scratch_mb: int = 64,
-        use_namespaces: bool = True,
+        mode: str = "strict",
         python: str | None = None,
     ) -> None:
         for field, value, low in (
@@ -569,59 +593,47 @@ class PythonSandbox:
         self.max_output_chars = max_output_chars
         self.max_file_mb = max_file_mb
         self.scratch_mb = scratch_mb
-        self.use_namespaces = use_namespaces
+        self.mode = _check_mode(mode)
         self.python = python or sys.executable
 
     @property
     def isolation(self) -> Isolation:
-        """What isolates the child on this machine (probes on first use)."""
-        return probe_isolation(self.python, self.use_namespaces)
+        """What isolates the child on this machine (probes on first use; SandboxError if it cannot hold)."""
+        return probe_isolation(self.python, self.mode)
 
     def run(self, code: str) -> SandboxResult:
         """Run `code` as a program. Raises only `SandboxError`, when the sandbox itself cannot start."""
         if not isinstance(code, str):
             raise ValueError(f"code must be a string, got {type(code).__name__}")
         isolation = self.isolation
-        with tempfile.TemporaryDirectory(prefix="aepo-sandbox-") as root:
-            work = Path(root, "work")
-            work.mkdir()
-            program = Path(root, "program.py")
-            program.write_text(code, encoding="utf-8")
-            settings = {
-                "readonly": isolation.readonly_filesystem,
-                "process_filter": isolation.process_limit == "seccomp",
-                "probe": False,
-                "work": str(work),
-                "scratch_mb": self.scratch_mb,
-                "limits": _limits(self.cpu_seconds, self.memory_mb, self.max_processes, self.max_file_mb),
-                "python": self.python,
-                "runner": _RUNNER,
-                "program": str(program),
-                "env": CHILD_ENVIRONMENT,
-            }
+        limits = _limits(self.cpu_seconds, self.memory_mb, self.max_processes, self.max_file_mb)
+        with _ScratchDir() as root:
+            settings = _settings(isolation.mode, self.python, root, self.scratch_mb, limits, probe=False,
+                                 tag=root.name)
             cap = self.max_output_chars * 4 + 1024  # bytes; utf-8 needs at most 4 per character
-            launch = _launch(self.python, isolation.unshare_flags, settings, work, self.timeout, cap)
+            launch = _launch(self.python, settings, code, root, self.timeout, cap)
         return self._result(launch)
 
     def _result(self, launch: _Launch) -> SandboxResult:
         stdout = truncate_result(launch.stdout, self.max_output_chars)
         stderr = truncate_result(launch.stderr, self.max_output_chars)
-        returncode, failure = _parse_status(launch.status)
+        returncode, watchdog_fired, failure = _parse_status(launch.status)
+        timed_out = launch.timed_out or watchdog_fired
         error: str | None
-        if launch.timed_out:
+        if timed_out:
             error = f"Error: timed out after {self.timeout:g}s"
         elif failure is not None:
             raise SandboxError(f"sandbox {failure}")
-        elif returncode is None:  # the bootstrap itself died (cannot happen to a sane host)
+        elif returncode is None:  # the supervisor itself died (cannot happen to a sane host)
             tail = _stderr_tail(launch.stderr)
-            raise SandboxError(f"sandbox bootstrap exited with status {launch.exit_code}: {tail}")
+            raise SandboxError(f"sandbox supervisor exited with status {launch.exit_code}: {tail}")
         elif returncode < 0:
             error = _signal_error(-returncode, self.cpu_seconds)
         elif returncode != 0:
             error = _stderr_tail(stderr) or f"Error: exit status {returncode}"
         else:
             error = None
-        return SandboxResult(stdout, stderr, returncode, launch.timed_out, error)
+        return SandboxResult(stdout, stderr, returncode, timed_out, error)
 
     def format(self, result: SandboxResult) -> str:
         """The tool's result text: stdout, or stdout so far followed by the concise error."""

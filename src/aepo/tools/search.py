@@ -9,8 +9,11 @@ Backends are tried in order until one finds something:
 
 A backend returns a list of page texts (best first), an empty list for "nothing found", or
 raises `SearchBackendError` when it cannot answer (server down, garbage reply). An error falls
-through to the next backend; when the last backend fails the error propagates, and the tool
-runner turns it into result text.
+through to the next backend. When no backend found anything and one of them failed, the error
+propagates ("nothing found" is only said when every backend could look), and the tool runner
+turns it into an `ok=False` call, which the trainer counts in its per-tool error rate. Each
+failure is logged as a warning the first time, then at most once a minute per backend (per URL
+for a retriever server), so a retriever that is down is seen without flooding the log.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -256,11 +261,47 @@ def _page_from_contents(contents: str) -> str:
     return f"{title}: {text}" if title else text
 
 
+class RateLimitedWarning:
+    """Logs a warning per key the first time, then at most once per `interval` seconds, saying
+    how many were held back in between. Thread-safe: tool calls run on several threads."""
+
+    def __init__(self, interval: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if not isinstance(interval, (int, float)) or isinstance(interval, bool) or interval < 0:
+            raise ValueError(f"warning interval must be a number of seconds >= 0, got {interval!r}")
+        self.interval = float(interval)
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str, message: str) -> bool:
+        """Log `message` unless `key` was logged less than `interval` ago; True when logged."""
+        with self._lock:
+            now = self.clock()
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval:
+                self._held[key] = self._held.get(key, 0) + 1
+                return False
+            self._last[key] = now
+            held = self._held.pop(key, 0)
+        if held:
+            message += f" ({held} more since the last warning)"
+        logger.warning("%s", message)
+        return True
+
+
+def _backend_label(backend: SearchBackend) -> str:
+    """How logs name a backend: its URL when it has one, else its name."""
+    url = getattr(backend, "url", None)
+    return f"{backend.name} {url}" if isinstance(url, str) else str(getattr(backend, "name", backend))
+
+
 class SearchTool:
     """The "search" tool: try `backends` in order; render the first non-empty answer as pages.
 
     At most `topk` pages; the result text is at most `max_chars` long, and each page's text at
-    most `page_chars` (default: an equal share of `max_chars`, so every page is seen).
+    most `page_chars` (default: an equal share of `max_chars`, so every page is seen). A failing
+    backend is logged at most once per `warn_interval` seconds.
     """
 
     name = "search"
@@ -271,6 +312,7 @@ class SearchTool:
         topk: int = 3,
         max_chars: int = 600,
         page_chars: int | None = None,
+        warn_interval: float = 60.0,
     ) -> None:
         _check_positive("topk", topk)
         _check_positive("max_chars", max_chars)
@@ -286,23 +328,38 @@ class SearchTool:
         self.topk = topk
         self.max_chars = max_chars
         self.page_chars = page_chars
+        self.failure_warning = RateLimitedWarning(warn_interval)
 
     def __call__(self, query: str) -> str:
-        """Result text for `query`; raises `SearchBackendError` only when the last backend fails."""
+        """Result text for `query`; raises `SearchBackendError` when no backend found anything
+        and at least one could not answer."""
         query = query.strip() if isinstance(query, str) else ""
         if not query:
             return "Error: empty search query."
+        failures: list[SearchBackendError] = []
         for position, backend in enumerate(self.backends):
             try:
                 pages = backend.search(query, self.topk)
             except SearchBackendError as exc:
-                if position == len(self.backends) - 1:
-                    raise
-                logger.warning("search backend %s failed, trying the next: %s", backend.name, exc)
+                self._warn_failure(backend, exc, last=position == len(self.backends) - 1)
+                failures.append(exc)
                 continue
             if pages:
                 return render_pages(pages[: self.topk], self.max_chars, self.page_chars)
+        if len(failures) == 1:
+            raise failures[0]
+        if failures:
+            raise SearchBackendError("; ".join(str(e) for e in failures))
         return f"No results found for '{query}'."
+
+    def _warn_failure(self, backend: SearchBackend, exc: SearchBackendError, last: bool) -> None:
+        then = ("search calls it would answer fail until it is back" if last
+                else "falling back to the next backend")
+        self.failure_warning(
+            _backend_label(backend),
+            f"search backend {_backend_label(backend)} failed, {then}: {exc} "
+            f"(logged at most every {self.failure_warning.interval:g}s)",
+        )
 
 
 def build_search_tool(

@@ -14,6 +14,7 @@ as the uninterrupted run would have.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
 import time
@@ -29,15 +30,24 @@ from aepo import algos
 from aepo.config import Config, save_config
 from aepo.rollout.strategies import rollout
 from aepo.rollout.torch_sampler import TorchSampler
-from aepo.rollout.types import Trajectory
+from aepo.rollout.types import ToolCall, Trajectory
 from aepo.tasks.datasets import TaskRow
 from aepo.tasks.prompting import encode_prompt
-from aepo.tasks.rewards import score
+from aepo.tasks.rewards import score_trajectory
+from aepo.tools.runner import is_timeout
 from aepo.train.batch import TokenBatch, collate, token_logprobs_and_entropy
-from aepo.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from aepo.train.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    remove_incomplete_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+)
 from aepo.train.records import MetricsLogger
 
 ToolFn = Callable[[list[tuple[str, str]]], list[Any]]
+
+_log = logging.getLogger(__name__)
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -124,9 +134,9 @@ class RLTrainer:
         by_id = {t.id: t for t in tasks}
         for tr in trajs:
             task = by_id[tr.prompt_id]
-            s = score(tr.text, task.answers, task.data_source,
-                      multi_tool_bonus=self.cfg.reward.multi_tool_bonus,
-                      format_penalty=self.cfg.reward.format_penalty)
+            s = score_trajectory(tr, task.answers, task.data_source,
+                                 multi_tool_bonus=self.cfg.reward.multi_tool_bonus,
+                                 format_penalty=self.cfg.reward.format_penalty)
             tr.score = s
             tr.reward = float(s["reward"]) + overlong_penalty(
                 len(tr.response_ids), r.max_response_tokens, self.cfg.actor.overlong_buffer,
@@ -289,7 +299,10 @@ class RLTrainer:
         return metrics
 
     def resume(self) -> int:
-        """Load the newest checkpoint under out_dir/checkpoints; return the step to continue from."""
+        """Load the newest checkpoint under out_dir/checkpoints; return the step to continue from.
+
+        What an interrupted save or prune left there is removed first."""
+        remove_incomplete_checkpoints(self.out_dir / "checkpoints")
         ck = latest_checkpoint(self.out_dir / "checkpoints")
         if ck is None:
             return 0
@@ -317,7 +330,11 @@ class RLTrainer:
     def fit(self, *, resume: bool = False, progress: bool = True,
             on_step: Callable[[int, dict], None] | None = None) -> list[dict[str, Any]]:
         t = self.cfg.trainer
-        start = self.resume() if resume else 0
+        if resume:
+            start = self.resume()
+        else:
+            remove_incomplete_checkpoints(self.out_dir / "checkpoints")
+            start = 0
         self.out_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.out_dir / "config.yaml")
         logger = MetricsLogger(self.out_dir, [b for b in t.logger if b in ("tensorboard", "wandb")],
@@ -350,7 +367,8 @@ def _informative_groups(trajs: list[Trajectory]) -> list[Trajectory]:
 
 
 def rollout_metrics(trajs: list[Trajectory], stats: dict) -> dict[str, float]:
-    """Reward, accuracy, entropy, tool use, length and branching figures of one rollout batch."""
+    """Reward, accuracy, entropy, tool use, length and branching figures of one rollout batch,
+    with per-tool call counts, error and timeout rates (`tool_metrics`)."""
     from aepo.eval.metrics import mean_diversity
 
     if not trajs:
@@ -381,4 +399,75 @@ def rollout_metrics(trajs: list[Trajectory], stats: dict) -> dict[str, float]:
         out["m_mean"] = float(np.mean(stats["m"]))
     for reason, c in Counter(t.finish_reason for t in trajs).items():
         out[f"finish/{reason}"] = c / len(trajs)
+    out.update(tool_metrics(trajs))
     return out
+
+
+# The result text parse_action (aepo.rollout.protocol) gives a call the environment could not act
+# on: a closing tag without its opening tag, or an empty argument.
+MALFORMED_CALL_PREFIX = "Error: malformed call"
+# A tool failing on more than this share of at least FAILING_TOOL_MIN_CALLS calls in a step is logged.
+FAILING_TOOL_RATE = 0.5
+FAILING_TOOL_MIN_CALLS = 4
+
+
+def own_tool_calls(traj: Trajectory) -> list[ToolCall]:
+    """The tool calls `traj` made itself, without those it inherited from its parent.
+
+    A branch row starts as a copy of its parent's first `branch_position` response tokens,
+    including the tool calls whose result segment ends there (fork_row_state); those calls ran
+    once, and the parent row (also in the batch) reports them. Counting per row would count a
+    call once per branch that copied it, overstating the busiest calls.
+    """
+    if traj.branch_position is None:
+        return list(traj.tool_calls)
+    inherited = sum(1 for s in traj.segments if s.role == "tool" and s.end <= traj.branch_position)
+    return traj.tool_calls[inherited:]
+
+
+def is_malformed_call(call: ToolCall) -> bool:
+    """A call the protocol rejected before any tool ran (see MALFORMED_CALL_PREFIX)."""
+    return not call.ok and call.result.startswith(MALFORMED_CALL_PREFIX)
+
+
+def tool_metrics(trajs: list[Trajectory]) -> dict[str, float]:
+    """Per tool name: `tools/<name>/calls`, `error_rate`, `timeout_rate` and mean `seconds`.
+
+    Each call is counted once (`own_tool_calls`). A call failed when it is not ok or timed out,
+    so error_rate >= timeout_rate. Malformed calls never reached a tool, so they do not count
+    against the tool whose tag they used: they are `tools/malformed_calls` (a count) and
+    `tools/malformed_rate` (their share of all calls). Calls made by an AEPO probe row that is
+    not kept in the batch are not seen here. A tool that fails on most of a step's calls is
+    logged as a warning (`warn_failing_tool`).
+    """
+    calls = [c for t in trajs for c in own_tool_calls(t)]
+    if not calls:
+        return {}
+    malformed = [c for c in calls if is_malformed_call(c)]
+    out = {"tools/malformed_calls": float(len(malformed)),
+           "tools/malformed_rate": len(malformed) / len(calls)}
+    by_name: dict[str, list[ToolCall]] = {}
+    for c in calls:
+        if not is_malformed_call(c):
+            by_name.setdefault(c.name, []).append(c)
+    for name, group in sorted(by_name.items()):
+        failed = [c for c in group if not c.ok or is_timeout(c)]
+        n = len(group)
+        out[f"tools/{name}/calls"] = float(n)
+        out[f"tools/{name}/error_rate"] = len(failed) / n
+        out[f"tools/{name}/timeout_rate"] = sum(1 for c in group if is_timeout(c)) / n
+        out[f"tools/{name}/seconds"] = float(np.mean([c.seconds for c in group]))
+        warn_failing_tool(name, n, failed)
+    return out
+
+
+def warn_failing_tool(name: str, n_calls: int, failed: list[ToolCall]) -> None:
+    """Log a warning when tool `name` failed on most (> FAILING_TOOL_RATE) of at least
+    FAILING_TOOL_MIN_CALLS calls, with one error text, so a broken tool does not go unseen."""
+    if n_calls < FAILING_TOOL_MIN_CALLS or len(failed) <= FAILING_TOOL_RATE * n_calls:
+        return
+    example = " ".join(failed[0].result.split())
+    if len(example) > 300:
+        example = example[:300] + " ..."
+    _log.warning("tool %r failed on %d of %d calls (%.0f%%) in this step's rollout; e.g. %s",
+                 name, len(failed), n_calls, 100 * len(failed) / n_calls, example)

@@ -1,0 +1,440 @@
+"""The sandbox's child side: build the walls, then run the program (see `aepo.tools.sandbox`).
+
+Run by the parent as `python -I -S sandbox_child.py SETTINGS_JSON`, with the program's source
+on standard input and a private status pipe. Standard library only: it runs before (and, after
+`pivot_root`, without) the host's file system. Process layout in "strict" mode:
+
+    parent (trainer)
+      └─ setup      new user, mount, PID, network, IPC, UTS and cgroup namespaces; waits
+          └─ init   PID 1 of the new PID namespace: builds the minimal root, pivots into it,
+              │     drops every capability, supervises (wall-clock watchdog) and reports
+              └─ program   rlimits + seccomp filter, then `python -I -c <runner>`
+
+Every link dies with the one above it (`PR_SET_PDEATHSIG`), and when init dies the kernel
+kills everything left in its PID namespace: a killed trainer leaves no process behind. In
+"limits-only" mode there are no namespaces: setup supervises the program directly in a scratch
+directory on the host.
+
+Status lines written to the status pipe: `setup failed: <why>` or
+`{"returncode": int, "timed_out": bool}`; in probe mode the program prints a JSON report of
+what it could and could not do instead of running code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import resource
+import signal
+import socket
+import struct
+import sys
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x02000000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWTIME = 0x10000000, 0x20000000, 0x40000000, 0x80
+CLONE_THREAD = 0x00010000
+NAMESPACE_FLAGS = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER
+                   | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWTIME)
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 1024, 2048, 4096, 0x4000
+MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 1 << 18, 1 << 21, 1 << 24
+MNT_DETACH = 2
+OPTION_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
+                "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 24, 38, 22
+SECCOMP_MODE_FILTER = 2
+
+WRITABLE_DIRS = ("/tmp", "/run", "/var", "/home", "/root", "/dev/shm")
+"""Fresh directories of one size-limited tmpfs (the program's only writable storage), with the
+working directory: the first of WORKDIRS that holds none of the read-only binds."""
+WORKDIRS = ("/work", "/sandbox", "/aepo-work")
+DEVICES = ("null", "zero", "full", "random", "urandom")
+ETC_FILES = {
+    "passwd": "root:x:0:0:sandbox:/root:/sbin/nologin\n",
+    "group": "root:x:0:\n",
+    "hosts": "127.0.0.1 localhost\n::1 localhost\n",
+}
+
+# --------------------------------------------------------------------------- system calls
+# Per architecture: (seccomp audit arch, {name: number}). Numbers from the kernel's unistd tables.
+_ARCH = {
+    "x86_64": (0xC000003E, {
+        "socket": 41, "clone": 56, "fork": 57, "vfork": 58, "ptrace": 101, "syslog": 103,
+        "pivot_root": 155, "chroot": 161, "acct": 163, "mount": 165, "umount2": 166, "swapon": 167,
+        "swapoff": 168, "reboot": 169, "iopl": 172, "ioperm": 173, "init_module": 175,
+        "delete_module": 176, "quotactl": 179, "lookup_dcookie": 212, "kexec_load": 246,
+        "add_key": 248, "request_key": 249, "keyctl": 250, "unshare": 272, "perf_event_open": 298,
+        "name_to_handle_at": 303, "open_by_handle_at": 304, "setns": 308, "process_vm_readv": 310,
+        "process_vm_writev": 311, "finit_module": 313, "kexec_file_load": 320, "bpf": 321,
+        "userfaultfd": 323,
+    }),
+    "aarch64": (0xC00000B7, {
+        "socket": 198, "clone": 220, "lookup_dcookie": 18, "umount2": 39, "mount": 40,
+        "pivot_root": 41, "chroot": 51, "quotactl": 60, "acct": 89, "unshare": 97, "kexec_load": 104,
+        "init_module": 105, "delete_module": 106, "syslog": 116, "ptrace": 117, "reboot": 142,
+        "add_key": 217, "request_key": 218, "keyctl": 219, "swapon": 224, "swapoff": 225,
+        "perf_event_open": 241, "name_to_handle_at": 264, "open_by_handle_at": 265, "setns": 268,
+        "process_vm_readv": 270, "process_vm_writev": 271, "finit_module": 273, "bpf": 280,
+        "userfaultfd": 282, "kexec_file_load": 294,
+    }),
+}
+# Numbered alike on every architecture (added after the tables were unified).
+_COMMON = {"io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428,
+           "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+           "clone3": 435, "mount_setattr": 442}
+DENIED = (
+    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "open_tree", "move_mount",
+    "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr", "ptrace", "process_vm_readv",
+    "process_vm_writev", "bpf", "keyctl", "add_key", "request_key", "perf_event_open",
+    "io_uring_setup", "io_uring_enter", "io_uring_register", "userfaultfd", "kexec_load",
+    "kexec_file_load", "init_module", "finit_module", "delete_module", "name_to_handle_at",
+    "open_by_handle_at", "swapon", "swapoff", "reboot", "acct", "quotactl", "syslog",
+    "lookup_dcookie", "iopl", "ioperm",
+)
+"""Refused with EPERM: namespaces, mounts, tracing, kernel keyrings, BPF, perf, io_uring,
+modules and other administration (the usual kernel-exploit surface)."""
+AF_UNIX = 1
+
+
+class SetupError(RuntimeError):
+    pass
+
+
+def _errno_text() -> str:
+    return os.strerror(ctypes.get_errno())
+
+
+def prctl(option: int, arg: int, what: str) -> None:
+    if libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+        raise SetupError(f"{what}: {_errno_text()}")
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """SIGKILL this process when its parent dies; exit now if it already has."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "PR_SET_PDEATHSIG")
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    enc = lambda s: None if s is None else s.encode()  # noqa: E731
+    if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
+        raise SetupError(f"mount {source or fstype or ''} on {target}: {_errno_text()}")
+
+
+# --------------------------------------------------------------------------- seccomp filter
+
+
+def _filter_program(deny_fork: bool) -> list[tuple[int, int, int, int]]:
+    """Classic BPF for seccomp: deny DENIED, clone3 and namespace flags in clone, AF_UNIX
+    sockets, and (`deny_fork`) every new process; allow the rest of the native ABI."""
+    machine = platform.machine()
+    if machine not in _ARCH:
+        raise SetupError(f"no system-call filter for architecture {machine}")
+    arch, table = _ARCH[machine]
+    nr = {**table, **_COMMON}
+    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|..|K, BPF_RET|K
+    ALLOW, ERRNO = 0x7FFF0000, 0x00050000
+    EPERM, EAGAIN, ENOSYS = ERRNO | 1, ERRNO | 11, ERRNO | 38
+    code: list[tuple] = []  # (op, jt, jf, k); jt/jf may be labels, resolved below
+
+    def jump_if(op: int, k: int, label: str) -> None:
+        code.append((op, label, 0, k))
+
+    code += [(LD, 0, 0, 4)]  # seccomp_data.arch
+    code += [(JEQ, 1, 0, arch), (RET, 0, 0, ENOSYS)]  # another ABI (e.g. 32-bit calls): refused
+    code += [(LD, 0, 0, 0)]  # seccomp_data.nr
+    if machine == "x86_64":
+        jump_if(JGE, 0x40000000, "enosys")  # the x32 ABI
+    for name in DENIED:
+        if name in nr:
+            jump_if(JEQ, nr[name], "eperm")
+    jump_if(JEQ, nr["clone3"], "enosys")  # its flags are out of reach: libc falls back to clone
+    if deny_fork:
+        for name in ("fork", "vfork"):
+            if name in nr:
+                jump_if(JEQ, nr[name], "eagain")
+    jump_if(JEQ, nr["socket"], "socket")
+    jump_if(JEQ, nr["clone"], "clone")
+    code += [(RET, 0, 0, ALLOW)]
+    labels = {"socket": len(code)}
+    code += [(LD, 0, 0, 16)]  # args[0] (low half): the address family
+    jump_if(JEQ, AF_UNIX, "eperm")
+    code += [(RET, 0, 0, ALLOW)]
+    labels["clone"] = len(code)
+    code += [(LD, 0, 0, 16)]  # args[0]: clone flags
+    jump_if(JSET, NAMESPACE_FLAGS, "eperm")
+    if deny_fork:
+        code += [(JSET, 1, 0, CLONE_THREAD), (RET, 0, 0, EAGAIN)]  # a thread is fine
+    code += [(RET, 0, 0, ALLOW)]
+    for name, value in (("eperm", EPERM), ("eagain", EAGAIN), ("enosys", ENOSYS)):
+        labels[name] = len(code)
+        code.append((RET, 0, 0, value))
+    resolved = []
+    for i, (op, jt, jf, k) in enumerate(code):
+        if isinstance(jt, str):
+            jt = labels[jt] - i - 1
+            if not 0 <= jt < 256:
+                raise SetupError("system-call filter jump out of range")
+        resolved.append((op, jt, jf, k))
+    return resolved
+
+
+def install_filter(deny_fork: bool) -> None:
+    """Install the seccomp filter on this process (inherited by everything it starts)."""
+    program = _filter_program(deny_fork)
+    buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *ins) for ins in program))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(program), ctypes.addressof(buf))
+    prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        raise SetupError("seccomp filter: " + _errno_text())
+
+
+# --------------------------------------------------------------------------- namespaces, root
+
+
+def enter_namespaces() -> None:
+    """New user (mapped to root inside), mount, PID, network, IPC, UTS and cgroup namespaces."""
+    uid, gid = os.geteuid(), os.getegid()
+    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+    if libc.unshare(flags | CLONE_NEWCGROUP) != 0 and libc.unshare(flags) != 0:
+        raise SetupError("unshare (user namespaces): " + _errno_text())
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
+def _unescape(path: str) -> str:
+    return path.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "replace")
+
+
+def _mounts_under(root: str) -> list[tuple[str, int]]:
+    """(mount point, its per-mount flags) of every mount at or below `root`, in mount order."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            target = _unescape(fields[4])
+            if target == root or target.startswith(root + "/"):
+                flags = 0
+                for option in fields[5].split(","):
+                    flags |= OPTION_FLAGS.get(option, 0)
+                found.append((target, flags))
+    return found
+
+
+def _bind_readonly_source(path: str, root: str) -> None:
+    """Mirror host `path` at root+path: a symlink as a symlink, a file or directory as a bind."""
+    target = root + path
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if os.path.islink(path):
+        if not os.path.lexists(target):
+            os.symlink(os.readlink(path), target)
+        return
+    if os.path.isdir(path):
+        os.makedirs(target, exist_ok=True)
+    elif os.path.exists(path):
+        if not os.path.exists(target):
+            open(target, "w").close()
+    else:
+        return
+    mount(path, target, None, MS_BIND | MS_REC)
+
+
+def build_root(cfg: dict) -> None:
+    """Assemble the program's whole file system on a tmpfs at cfg["root"] and pivot into it.
+
+    Read-only: cfg["binds"] (the interpreter, its libraries and packages). Writable, one shared
+    size-limited tmpfs: WRITABLE_DIRS. Also a fresh /proc (this PID namespace), a few device
+    files and a minimal /etc. Nothing else of the host exists inside.
+    """
+    root = cfg["root"]
+    mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing propagates back to the host
+    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    scratch = root + "/.scratch"
+    os.mkdir(scratch)
+    mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV, "size=%dk,mode=0755" % (cfg["scratch_mb"] * 1024))
+    workdir = next(w for w in WORKDIRS if not any((b + "/").startswith(w + "/") for b in cfg["binds"]))
+    writable = set()
+    for d in (*WRITABLE_DIRS, workdir):
+        source = scratch + "/" + d.strip("/").replace("/", "_")
+        os.mkdir(source)
+        os.chmod(source, 0o1777 if d in ("/tmp", "/dev/shm") else 0o755)
+        os.makedirs(root + d, exist_ok=True)
+        mount(source, root + d, None, MS_BIND)
+        writable.add(root + d)
+    for path in cfg["binds"]:
+        _bind_readonly_source(path, root)
+    os.makedirs(root + "/proc", exist_ok=True)
+    try:  # a fresh procfs shows only this PID namespace; without it, there is no /proc at all
+        mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        writable.add(root + "/proc")
+    except SetupError:
+        pass
+    for name in DEVICES:
+        device = root + "/dev/" + name
+        open(device, "w").close()
+        mount("/dev/" + name, device, None, MS_BIND)
+        writable.add(device)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, root + "/dev/" + name)
+    os.makedirs(root + "/etc", exist_ok=True)
+    for name, text in ETC_FILES.items():
+        with open(root + "/etc/" + name, "w") as f:
+            f.write(text)
+    if libc.umount2(scratch.encode(), MNT_DETACH) != 0:
+        raise SetupError("umount scratch: " + _errno_text())
+    os.rmdir(scratch)
+    for target, flags in _mounts_under(root):
+        if target != root and target not in writable:
+            mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | flags)
+    os.chdir(root)
+    os.mkdir(".old")
+    if libc.syscall(_ARCH_PIVOT_ROOT, b".", b".old") != 0:
+        raise SetupError("pivot_root: " + _errno_text())
+    os.chdir("/")
+    if libc.umount2(b"/.old", MNT_DETACH) != 0:
+        raise SetupError("detach the host root: " + _errno_text())
+    os.rmdir("/.old")
+    mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    os.chdir(workdir)
+
+
+_ARCH_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(platform.machine(), -1)
+
+
+def drop_capabilities() -> None:
+    """Empty the capability bounding set: the program, exec'd later, gets no capability."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # fails harmlessly where there are none to drop
+    prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
+
+
+# --------------------------------------------------------------------------- program, probe
+
+
+def probe_report(cfg: dict) -> dict:
+    """What the program could do, checked from inside (the parent decides what is acceptable)."""
+    report: dict = {"root": sorted(os.listdir("/")), "canary_visible": os.path.exists(cfg["canary"])}
+    for key, path in (("outside_writable", cfg["canary"] + ".w"), ("root_writable", "/aepo-probe")):
+        try:
+            with open(path, "w") as f:
+                f.write("x")
+            report[key] = True
+        except OSError:
+            report[key] = False
+    report["unshare_blocked"] = libc.unshare(CLONE_NEWUSER) != 0
+    try:
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close()
+        report["unix_socket_blocked"] = False
+    except OSError:
+        report["unix_socket_blocked"] = True
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        report["can_fork"] = True
+    except OSError:
+        report["can_fork"] = False
+    return report
+
+
+def run_program(cfg: dict, status_fd: int) -> None:
+    """In the program's process: limits and filter, then exec the runner (never returns)."""
+    try:
+        die_with_parent(None)
+        if not cfg["namespaces"]:
+            os.setpgid(0, 0)  # its own group, so the watchdog can end what it started
+        for name, value in cfg["limits"].items():
+            resource.setrlimit(getattr(resource, name), tuple(value))
+        filtered = True
+        try:
+            install_filter(cfg["deny_fork"])
+        except SetupError:
+            if cfg["require_filter"]:
+                raise
+            filtered = False
+        if cfg["probe"]:
+            print(json.dumps({**probe_report(cfg), "filter": filtered}), flush=True)
+            os._exit(0)
+        python = cfg["python"]
+        os.execve(python, [python, "-I", "-X", "utf8", "-c", cfg["runner"], cfg["tag"]], cfg["env"])
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, never raised past here
+        os.write(status_fd, ("setup failed: %s: %s\n" % (type(exc).__name__, exc)).encode())
+        os._exit(125)
+
+
+def supervise(cfg: dict, status_fd: int) -> None:
+    """Start the program, stop it at the wall-clock limit, end its leftovers, report (never returns)."""
+    child = os.fork()
+    if child == 0:
+        run_program(cfg, status_fd)
+    timed_out = False
+
+    def end_all() -> None:
+        try:
+            if cfg["namespaces"]:
+                os.kill(-1, signal.SIGKILL)  # as PID 1: every other process of the namespace
+            else:
+                os.killpg(child, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def on_alarm(signum: int, frame: object) -> None:
+        nonlocal timed_out
+        timed_out = True
+        end_all()
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, cfg["timeout"])
+    _, wait_status = os.waitpid(child, 0)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    end_all()  # background processes the program left running
+    status = {"returncode": os.waitstatus_to_exitcode(wait_status), "timed_out": timed_out}
+    os.write(status_fd, (json.dumps(status) + "\n").encode())
+    os._exit(0)
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    status_fd = cfg["status_fd"]
+    os.set_inheritable(status_fd, False)  # the program never sees it (close-on-exec)
+    try:
+        die_with_parent(cfg["parent_pid"])
+        if cfg["namespaces"]:
+            enter_namespaces()
+            die_with_parent(cfg["parent_pid"])
+            init = os.fork()  # the first child is PID 1 of the new PID namespace
+            if init:
+                _, wait_status = os.waitpid(init, 0)
+                code = os.waitstatus_to_exitcode(wait_status)
+                os._exit(code if code >= 0 else 128 - code)
+            die_with_parent(None)
+            build_root(cfg)
+        else:
+            os.chdir(cfg["root"])
+        os.umask(0o077)
+        drop_capabilities()
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        os.write(status_fd, ("setup failed: %s: %s\n" % (type(exc).__name__, exc)).encode())
+        os._exit(125)
+    supervise(cfg, status_fd)
+
+
+if __name__ == "__main__":
+    main()

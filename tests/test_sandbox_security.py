@@ -1,0 +1,411 @@
+"""The Python sandbox against a hostile program: escapes the policy under training could find.
+
+Each test names a way out (a host unix socket, a host file, the run's own answer key, a nested
+namespace, a forbidden system call, surviving a killed trainer) and checks from the host side
+that it stays shut. They run on the default "strict" mode, which refuses to start rather than
+run weaker, so on a machine that cannot hold it they fail at the probe instead of passing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import aepo
+from aepo.cli import app
+from aepo.config import ConfigError, ToolsConfig
+from aepo.runtime import build_tool_runner
+from aepo.tools import sandbox as sandbox_module
+from aepo.tools import sandbox_child
+from aepo.tools.sandbox import SCRATCH_PREFIX, PythonSandbox, SandboxError, remove_stale_scratch_dirs
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the strict sandbox is Linux-only")
+
+
+@pytest.fixture(scope="module")
+def box() -> PythonSandbox:
+    return PythonSandbox(timeout=3.0, cpu_seconds=2, memory_mb=256, max_output_chars=4000)
+
+
+def test_strict_mode_is_in_force(box):
+    isolation = box.isolation
+    assert isolation.mode == "strict" and isolation.namespaces and isolation.minimal_root
+    assert isolation.process_filter
+
+
+# ----------------------------------------------------------------------------- unix sockets
+
+
+def test_host_unix_socket_listener_is_unreachable(box, tmp_path):
+    path = tmp_path / "host.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    server.settimeout(0.3)
+    os.chmod(tmp_path, 0o777)
+    os.chmod(path, 0o777)  # file permissions would let anyone connect: only the sandbox stops it
+    try:
+        code = textwrap.dedent(f"""
+            import os, socket
+            print('visible', os.path.exists({str(path)!r}))
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect({str(path)!r})
+            s.sendall(b'tmux new-window id')
+            print('connected')
+        """)
+        result = box.run(code)
+        assert result.stdout.startswith("visible False")
+        assert "connected" not in result.stdout and not result.ok
+        assert "PermissionError" in result.error  # socket(AF_UNIX) itself is refused
+        with pytest.raises(socket.timeout):
+            server.accept()  # the host listener never saw a connection
+    finally:
+        server.close()
+
+
+def test_abstract_and_paired_unix_sockets(box):
+    # An abstract-namespace socket (no file) is refused too; socketpair (asyncio's self-pipe)
+    # connects nothing outside and keeps working.
+    result = box.run("import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('\\0aepo-test')")
+    assert not result.ok and "PermissionError" in result.error
+    assert box("import socket\na, b = socket.socketpair()\na.sendall(b'x')\nb.recv(1)") == "b'x'\n"
+    assert box("import asyncio\nasync def f():\n    return 7\nasyncio.run(f())") == "7\n"
+
+
+# ----------------------------------------------------------------------------- host files
+
+
+def test_host_files_are_not_visible(box, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hunter2")
+    secret.chmod(0o644)
+    os.chmod(tmp_path, 0o755)
+    package_dir = Path(aepo.__file__).resolve().parent
+    code = textwrap.dedent(f"""
+        import os
+        for path in [{str(secret)!r}, {str(tmp_path)!r}, '/etc/shadow', '/etc/hostname',
+                     {str(package_dir)!r}, {os.getcwd()!r}, {str(Path.home() / '.bashrc')!r}]:
+            try:
+                data = open(path).read()
+                print(path, 'READ', len(data))
+            except OSError as exc:
+                print(path, type(exc).__name__)
+    """)
+    result = box.run(code)
+    assert result.ok, result.error
+    lines = result.stdout.splitlines()
+    assert len(lines) == 7
+    assert all("READ" not in line for line in lines), lines
+    assert "hunter2" not in result.stdout
+
+
+def test_root_holds_only_what_python_needs(box):
+    result = box.run("import os\nsorted(os.listdir('/'))")
+    assert result.ok, result.error
+    top = set(eval(result.stdout))  # noqa: S307 - a list of names printed by repr
+    allowed = {"etc", "proc", "dev", "tmp", "run", "var", "home", "root", "work", "sandbox", "aepo-work",
+               "usr", "lib", "lib64", "lib32", "libx32"}
+    # ... plus the top directories of the interpreter's own paths (a venv, pyenv, /opt/python)
+    allowed |= {Path(p).parts[1] for p in sandbox_module.python_binds(box.python)}
+    assert top <= allowed, top - allowed
+    assert box("import os\nsorted(os.listdir('/etc'))") == "['group', 'hosts', 'passwd']\n"
+    assert box("import os\nsorted(os.listdir('/tmp'))") == "[]\n"  # a fresh /tmp, not the host's
+
+
+def test_the_runs_own_answer_key_is_unreadable(tmp_path):
+    # The training data (data.train) and the demo world's question files hold the gold answers.
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"question": "Who?", "answer": "GOLD-ANSWER-42"}) + "\n")
+    world = tmp_path / "run" / "world"
+    world.mkdir(parents=True)
+    (world / "test.jsonl").write_text(json.dumps({"question": "When?", "answer": "GOLD-ANSWER-43"}) + "\n")
+    runner = build_tool_runner(ToolsConfig(enabled=["python"], timeout=10.0, python_timeout=5.0))
+    code = textwrap.dedent(f"""
+        import os
+        found, paths = [], [{str(train)!r}, {str(world / "test.jsonl")!r}]
+        for top, dirs, files in os.walk('/'):  # every file the program can see, libraries aside
+            dirs[:] = [d for d in dirs if d not in ('proc', 'usr', 'lib', 'site-packages', 'dev')]
+            paths += [os.path.join(top, f) for f in files if f.endswith('.jsonl')]
+        for path in paths:
+            try:
+                found.append(open(path).read())
+            except OSError:
+                pass
+        print('GOLD' in ''.join(found), len(found))
+    """)
+    call = runner.run_one("python", code)
+    assert call.ok and call.result.startswith("False"), call.result
+
+
+# ----------------------------------------------------------------------------- system calls
+
+_SYSCALL_PROBES = {  # name -> (x86_64 nr, aarch64 nr, args): unfiltered, these do NOT give EPERM
+    "unshare": (272, 97, (0,)),  # unshare(0) succeeds
+    "unshare-user": (272, 97, (0x10000000,)),
+    "clone-newuser": (56, 220, (0x10000000 | 17, 0, 0, 0, 0)),
+    "setns": (308, 268, (-1, 0)),  # EBADF
+    "ptrace": (101, 117, (0, 0, 0, 0)),  # PTRACE_TRACEME succeeds
+    "keyctl": (250, 219, (0, -3, 0)),  # KEYCTL_GET_KEYRING_ID succeeds
+    "perf_event_open": (298, 241, (0, 0, -1, -1, 0)),  # EFAULT
+    "io_uring_setup": (425, 425, (1, 0)),  # EFAULT
+    "mount_setattr": (442, 442, (-1, 0, 0, 0, 0)),  # EBADF / EINVAL
+    "process_vm_readv": (310, 270, (1, 0, 0, 0, 0, 0)),
+}
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"), reason="syscall numbers for x86_64/aarch64")
+def test_forbidden_system_calls_are_refused(box):
+    column = 0 if platform.machine() == "x86_64" else 1
+    lines = []
+    for name, entry in _SYSCALL_PROBES.items():
+        args = ", ".join(str(a) for a in entry[2])
+        lines.append(f"print({name!r}, libc.syscall({entry[column]}, {args}), ctypes.get_errno())")
+    code = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n" + "\n".join(lines)
+    result = box.run(code)
+    assert result.ok, result.error
+    got = {line.split()[0]: tuple(map(int, line.split()[1:])) for line in result.stdout.splitlines()}
+    assert got == {name: (-1, 1) for name in _SYSCALL_PROBES}  # every one: EPERM
+
+
+def test_nested_user_namespace_is_refused(box):
+    code = textwrap.dedent("""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        print(libc.unshare(0x10000000), ctypes.get_errno())
+        import os
+        print(os.path.exists('/proc/self/ns/user'))
+    """)
+    result = box.run(code)
+    assert result.ok, result.error
+    assert result.stdout.splitlines()[0] == "-1 1"
+
+
+def test_filter_numbers_match_the_kernel_headers():
+    """The filter's system-call table against the C headers installed on this machine."""
+    headers = {"x86_64": Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h"),
+               "aarch64": Path("/usr/include/asm-generic/unistd.h")}
+    checked = 0
+    for machine, header in headers.items():
+        if not header.exists():
+            continue
+        defined = dict(re.findall(r"#define __NR(?:3264)?_(\w+)\s+(\d+)", header.read_text()))
+        table = {**sandbox_child._ARCH[machine][1], **sandbox_child._COMMON}
+        for name, number in table.items():
+            if name in defined:
+                assert int(defined[name]) == number, (machine, name)
+                checked += 1
+    if not checked:
+        pytest.skip("no kernel headers installed")
+    assert checked >= 30
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+@pytest.mark.parametrize("deny_fork", [False, True])
+def test_filter_program_is_well_formed(monkeypatch, machine, deny_fork):
+    monkeypatch.setattr(sandbox_child.platform, "machine", lambda: machine)
+    program = sandbox_child._filter_program(deny_fork)
+    assert len(program) < 256
+    denied = {sandbox_child._ARCH[machine][1].get(n, sandbox_child._COMMON.get(n)) for n in sandbox_child.DENIED}
+    compared = {k for op, _, _, k in program if op == 0x15}
+    assert denied - {None} <= compared
+    for i, (op, jt, jf, _) in enumerate(program):
+        if op in (0x15, 0x35, 0x45):
+            assert i + 1 + jt < len(program) and i + 1 + jf < len(program)
+    assert program[-1][0] == 0x06  # ends on a return
+
+
+# ----------------------------------------------------------------------------- no leftovers
+
+
+def _sandbox_processes(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+def _argv(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def test_killed_trainer_leaves_no_process_and_no_scratch_dir(tmp_path):
+    script = textwrap.dedent("""
+        import sys
+        from aepo.tools.sandbox import PythonSandbox
+        PythonSandbox(timeout=120, cpu_seconds=120).run("import time\\nprint('up', flush=True)\\ntime.sleep(120)")
+    """)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    trainer = subprocess.Popen([sys.executable, "-c", script], env=env)
+    marker = f"{SCRATCH_PREFIX}{trainer.pid}-"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait until the program itself runs (its exec'd runner)
+        if any(_argv(p)[1:4] == [b"-I", b"-X", b"utf8"] for p in _sandbox_processes(marker)):
+            break
+        time.sleep(0.05)
+    else:
+        trainer.kill()
+        pytest.fail("the sandboxed program never started")
+    assert len(_sandbox_processes(marker)) >= 3  # setup, init, program
+    os.kill(trainer.pid, signal.SIGKILL)
+    trainer.wait()
+    deadline = time.monotonic() + 5
+    while _sandbox_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _sandbox_processes(marker) == []  # every process of the run died with the trainer
+    stale = list(tmp_path.glob(marker + "*"))
+    assert len(stale) == 1  # nobody was left to remove it ...
+    assert remove_stale_scratch_dirs(tmp_path) == stale  # ... until the next sandbox starts
+    assert list(tmp_path.glob(SCRATCH_PREFIX + "*")) == []
+
+
+def test_scratch_dir_in_use_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with sandbox_module._ScratchDir() as live:
+        assert remove_stale_scratch_dirs(tmp_path) == []
+        assert live.exists()
+    other = tmp_path / f"{SCRATCH_PREFIX}999999999-x"  # no such process, no lock
+    other.mkdir()
+    assert remove_stale_scratch_dirs(tmp_path) == [other]
+
+
+def test_sleeping_program_is_stopped_by_the_watchdog_inside(box):
+    # The inner watchdog fires at `timeout`; the parent's backstop would come 2 s later.
+    start = time.monotonic()
+    result = box.run("import time\ntime.sleep(60)")
+    elapsed = time.monotonic() - start
+    assert result.timed_out and elapsed < box.timeout + 1.0
+    _, watchdog_fired, _ = sandbox_module._parse_status(json.dumps({"returncode": -9, "timed_out": True}))
+    assert watchdog_fired
+
+
+def test_background_process_is_ended_with_the_program():
+    box = PythonSandbox(timeout=3.0)
+    code = "import os, time\nif os.fork() == 0:\n    time.sleep(60)\nprint('parent done')"
+    start = time.monotonic()
+    result = box.run(code)
+    assert time.monotonic() - start < 2.0
+    if box.isolation.process_limit == "seccomp":
+        assert not result.ok and "BlockingIOError" in result.error  # no new process at all
+    else:
+        assert result.ok and result.stdout == "parent done\n"
+
+
+# ----------------------------------------------------------------------------- other users, kernels
+
+
+def _unshare_available() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "--user", "--map-root-user", "true"], capture_output=True).returncode == 0
+
+
+_CHECK_SCRIPT = textwrap.dedent("""
+    import os, sys
+    from aepo.tools.sandbox import PythonSandbox, SandboxError
+    box = PythonSandbox(timeout=5, mode=sys.argv[1])
+    try:
+        print(box.isolation.describe())
+    except SandboxError as exc:
+        print('REFUSED', exc)
+        sys.exit(3)
+    print(box('import os, socket\\nprint(os.path.exists(sys_path))'.replace('sys_path', repr(sys.argv[2]))).strip())
+    print(box('import socket\\nsocket.socket(socket.AF_UNIX)').splitlines()[-1])
+    print(os.geteuid())
+""")
+
+
+@pytest.mark.skipif(not _unshare_available(), reason="needs util-linux unshare and user namespaces")
+def test_non_root_user_gets_the_same_protection(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    os.chmod(tmp_path, 0o755)
+    done = subprocess.run(
+        ["unshare", "--user", "--map-user=1000", "--map-group=1000", sys.executable, "-c", _CHECK_SCRIPT,
+         "strict", str(secret)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    describe, visible, unix, euid = done.stdout.splitlines()
+    assert euid == "1000"  # not root, no capabilities
+    assert "mode=strict" in describe and "minimal root (host files hidden)=yes" in describe
+    assert "system-call filter" in describe and "=NO" not in describe
+    assert visible == "False" and unix.startswith("PermissionError")
+
+
+@pytest.mark.skipif(not _unshare_available(), reason="needs util-linux unshare and user namespaces")
+def test_strict_refuses_where_user_namespaces_are_off_and_limits_only_is_named(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    no_userns = ["unshare", "--user", "--map-root-user", "--mount", "--pid", "--fork", "--mount-proc", "sh", "-c",
+                 'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"', "sh"]
+    strict = subprocess.run([*no_userns, sys.executable, "-c", _CHECK_SCRIPT, "strict", str(secret)],
+                            capture_output=True, text=True, timeout=120)
+    if "REFUSED" not in strict.stdout and strict.returncode != 3:
+        pytest.skip(f"could not switch user namespaces off here: {strict.stdout} {strict.stderr}")
+    assert strict.returncode == 3
+    assert "user namespaces" in strict.stdout and "limits-only" in strict.stdout
+    weak = subprocess.run([*no_userns, sys.executable, "-W", "ignore", "-c", _CHECK_SCRIPT, "limits-only",
+                           str(secret)], capture_output=True, text=True, timeout=120)
+    assert weak.returncode == 0, weak.stdout + weak.stderr
+    describe, visible, unix, _ = weak.stdout.splitlines()
+    assert "mode=limits-only" in describe and "minimal root (host files hidden)=NO" in describe
+    assert visible == "True"  # what limits-only does not protect, said plainly above
+
+
+def test_a_run_refuses_to_start_with_a_sandbox_that_cannot_hold(monkeypatch):
+    def refuse(python, mode):
+        raise SandboxError("cannot start the strict Python sandbox (unshare: Operation not permitted)")
+
+    monkeypatch.setattr(sandbox_module, "_isolation_cache", {})
+    monkeypatch.setattr(sandbox_module, "_probe", refuse)
+    with pytest.raises(ConfigError, match="tools.enabled has 'python' but cannot start the strict"):
+        build_tool_runner(ToolsConfig(enabled=["python"]))
+    done = CliRunner().invoke(app, ["tools", "python", "print(1)"])
+    assert done.exit_code != 0 and "cannot start the strict Python sandbox" in done.output
+
+
+def test_cli_verbose_reports_the_isolation():
+    done = CliRunner().invoke(app, ["tools", "python", "--verbose", "print(6 * 7)"])
+    assert done.exit_code == 0
+    assert "mode=strict" in done.output and "minimal root (host files hidden)=yes" in done.output
+    assert done.output.strip().endswith("42")
+    bad = CliRunner().invoke(app, ["tools", "python", "--isolation", "off", "print(1)"])
+    assert bad.exit_code != 0 and "strict, limits-only" in bad.output
+
+
+def test_libc_is_still_usable_inside(box):
+    # The walls must not break ordinary programs: ctypes, threads, files, numbers.
+    code = textwrap.dedent("""
+        import ctypes, threading, json, math
+        out = []
+        t = threading.Thread(target=lambda: out.append(math.factorial(10)))
+        t.start(); t.join()
+        open('/tmp/a.json', 'w').write(json.dumps(out))
+        print(json.load(open('/tmp/a.json')), ctypes.CDLL(None).getpid() > 0)
+    """)
+    assert box(code) == "[3628800] True\n"
+
