@@ -214,6 +214,29 @@ def test_aepo_constant_entropy_equals_grpo_and_masked_nan_entropy_is_ignored():
     )
 
 
+def test_entropy_shaped_advantage_hand_values_and_aepo_is_grpo_times_it():
+    from aepo.algos.advantages import entropy_shaped_advantage
+
+    base = torch.tensor([[2.0, 2.0, 2.0], [-1.0, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    h = torch.tensor([[1.0, 2.0, 50.0], [3.0, 4.0, float("nan")]])  # masked entries ignored
+    # valid H = 1, 2, 3, 4: mean 2.5, unbiased std sqrt(5/3)
+    z = (torch.tensor([[1.0, 2.0], [3.0, 4.0]]) - 2.5) / math.sqrt(5 / 3)
+    got = entropy_shaped_advantage(base, h, mask, alpha=0.5)
+    expect = torch.zeros(2, 3)
+    expect[:, :2] = base[:, :2] * (1 + 0.5 * z)
+    torch.testing.assert_close(got, expect)
+    assert got[:, 2].eq(0).all()
+    # the registered estimator is its GRPO part through the same function
+    rewards, ids, m, ent = make_batch(3)
+    r, mt, ht = torch.tensor(rewards, dtype=torch.float32), torch.tensor(m), torch.tensor(ent, dtype=torch.float32)
+    grpo = compute_advantages("grpo", r, ids, mt)
+    torch.testing.assert_close(compute_advantages("aepo", r, ids, mt, entropy=ht, alpha=0.3),
+                               entropy_shaped_advantage(grpo, ht, mt, 0.3))
+    with pytest.raises(ValueError, match="shape"):
+        entropy_shaped_advantage(base, h[:, :2], mask)
+
+
 def test_aepo_entropy_is_detached():
     h = torch.rand(4, 3, requires_grad=True)
     adv = compute_advantages("aepo", torch.tensor([1.0, 0, 1, 0]), [0, 0, 1, 1], torch.ones(4, 3), entropy=h)

@@ -108,29 +108,53 @@ def test_topk_probe_fewer_entries_than_k_and_missing():
 # ----------------------------------------------------------------------------- segment_entropy
 
 
-def test_segment_entropy_mean_of_first_valid_tokens():
-    h = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0], [9.0, 9.0, 9.0, 9.0, 9.0]])
-    mask = torch.tensor([[1, 0, 1, 1, 1], [0, 0, 0, 0, 0]])
-    out = segment_entropy(h, mask, n_probe=2)
-    assert out.tolist() == pytest.approx([2.0, 0.0])  # mean(1, 3); empty row -> 0
-    out = segment_entropy(h, mask, n_probe=2, vocab_size=100)
-    assert out.tolist() == pytest.approx([2.0 / math.log(100), 0.0])
-    out = segment_entropy(h, mask, n_probe=2, vocab_size=100, reduce="sum")
-    assert out.tolist() == pytest.approx([4.0 / math.log(100), 0.0])
+def test_segment_entropy_short_segment_is_rescaled():
+    # ALGORITHMS.md section 1: H_seg = (n_probe / n) * sum_{t <= n} H_t, n = min(n_probe, length)
+    assert float(segment_entropy([0.5, 1.5], n_probe=20)) == pytest.approx(20.0)  # (20 / 2) * 2.0
+    assert float(segment_entropy([0.5, 1.5], n_probe=20, vocab_size=100)) == pytest.approx(20.0 / math.log(100))
+    assert float(segment_entropy([0.3, 0.6, 0.9], n_probe=4)) == pytest.approx(4 / 3 * 1.8)
 
 
-def test_segment_entropy_short_segment_and_list_input():
-    # fewer valid tokens than n_probe: mean over what is there, not divided by n_probe
-    assert float(segment_entropy([0.5, 1.5], n_probe=20)) == pytest.approx(1.0)
+def test_segment_entropy_long_segment_cut_at_n_probe():
+    h = torch.arange(1, 31, dtype=torch.float32)  # 1..30
+    for reduce in ("rescaled_sum", "sum"):  # n = n_probe: the rescale factor is 1
+        assert float(segment_entropy(h, n_probe=20, reduce=reduce)) == pytest.approx(210.0)  # 1 + ... + 20
+    assert float(segment_entropy(h, n_probe=20, vocab_size=50)) == pytest.approx(210.0 / math.log(50))
+    assert float(segment_entropy(h, n_probe=20, reduce="mean")) == pytest.approx(10.5)
+
+
+def test_segment_entropy_compat_is_the_plain_sum():
+    # the released code: sum over the first n_probe, no rescale, so a short segment looks calm
     assert float(segment_entropy([0.5, 1.5], n_probe=20, reduce="sum")) == pytest.approx(2.0)
-    assert float(segment_entropy(torch.zeros(0), n_probe=20)) == 0.0
+    assert float(segment_entropy([0.5, 1.5], n_probe=20, vocab_size=100, reduce="sum")) == pytest.approx(
+        2.0 / math.log(100))
+    assert float(segment_entropy([0.5] * 25, n_probe=20, reduce="sum")) == pytest.approx(10.0)
 
 
-def test_segment_entropy_normalised_lies_in_unit_interval():
+def test_segment_entropy_mask_selects_the_first_valid_tokens():
+    h = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0], [9.0, 9.0, 9.0, 9.0, 9.0], [1.0, 1.0, 2.0, 2.0, 2.0]])
+    mask = torch.tensor([[1, 0, 1, 1, 1], [0, 0, 0, 0, 0], [0, 1, 1, 0, 0]])
+    # n_probe 2: row 0 takes 1 and 3 (n = 2); row 1 has no valid token; row 2 takes 1, 2 (n = 2)
+    assert segment_entropy(h, mask, n_probe=2).tolist() == pytest.approx([4.0, 0.0, 3.0])
+    # n_probe 5: row 0 has 4 valid tokens (13) -> 13 * 5 / 4; row 2 has 2 (3) -> 3 * 5 / 2
+    assert segment_entropy(h, mask, n_probe=5).tolist() == pytest.approx([16.25, 0.0, 7.5])
+    assert segment_entropy(h, mask, n_probe=5, reduce="sum").tolist() == pytest.approx([13.0, 0.0, 3.0])
+    assert segment_entropy(h, mask, n_probe=5, reduce="mean").tolist() == pytest.approx([3.25, 0.0, 1.5])
+
+
+@pytest.mark.parametrize("reduce", ["rescaled_sum", "sum", "mean"])
+def test_segment_entropy_empty_is_zero(reduce):
+    assert float(segment_entropy(torch.zeros(0), n_probe=20, reduce=reduce)) == 0.0
+    assert float(segment_entropy([], n_probe=20, vocab_size=100, reduce=reduce)) == 0.0
+
+
+def test_segment_entropy_normalised_lies_in_zero_n_probe():
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(3, 25, 64, generator=g) * 5
     seg = segment_entropy(token_entropy(logits), vocab_size=64)
-    assert ((seg >= 0) & (seg <= 1)).all()
+    assert ((seg >= 0) & (seg <= 20)).all()
+    uniform = segment_entropy(token_entropy(torch.zeros(2, 7, 64)), n_probe=20, vocab_size=64)
+    assert uniform.tolist() == pytest.approx([20.0, 20.0])  # every token at log|V|: the maximum
 
 
 def test_segment_entropy_bad_input():

@@ -105,6 +105,28 @@ def test_metrics_hand_values():
     assert metrics["ppo_kl"] == pytest.approx(expected_kl, abs=1e-6)
 
 
+def test_clipped_token_mask_hand_values():
+    """The clip mask marks exactly the tokens of clipfrac_upper / clipfrac_lower: A > 0 above
+    1 + eps_h, A < 0 below 1 - eps_l; not the dual-clipped token, not masked tokens."""
+    from aepo.algos.losses import clipped_token_mask
+
+    logp, old, a, m = region_batch()
+    got = clipped_token_mask(logp, old, a, m, clip_low=EPS_L, clip_high=EPS_H)
+    names = [row[6] for row in REGIONS]
+    assert [names[i] for i in torch.nonzero(got[0]).flatten().tolist()] == [
+        "A>0 above", "A<0 below", "A>0 far above"]
+    assert not got.requires_grad and got.dtype == torch.bool
+    _, metrics = policy_loss("ppo", logp, old, a, m)
+    assert got.float().mean().item() == pytest.approx(metrics["clipfrac_upper"] + metrics["clipfrac_lower"])
+    # wider bounds: r = 1.5 is inside [0.4, 1.6], r = 0.5 is inside too; only r = 4 stays
+    wide = clipped_token_mask(logp, old, a, m, clip_low=0.6, clip_high=0.6)
+    assert [names[i] for i in torch.nonzero(wide[0]).flatten().tolist()] == ["A>0 far above"]
+    m2 = m.clone()
+    m2[0, 1] = 0.0  # "A>0 above" masked out
+    got2 = clipped_token_mask(logp, old, a, m2, clip_low=EPS_L, clip_high=EPS_H)
+    assert int(got2.sum()) == 2 and not bool(got2[0, 1])
+
+
 # ----------------------------------------------------------------------------- independent reference
 
 

@@ -166,6 +166,30 @@ def test_epo_regularizer_per_turn():
         epo_regularizer(entropy, mask, 1.0, 0, 10, turn_ids=turns)
 
 
+def test_epo_regularizer_per_turn_with_entropy_history():
+    """The trainer passes its EntropyHistory: each turn is held to its own running mean, a turn
+    without history is skipped, and the global value plays no part."""
+    hist = EntropyHistory()
+    hist.update(100.0)  # a global value far from every turn: must not be used
+    hist.update_turns({0: 2.0, 1: 0.2})
+    hist.update_turns({0: 4.0, 1: 0.6})  # running means: turn 0 -> 3.0, turn 1 -> 0.4
+    entropy = torch.tensor([[1.0, 1.0, 0.8, 0.0], [1.0, 3.0, 0.8, 7.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    turns = torch.tensor([[0, 0, 1, -1], [0, 0, 1, 2]])
+    # turn 0: H = 1.5 vs band [1.5, 4.5] -> inside; turn 1: H = 0.8 vs [0.2, 0.6] -> above by 0.2
+    # turn 2 (H = 7) has no history -> skipped. P = (0 + 0.04) / 2 turns
+    term, metrics = epo_regularizer(entropy, mask, hist, 0, 10, entropy_coef=0.0, turn_ids=turns)
+    assert float(term.detach()) == pytest.approx(0.02, abs=1e-6)
+    assert metrics["epo_band_turns"] == 2.0
+    term.backward()
+    expected = torch.zeros_like(entropy)
+    expected[:, 2] = 0.5 * 2 * 0.2 / 2  # (1/2 turns) * 2 * excess / 2 tokens of turn 1
+    torch.testing.assert_close(entropy.grad, expected, atol=1e-6, rtol=1e-5)
+    # with the global value instead (no turn ids), the band is far off: a different penalty
+    glob, _ = epo_regularizer(entropy.detach(), mask, hist, 0, 10, entropy_coef=0.0)
+    assert float(glob) > 1.0
+
+
 def test_epo_regularizer_fully_masked_no_nan():
     entropy = torch.rand(2, 3, requires_grad=True)
     term, metrics = epo_regularizer(entropy, torch.zeros(2, 3), 1.0, 3, 10)

@@ -101,10 +101,48 @@ def test_rollout_command_writes_one_row_per_sample(micro_dir, tmp_path):
     assert len(rows) == 6
     assert len({r["prompt_id"] for r in rows}) == 2
     assert sorted(r["row_id"] for r in rows) == [0, 0, 1, 1, 2, 2]
+    line = next(x for x in res.output.splitlines() if '{"' in x)  # the stats (after any progress bar)
+    summary = json.loads(line[line.index('{"'):])
+    prompt_order = list(dict.fromkeys(r["prompt_id"] for r in rows))
     for r in rows:
         assert {"prompt_id", "row_id", "parent_row_id", "branch_position", "text", "segments", "tool_calls",
-                "finish_reason"} <= set(r)
+                "finish_reason", "m", "decisions"} <= set(r)
         assert (r["parent_row_id"] is None) == (r["branch_position"] is None)
+        # m: the prompt's global budget, as the rollout's stats report it
+        assert isinstance(r["m"], int) and 1 <= r["m"] <= 3
+        assert r["m"] == summary["m"][prompt_order.index(r["prompt_id"])]
+        assert isinstance(r["decisions"], list)
+        for d in r["decisions"]:
+            assert {"dH", "l", "p", "branched"} <= set(d)
+    own = [d for r in rows for d in r["decisions"] if d["row_id"] == r["row_id"]]
+    assert len(own) == len(summary["decisions"])
+    assert sum(d["branched"] for d in own) == summary["branches"]
+
+
+def test_rollout_command_writes_m_and_decisions(micro_dir, tmp_path, monkeypatch):
+    """The rows carry each trajectory's m and decisions verbatim (a rollout with a branch)."""
+    from aepo.rollout import strategies
+    from aepo.rollout.types import Trajectory
+
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"question": "who founded org 0?", "answer": ["x"]}) + "\n")
+    d0 = {"dH": 0.75, "l": 0, "p": 0.65, "branched": True, "turn": 1, "row_id": 0}
+    d1 = {"dH": -0.5, "l": 1, "p": 0.38, "branched": False, "turn": 2, "row_id": 1}
+
+    def fake_rollout(strategy, prompts, sampler, tok, tool_fn, cfg, rng):
+        (pid, ids), = prompts
+        trajs = [Trajectory(pid, 0, list(ids), m=1, decisions=[d0]),
+                 Trajectory(pid, 1, list(ids), parent_row_id=0, branch_position=0, m=1, decisions=[d0, d1])]
+        return trajs, {"m": [1], "branches": 1, "decisions": []}
+
+    monkeypatch.setattr(strategies, "rollout", fake_rollout)
+    out = tmp_path / "rows.jsonl"
+    res = runner.invoke(app, ["rollout", "--model", str(micro_dir), "--data", str(data), "--k", "2",
+                              "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["m"] for r in rows] == [1, 1]
+    assert rows[0]["decisions"] == [d0] and rows[1]["decisions"] == [d0, d1]
 
 
 @pytest.mark.skipif(not (SHARED / "benchmarks").exists(), reason="../shared/data not present")

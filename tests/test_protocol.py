@@ -113,10 +113,11 @@ def test_masks_logprobs_segments_hand_computed():
     assert [(s.role, s.start, s.end, s.text) for s in t.segments] == [
         ("model", 0, 5, seg1), ("tool", 5, 16, result), ("model", 16, 19, seg2)
     ]
-    # segment entropy: mean of the first n_probe=3 token entropies / log|V| = (0.1+0.3+0.5)/3
-    assert t.segments[0].entropy == pytest.approx(0.3, abs=1e-6)
+    # segment entropy: sum of the first n_probe=3 token entropies / log|V| = 0.1+0.3+0.5; the
+    # 3-token answer segment is exactly n_probe long, so no length rescaling: 3 * 0.2
+    assert t.segments[0].entropy == pytest.approx(0.9, abs=1e-6)
     assert t.segments[1].entropy is None
-    assert t.segments[2].entropy == pytest.approx(0.2, abs=1e-6)
+    assert t.segments[2].entropy == pytest.approx(0.6, abs=1e-6)
     assert [(c.name, c.argument, c.result, c.ok) for c in t.tool_calls] == [("search", "x", "found x", True)]
     assert tools.batches == [[("search", "x")]]
     assert t.finish_reason == "answer" and t.text == seg1 + result + seg2
@@ -128,12 +129,15 @@ def test_masks_logprobs_segments_hand_computed():
     assert all(e[3] == tuple(STOP_STRINGS) for e in sampler.log if e[0] == "generate")
 
 
-def test_segment_entropy_mean_vs_released_sum():
+def test_segment_entropy_rescaled_sum_vs_released_sum():
     ents = [nats(f, TOK) for f in (0.1, 0.3, 0.5, 0.7)]
     v = len(TOK)
-    assert segment_entropy_value(ents, n_probe=3, vocab_size=v) == pytest.approx(0.3, abs=1e-6)
+    # at least n_probe tokens: both forms are the plain sum of the first n_probe, 0.1+0.3+0.5
+    assert segment_entropy_value(ents, n_probe=3, vocab_size=v) == pytest.approx(0.9, abs=1e-6)
     assert segment_entropy_value(ents, n_probe=3, vocab_size=v, compat=True) == pytest.approx(0.9, abs=1e-6)
-    assert segment_entropy_value(ents, n_probe=20, vocab_size=v) == pytest.approx(0.4, abs=1e-6)
+    # shorter than n_probe: rescaled by n_probe / n = 20 / 4 (the released form sums 4 tokens)
+    assert segment_entropy_value(ents, n_probe=20, vocab_size=v) == pytest.approx(20 / 4 * 1.6, abs=1e-5)
+    assert segment_entropy_value(ents, n_probe=20, vocab_size=v, compat=True) == pytest.approx(1.6, abs=1e-6)
     assert segment_entropy_value([], n_probe=20, vocab_size=v) == 0.0
 
     def script(ctx, draw):

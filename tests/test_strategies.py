@@ -1,6 +1,7 @@
 """Rollout strategies: budget accounting, branching formulas and bookkeeping, pre-monitoring."""
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -8,11 +9,14 @@ from scripted_sampler import CharTokenizer, FakeTools, Reply, ScriptedSampler, n
 
 from aepo.config import RolloutConfig
 from aepo.rollout import rollout
+from aepo.rollout.agent import Agent, segment_entropy_value
 from aepo.rollout.strategies import (
+    BRANCH_DECISIONS,
     RolloutStrategy,
     aepo_branch_probability,
     aepo_global_budget,
     arpo_branch_probability,
+    branch_decision,
     default_global_budget,
     get_strategy,
     register_strategy,
@@ -33,6 +37,13 @@ class FixedRng(random.Random):
         v = self.values[min(len(self.drawn), len(self.values) - 1)]
         self.drawn.append(v)
         return v
+
+
+def seg(h_seg, n_probe=20):
+    """Per-token entropy (nats) that makes a segment's entropy `h_seg` under n_probe: the
+    length-rescaled sum (ALGORITHMS.md section 1) of any segment of constant per-token entropy
+    H is n_probe * H / log|V|, whatever its length."""
+    return nats(h_seg / n_probe, TOK)
 
 
 def prompts_of(*texts):
@@ -95,6 +106,46 @@ def check_invariants(trajs, stats, sampler, prompts, n):
     branched_rows = sum(1 for t in trajs if t.parent_row_id is not None)
     assert stats["branches"] <= branched_rows
     assert sum(len(d["children"]) for d in stats["decisions"]) == branched_rows
+    check_row_decisions(trajs, stats, prompts, n)
+
+
+def prefix_tool_calls(t, position):
+    return sum(1 for s in t.segments if s.role == "tool" and s.end <= position)
+
+
+def check_row_decisions(trajs, stats, prompts, n):
+    """Trajectory.m and Trajectory.decisions agree with the strategy's stats: every row carries
+    its prompt's m; a row's own decisions (row_id == its row_id) are exactly the logged ones;
+    a branch's list starts with its parent's decisions up to the branch point, the last of which
+    is the parent's branched decision at that tool call."""
+    own = []
+    for gi in range(len(prompts)):
+        group = trajs[gi * n:(gi + 1) * n]
+        for t in group:
+            assert t.m == stats["m"][gi]
+            for d in t.decisions:
+                assert set(d) == {"dH", "l", "p", "branched", "turn", "row_id"}
+            turns = [d["turn"] for d in t.decisions]
+            assert turns == sorted(set(turns))  # one decision per tool call of the chain, in order
+            mine = [d for d in t.decisions if d["row_id"] == t.row_id]
+            inherited = t.decisions[:len(t.decisions) - len(mine)]
+            assert t.decisions[len(inherited):] == mine  # inherited ones first
+            for d in mine:  # a decision follows a tool result the row holds
+                assert 1 <= d["turn"] <= t.n_tool_calls
+            if t.parent_row_id is None:
+                assert inherited == []
+            else:
+                parent = group[t.parent_row_id]
+                assert inherited == parent.decisions[:len(inherited)]
+                last = inherited[-1]
+                assert last["row_id"] == t.parent_row_id and last["branched"] is True
+                assert last["turn"] == prefix_tool_calls(t, t.branch_position)
+                assert len(inherited) == sum(1 for d in parent.decisions if d["turn"] <= last["turn"])
+            own += [(gi, d["row_id"], d["turn"], d["dH"], d["l"], d["p"], d["branched"]) for d in mine]
+    logged = [(d["prompt"], d["row_id"], d["turn"], d["dH"], d["l"], d["p"], d["branched"])
+              for d in stats["decisions"]]
+    assert sorted(own) == sorted(logged)
+    assert sum(1 for *_, branched in own if branched) == stats["branches"]
 
 
 # ----------------------------------------------------------------------------- registry and formulas
@@ -146,7 +197,8 @@ def test_global_budget_rejects_bad_n_and_default_m():
 # ----------------------------------------------------------------------------- budget accounting
 
 BRANCHING = [
-    ("arpo", {}),
+    ("arpo", {"branch_decision": "sample"}),
+    ("arpo", {"branch_decision": "threshold"}),
     ("aepo", {"branch_decision": "sample"}),
     ("aepo", {"branch_decision": "threshold", "branch_tau": 0.5}),
     ("aepo", {"branch_decision": "sample", "premonitor": False}),
@@ -187,7 +239,7 @@ def test_exactly_n_rows_per_prompt(strategy, extra, always, z, n):
 def test_every_draw_branches_fills_budget_from_the_tree():
     # one global row, P = 1, Z = 2: the first decision forks two children (budget 3 left)
     trajs, stats, sampler = run("arpo", tool_chain(3), prompts_of("Q"), n=4, initial_rollouts=1,
-                                branch_alpha=1.0, branch_beta=0.0, branch_children=2)
+                                branch_alpha=1.0, branch_beta=0.0, branch_children=2, branch_decision="sample")
     check_invariants(trajs, stats, sampler, prompts_of("Q"), 4)
     assert [(t.row_id, t.parent_row_id) for t in trajs] == [(0, None), (1, 0), (2, 0), (3, 0)]
     assert stats["branches"] == 2 and stats["m"] == [1]
@@ -213,7 +265,7 @@ def test_one_generate_call_per_turn_for_all_rows_of_all_prompts():
     # ARPO, n=3, m=1, P=1 (hand-traced): turn 1 row0; turn 2 row0 (decides: fork row1);
     # turn 3 row0 (decides: fork row2, answers) + row1; turn 4 row1 (no budget) + row2.
     trajs, stats, sampler = run("arpo", tool_chain(2), prompts, n=3, initial_rollouts=1,
-                                branch_alpha=1.0, branch_beta=0.0)
+                                branch_alpha=1.0, branch_beta=0.0, branch_decision="sample")
     assert [len(call) for call in sampler.generate_calls] == [2, 2, 4, 4]
     assert stats["generate_calls"] == 4
     for call in sampler.generate_calls:
@@ -270,9 +322,9 @@ def entropy_script(first, after):
 
     def script(ctx, draw):
         k = ctx.count("<result>")
-        fraction = first if k == 0 else after[k - 1]
+        h = first if k == 0 else after[k - 1]
         text = f"<search>s{k}.{draw}</search>" if k < len(after) else f"<answer>{draw}</answer>"
-        return Reply(text, nats(fraction, TOK))
+        return Reply(text, seg(h))
 
     return script
 
@@ -283,7 +335,7 @@ def test_arpo_dh_measured_on_the_segment_after_the_new_result(draw, branches):
     # Decision 1: P = clip(0 + 1 * (0.9 - 0.2)) = 0.7 (the released defect would use dH = 0).
     rng = FixedRng([draw, 0.99])
     trajs, stats, sampler = run("arpo", entropy_script(0.2, [0.9, 0.0]), prompts_of("Q"), rng=rng,
-                                n=2, initial_rollouts=1, branch_alpha=0.0, branch_beta=1.0)
+                                n=2, initial_rollouts=1, branch_alpha=0.0, branch_beta=1.0, branch_decision="sample")
     first = stats["decisions"][0]
     assert first["row_id"] == 0 and first["h_init"] == pytest.approx(0.2, abs=1e-6)
     assert first["h_now"] == pytest.approx(0.9, abs=1e-6) and first["p"] == pytest.approx(0.7, abs=1e-6)
@@ -300,14 +352,14 @@ def test_h_init_is_per_chain_and_does_not_leak_across_prompts_or_calls():
         k = ctx.count("<result>")
         first = {"A": 0.1, "B": 0.7}[ctx[0]]
         # a branch's own first segment (draw 1 after result 1) is very calm: it must not become H_init
-        fraction = first if k == 0 else (0.05 if (k == 1 and draw > 0) else 0.5)
+        h = first if k == 0 else (0.05 if (k == 1 and draw > 0) else 0.5)
         text = f"<search>{ctx[0]}{k}.{draw}</search>" if k < 3 else "<answer>x</answer>"
-        return Reply(text, nats(fraction, TOK))
+        return Reply(text, seg(h))
 
     for order in (("A", "B"), ("B", "A")):  # a second call with the prompts in other slots
         prompts = prompts_of(*order)
         trajs, stats, sampler = run("arpo", script, prompts, n=3, initial_rollouts=1,
-                                    branch_alpha=1.0, branch_beta=0.0)
+                                    branch_alpha=1.0, branch_beta=0.0, branch_decision="sample")
         check_invariants(trajs, stats, sampler, prompts, 3)
         for d in stats["decisions"]:
             expected = {"A": 0.1, "B": 0.7}[order[d["prompt"]]]
@@ -364,7 +416,7 @@ def test_aepo_sample_decision_uses_a_bernoulli_draw():
     # P = (0.5 + 0.2 * (0.8 - 0.3)) * (1 - 0.05 * 0) = 0.6 for the first decision
     rng = FixedRng([0.59, 0.61, 0.99])
     _, stats, _ = run("aepo", entropy_script(0.3, [0.8, 0.8, 0.8]), prompts_of("Q"), rng=rng, n=3,
-                      premonitor=False, initial_rollouts=1)
+                      premonitor=False, initial_rollouts=1, branch_decision="sample")
     d0 = stats["decisions"][0]
     assert d0["p"] == pytest.approx(0.6, abs=1e-6) and d0["branched"] and d0["l"] == 0
     # second decision of the root chain: l = 1, P = 0.6 * 0.95 = 0.57 < draw 0.61
@@ -376,16 +428,20 @@ def test_aepo_sample_decision_uses_a_bernoulli_draw():
 # ----------------------------------------------------------------------------- AEPO: pre-monitoring
 
 
+PM_N_PROBE = 4  # n_probe of the pre-monitoring tests
+
+
 def premonitor_script(ctx, draw):
-    """A: H_root 0.6, probe tool segments 0.3 and 0.1 (H_tool 0.2). B: probe answers at once."""
+    """A: H_root 0.6, probe tool segments 0.3 and 0.1 (H_tool 0.2). B: probe answers at once.
+    Segment entropies under n_probe = PM_N_PROBE."""
     k = ctx.count("<result>")
     if ctx.startswith("B"):
-        return Reply(f"<answer>b{draw}</answer>", nats(0.6 if draw == 0 else 0.45, TOK))
+        return Reply(f"<answer>b{draw}</answer>", seg(0.6 if draw == 0 else 0.45, PM_N_PROBE))
     if k == 0:
-        return Reply(f"<search>a.{draw}</search>", nats(0.6 if draw == 0 else 0.5, TOK))
+        return Reply(f"<search>a.{draw}</search>", seg(0.6 if draw == 0 else 0.5, PM_N_PROBE))
     if k == 1:
-        return Reply(f"<search>b.{draw}</search>", nats(0.3, TOK))
-    return Reply(f"<answer>{draw}</answer>", nats(0.1, TOK))
+        return Reply(f"<search>b.{draw}</search>", seg(0.3, PM_N_PROBE))
+    return Reply(f"<answer>{draw}</answer>", seg(0.1, PM_N_PROBE))
 
 
 def base_forks_between_generates(sampler, base_row):
@@ -403,7 +459,7 @@ def base_forks_between_generates(sampler, base_row):
 @pytest.mark.parametrize("compat, m_a, m_b", [(False, 4, 4), (True, 5, 5)])
 def test_aepo_premonitor_sets_m_and_reuses_the_probe(compat, m_a, m_b):
     prompts = prompts_of("A", "B")
-    n, n_probe = 8, 4
+    n, n_probe = 8, PM_N_PROBE
     trajs, stats, sampler = run("aepo", premonitor_script, prompts, n=n, n_probe=n_probe, beta_pm=0.5,
                                 m_compat=compat, branch_alpha=0.0, branch_gamma=0.0)
     check_invariants(trajs, stats, sampler, prompts, n)
@@ -424,7 +480,7 @@ def test_aepo_premonitor_sets_m_and_reuses_the_probe(compat, m_a, m_b):
 def test_aepo_probe_thrown_away_without_reuse_probe():
     prompts = prompts_of("A")
     n = 6
-    trajs, stats, sampler = run("aepo", premonitor_script, prompts, n=n, n_probe=4, reuse_probe=False,
+    trajs, stats, sampler = run("aepo", premonitor_script, prompts, n=n, n_probe=PM_N_PROBE, reuse_probe=False,
                                 branch_alpha=0.0, branch_gamma=0.0)
     check_invariants(trajs, stats, sampler, prompts, n)
     m = aepo_global_budget(n, 0.6, 0.2, 0.5)
@@ -434,8 +490,188 @@ def test_aepo_probe_thrown_away_without_reuse_probe():
 
 
 def test_aepo_without_premonitor_uses_initial_rollouts():
-    trajs, stats, sampler = run("aepo", premonitor_script, prompts_of("A", "B"), n=6, premonitor=False,
+    trajs, stats, sampler = run("aepo", premonitor_script, prompts_of("A", "B"), n=6, n_probe=PM_N_PROBE,
+                                premonitor=False,
                                 initial_rollouts=2, branch_alpha=0.0, branch_gamma=0.0)
     assert stats["m"] == [2, 2] and stats["h_root"] == [None, None]
     assert [b for _, b in sampler.generate_calls[0]] == [256] * 4  # no short probe call
     check_invariants(trajs, stats, sampler, prompts_of("A", "B"), 6)
+
+
+# ----------------------------------------------------------------------------- segment entropy scale
+
+
+def test_segment_entropy_is_the_length_rescaled_sum():
+    # ALGORITHMS.md section 1: H_seg = (n_probe / n) * sum_{t <= n} H_t / log|V|, n = min(n_probe, len)
+    log_v = math.log(len(TOK))
+    agent = Agent(ScriptedSampler(TOK, tool_chain(0)), TOK, FakeTools(), RolloutConfig(n_probe=4))
+    assert agent.segment_entropy([1.0, 2.0]) == pytest.approx((4 / 2) * 3.0 / log_v)  # short: rescaled
+    assert agent.segment_entropy([1.0, 2.0, 3.0, 4.0, 50.0]) == pytest.approx(10.0 / log_v)  # cut at 4
+    assert agent.segment_entropy([]) == 0.0
+    compat = Agent(ScriptedSampler(TOK, tool_chain(0)), TOK, FakeTools(),
+                   RolloutConfig(n_probe=4, segment_entropy_compat=True))
+    assert compat.segment_entropy([1.0, 2.0]) == pytest.approx(3.0 / log_v)  # released: plain sum
+    assert compat.segment_entropy([1.0, 2.0, 3.0, 4.0, 50.0]) == pytest.approx(10.0 / log_v)
+    assert segment_entropy_value([0.5] * 30, 20, 100) == pytest.approx(10.0 / math.log(100))
+    assert segment_entropy_value([0.5] * 5, 20, 100) == pytest.approx(10.0 / math.log(100))
+    assert segment_entropy_value([0.5] * 5, 20, 100, compat=True) == pytest.approx(2.5 / math.log(100))
+
+
+@pytest.mark.parametrize("compat", [False, True])
+@pytest.mark.parametrize("body, n_tokens", [("abcde", 7), ("y" * 30, 32)])
+def test_rollout_records_segment_entropy_on_the_sum_scale(compat, body, n_tokens):
+    # every token 0.05 of log|V|: the segment <answer>BODY</answer> (generation stops at the
+    # closing tag) holds n_tokens * 0.05 summed; rescaled to n_probe = 20 tokens: 1.0
+    trajs, _, _ = run("independent", lambda ctx, draw: Reply(f"<answer>{body}</answer>", nats(0.05, TOK)),
+                      prompts_of("Q"), n=1, segment_entropy_compat=compat)
+    (segment,) = trajs[0].segments
+    assert segment.end - segment.start == n_tokens
+    plain_sum = 0.05 * min(n_tokens, 20)
+    assert segment.entropy == pytest.approx(plain_sum if compat else 1.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- branch_decision rules
+
+
+def test_threshold_rule_exact_boundary_and_no_draws():
+    rng = FixedRng([0.0])
+    # (alpha + coef dH)(1 - lambda l) > tau, strict: exactly tau does not branch
+    assert branch_decision("threshold", 0.5, 0.2, 0.0, 0.05, 0, 0.5, rng) == (0.5, False)
+    assert branch_decision("threshold", 0.25, 0.5, 0.5, 0.0, 0, 0.5, rng) == (0.5, False)  # 0.25 + 0.25
+    p, b = branch_decision("threshold", 0.5, 0.2, 1e-9, 0.05, 0, 0.5, rng)
+    assert b and p > 0.5
+    # with l = 2 the penalty factor 0.9 moves the boundary to dH = (0.5 / 0.9 - 0.5) / 0.2 = 0.2778
+    p, b = branch_decision("threshold", 0.5, 0.2, 0.25, 0.05, 2, 0.5, rng)
+    assert p == pytest.approx(0.495) and not b
+    p, b = branch_decision("threshold", 0.5, 0.2, 0.3, 0.05, 2, 0.5, rng)
+    assert p == pytest.approx(0.504) and b
+    # the score is not clipped: with tau >= 1 a large dH still branches
+    assert branch_decision("threshold", 0.5, 0.2, 5.0, 0.0, 0, 1.2, rng) == (pytest.approx(1.5), True)
+    assert rng.drawn == []  # deterministic given dH
+
+
+@pytest.mark.parametrize("delta_h, branches", [(-0.1, False), (0.0, False), (1e-6, True), (0.3, True), (4.0, True)])
+def test_threshold_rule_for_arpo_branches_exactly_when_dh_is_positive(delta_h, branches):
+    assert branch_decision("threshold", 0.5, 0.2, delta_h, 0.0, 0, 0.5, random.Random(0))[1] is branches
+
+
+def test_released_rule_against_an_independent_computation():
+    cases = [(dh, l) for dh in (-2.0, -0.5, 0.0, 0.3, 1.0, 2.5) for l in (0, 1, 3, 6)] * 20
+    rng, ref = random.Random(1234), random.Random(1234)
+    branched = 0
+    for dh, l in cases:
+        p, b = branch_decision("released", 0.5, 0.2, dh, 0.05, l, 0.5, rng)
+        u = ref.random()
+        expected = (u + 0.2 * dh) * (1 - 0.05 * l)
+        assert p == pytest.approx(expected, abs=1e-12) and b == (expected >= 0.5)
+        branched += b
+    assert 0 < branched < len(cases)  # U matters: neither always nor never
+    # the boundary is inclusive (>=), and alpha plays no part
+    assert branch_decision("released", 0.0, 0.5, 0.5, 0.0, 0, 0.5, FixedRng([0.25])) == (0.5, True)
+    assert branch_decision("released", 9.0, 0.5, 0.5, 0.0, 0, 0.5, FixedRng([0.2]))[1] is False
+
+
+@pytest.mark.parametrize("delta_h, l, p", [(0.5, 2, 0.54), (0.0, 0, 0.5), (-1.0, 0, 0.3)])
+def test_sample_rule_frequency_matches_p(delta_h, l, p):
+    rng = random.Random(7)
+    draws = [branch_decision("sample", 0.5, 0.2, delta_h, 0.05, l, 0.5, rng) for _ in range(20000)]
+    assert all(q == pytest.approx(p) for q, _ in draws)
+    freq = sum(b for _, b in draws) / len(draws)
+    assert abs(freq - p) < 0.015  # 4 sigma of a Bernoulli mean over 20000 draws
+
+
+def test_sample_rule_clips_and_uses_one_draw_per_decision():
+    rng = FixedRng([0.999, 0.0])
+    assert branch_decision("sample", 0.5, 0.2, 10.0, 0.05, 0, 0.5, rng) == (1.0, True)
+    assert branch_decision("sample", 0.5, 0.2, -10.0, 0.05, 0, 0.5, rng) == (0.0, False)
+    assert rng.drawn == [0.999, 0.0]
+    with pytest.raises(ValueError, match="branch_decision"):
+        branch_decision("coin", 0.5, 0.2, 0.0, 0.0, 0, 0.5, rng)
+    assert BRANCH_DECISIONS == ("threshold", "released", "sample")
+
+
+def test_penalty_never_turns_into_a_bonus():
+    # lambda l > 1: the factor is floored at 0, so a negative base cannot flip into a branch
+    assert branch_decision("threshold", 0.5, 0.2, -5.0, 0.05, 30, 0.0, random.Random(0)) == (0.0, False)
+    assert branch_decision("released", 0.5, 0.2, -5.0, 0.05, 30, 0.5, random.Random(0)) == (0.0, False)
+    assert aepo_branch_probability(0.5, 0.2, -5.0, 0.05, 30) == 0.0
+
+
+# ----------------------------------------------------------------------------- rules in the strategies
+
+
+@pytest.mark.parametrize("strategy", ["arpo", "aepo"])
+@pytest.mark.parametrize("rule, draws, branches", [
+    # decision 1: H_init 0.2, H_now 0.9 -> dH 0.7; decision 2: H_now 0.0 -> dH -0.2 (alpha 0.5, coef 0.2)
+    ("threshold", [0.99, 0.0], [True, False]),  # 0.64 > 0.5; 0.46 < 0.5; no draw at all
+    ("sample", [0.99, 0.0], [False, True]),  # 0.99 >= 0.64; 0.0 < 0.46
+    ("released", [0.35, 0.6], [False, True]),  # 0.35 + 0.14 < 0.5; 0.6 - 0.04 >= 0.5
+    ("released", [0.36, 0.53], [True, False]),  # 0.50 >= 0.5; (0.53 - 0.04) * 0.95 < 0.5 (AEPO l = 1)
+])
+def test_strategies_honour_branch_decision(strategy, rule, draws, branches):
+    rng = FixedRng(draws)
+    kw = {"premonitor": False} if strategy == "aepo" else {}
+    trajs, stats, sampler = run(strategy, entropy_script(0.2, [0.9, 0.0]), prompts_of("Q"), rng=rng, n=3,
+                                initial_rollouts=1, branch_decision=rule, branch_beta=0.2, branch_gamma=0.2,
+                                **kw)
+    check_invariants(trajs, stats, sampler, prompts_of("Q"), 3)
+    root = [d for d in stats["decisions"] if d["row_id"] == 0]
+    assert [d["dH"] for d in root] == pytest.approx([0.7, -0.2], abs=1e-6)
+    assert [d["branched"] for d in root] == branches
+    assert all(d["rule"] == rule for d in stats["decisions"])
+    if rule == "threshold":
+        assert rng.drawn == []
+    else:
+        assert rng.drawn[:2] == draws
+    assert trajs[0].decisions[:2] == [
+        {"dH": pytest.approx(0.7, abs=1e-6), "l": 0, "p": pytest.approx(root[0]["p"]), "branched": branches[0],
+         "turn": 1, "row_id": 0},
+        {"dH": pytest.approx(-0.2, abs=1e-6), "l": int(strategy == "aepo" and branches[0]),
+         "p": pytest.approx(root[1]["p"]), "branched": branches[1], "turn": 2, "row_id": 0},
+    ]
+
+
+# ----------------------------------------------------------------------------- m and decisions on rows
+
+
+@pytest.mark.parametrize("rule", BRANCH_DECISIONS)
+@pytest.mark.parametrize("scope", ["chain", "prompt"])
+def test_rows_carry_m_and_their_chain_of_decisions(rule, scope):
+    # H_init 0.5; after a result 0.1, 0.5 or 0.9 by turn and draw: dH in {-0.4, 0, 0.4}, so every
+    # rule branches on some decisions and not on others; Z = 2, and branches branch again
+    def script(ctx, draw):
+        k = ctx.count("<result>")
+        text = f"<search>{ctx[0]}{k}.{draw}</search>" if k < 4 else f"<answer>{draw}</answer>"
+        return Reply(text, seg(0.5 if k == 0 else [0.1, 0.5, 0.9][(k + 2 * draw) % 3]))
+
+    prompts = prompts_of("A", "B", "C")
+    n = 9
+    trajs, stats, sampler = run("aepo", script, prompts, rng=random.Random(3), n=n, n_probe=20,
+                                branch_decision=rule, penalty_scope=scope, branch_children=2)
+    check_invariants(trajs, stats, sampler, prompts, n)  # includes check_row_decisions
+    assert stats["branches"] > 0 and any(t.parent_row_id is not None and t.parent_row_id > 0 for t in trajs)
+    assert all(t.m == m for i, m in enumerate(stats["m"]) for t in trajs[i * n:(i + 1) * n])
+    assert any(d["dH"] <= 0 for d in stats["decisions"]) and any(d["dH"] > 0 for d in stats["decisions"])
+    # sum over the global rows' own decisions plus every branch's own decisions = branch events;
+    # the global rows alone hold the branches made from a global row
+    own_branched = [sum(d["branched"] for d in t.decisions if d["row_id"] == t.row_id) for t in trajs]
+    assert sum(own_branched) == stats["branches"]
+    from_globals = sum(1 for d in stats["decisions"] if d["branched"]
+                       and trajs[d["prompt"] * n + d["row_id"]].parent_row_id is None)
+    assert sum(b for t, b in zip(trajs, own_branched) if t.parent_row_id is None) == from_globals
+    if scope == "chain":
+        # l of each decision = the run of branched decisions that ends just before it on the chain
+        for t in trajs:
+            for i, d in enumerate(t.decisions):
+                run_length = 0
+                for prev in reversed(t.decisions[:i]):
+                    if not prev["branched"]:
+                        break
+                    run_length += 1
+                assert d["l"] == run_length, (t.row_id, i, t.decisions)
+
+
+def test_independent_rows_have_m_n_and_no_decisions():
+    trajs, stats, sampler = run("independent", tool_chain(2), prompts_of("A", "B"), n=3)
+    assert [t.m for t in trajs] == [3] * 6 and all(t.decisions == [] for t in trajs)
+    check_invariants(trajs, stats, sampler, prompts_of("A", "B"), 3)

@@ -141,6 +141,24 @@ def test_kill_and_resume_matches_uninterrupted(tok, world, runner, varied_reward
         assert ra["pg_loss"] == pytest.approx(rb["pg_loss"], abs=1e-6)
 
 
+def test_epo_per_turn_history_is_kept_by_fit_and_restored_by_resume(tok, world, runner, varied_reward, tmp_path):
+    """EPO keeps a running entropy history per turn index next to the global one; the
+    checkpoint fit() writes carries it and resume() restores it exactly."""
+    tasks = world_tasks(world.train[:20])
+    over = {"trainer.total_steps": 2, "trainer.save_every": 2}
+    trainer = RLTrainer(small_cfg("epo", tmp_path, **over), micro_model(tok, seed=3), tok, tasks, runner.run,
+                        tmp_path)
+    trainer.fit(progress=False)
+    hist = trainer.entropy_history
+    assert hist.value() is not None and 0 in hist.turns()  # every row has a turn 0
+    fresh = RLTrainer(small_cfg("epo", tmp_path, **over), micro_model(tok, seed=3), tok, tasks, runner.run,
+                      tmp_path)
+    assert fresh.resume() == 2
+    assert fresh.entropy_history.state_dict() == hist.state_dict()
+    for turn in [None, *hist.turns()]:
+        assert fresh.entropy_history.value(turn) == hist.value(turn)
+
+
 def test_corrupted_checkpoint_is_named(tok, world, runner, varied_reward, tmp_path):
     cfg = small_cfg("grpo", tmp_path, **{"trainer.total_steps": 1, "trainer.save_every": 1})
     RLTrainer(cfg, micro_model(tok), tok, world_tasks(world.train[:10]), runner.run, tmp_path).fit(progress=False)

@@ -235,6 +235,8 @@ def rollout_cmd(
             "tool_calls": [{"name": c.name, "argument": c.argument, "ok": c.ok, "result": c.result}
                            for c in tr.tool_calls],
             "finish_reason": tr.finish_reason, "n_tokens": len(tr.response_ids),
+            # the prompt's global budget and every branch decision on the row's chain
+            "m": tr.m, "decisions": tr.decisions,
         })
     write_jsonl(out, rows)
     summary = {k2: v for k2, v in stats.items() if isinstance(v, (int, float, list, dict))}

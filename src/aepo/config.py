@@ -42,7 +42,9 @@ class RolloutConfig:
     max_response_tokens: int = 256
     max_tool_calls: int = 6
     max_result_tokens: int = 128
-    n_probe: int = 20  # tokens whose mean entropy is a segment's entropy
+    # a segment's entropy: the sum of its first n_probe token entropies / log|V|, rescaled by
+    # n_probe / n when it has n < n_probe tokens (ALGORITHMS.md section 1)
+    n_probe: int = 20
     # ARPO entropy-based adaptive branching
     initial_rollouts: int = 0  # m; 0 means n // 2
     branch_alpha: float = 0.5
@@ -55,10 +57,13 @@ class RolloutConfig:
     branch_gamma: float = 0.2
     branch_penalty: float = 0.05  # lambda_pen
     branch_tau: float = 0.5
-    branch_decision: Literal["sample", "threshold"] = "sample"
+    # ARPO and AEPO branch rule (ALGORITHMS.md 3.3): "threshold" the paper, "released" the
+    # authors' code (random base U), "sample" Bernoulli(P); the default is chosen from demo
+    # measurements given in rollout.strategies.branch_decision
+    branch_decision: Literal["threshold", "released", "sample"] = "threshold"
     penalty_scope: Literal["chain", "prompt"] = "chain"  # "prompt" is the released behaviour
     m_compat: bool = False  # released code: int(k * sigmoid) + 1
-    segment_entropy_compat: bool = False  # released code sums the probe entropies
+    segment_entropy_compat: bool = False  # released code: plain sum over n_probe, no length rescale
 
 
 @dataclass
@@ -67,7 +72,11 @@ class AlgoConfig:
 
     adv_estimator: Literal["grpo", "rloo", "reinforce_pp", "aepo"] = "grpo"
     norm_adv_by_std_in_grpo: bool = True
+    # alpha_H of the aepo estimator; z(H) uses the training forward pass, per micro-batch
     entropy_adv_alpha: float = 0.2
+    # tree rollouts (ARPO/AEPO branching): "soft" trains a shared prefix once per row that holds
+    # it; "hard" trains it once, with the mean advantage of those rows (ALGORITHMS.md section 4)
+    tree_attribution: Literal["soft", "hard"] = "soft"
     policy_loss: Literal["ppo", "dapo", "gppo", "cispo", "aepo", "clip_cov", "kl_cov"] = "ppo"
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2

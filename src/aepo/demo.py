@@ -243,8 +243,16 @@ def write_report(out: Path, cfg: Config, sft: dict, rl: dict, wall: float) -> Pa
                      f"{num(s.get('diversity'))} |")
     lines += ["", "## Training", "",
               "| | first step | last step |", "|---|---|---|"]
-    for key in ("reward_mean", "accuracy", "entropy", "tool_calls", "branches", "m_mean", "response_length"):
+    for key in ("reward_mean", "accuracy", "entropy", "tool_calls", "branches", "m_mean", "m_std", "dH_std",
+                "branch_rate", "consecutive_high_entropy_rate", "branch_concentration", "entropy_clipped",
+                "entropy_all", "response_length"):
         lines.append(f"| {key} | {num(first.get(key))} | {num(last.get(key))} |")
+    from aepo.eval.analyses import analysis_stats, entropy_stats
+
+    run_level = {**analysis_stats(metrics), **entropy_stats(metrics)} if metrics else {}
+    if run_level:
+        lines += ["", "Over the whole run (mean of the per-step values; see `aepo.eval.analyses`): " + ", ".join(
+            f"{k} {num(v)}" for k, v in run_level.items()) + "."]
     lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], "",
               "Files: `summary.json`, `rl/metrics.jsonl` (per-step metrics), `eval_*_samples.jsonl` "
               "(every rollout), `sft/` and `rl/final/` (HF model directories)."]

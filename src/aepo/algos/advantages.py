@@ -24,6 +24,7 @@ __all__ = [
     "AdvantageInputs",
     "advantage_names",
     "compute_advantages",
+    "entropy_shaped_advantage",
     "entropy_zscore",
     "get_advantage_fn",
     "group_index",
@@ -205,14 +206,37 @@ def aepo_advantage(
     """AEPO entropy-aware advantage.
 
     A~_{i,t} = A_i * (1 + alpha_H * z(H_{i,t})),  A_i the GRPO advantage, z the z-score of the
-    detached token entropy over the valid tokens of the (mini-)batch (unbiased std; z = 0 when
-    the std is 0 or there are fewer than 2 valid tokens). Needs `entropy` [B, T].
+    detached token entropy over the valid tokens of the batch given (unbiased std; z = 0 when
+    the std is 0 or there are fewer than 2 valid tokens). Needs `entropy` [B, T], which should
+    be the current policy's (the training forward pass), with z over one micro-batch
+    (ALGORITHMS.md section 4). This one-shot form is for callers that already hold those
+    entropies (the verl adapter); `RLTrainer` instead keeps the GRPO part in the batch and
+    applies `entropy_shaped_advantage` inside each micro-batch's loss.
     """
     if inp.entropy is None:
         raise ValueError("advantage 'aepo' needs entropy=[B, T] token entropies of the current policy")
-    base = _grpo_per_row(inp, norm_by_std, epsilon)
-    z = entropy_zscore(inp.entropy, inp.mask).to(base.dtype)
-    return _to_tokens(base, inp.mask) * (1.0 + alpha * z)
+    base = _to_tokens(_grpo_per_row(inp, norm_by_std, epsilon), inp.mask)
+    return entropy_shaped_advantage(base, inp.entropy, inp.mask, alpha)
+
+
+def entropy_shaped_advantage(
+    base_adv: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, alpha: float = 0.2
+) -> torch.Tensor:
+    """The entropy factor of the AEPO advantage (ALGORITHMS.md section 4), applied to a given
+    advantage: A~_t = A_t * (1 + alpha * z(H_t)), z = `entropy_zscore` over the valid tokens of
+    `mask` (so over whatever batch the caller passes: the trainer passes one micro-batch of the
+    training forward pass, as the released actor does). `entropy` is detached; the result has
+    `base_adv`'s dtype and is exactly 0 on masked tokens. All tensors [B, T].
+    """
+    if not (base_adv.shape == entropy.shape == mask.shape) or base_adv.ndim != 2:
+        raise ValueError(
+            f"base_adv {tuple(base_adv.shape)}, entropy {tuple(entropy.shape)} and mask "
+            f"{tuple(mask.shape)} must share one [B, T] shape"
+        )
+    valid = mask.bool()
+    z = entropy_zscore(entropy, valid).to(device=base_adv.device, dtype=base_adv.dtype)
+    shaped = base_adv * (1.0 + alpha * z)
+    return torch.where(valid.to(base_adv.device), shaped, torch.zeros_like(shaped))
 
 
 # ----------------------------------------------------------------------------- tree rollouts

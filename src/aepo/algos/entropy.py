@@ -69,14 +69,21 @@ def segment_entropy(
     mask: torch.Tensor | None = None,
     n_probe: int = 20,
     vocab_size: int | None = None,
-    reduce: Literal["mean", "sum"] = "mean",
+    reduce: Literal["rescaled_sum", "sum", "mean"] = "rescaled_sum",
 ) -> torch.Tensor:
-    """Entropy of a segment: the mean H_t over its first `n_probe` valid tokens (last dim).
+    """Entropy of a segment from its first `n_probe` valid tokens (last dim), ALGORITHMS.md section 1.
 
-    H_seg = (1 / n) sum_{t <= n} H_t / log|V|,  n = min(n_probe, #valid tokens),
-    so with `vocab_size` given the value lies in [0, 1]. `reduce="sum"` reproduces the released
-    code, which sums instead of averaging (short segments then look calm). `mask` (same shape,
-    1 = valid) selects the tokens; a row without valid tokens gives 0. Result: shape [...].
+    - "rescaled_sum" (default): H_seg = (n_probe / n) * sum_{t <= n} H_t / log|V|,
+      n = min(n_probe, #valid tokens): the sum the ARPO paper defines, length-rescaled so that a
+      segment shorter than n_probe does not look calm because it sums fewer tokens. Equal to
+      "sum" for segments of n_probe tokens or more.
+    - "sum": the released code (`segment_entropy_compat`): sum_{t <= n} H_t / log|V|, no rescale.
+    - "mean": (1 / n) sum_{t <= n} H_t / log|V|, a per-token figure in [0, 1]; not the scale the
+      branching constants assume (it made every entropy term inert), kept for diagnostics.
+
+    Without `vocab_size` nothing is divided by log|V|. With it, the sums lie in [0, n_probe].
+    `mask` (same shape, 1 = valid) selects the tokens; a row without valid tokens gives 0.
+    Result: shape [...].
     """
     h = torch.as_tensor(entropies)
     if h.ndim < 1:
@@ -91,16 +98,18 @@ def segment_entropy(
         valid = mask.bool()
     if int(n_probe) < 1:
         raise ValueError(f"n_probe must be >= 1, got {n_probe}")
-    if reduce not in ("mean", "sum"):
-        raise ValueError(f"reduce must be one of 'mean', 'sum', got {reduce!r}")
+    if reduce not in ("rescaled_sum", "sum", "mean"):
+        raise ValueError(f"reduce must be one of 'rescaled_sum', 'sum', 'mean', got {reduce!r}")
     if vocab_size is not None and int(vocab_size) < 2:
         raise ValueError(f"vocab_size must be >= 2 to normalise by log|V|, got {vocab_size}")
     rank = torch.cumsum(valid.long(), dim=-1)  # 1-based position among valid tokens
     take = valid & (rank <= int(n_probe))
     total = torch.where(take, h, torch.zeros_like(h)).sum(dim=-1)
+    count = take.sum(dim=-1).clamp(min=1).to(total.dtype)  # n (1 for an empty row, whose total is 0)
     if reduce == "mean":
-        count = take.sum(dim=-1).clamp(min=1).to(total.dtype)
         total = total / count
+    elif reduce == "rescaled_sum":
+        total = total * (float(n_probe) / count)
     if vocab_size is not None:
         total = total / math.log(int(vocab_size))
     return total

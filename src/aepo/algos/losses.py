@@ -27,6 +27,7 @@ __all__ = [
     "PolicyLossInputs",
     "PolicyLossSpec",
     "agg_loss",
+    "clipped_token_mask",
     "get_policy_loss_fn",
     "policy_loss",
     "policy_loss_names",
@@ -191,6 +192,44 @@ def _clipped_surrogate(
         l3 = -a * inp.clip_c
         loss = torch.where((a < 0) & (loss > l3), l3, loss)
     return loss, use_clip
+
+
+def _clip_flags(
+    ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, eps_l: float, eps_h: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper, lower) clip flags: A > 0 and r > 1 + eps_h; A < 0 and r < 1 - eps_l (valid tokens)."""
+    upper = mask & (advantages > 0) & (ratio > 1.0 + eps_h)
+    lower = mask & (advantages < 0) & (ratio < 1.0 - eps_l)
+    return upper, lower
+
+
+def clipped_token_mask(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+) -> torch.Tensor:
+    """Bool [B, T]: the valid tokens whose ratio left [1 - eps_l, 1 + eps_h] on the side where
+    clipping applies, i.e. (A > 0 and r > 1 + eps_h) or (A < 0 and r < 1 - eps_l), with r
+    computed as `policy_loss` does. These are the tokens counted by the metrics
+    clipfrac_upper and clipfrac_lower (dual-clipped tokens, A < 0 and r > c, are not included).
+    Computed without gradient.
+    """
+    _check_inputs(
+        log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, response_mask=response_mask
+    )
+    with torch.no_grad():
+        mask = (response_mask != 0).to(log_prob.device)
+        zero = torch.zeros((), dtype=torch.float32, device=log_prob.device)
+        logp = torch.where(mask, log_prob.detach().float(), zero)
+        old = torch.where(mask, old_log_prob.to(log_prob.device).float(), zero)
+        adv = torch.where(mask, advantages.detach().to(log_prob.device).float(), zero)
+        ratio = (logp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+        upper, lower = _clip_flags(ratio, adv, mask, float(clip_low), float(clip_high))
+    return upper | lower
 
 
 # ----------------------------------------------------------------------------- losses
@@ -408,9 +447,10 @@ def policy_loss(
 
     with torch.no_grad():
         r, a = ratio.detach(), adv.detach()
+        upper, lower = _clip_flags(r, a, mask, eps_l, eps_h)
         metric_tensors = {
-            "clipfrac_upper": _frac((a > 0) & (r > 1.0 + eps_h), mask),
-            "clipfrac_lower": _frac((a < 0) & (r < 1.0 - eps_l), mask),
+            "clipfrac_upper": _frac(upper, mask),
+            "clipfrac_lower": _frac(lower, mask),
             "clipfrac_dual": _frac((a < 0) & (r > clip_c), mask),
             "ppo_kl": _masked_mean(-log_ratio.detach(), mask),
             **{k: v.detach().float() for k, v in extra.items()},

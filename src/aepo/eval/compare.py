@@ -13,7 +13,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from aepo.algos.presets import preset_names
-from aepo.eval.plots import plot_curves
+from aepo.eval.analyses import analysis_stats, entropy_stats
+from aepo.eval.plots import plot_bars, plot_curves
 from aepo.io import atomic_write_json, atomic_write_text
 from aepo.train.console import console
 from aepo.train.records import read_metrics
@@ -31,19 +32,14 @@ def run_summary(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def entropy_stats(metrics: list[dict]) -> dict[str, float]:
-    ent = [m["entropy"] for m in metrics if isinstance(m.get("entropy"), (int, float))]
-    if not ent:
-        return {"final_entropy": float("nan"), "entropy_variation": float("nan")}
-    tail = ent[-max(1, len(ent) // 5):]
-    return {"final_entropy": float(np.mean(tail)), "entropy_variation": float(np.std(ent))}
-
-
 def compare_table(results: dict[str, list[dict[str, Any]]], k: int) -> str:
     """Markdown table, mean ± sd over seeds, one row per algorithm."""
     cols = [("pass@1", "pass@1", 100), (f"pass@{k}", f"pass@{k}", 100), ("tool_calls", "tool calls", 1),
-            ("diversity", "diversity", 1), ("final_entropy", "final entropy", 1),
-            ("entropy_variation", "entropy sd over training", 1), ("wall_seconds", "wall (s)", 1)]
+            ("diversity", "diversity", 1), ("consecutive_high_entropy_rate", "consecutive high-H steps (%)", 100),
+            ("branch_concentration", "branches on top-3 chains (%)", 100), ("branch_rate", "branch rate (%)", 100),
+            ("m_std", "sd of m", 1), ("entropy_clipped", "H clipped tokens", 1), ("entropy_all", "H all tokens", 1),
+            ("final_entropy", "final entropy", 1), ("entropy_variation", "entropy sd over training", 1),
+            ("wall_seconds", "wall (s)", 1)]
     head = "| algo | seeds | " + " | ".join(c[1] for c in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for algo, runs in results.items():
@@ -87,9 +83,19 @@ def write_compare_report(out: Path, algos: Sequence[str], seeds: Sequence[int], 
     plots = []
     if curves:
         keys = [("reward_mean", "reward (mean)"), ("accuracy", "training accuracy"), ("entropy", "token entropy"),
-                ("tool_calls", "tool calls per rollout")]
+                ("tool_calls", "tool calls per rollout"),
+                ("consecutive_high_entropy_rate", "share of high-entropy tool steps in consecutive runs"),
+                ("branch_concentration", "share of branches on the top-3 chains"),
+                ("m_std", "spread of m across prompts (sd)"), ("branch_rate", "branch decisions that branched")]
         plots.append(plot_curves(curves, out / "compare_curves.png", keys=keys,
                                  title="mean over seeds, one line per algorithm"))
+        bars, errors = {}, {}
+        for algo, runs in results.items():
+            for key in ("pass@1", f"pass@{eval_n}"):
+                m, s = _mean_sd([r.get(key) for r in runs])
+                bars.setdefault(algo, {})[key], errors.setdefault(algo, {})[key] = m, s
+        plots.append(plot_bars(bars, out / "compare_accuracy.png", errors=errors,
+                               title="held-out accuracy, mean ± sd over seeds"))
     md = ["# Algorithm comparison on the demo world", "",
           f"Command: `{command}`", "",
           f"Same SFT model, same rollout budget (rollout.n rows per prompt), seeds {list(seeds)}; "
@@ -138,8 +144,9 @@ def run_compare(algos: Sequence[str], seeds: int | Sequence[int], out: str | Pat
                 cfg = demo_config(plan, algo, seed, overrides)
                 final = stage_rl(rd, sft_dir, train, runner, cfg, progress)
                 ev = stage_eval(rd, "rl", final, test, runner, cfg, plan, seed, progress)
+                metrics = read_metrics(rd / "rl" / "metrics.jsonl")
                 res = {"algo": algo, "seed": seed, "wall_seconds": time.time() - t0, **ev,
-                       **entropy_stats(read_metrics(rd / "rl" / "metrics.jsonl"))}
+                       **entropy_stats(metrics), **analysis_stats(metrics)}
                 res.pop("finish_reasons", None)
                 atomic_write_json(rd / "result.json", res)
                 write_compare_report(out, algos, seeds, plan.eval_n, command)

@@ -65,8 +65,10 @@ def plot_curves(runs: dict[str, Sequence[dict]], out_path: str | Path, *,
     return out_path
 
 
-def plot_bars(values: dict[str, dict[str, float]], out_path: str | Path, *, title: str = "") -> Path:
-    """Grouped bars: values[group][series] (e.g. {'SFT': {'pass@1': .4}, 'RL': {...}})."""
+def plot_bars(values: dict[str, dict[str, float]], out_path: str | Path, *, title: str = "",
+              errors: dict[str, dict[str, float]] | None = None) -> Path:
+    """Grouped bars: values[group][series] (e.g. {'SFT': {'pass@1': .4}, 'RL': {...}}), fractions
+    shown as %; `errors` (same shape) draws ± error bars (e.g. the sd over seeds)."""
     groups = list(values)
     series = sorted({s for g in values.values() for s in g})
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(series) * len(groups) / 2, 3.5))
@@ -74,7 +76,8 @@ def plot_bars(values: dict[str, dict[str, float]], out_path: str | Path, *, titl
     x = np.arange(len(series))
     for i, g in enumerate(groups):
         ys = [100 * values[g].get(s, 0.0) for s in series]
-        bars = ax.bar(x + i * w - 0.4 + w / 2, ys, w, label=g)
+        err = [100 * (errors or {}).get(g, {}).get(s, 0.0) for s in series] if errors else None
+        bars = ax.bar(x + i * w - 0.4 + w / 2, ys, w, label=g, yerr=err, capsize=3 if errors else 0)
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks(x, series)
     ax.set_ylabel("%")

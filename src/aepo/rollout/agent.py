@@ -35,9 +35,15 @@ __all__ = ["Agent", "RowState", "ToolFn", "TurnOutcome", "fork_row_state", "segm
 def segment_entropy_value(
     entropies: Sequence[float], n_probe: int, vocab_size: int, compat: bool = False
 ) -> float:
-    """Normalised entropy of one segment: mean (released code: sum) of its first `n_probe`
-    token entropies divided by log|V| (ALGORITHMS.md section 1). Empty segment -> 0."""
-    reduce = "sum" if compat else "mean"
+    """Normalised entropy of one segment (ALGORITHMS.md section 1): the sum of its first
+    `n_probe` token entropies divided by log|V|, length-rescaled,
+
+        H_seg = (n_probe / n) * sum_{t <= n} H_t / log|V|,  n = min(n_probe, len(entropies)),
+
+    so a segment shorter than n_probe is not made calm by summing fewer tokens. `compat` gives
+    the released code's value exactly: the plain sum over the first n_probe, no rescale (equal
+    for segments of n_probe tokens or more). Empty segment -> 0."""
+    reduce = "sum" if compat else "rescaled_sum"
     return float(segment_entropy(list(entropies), n_probe=n_probe, vocab_size=vocab_size, reduce=reduce))
 
 
@@ -150,7 +156,8 @@ class Agent:
     # ------------------------------------------------------------------ helpers
 
     def segment_entropy(self, entropies: Sequence[float]) -> float:
-        """Normalised entropy of a segment under this rollout's n_probe / compat settings."""
+        """Normalised segment entropy (length-rescaled sum, `segment_entropy_value`) under this
+        rollout's n_probe / segment_entropy_compat settings."""
         return segment_entropy_value(
             entropies, self.cfg.n_probe, self.vocab_size, self.cfg.segment_entropy_compat
         )

@@ -6,11 +6,15 @@ group, with row_id 0..n-1. They differ only in which rows exist:
 
 - independent: n global rows.
 - arpo: m global rows; after each tool call the segment that follows the new result is
-  measured (H_now), dH = H_now - H_init of the chain, and the chain branches with probability
-  P = clip(alpha + beta dH, 0, 1) while the prompt's budget lasts; finished prompts are filled
-  with global rows.
-- aepo: m chosen per prompt by entropy pre-monitoring; branching with the consecutive-branch
-  penalty P = clip((alpha + gamma dH)(1 - lambda l), 0, 1).
+  measured (H_now), dH = H_now - H_init of the chain, and the chain branches by the
+  `rollout.branch_decision` rule on alpha + beta dH (l = 0) while the prompt's budget lasts;
+  finished prompts are filled with global rows.
+- aepo: m chosen per prompt by entropy pre-monitoring; branching by the same rule on
+  (alpha + gamma dH)(1 - lambda l), l = consecutive branched tool steps.
+
+Both use `branch_decision` (threshold / released / sample). Every decision is observable: each
+row's `Trajectory.decisions` lists the decisions on its chain and `Trajectory.m` its prompt's
+global budget; `stats()["decisions"]` logs every decision of the batch.
 
 Add a strategy with `@register_strategy("name")` on a `RolloutStrategy` subclass.
 """
@@ -28,6 +32,7 @@ from aepo.rollout.agent import Agent, RowState, ToolFn, TurnOutcome, fork_row_st
 from aepo.rollout.types import Sampler, Trajectory
 
 __all__ = [
+    "BRANCH_DECISIONS",
     "STRATEGIES",
     "AepoRollout",
     "ArpoRollout",
@@ -37,6 +42,7 @@ __all__ = [
     "aepo_branch_probability",
     "aepo_global_budget",
     "arpo_branch_probability",
+    "branch_decision",
     "default_global_budget",
     "get_strategy",
     "register_strategy",
@@ -83,10 +89,78 @@ def arpo_branch_probability(alpha: float, beta: float, delta_h: float) -> float:
     return _clip01(alpha + beta * delta_h)
 
 
+def _penalty_factor(penalty: float, l: int) -> float:
+    """1 - lambda_pen * l, floored at 0: a long run of branches can stop branching, never invert
+    the sign of the score (only reachable when lambda_pen * l > 1)."""
+    return max(0.0, 1.0 - penalty * l)
+
+
 def aepo_branch_probability(alpha: float, gamma: float, delta_h: float, penalty: float, l: int) -> float:
     """AEPO: P = clip((alpha + gamma * dH) * (1 - lambda_pen * l), 0, 1), l = consecutive
     branched tool steps."""
-    return _clip01((alpha + gamma * delta_h) * (1.0 - penalty * l))
+    return _clip01((alpha + gamma * delta_h) * _penalty_factor(penalty, l))
+
+
+BRANCH_DECISIONS = ("threshold", "released", "sample")
+
+
+def branch_decision(
+    rule: str, alpha: float, coef: float, delta_h: float, penalty: float, l: int, tau: float,
+    rng: random.Random,
+) -> tuple[float, bool]:
+    """The branch decision of ARPO and AEPO (ALGORITHMS.md 3.2, 3.3) -> (p, branch).
+
+    `coef` is ARPO's beta or AEPO's gamma; ARPO passes penalty = 0, l = 0. With the penalty
+    factor f = max(0, 1 - lambda_pen * l):
+
+    - "threshold" (the paper): p = (alpha + coef * dH) * f, branch when p > tau. Deterministic
+      given dH; for ARPO (f = 1, alpha = tau = 0.5) it branches exactly when dH > 0.
+    - "released" (the authors' code): p = (U + coef * dH) * f with U = rng.random() ~ U(0, 1),
+      branch when p >= tau (tau = 0.5 is the released constant).
+    - "sample": p = clip((alpha + coef * dH) * f, 0, 1), branch when rng.random() < p.
+
+    `p` is the score the rule compared (a probability only for "sample"). "released" and
+    "sample" draw one rng.random() each; "threshold" draws nothing. The budget is not checked
+    here: a decision that wants to branch on a prompt with no budget left does not branch.
+
+    Default `threshold`, from the demo (runs/demo: tiny Qwen3 after SFT, 24 held-out test
+    questions x 5 seeds, k = 8, n_probe = 20, demo rollout settings, alpha/gamma/lambda/tau as
+    in ALGORITHMS.md; AEPO; "with budget" = decisions taken while the prompt had budget left):
+
+        rule       decisions  branch rate       branches/  P(branch | dH>0)  branches   unique
+                              all / with budget prompt     / P(.. | dH<=0)   with dH>0  rows/8
+        threshold  700        0.42 / 0.76       2.44       0.95 / 0.00       100%       7.04
+        released   746        0.34 / 0.64       2.13       0.68 / 0.47        86%       6.98
+        sample     740        0.32 / 0.58       1.99       0.61 / 0.44        85%       6.93
+
+    m (chosen before any decision, so the same under every rule): 2..5, mean 3.75, std 0.69;
+    H_root - H_tool mean -0.27, std 0.70; dH mean 0.71, std 0.85-0.90, range -0.37..6.2, > 0 at
+    80-82% of decisions (the chain's first segment, H_init, is calmer than the segments after
+    tool results). ARPO (m = 4) gives the same picture: threshold 1.00 / 0.00, 3.16 branches per
+    prompt; released 0.67 / 0.48; sample 0.60 / 0.48. So does the RL-trained model (AEPO:
+    threshold 0.91 / 0.00, released 0.67 / 0.47, sample 0.58 / 0.47).
+    Why `threshold`: under `sample` and `released` the entropy term is nearly inert again,
+    gamma * dH (about 0.14) against a coin of 0.5 moves the branch rate only from 0.44-0.47 to
+    0.61-0.68; `threshold` branches on dH alone and that is a sensible signal here: among the
+    branches `sample` made (10 seeds), the child's final answer differs from its parent's in 83%
+    of the branches at dH > 0 but only 28% at dH <= 0 (most of those children repeat the
+    parent), and `threshold` never spends budget there (children differing from the parent: 80%
+    of 596 vs 75% of 491 for `sample`). Its cost: with dH > 0 at most decisions it branches at
+    95% of them while budget lasts, so the budget goes to the earliest high-dH steps, and it is
+    deterministic given dH; the AEPO penalty still bites (l = 1 needs dH > 0.13, l = 2 dH > 0.28).
+    `released` has the distribution of `sample` at l = 0 (P(U + coef dH >= 0.5) = 0.5 + coef dH).
+    """
+    f = _penalty_factor(penalty, l)
+    if rule == "threshold":
+        p = (alpha + coef * delta_h) * f
+        return p, p > tau
+    if rule == "released":
+        p = (rng.random() + coef * delta_h) * f
+        return p, p >= tau
+    if rule == "sample":
+        p = _clip01((alpha + coef * delta_h) * f)
+        return p, rng.random() < p
+    raise ValueError(f"rollout.branch_decision must be one of {', '.join(BRANCH_DECISIONS)}, got {rule!r}")
 
 
 def aepo_global_budget(n: int, h_root: float, h_tool: float, beta_pm: float, compat: bool = False) -> int:
@@ -163,6 +237,10 @@ class RolloutStrategy:
             raise ValueError(f"rollout.branch_children must be >= 1, got {cfg.branch_children}")
         if not 0 <= cfg.initial_rollouts <= cfg.n:
             raise ValueError(f"rollout.initial_rollouts must be in [0, rollout.n={cfg.n}], got {cfg.initial_rollouts}")
+        if cfg.branch_decision not in BRANCH_DECISIONS:
+            raise ValueError(
+                f"rollout.branch_decision must be one of {', '.join(BRANCH_DECISIONS)}, got {cfg.branch_decision!r}"
+            )
         self.sampler = sampler
         self.cfg = cfg
         self.rng = rng
@@ -205,6 +283,11 @@ class RolloutStrategy:
         made = []
         for _ in range(min(self.cfg.branch_children, g.budget_left)):
             child = fork_row_state(self.sampler, parent, position, row_id=len(g.rows))
+            # the chain's decisions up to the branch point (the one that forks it included),
+            # as the child inherits the tool calls up to there
+            child.traj.decisions = [
+                dict(d) for d in parent.traj.decisions if d["turn"] <= child.n_tool_calls
+            ]
             self._live.add(child.row)
             g.rows.append(child)
             made.append(child.traj.row_id)
@@ -263,6 +346,7 @@ class RolloutStrategy:
                 raise RuntimeError(f"prompt {g.prompt_id!r} ended with {len(g.rows)} rows, expected {g.n}")
             for s in g.rows:
                 self.agent.finalize_text(s)
+                s.traj.m = g.m
                 trajectories.append(s.traj)
         return trajectories, self.stats()
 
@@ -289,14 +373,35 @@ class RolloutStrategy:
             "tool_fn_calls": self.agent.tool_fn_calls,
         }
 
+    def decide(
+        self, g: PromptGroup, s: RowState, outcome: TurnOutcome, coef: float, penalty: float, l: int
+    ) -> tuple[float, bool, int]:
+        """The branch decision for `s` at `outcome` (the segment after a new tool result) by the
+        `rollout.branch_decision` rule -> (p, branched, budget_left). Records it on the row's
+        trajectory (`Trajectory.decisions`) before any fork, so a child inherits it."""
+        delta_h = outcome.entropy - s.h_init
+        budget_left = g.budget_left
+        p, wants = branch_decision(self.cfg.branch_decision, self.cfg.branch_alpha, coef, delta_h,
+                                   penalty, l, self.cfg.branch_tau, self.rng)
+        branched = bool(wants and budget_left > 0)
+        # the tool-call index of the decision: the results before the measured segment (the
+        # turn's own tool call, if the segment made one, already ran and is not counted)
+        turn = sum(1 for seg in s.traj.segments if seg.role == "tool" and seg.end <= outcome.segment_start)
+        s.traj.decisions.append({
+            "dH": float(delta_h), "l": int(l), "p": float(p), "branched": branched,
+            "turn": turn, "row_id": s.traj.row_id,
+        })
+        return p, branched, budget_left
+
     def _log_decision(
         self, g: PromptGroup, s: RowState, outcome: TurnOutcome, p: float, l: int, budget_left: int,
         children: list[int],
     ) -> None:
         self.decisions.append({
             "prompt": g.index, "row_id": s.traj.row_id, "position": outcome.segment_start,
-            "h_init": s.h_init, "h_now": outcome.entropy, "p": p, "l": l, "budget_left": budget_left,
-            "branched": bool(children), "children": children,
+            "turn": s.traj.decisions[-1]["turn"], "rule": self.cfg.branch_decision,
+            "h_init": s.h_init, "h_now": outcome.entropy, "dH": outcome.entropy - s.h_init,
+            "p": p, "l": l, "budget_left": budget_left, "branched": bool(children), "children": children,
         })
 
 
@@ -324,11 +429,8 @@ class ArpoRollout(RolloutStrategy):
         s = outcome.state
         if s.probe:
             return
-        p = arpo_branch_probability(self.cfg.branch_alpha, self.cfg.branch_beta, outcome.entropy - s.h_init)
-        budget_left = g.budget_left
-        children: list[int] = []
-        if budget_left > 0 and self.rng.random() < p:
-            children = self.branch(g, s, outcome.segment_start)
+        p, branched, budget_left = self.decide(g, s, outcome, self.cfg.branch_beta, 0.0, 0)
+        children = self.branch(g, s, outcome.segment_start) if branched else []
         self._log_decision(g, s, outcome, p, 0, budget_left, children)
 
 
@@ -339,10 +441,6 @@ class AepoRollout(RolloutStrategy):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.cfg.branch_decision not in ("sample", "threshold"):
-            raise ValueError(
-                f"rollout.branch_decision must be 'sample' or 'threshold', got {self.cfg.branch_decision!r}"
-            )
         if self.cfg.penalty_scope not in ("chain", "prompt"):
             raise ValueError(
                 f"rollout.penalty_scope must be 'chain' or 'prompt', got {self.cfg.penalty_scope!r}"
@@ -398,21 +496,13 @@ class AepoRollout(RolloutStrategy):
         cfg = self.cfg
         per_prompt = cfg.penalty_scope == "prompt"
         l = g.l_prompt if per_prompt else s.l
-        p = aepo_branch_probability(cfg.branch_alpha, cfg.branch_gamma, outcome.entropy - s.h_init,
-                                    cfg.branch_penalty, l)
-        wants = False
-        budget_left = g.budget_left
-        if budget_left > 0:
-            if cfg.branch_decision == "threshold":
-                wants = p > cfg.branch_tau
-            else:
-                wants = self.rng.random() < p
+        p, branched, budget_left = self.decide(g, s, outcome, cfg.branch_gamma, cfg.branch_penalty, l)
         # a branched step extends the run of consecutive branches, any other step resets it;
         # set before forking so the children start with the chain's new l
-        s.l = l + 1 if wants else 0
+        s.l = l + 1 if branched else 0
         if per_prompt:
             g.l_prompt = s.l
-        children = self.branch(g, s, outcome.segment_start) if wants else []
+        children = self.branch(g, s, outcome.segment_start) if branched else []
         g.l_values.append(l)
         self._log_decision(g, s, outcome, p, l, budget_left, children)
 

@@ -89,6 +89,10 @@ class Trajectory:
     text: str = ""  # decoded response
     reward: float = 0.0
     score: dict = field(default_factory=dict)
+    m: int | None = None  # the global budget of the row's prompt (None until the rollout sets it)
+    # one {"dH", "l", "p", "branched", "turn", "row_id"} per branch decision on the row's chain;
+    # a branch inherits its parent's decisions up to and including the one that forked it
+    decisions: list[dict] = field(default_factory=list)
 
     @property
     def n_tool_calls(self) -> int:

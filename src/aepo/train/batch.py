@@ -21,9 +21,12 @@ class TokenBatch:
     attention_mask: torch.Tensor  # [B, L]
     loss_mask: torch.Tensor  # [B, L-1] float, 1 on policy-generated tokens
     old_log_prob: torch.Tensor  # [B, L-1] from the rollout policy
-    rollout_entropy: torch.Tensor  # [B, L-1]
+    rollout_entropy: torch.Tensor  # [B, L-1] the sampler's (the aepo advantage uses the update's own)
     advantages: torch.Tensor | None = None  # [B, L-1]
     ref_log_prob: torch.Tensor | None = None  # [B, L-1]
+    # [B, L-1] long: turn index of each response token (how many tool results precede it in
+    # its row: 0 before the first, 1 after it, ...); -1 on prompt and padding columns
+    turn_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -57,8 +60,21 @@ class TokenBatch:
                              for f in fields(self)})
 
 
+def response_turn_ids(traj: Trajectory) -> list[int]:
+    """Turn index of each response token of `traj`: the number of tool-result segments
+    (role "tool" in `traj.segments`) that end at or before it. 0 before the first tool
+    result, 1 after it, ...; a token inside a tool result counts the results before that one."""
+    ends = sorted(s.end for s in traj.segments if s.role == "tool")
+    out, k = [], 0
+    for pos in range(len(traj.response_ids)):
+        while k < len(ends) and ends[k] <= pos:
+            k += 1
+        out.append(k)
+    return out
+
+
 def collate(trajectories: Sequence[Trajectory], pad_id: int) -> TokenBatch:
-    """Right-pad prompt+response of every row into one batch."""
+    """Right-pad prompt+response of every row into one batch (with per-token turn ids)."""
     if not trajectories:
         raise ValueError("collate: no trajectories")
     seqs = [list(t.prompt_ids) + list(t.response_ids) for t in trajectories]
@@ -70,6 +86,7 @@ def collate(trajectories: Sequence[Trajectory], pad_id: int) -> TokenBatch:
     mask = torch.zeros((b, length - 1))
     old = torch.zeros((b, length - 1))
     ent = torch.zeros((b, length - 1))
+    turns = torch.full((b, length - 1), -1, dtype=torch.long)
     for i, (t, s) in enumerate(zip(trajectories, seqs)):
         n = len(s)
         ids[i, :n] = torch.tensor(s, dtype=torch.long)
@@ -85,7 +102,8 @@ def collate(trajectories: Sequence[Trajectory], pad_id: int) -> TokenBatch:
             mask[i, p - 1 : p - 1 + r] = torch.tensor(t.response_mask, dtype=torch.float)
             old[i, p - 1 : p - 1 + r] = torch.tensor(t.logprobs, dtype=torch.float)
             ent[i, p - 1 : p - 1 + r] = torch.tensor(t.entropies, dtype=torch.float)
-    return TokenBatch(ids, attn, mask, old, ent)
+            turns[i, p - 1 : p - 1 + r] = torch.tensor(response_turn_ids(t), dtype=torch.long)
+    return TokenBatch(ids, attn, mask, old, ent, turn_ids=turns)
 
 
 # Architectures whose logits are exactly `lm_head(last hidden state)`: for these the head (the

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from aepo import algos
+from aepo.algos.advantages import entropy_shaped_advantage
+from aepo.algos.losses import clipped_token_mask
 from aepo.config import Config, save_config
 from aepo.rollout.strategies import rollout
 from aepo.rollout.torch_sampler import TorchSampler
@@ -168,18 +170,24 @@ class RLTrainer:
     # ------------------------------------------------------------------ update
     def make_batch(self, trajs: list[Trajectory], metrics: dict[str, float] | None = None) -> TokenBatch:
         """Training tensors, advantages and (when configured) re-scored pi_old and reference
-        log-probs; `metrics`, when given, receives `rollout_logprob_diff`."""
+        log-probs; `metrics`, when given, receives `rollout_logprob_diff`.
+
+        With adv_estimator "aepo" the advantages here are its group part (GRPO's A_i): the
+        entropy factor (1 + alpha_H z(H_t)) needs the current policy's entropies, so `update`
+        applies it per micro-batch (`micro_advantages`, ALGORITHMS.md section 4). With
+        actor.tree_attribution "hard", a token a branch row copied from its parent is trained
+        once, with the mean advantage of the rows holding it (`algos.hard_attribution`)."""
         a = self.cfg.actor
         batch = collate(trajs, self.pad_id)
         rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float)
-        opts: dict[str, Any] = {"norm_by_std": a.norm_adv_by_std_in_grpo}
-        if a.adv_estimator == "aepo":
-            opts["alpha"] = a.entropy_adv_alpha
-        elif a.adv_estimator in ("rloo", "reinforce_pp"):
-            opts = {}
+        name = "grpo" if a.adv_estimator == "aepo" else a.adv_estimator
+        opts: dict[str, Any] = {"norm_by_std": a.norm_adv_by_std_in_grpo} if name == "grpo" else {}
         batch.advantages = algos.compute_advantages(
-            a.adv_estimator, rewards, [t.prompt_id for t in trajs], batch.loss_mask,
-            entropy=batch.rollout_entropy if a.adv_estimator == "aepo" else None, **opts)
+            name, rewards, [t.prompt_id for t in trajs], batch.loss_mask, **opts)
+        if a.tree_attribution == "hard":
+            parent, position = tree_links(trajs)
+            batch.advantages, batch.loss_mask = algos.hard_attribution(
+                batch.advantages, batch.loss_mask, parent, position)
         if a.recompute_old_log_prob:
             self.model.eval()
             sampler_lp = batch.old_log_prob
@@ -203,6 +211,15 @@ class RLTrainer:
                     model, ids, None, self.cfg.rollout.temperature, with_entropy=False, mask=mask.to(self.device))
                 out[s : s + micro] = lp.float().cpu()
         return out
+
+    def micro_advantages(self, mu: TokenBatch, entropy: torch.Tensor) -> torch.Tensor:
+        """The advantages one micro-batch's loss uses: the batch's, or for adv_estimator "aepo"
+        A_i (1 + alpha_H z(H_t)) with z over this micro-batch's valid tokens of `entropy`, the
+        detached entropies of the training forward pass (not the sampler's `rollout_entropy`)."""
+        a = self.cfg.actor
+        if a.adv_estimator != "aepo":
+            return mu.advantages
+        return entropy_shaped_advantage(mu.advantages, entropy.detach(), mu.loss_mask, a.entropy_adv_alpha)
 
     def _loss_kwargs(self) -> dict[str, Any]:
         a = self.cfg.actor
@@ -230,6 +247,9 @@ class RLTrainer:
         sums: Counter = Counter()
         counts: Counter = Counter()
         entropy_means = []
+        tok: Counter = Counter()  # token-weighted sums over the step: entropies, advantages
+        turn_sum: Counter = Counter()  # per turn index: entropy sum and token count
+        turn_n: Counter = Counter()
         for _ in range(t.ppo_epochs):
             perm = torch.randperm(n, generator=gen)
             for s in range(0, n, mini):
@@ -244,7 +264,8 @@ class RLTrainer:
                     share = len(mu) / len(mb_idx)
                     logp, ent = token_logprobs_and_entropy(self.model, mu.input_ids, None,  # right-padded
                                                            cfg.rollout.temperature, mask=mu.loss_mask)
-                    loss, m = algos.policy_loss(a.policy_loss, logp, mu.old_log_prob, mu.advantages,
+                    adv = self.micro_advantages(mu, ent)
+                    loss, m = algos.policy_loss(a.policy_loss, logp, mu.old_log_prob, adv,
                                                 mu.loss_mask, **kw, **totals)
                     total = loss
                     if mu.ref_log_prob is not None and a.kl_coef > 0:
@@ -253,15 +274,17 @@ class RLTrainer:
                         total = total + a.kl_coef * kl
                         m["kl_ref"] = float(kl.detach()) / max(share, 1e-12)
                     if a.epo:
+                        # per turn index against each turn's own history when the batch has turn ids
                         reg, rm = algos.epo_regularizer(
-                            ent, mu.loss_mask, self.entropy_history.value(), step, t.total_steps,
+                            ent, mu.loss_mask, self.entropy_history, step, t.total_steps,
                             entropy_coef=a.epo_entropy_coef, kappa_l=a.epo_band_low, kappa_r=a.epo_band_high,
-                            band_coef=a.epo_band_coef)
+                            band_coef=a.epo_band_coef, turn_ids=mu.turn_ids)
                         total = total + share * reg
                         m.update(rm)
                     total.backward()
                     ent_mean = float((ent.detach() * mu.loss_mask).sum() / mu.loss_mask.sum().clamp_min(1))
                     entropy_means.append(ent_mean)
+                    _token_stats(tok, turn_sum, turn_n, mu, logp, ent, adv, kw)
                     m["pg_loss"] = float(loss.detach()) / max(share, 1e-12)
                     for k, v in m.items():
                         sums[k] += float(v) * share
@@ -273,7 +296,15 @@ class RLTrainer:
         self.scheduler.step()
         if entropy_means:
             self.entropy_history.update(float(np.mean(entropy_means)))
+        if turn_n:
+            self.entropy_history.update_turns({k: turn_sum[k] / turn_n[k] for k in sorted(turn_n)})
         out = {k: sums[k] / max(counts[k], 1e-12) for k in sums}
+        if tok["n"] > 0:
+            out["entropy_all"] = tok["ent"] / tok["n"]
+            out["adv_mean"] = tok["adv"] / tok["n"]
+            out["adv_abs_mean"] = tok["adv_abs"] / tok["n"]
+        if tok["n_clipped"] > 0:  # absent, not 0, in a step where no token was clipped
+            out["entropy_clipped"] = tok["ent_clipped"] / tok["n_clipped"]
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         return out
 
@@ -358,6 +389,64 @@ class RLTrainer:
         return history
 
 
+def _token_stats(tok: Counter, turn_sum: Counter, turn_n: Counter, mu: TokenBatch, logp: torch.Tensor,
+                 ent: torch.Tensor, adv: torch.Tensor, kw: dict[str, Any]) -> None:
+    """Add one micro-batch's token-weighted sums (valid tokens only, detached) to the step's:
+    entropy of all tokens and of the tokens the policy loss clipped (`clipped_token_mask` with
+    the loss's clip widths: A > 0 and r > 1 + eps_h, or A < 0 and r < 1 - eps_l), the advantages
+    the loss used, and the entropy per turn index (for EPO's per-turn history)."""
+    with torch.no_grad():
+        valid = mu.loss_mask.bool()
+        h = ent.detach().float()
+        clipped = clipped_token_mask(logp, mu.old_log_prob, adv, mu.loss_mask,
+                                     clip_low=kw["clip_low"], clip_high=kw["clip_high"])
+        a = adv.detach().float()
+        vals = torch.stack([x.double() for x in (valid.sum(), h[valid].sum(), a[valid].sum(),
+                                                 a[valid].abs().sum(), clipped.sum(), h[clipped].sum())]).tolist()
+        for key, v in zip(("n", "ent", "adv", "adv_abs", "n_clipped", "ent_clipped"), vals):
+            tok[key] += v
+        if mu.turn_ids is not None:
+            sel = valid & (mu.turn_ids >= 0)
+            ids = mu.turn_ids[sel]
+            if ids.numel():
+                s = torch.bincount(ids, weights=h[sel].double()).tolist()
+                c = torch.bincount(ids).tolist()
+                for k, (sk, ck) in enumerate(zip(s, c)):
+                    if ck:
+                        turn_sum[k] += sk
+                        turn_n[k] += ck
+
+
+def tree_links(trajs: Sequence[Trajectory]) -> tuple[list[int], list[int]]:
+    """For `algos.hard_attribution` on a collated batch of `trajs`: per row, the batch index of
+    its parent (-1 for a root) and the column where it left the parent (prompt length - 1 +
+    branch_position, since column j of the batch scores token j + 1; 0 for a root).
+
+    The parent is the row of the same prompt whose row_id is `parent_row_id`. A row whose
+    parent is not in the batch is treated as a root (its copied prefix is then trained once per
+    such row, as with soft attribution). A row whose response does not start with its parent's
+    first branch_position tokens is a data error (ValueError)."""
+    index = {(t.prompt_id, t.row_id): i for i, t in enumerate(trajs)}
+    if len(index) != len(trajs):
+        raise ValueError("tree_links: (prompt_id, row_id) must be unique within the batch")
+    parent, position = [], []
+    for t in trajs:
+        j = None if t.parent_row_id is None or t.branch_position is None else index.get(
+            (t.prompt_id, t.parent_row_id))
+        if j is None:
+            parent.append(-1)
+            position.append(0)
+            continue
+        bp, par = t.branch_position, trajs[j]
+        if (list(par.prompt_ids) != list(t.prompt_ids) or bp > len(par.response_ids)
+                or list(par.response_ids[:bp]) != list(t.response_ids[:bp])):
+            raise ValueError(f"row {t.prompt_id}/{t.row_id}: its first {bp} response tokens are not "
+                             f"those of its parent row {t.parent_row_id}")
+        parent.append(j)
+        position.append(len(t.prompt_ids) - 1 + bp)
+    return parent, position
+
+
 def _informative_groups(trajs: list[Trajectory]) -> list[Trajectory]:
     by: dict[str, list[float]] = {}
     for t in trajs:
@@ -369,6 +458,7 @@ def _informative_groups(trajs: list[Trajectory]) -> list[Trajectory]:
 def rollout_metrics(trajs: list[Trajectory], stats: dict) -> dict[str, float]:
     """Reward, accuracy, entropy, tool use, length and branching figures of one rollout batch,
     with per-tool call counts, error and timeout rates (`tool_metrics`)."""
+    from aepo.eval.analyses import rollout_analyses
     from aepo.eval.metrics import mean_diversity
 
     if not trajs:
@@ -395,10 +485,29 @@ def rollout_metrics(trajs: list[Trajectory], stats: dict) -> dict[str, float]:
         v = stats.get(k)
         if isinstance(v, (int, float)):
             out[k] = float(v)
-    if isinstance(stats.get("m"), list) and stats["m"]:
-        out["m_mean"] = float(np.mean(stats["m"]))
+    # whether the entropy mechanisms are live (ALGORITHMS.md section 1, 3.3 item 3): the spread of
+    # m over the prompts, of dH over the branch decisions, branch_rate = branched decisions /
+    # decisions (one on a prompt without budget left counts as not branched), and for AEPO the
+    # spread of H_root - H_tool over the pre-monitored prompts; std is the population std, and a
+    # figure whose population is empty is left out
+    m_values = [float(x) for x in stats.get("m") or [] if isinstance(x, (int, float))]
+    if m_values:
+        out.update(m_mean=float(np.mean(m_values)), m_min=min(m_values), m_max=max(m_values),
+                   m_std=float(np.std(m_values)))
+    decisions = [d for d in stats.get("decisions") or [] if isinstance(d, dict)]
+    if decisions:
+        dh = [float(d["dH"]) if d.get("dH") is not None else float(d["h_now"]) - float(d["h_init"])
+              for d in decisions]
+        out.update(dH_mean=float(np.mean(dh)), dH_std=float(np.std(dh)), dH_min=min(dh), dH_max=max(dh),
+                   decisions=float(len(decisions)),
+                   branch_rate=sum(bool(d.get("branched")) for d in decisions) / len(decisions))
+    gap = [float(r) - float(t) for r, t in zip(stats.get("h_root") or [], stats.get("h_tool") or [])
+           if r is not None and t is not None]
+    if gap:
+        out.update(h_gap_mean=float(np.mean(gap)), h_gap_std=float(np.std(gap)))
     for reason, c in Counter(t.finish_reason for t in trajs).items():
         out[f"finish/{reason}"] = c / len(trajs)
+    out.update(rollout_analyses(trajs))  # the paper's analyses: consecutive high-entropy steps, concentration
     out.update(tool_metrics(trajs))
     return out
 
