@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -442,6 +443,12 @@ def _parse_status(status: str) -> tuple[int | None, bool, str | None]:
 # ----------------------------------------------------------------------------- probe
 
 
+@functools.lru_cache(maxsize=1)
+def _runner_source() -> str:
+    """The program runner's source, read once per process (it is passed to every run)."""
+    return _RUNNER.read_text(encoding="utf-8")
+
+
 def _settings(mode: str, python: str, root: Path, scratch_mb: int, limits: dict, *, probe: bool,
               canary: str = "", tag: str = "") -> dict:
     strict = mode == "strict"
@@ -456,7 +463,7 @@ def _settings(mode: str, python: str, root: Path, scratch_mb: int, limits: dict,
         "probe": probe,
         "canary": canary,
         "python": python,
-        "runner": _RUNNER.read_text(encoding="utf-8"),
+        "runner": _runner_source(),
         "env": CHILD_ENVIRONMENT,
         "tag": tag,
     }
