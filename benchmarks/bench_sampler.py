@@ -25,7 +25,7 @@ import torch
 
 from aepo.models.factory import init_model
 from aepo.models.tokenizer import build_tokenizer
-from aepo.rollout.torch_sampler import TorchSampler
+from aepo.rollout.sampler import TorchSampler
 
 
 def synthetic_tokenizer(vocab: int):

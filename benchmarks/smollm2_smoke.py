@@ -46,7 +46,7 @@ class _FallbackWorld:
 def demo_world(seed: int) -> tuple[Any, str]:
     """The demo world (or the hand-written fallback) and a label saying which one."""
     try:
-        from aepo.tasks.world import build_world
+        from aepo.demo.world import build_world
 
         return build_world(seed=seed, size="small", level=2), "demo world (small, level 2)"
     except (ImportError, AttributeError, TypeError, ValueError) as err:  # generator still in progress
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
 
     from aepo.config import load_config
-    from aepo.demo import build_tools, world_tasks
+    from aepo.demo.stages import build_tools, world_tasks
     from aepo.models.loading import load_model
     from aepo.train.rl import RLTrainer
 

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from aepo.rollout.types import Generation, ToolCall
+from aepo.types import Generation, ToolCall
 
 SPECIAL_TOKENS = [
     "<pad>", "<eos>", "<search>", "</search>", "<python>", "</python>", "<calc>", "</calc>",
@@ -76,7 +76,7 @@ Script = Callable[[str, int], "Reply | str"]
 
 
 class ScriptedSampler:
-    """Implements `aepo.rollout.types.Sampler` from a script (see module docstring)."""
+    """Implements `aepo.types.Sampler` from a script (see module docstring)."""
 
     def __init__(self, tokenizer: CharTokenizer, script: Script) -> None:
         self.tok = tokenizer

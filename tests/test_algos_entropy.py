@@ -109,7 +109,7 @@ def test_topk_probe_fewer_entries_than_k_and_missing():
 
 
 def test_segment_entropy_short_segment_is_rescaled():
-    # ALGORITHMS.md section 1: H_seg = (n_probe / n) * sum_{t <= n} H_t, n = min(n_probe, length)
+    # docs/algorithms.md section 1: H_seg = (n_probe / n) * sum_{t <= n} H_t, n = min(n_probe, length)
     assert float(segment_entropy([0.5, 1.5], n_probe=20)) == pytest.approx(20.0)  # (20 / 2) * 2.0
     assert float(segment_entropy([0.5, 1.5], n_probe=20, vocab_size=100)) == pytest.approx(20.0 / math.log(100))
     assert float(segment_entropy([0.3, 0.6, 0.9], n_probe=4)) == pytest.approx(4 / 3 * 1.8)

@@ -122,7 +122,7 @@ def test_rollout_command_writes_one_row_per_sample(micro_dir, tmp_path):
 def test_rollout_command_writes_m_and_decisions(micro_dir, tmp_path, monkeypatch):
     """The rows carry each trajectory's m and decisions verbatim (a rollout with a branch)."""
     from aepo.rollout import strategies
-    from aepo.rollout.types import Trajectory
+    from aepo.types import Trajectory
 
     data = tmp_path / "q.jsonl"
     data.write_text(json.dumps({"question": "who founded org 0?", "answer": ["x"]}) + "\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from aepo.tasks.datasets import TaskRow, load_dataset
+from aepo.data.datasets import TaskRow, load_dataset
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BENCH = SHARED / "data" / "benchmarks"

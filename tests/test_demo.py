@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from aepo.cli import app
-from aepo.eval.compare import compare_table, run_compare
+from aepo.demo.compare import compare_table, run_compare
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,8 @@ def test_demo_writes_report_and_summary(demo_dir):
 
 def test_demo_sft_data_comes_from_other_worlds(monkeypatch):
     """SFT never sees the demo world (seed S): its train and test entities are both new."""
-    import aepo.tasks.world as world_mod
-    from aepo.demo import DemoPlan, expert_demonstrations
+    import aepo.demo.world as world_mod
+    from aepo.demo.stages import DemoPlan, expert_demonstrations
 
     seeds, real = [], world_mod.build_world
 
@@ -72,7 +72,9 @@ def test_demo_rerun_reuses_finished_stages(demo_dir):
 
 
 def test_compare_quick_from_demo(demo_dir, tmp_path):
-    report = run_compare(["grpo", "aepo"], 1, tmp_path, quick=True, base=demo_dir, progress=False)
+    # two runs at once, each in its own process (--jobs 2)
+    report = run_compare(["grpo", "aepo"], 1, tmp_path, quick=True, base=demo_dir, progress=False, jobs=2)
+    assert (tmp_path / "runs" / "grpo_seed0.log").exists() and (tmp_path / "runs" / "aepo_seed0.log").exists()
     md = report.read_text()
     assert "| grpo | 1 |" in md and "| aepo | 1 |" in md
     assert (tmp_path / "compare_curves.png").exists()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from aepo.eval.analyses import branch_concentration, high_entropy_runs, rollout_analyses, tool_step_shifts
-from aepo.rollout.types import SegmentRecord, Trajectory
+from aepo.rollout.analyses import branch_concentration, high_entropy_runs, rollout_analyses, tool_step_shifts
+from aepo.types import SegmentRecord, Trajectory
 
 
 def chain(entropies: list[float], *, prompt: str = "p", row_id: int = 0, parent: int | None = None,
@@ -74,14 +74,18 @@ def test_branch_concentration():
     assert branch_concentration(independent) is None
     assert "branch_concentration" not in rollout_analyses(independent)
     assert rollout_analyses(rows)["branch_concentration"] == 1.0
+    assert rollout_analyses(rows)["branch_top1_share"] == pytest.approx(2 / 4)  # chain 0 holds 4 and 5
+    assert "branch_top1_share" not in rollout_analyses(independent)
 
 
 def test_run_level_stats():
-    from aepo.eval.analyses import analysis_stats, entropy_stats
+    from aepo.rollout.analyses import analysis_stats, entropy_stats
 
-    metrics = [{"step": 1, "entropy": 1.0, "branch_concentration": 1.0, "max_high_entropy_run": 2},
-               {"step": 2, "entropy": 3.0, "consecutive_high_entropy_rate": 0.5, "max_high_entropy_run": 4},
-               {"step": 3, "entropy": 2.0, "branch_concentration": 0.5}]
+    metrics = [{"step": 1, "rollout/entropy": 1.0, "rollout/branch_concentration": 1.0,
+                "rollout/max_high_entropy_run": 2},
+               {"step": 2, "rollout/entropy": 3.0, "rollout/consecutive_high_entropy_rate": 0.5,
+                "rollout/max_high_entropy_run": 4},
+               {"step": 3, "rollout/entropy": 2.0, "rollout/branch_concentration": 0.5}]
     got = analysis_stats(metrics)
     assert got == {"branch_concentration": 0.75, "consecutive_high_entropy_rate": 0.5, "max_high_entropy_run": 4.0}
     ent = entropy_stats(metrics)

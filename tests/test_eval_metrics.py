@@ -9,7 +9,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from aepo.eval import (
+from aepo.rewards.metrics import (
     agglomerative_clusters,
     mean_diversity,
     mean_pass_at_k,
@@ -17,7 +17,7 @@ from aepo.eval import (
     rollout_action_key,
     rollout_clusters,
 )
-from aepo.rollout.types import ToolCall, Trajectory
+from aepo.types import ToolCall, Trajectory
 
 # ----------------------------------------------------------------------------- pass@k
 

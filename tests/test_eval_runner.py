@@ -5,11 +5,11 @@ import pytest
 import torch
 from scripted_sampler import CharTokenizer, FakeTools, ScriptedSampler
 
+from aepo.data.datasets import TaskRow
 from aepo.eval import runner as runner_module
-from aepo.eval.metrics import rollout_action_key
-from aepo.rollout.types import SegmentRecord, Trajectory
-from aepo.tasks.datasets import TaskRow
-from aepo.tasks.rewards import score_trajectory
+from aepo.rewards import score_trajectory
+from aepo.rewards.metrics import rollout_action_key
+from aepo.types import SegmentRecord, Trajectory
 
 TOK = CharTokenizer()
 PROGRAM = "<python>print('<ans' + 'wer>Paris</ans' + 'wer>')</python>"

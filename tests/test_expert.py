@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 import bm25s
 import pytest
 
-from aepo.tasks.expert import (
+from aepo.demo.expert import (
     NOISE_KINDS,
     ExpertNoise,
     demonstrations,
@@ -22,7 +22,7 @@ from aepo.tasks.expert import (
     parse_search_result,
     run_expert,
 )
-from aepo.tasks.world import World, build_world, word_split
+from aepo.demo.world import World, build_world, word_split
 
 TAG = re.compile(r"</?(think|search|calc|python|answer|result)>")
 MODEL_CALL = re.compile(r"^<think> [^<>]+ </think>\n<(search|calc|python)> ([^<>]+) </\1>$")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from aepo.tasks.judge import JudgeError, LLMJudge, parse_verdict
+from aepo.data.judge import JudgeError, LLMJudge, parse_verdict
 
 
 class FakeServer:
@@ -193,3 +193,53 @@ def test_constructor_validates() -> None:
 )
 def test_parse_verdict(reply: str, verdict: bool | None) -> None:
     assert parse_verdict(reply) is verdict
+
+
+def test_judge_records_and_summary(server: FakeServer) -> None:
+    from aepo.eval.runner import judge_records, summarize, summary_markdown
+
+    def sample(answer: str | None, acc: float) -> dict[str, Any]:
+        return {"answer": answer, "acc": acc, "em": acc, "f1": acc, "format_ok": True, "tool_calls": 0,
+                "length": 3, "finish": "eos", "text": f"<answer>{answer}</answer>"}
+
+    records = [
+        {"id": "a", "question": "Capital of France?", "gold": ["Paris"], "n": 2,
+         "samples": [sample("Paris", 1.0), sample("paris, france", 0.0)]},
+        {"id": "b", "question": "Capital of Spain?", "gold": ["Madrid"], "n": 2,
+         "samples": [sample("Lyon", 0.0), sample(None, 0.0)]},
+    ]
+    counts = judge_records(records, LLMJudge(server.url, model="m"))
+    assert counts == {"judged": 3, "failed": 0}  # the sample without an answer needs no call
+    assert [s["judge"] for r in records for s in r["samples"]] == [True, False, False, False]
+    assert len(server.requests) == 3
+    got = summarize(records)
+    assert got["judge_accuracy"] == 0.25 and got["judge_failed"] == 0
+    assert "judge accuracy" in summary_markdown({"x": got})
+    # judged samples keep their verdict: a second pass makes no calls
+    assert judge_records(records, LLMJudge(server.url, model="m")) == {"judged": 0, "failed": 0}
+    assert len(server.requests) == 3
+    # a failing judge leaves None and counts it; accuracy is over the verdicts it gave
+    server.mode = "http401"
+    for r in records:
+        for s in r["samples"]:
+            s.pop("judge")
+    counts = judge_records(records, LLMJudge(server.url, model="m"))
+    assert counts == {"judged": 3, "failed": 3}
+    assert summarize(records)["judge_failed"] == 3
+
+
+def test_eval_cli_checks_the_judge_options_before_any_work(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from aepo.cli import app
+
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    runner = CliRunner()
+    no_model = runner.invoke(app, ["eval", str(tmp_path / "nomodel"), "--data", str(data),
+                                   "--judge", "http://127.0.0.1:9"])
+    assert no_model.exit_code == 2 and "--judge-model" in no_model.output
+    bad_url = runner.invoke(app, ["eval", str(tmp_path / "nomodel"), "--data", str(data),
+                                  "--judge", "ftp://x", "--judge-model", "m"])
+    assert bad_url.exit_code == 2 and "http://" in bad_url.output
+    assert not (tmp_path / "runs").exists()

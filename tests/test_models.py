@@ -13,7 +13,10 @@ from typer.testing import CliRunner
 from aepo.cli import app
 from aepo.models.factory import PRESETS, count_parameters, init_model, model_config
 from aepo.models.loading import check_model_dir, load_model, resolve_device, resolve_dtype
-from aepo.models.tokenizer import PROTOCOL_TAGS, build_tokenizer, read_corpus
+from aepo.models.tokenizer import build_tokenizer, read_corpus
+from aepo.protocol import tag_tokens
+
+PROTOCOL_TAGS = tag_tokens()
 
 torch.set_num_threads(1)
 
@@ -259,4 +262,4 @@ def test_cli_model_init_without_corpus_and_bad_preset(tmp_path):
     assert "llama tiny" in result.output
     assert load_model(tmp_path / "m", device="cpu")[0].config.model_type == "llama"
     bad = runner.invoke(app, ["model", "init", str(tmp_path / "x"), "--preset", "huge"])
-    assert bad.exit_code == 1 and "unknown model preset" in bad.output
+    assert bad.exit_code == 2 and "unknown model preset" in bad.output

@@ -8,17 +8,17 @@ import pytest
 from scripted_sampler import CharTokenizer, FakeTools, Reply, ScriptedSampler, nats
 
 from aepo.config import RolloutConfig
-from aepo.rollout import rollout
-from aepo.rollout.agent import Agent, segment_entropy_value
-from aepo.rollout.protocol import (
-    STOP_STRINGS,
-    TOOL_TAGS,
+from aepo.protocol import (
     Action,
     extract_answer,
     extract_boxed,
     format_result,
     parse_action,
+    stop_strings,
+    tool_tags,
 )
+from aepo.rollout import rollout
+from aepo.rollout.agent import Agent, segment_entropy_value
 
 TOK = CharTokenizer()
 
@@ -27,8 +27,8 @@ TOK = CharTokenizer()
 
 
 def test_tags_and_stop_strings():
-    assert TOOL_TAGS == ("search", "python", "calc")
-    assert set(STOP_STRINGS) == {"</search>", "</python>", "</calc>", "</answer>"}
+    assert tool_tags() == ("search", "python", "calc")
+    assert set(stop_strings()) == {"</search>", "</python>", "</calc>", "</answer>"}
     assert format_result("abc") == "<result>\nabc\n</result>"
 
 
@@ -126,7 +126,7 @@ def test_masks_logprobs_segments_hand_computed():
     appends = [e for e in sampler.log if e[0] == "append"]
     assert [e[2] for e in appends] == [TOK.encode(result)]
     assert [[b for _, b in call] for call in sampler.generate_calls] == [[64], [64 - 16]]
-    assert all(e[3] == tuple(STOP_STRINGS) for e in sampler.log if e[0] == "generate")
+    assert all(e[3] == stop_strings() for e in sampler.log if e[0] == "generate")
 
 
 def test_segment_entropy_rescaled_sum_vs_released_sum():
@@ -256,7 +256,7 @@ def test_step_rejects_duplicate_and_finished_rows():
     sampler = ScriptedSampler(TOK, lambda ctx, draw: "<answer>a</answer>")
     agent = Agent(sampler, TOK, FakeTools(), RolloutConfig())
     from aepo.rollout.agent import RowState
-    from aepo.rollout.types import Trajectory
+    from aepo.types import Trajectory
 
     state = RowState(row=sampler.new_row([5]), group=0, traj=Trajectory("p", 0, [5]))
     with pytest.raises(ValueError, match="same row twice"):

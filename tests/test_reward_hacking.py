@@ -14,17 +14,15 @@ import torch
 from scripted_sampler import CharTokenizer, FakeTools, ScriptedSampler
 
 from aepo.config import RolloutConfig, load_config
-from aepo.rollout import rollout
-from aepo.rollout.protocol import (
-    PROTOCOL_TAGS,
+from aepo.data.datasets import TaskRow
+from aepo.protocol import (
     RESULT_CLOSE,
     RESULT_OPEN,
     escape_protocol_tags,
     format_result,
+    protocol_tags,
 )
-from aepo.rollout.types import SegmentRecord, Trajectory
-from aepo.tasks.datasets import TaskRow
-from aepo.tasks.rewards import (
+from aepo.rewards import (
     check_format_parts,
     score,
     score_parts,
@@ -32,7 +30,9 @@ from aepo.tasks.rewards import (
     split_response,
     trajectory_parts,
 )
+from aepo.rollout import rollout
 from aepo.train import rl as rl_module
+from aepo.types import SegmentRecord, Trajectory
 
 TOK = CharTokenizer()
 GOLD = ["Paris"]
@@ -78,10 +78,10 @@ def hand_trajectory(*parts: tuple[str, str], finish: str = "answer") -> Trajecto
 
 
 def test_protocol_tags_are_the_protocol_constants():
-    assert set(PROTOCOL_TAGS) == {"think", "search", "python", "calc", "answer", "result"}
+    assert set(protocol_tags()) == {"think", "search", "python", "calc", "answer", "result"}
 
 
-@pytest.mark.parametrize("tag", PROTOCOL_TAGS)
+@pytest.mark.parametrize("tag", protocol_tags())
 def test_each_protocol_tag_is_escaped_in_tool_output(tag):
     block = format_result(f"a<{tag}>b</{tag}>c")
     assert block == f"<result>\na&lt;{tag}>b&lt;/{tag}>c\n</result>"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from aepo.tasks import rewards
-from aepo.tasks.rewards import (
+from aepo import rewards
+from aepo.rewards import (
     check_format,
     em,
     extract_answer,
@@ -355,7 +355,7 @@ def test_scorer_selection_and_registry() -> None:
         out = score("<answer>x</answer>", ["y"], "test_always_half")
         assert out["reward"] == 0.5 and out["scorer"] == "test_always_half"
     finally:
-        rewards._SCORERS.pop("test_always_half")
+        rewards.scoring._SCORERS.pop("test_always_half")
     with pytest.raises(ValueError, match="scorer name"):
         register_scorer("")
 

@@ -1,5 +1,5 @@
 """Per-step branching metrics of `rollout_metrics`: spread of m, of dH over the branch decisions,
-branch rate and H_root - H_tool (ALGORITHMS.md sections 1 and 3.3), on hand-built batches and on
+branch rate and H_root - H_tool (docs/algorithms.md sections 1 and 3.3), on hand-built batches and on
 a scripted rollout."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from scripted_sampler import CharTokenizer, FakeTools, Reply, ScriptedSampler, n
 
 from aepo.config import RolloutConfig
 from aepo.rollout import rollout
-from aepo.rollout.types import Trajectory
 from aepo.train.rl import rollout_metrics
+from aepo.types import Trajectory
 
 TOK = CharTokenizer()
 BRANCH_KEYS = {"m_mean", "m_min", "m_max", "m_std", "dH_mean", "dH_std", "dH_min", "dH_max", "branch_rate",

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from aepo.models.tokenizer import build_tokenizer
-from aepo.rollout.protocol import format_result
+from aepo.protocol import format_result
 from aepo.train.sft import SFTConfig, encode_demonstration, load_sft_jsonl, sft_loss, sft_train
 
 SEGS = [("model", "<think> look up ana. </think> <search> ana born </search>"),

@@ -41,7 +41,7 @@ class FixedRng(random.Random):
 
 def seg(h_seg, n_probe=20):
     """Per-token entropy (nats) that makes a segment's entropy `h_seg` under n_probe: the
-    length-rescaled sum (ALGORITHMS.md section 1) of any segment of constant per-token entropy
+    length-rescaled sum (docs/algorithms.md section 1) of any segment of constant per-token entropy
     H is n_probe * H / log|V|, whatever its length."""
     return nats(h_seg / n_probe, TOK)
 
@@ -502,7 +502,7 @@ def test_aepo_without_premonitor_uses_initial_rollouts():
 
 
 def test_segment_entropy_is_the_length_rescaled_sum():
-    # ALGORITHMS.md section 1: H_seg = (n_probe / n) * sum_{t <= n} H_t / log|V|, n = min(n_probe, len)
+    # docs/algorithms.md section 1: H_seg = (n_probe / n) * sum_{t <= n} H_t / log|V|, n = min(n_probe, len)
     log_v = math.log(len(TOK))
     agent = Agent(ScriptedSampler(TOK, tool_chain(0)), TOK, FakeTools(), RolloutConfig(n_probe=4))
     assert agent.segment_entropy([1.0, 2.0]) == pytest.approx((4 / 2) * 3.0 / log_v)  # short: rescaled

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aepo.rollout.types import ToolCall
 from aepo.tools.runner import TRUNCATION_MARK, ToolRunner, is_timeout, truncate_result
+from aepo.types import ToolCall
 
 
 class FnTool:

@@ -10,9 +10,8 @@ import torch
 from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
 from aepo.models.tokenizer import build_tokenizer
-from aepo.rollout import torch_sampler
-from aepo.rollout.torch_sampler import TorchSampler, supports_lean_forward
-from aepo.rollout.types import Generation, Sampler
+from aepo.rollout.sampler import TorchSampler, supports_lean_forward, torch_sampler
+from aepo.types import Generation, Sampler
 
 torch.set_num_threads(1)
 
@@ -130,7 +129,7 @@ def prompts(tok) -> list[list[int]]:
     ],
 )
 def test_cached_sampling_equals_full_recomputation(tok, models, monkeypatch, arch, path, block):
-    monkeypatch.setattr(torch_sampler, "_DECODE_BLOCK", block)  # 2: the batch cache grows while decoding
+    monkeypatch.setattr(torch_sampler, "DECODE_BLOCK", block)  # 2: the batch cache grows while decoding
     model = models[arch]
     temperature = 0.7
     # top-k/top-p only restrict what is sampled; logprobs are those of the plain tempered softmax

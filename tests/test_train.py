@@ -12,19 +12,19 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 
 from aepo.algos.presets import preset_names
 from aepo.config import load_config
-from aepo.demo import world_tasks
+from aepo.demo.stages import world_tasks
+from aepo.demo.world import build_world
 from aepo.models.tokenizer import build_tokenizer
+from aepo.protocol import parse_action
 from aepo.rollout.agent import RowState, fork_row_state
-from aepo.rollout.protocol import parse_action
-from aepo.rollout.types import SegmentRecord, ToolCall, Trajectory
-from aepo.tasks.world import build_world
 from aepo.tools.calc import Calculator
 from aepo.tools.runner import ToolRunner
 from aepo.tools.search import BM25Backend, HttpBackend, SearchTool
 from aepo.train import rl as rl_module
 from aepo.train.batch import collate, token_logprobs_and_entropy
-from aepo.train.checkpoint import STATE_FILE, latest_checkpoint
+from aepo.train.checkpoint import STATE_FILE, CheckpointError, latest_checkpoint
 from aepo.train.rl import RLTrainer, own_tool_calls, rollout_metrics, tool_metrics
+from aepo.types import SegmentRecord, ToolCall, Trajectory
 
 
 @pytest.fixture(scope="module")
@@ -81,22 +81,24 @@ def test_every_preset_trains(algo, tok, world, runner, varied_reward, tmp_path):
     hist = RLTrainer(cfg, model, tok, world_tasks(world.train[:20]), runner.run, tmp_path).fit(progress=False)
     assert len(hist) == 2
     for row in hist:
-        assert row["rows"] == 2 * 3 or algo == "dapo"  # exactly n rows per prompt
-        for k in ("reward_mean", "entropy", "pg_loss", "grad_norm", "clipfrac_upper", "ppo_kl"):
-            if "skipped_update" not in row:
+        assert row["rollout/rows"] == 2 * 3 or algo == "dapo"  # exactly n rows per prompt
+        assert {k.split("/")[0] for k in row if "/" in k} <= {"reward", "rollout", "tools", "actor", "timing"}
+        for k in ("reward/mean", "rollout/entropy", "actor/pg_loss", "actor/grad_norm", "actor/clipfrac_upper",
+                  "actor/ppo_kl", "timing/step"):
+            if "actor/skipped_update" not in row:
                 assert math.isfinite(row[k]), (algo, k, row[k])
     changed = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert changed, f"{algo}: no parameter changed"
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2]
     if algo in ("arpo", "aepo"):
-        assert "branches" in hist[0]
+        assert "rollout/branches" in hist[0]
     if algo == "aepo":
-        assert "m_mean" in hist[0]
+        assert "rollout/m_mean" in hist[0]
     if algo == "grpo":
-        assert "kl_ref" in hist[0]
+        assert "actor/kl_ref" in hist[0]
     if algo == "epo":
-        assert any(k.startswith("epo") for k in hist[-1])
+        assert any(k.startswith("actor/epo") for k in hist[-1])
 
 
 def test_kill_and_resume_matches_uninterrupted(tok, world, runner, varied_reward, tmp_path):
@@ -137,8 +139,9 @@ def test_kill_and_resume_matches_uninterrupted(tok, world, runner, varied_reward
     rows_b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
     for ra, rb in zip(rows_a, rows_b):
-        assert ra["reward_mean"] == rb["reward_mean"] and ra["response_length"] == rb["response_length"]
-        assert ra["pg_loss"] == pytest.approx(rb["pg_loss"], abs=1e-6)
+        assert ra["reward/mean"] == rb["reward/mean"]
+        assert ra["rollout/response_length"] == rb["rollout/response_length"]
+        assert ra["actor/pg_loss"] == pytest.approx(rb["actor/pg_loss"], abs=1e-6)
 
 
 def test_epo_per_turn_history_is_kept_by_fit_and_restored_by_resume(tok, world, runner, varied_reward, tmp_path):
@@ -163,14 +166,22 @@ def test_corrupted_checkpoint_is_named(tok, world, runner, varied_reward, tmp_pa
     cfg = small_cfg("grpo", tmp_path, **{"trainer.total_steps": 1, "trainer.save_every": 1})
     RLTrainer(cfg, micro_model(tok), tok, world_tasks(world.train[:10]), runner.run, tmp_path).fit(progress=False)
     ck = latest_checkpoint(tmp_path / "checkpoints")
+    state = (ck / STATE_FILE).read_bytes()
     (ck / STATE_FILE).write_bytes(b"not a checkpoint")
     trainer = RLTrainer(cfg, micro_model(tok), tok, world_tasks(world.train[:10]), runner.run, tmp_path)
-    with pytest.raises(RuntimeError, match="corrupted"):
+    with pytest.raises(CheckpointError, match=f"corrupted.*delete {ck}"):
+        trainer.fit(progress=False, resume=True)
+    # truncated weights are named the same way, not a safetensors traceback
+    (ck / STATE_FILE).write_bytes(state)
+    weights = next(ck.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    trainer = RLTrainer(cfg, micro_model(tok), tok, world_tasks(world.train[:10]), runner.run, tmp_path)
+    with pytest.raises(CheckpointError, match=f"{weights.name} is corrupted"):
         trainer.fit(progress=False, resume=True)
 
 
 def test_collate_aligns_masks_with_next_token_logprobs(tok):
-    from aepo.rollout.types import Trajectory
+    from aepo.types import Trajectory
 
     model = micro_model(tok)
     t = Trajectory(prompt_id="p", row_id=0, prompt_ids=[5, 6, 7], response_ids=[8, 9, 10, 11],
@@ -221,8 +232,8 @@ def test_recompute_old_log_prob_scores_with_the_trainers_model(tok, world, runne
 
 
 def test_missing_model_dir_and_bad_dataset_row(tmp_path):
+    from aepo.data.datasets import load_dataset
     from aepo.models.loading import load_model
-    from aepo.tasks.datasets import load_dataset
 
     with pytest.raises((FileNotFoundError, ValueError), match="nope"):
         load_model(tmp_path / "nope")

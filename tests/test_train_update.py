@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 
 from aepo.algos import EntropyHistory
 from aepo.config import load_config
-from aepo.rollout.types import SegmentRecord, Trajectory
-from aepo.tasks.datasets import TaskRow
+from aepo.data.datasets import TaskRow
 from aepo.train.batch import collate, response_turn_ids
 from aepo.train.rl import RLTrainer, step_seed, tree_links
+from aepo.types import SegmentRecord, Trajectory
 
 torch.set_num_threads(1)
 # capture_grads wraps optimizer.step after the LR scheduler was built; torch warns about that

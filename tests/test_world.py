@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from aepo.cli import app as cli_app
-from aepo.tasks.world import (
+from aepo.demo.world import (
     KINDS,
     TEMPLATES,
     City,
@@ -290,7 +290,7 @@ def test_cli_build_writes_files_and_prints_counts(tmp_path):
         assert split in result.output
     assert str(len(w.train)) in result.output and "retry" in result.output
     bad = CliRunner().invoke(cli_app, ["world", "build", str(tmp_path / "x"), "--size", "huge"])
-    assert bad.exit_code != 0 and "size must be one of" in bad.output
+    assert bad.exit_code == 2 and "--size 'huge' is not one of small, medium" in bad.output
 
 
 def test_shared_name_pool_shares_words_not_facts():
@@ -307,7 +307,7 @@ def test_shared_name_pool_shares_words_not_facts():
 
 @pytest.mark.parametrize("level", [1, 2, 3])
 def test_number_words_cover_every_number_a_world_uses(level):
-    from aepo.tasks.world import number_words
+    from aepo.demo.world import number_words
 
     known = set(number_words())
     w = build_world(seed=3, level=level)

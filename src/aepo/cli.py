@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional, Sequence
 
 import typer
 
 import aepo
+from aepo.demo.cli import app as world_app
 from aepo.models.cli import app as model_app
 from aepo.models.smollm2 import import_smollm2_command
-from aepo.tasks.cli import app as world_app
 from aepo.tools.cli import app as tools_app
 
 app = typer.Typer(
@@ -40,11 +41,104 @@ def main(
     ),
 ) -> None:
     """aepo: Agentic Entropy-Balanced Policy Optimization."""
+    # transformers' own "Loading weights" / "Writing model shards" bars: off in every command
+    # (read when transformers is imported; `load_model` also turns them off)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+# What the library raises for bad input: ConfigError, ModelDirError, OutputPathError and
+# RunDirError are ValueErrors; a missing input file is a FileNotFoundError. At the command line
+# each becomes one `error: ...` line and exit status 2, never a traceback.
+BAD_INPUT = (ValueError, FileNotFoundError)
 
 
 def _fail(msg: str) -> None:
+    """One line on stderr, `error: <what is wrong>; <what to do>`, and exit status 2."""
     typer.secho(f"error: {msg}", fg="red", err=True)
     raise typer.Exit(2)
+
+
+def _warn(msg: str) -> None:
+    typer.secho(f"warning: {msg}", fg="yellow", err=True)
+
+
+def _check_min(option: str, value: Optional[float], low: float, what: str, hint: str = "") -> None:
+    """ValueError when an option is below its minimum, naming the option, the value and the range."""
+    if value is not None and value < low:
+        raise ValueError(f"{option} must be >= {low:g} ({what}), got {value:g}"
+                         f"; {hint or f'pass {option} {low:g} or more'}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {temperature:g}; pass e.g. --temperature 1.0")
+
+
+def _check_data_file(path: Path) -> None:
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"--data {path} {what}; give a dataset file (.jsonl, .json or .parquet)")
+
+
+def _check_datasets(data: Sequence[Path]) -> dict[str, Path]:
+    """Dataset files by stem (results are keyed by it): two files with one stem are an error."""
+    by_stem: dict[str, Path] = {}
+    for p in data:
+        _check_data_file(p)
+        if p.stem in by_stem:
+            first = by_stem[p.stem]
+            if first.resolve() == p.resolve():
+                raise ValueError(f"--data {p} is given twice; give each dataset once")
+            raise ValueError(f"--data {first} and --data {p} have the same name {p.stem!r}, and results are "
+                             f"written per name ({p.stem}.samples.jsonl); rename or copy one of them")
+        by_stem[p.stem] = p
+    return by_stem
+
+
+def _warn_without_search(sets: dict[str, list[Any]], has_search: bool) -> None:
+    """A one-line warning when no search backend is given but the rows look like search QA."""
+    from aepo.eval.runner import search_qa_share
+
+    if has_search:
+        return
+    names = [name for name, tasks in sets.items() if search_qa_share(tasks) >= 0.5]
+    if names:
+        _warn(f"no search tool is configured, but the rows of {', '.join(names)} look like search QA "
+              f"(short factual answers); pass --search-cache, --search-corpus or --search-url so the agent "
+              f"can search")
+
+
+def _merge_rollout_stats(parts: list[dict[str, Any]], trajs: Sequence[Any]) -> dict[str, Any]:
+    """The statistics of one rollout over all prompts, from those of its batches: lists are
+    concatenated, counts added, means weighted by prompts (mean_l recomputed from l_values)."""
+    if len(parts) == 1:
+        return parts[0]
+    n_prompts = [len(st.get("m") or st.get("rows_per_prompt") or []) or 1 for st in parts]
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for st in parts for k in st):
+        vals = [(st[key], w) for st, w in zip(parts, n_prompts) if key in st]
+        first = vals[0][0]
+        if isinstance(first, list):
+            out[key] = [x for v, _ in vals for x in v]
+        elif isinstance(first, dict):
+            merged: dict[Any, Any] = {}
+            for v, _ in vals:
+                for k2, x in v.items():
+                    both = isinstance(x, (int, float)) and isinstance(merged.get(k2, 0), (int, float))
+                    merged[k2] = merged.get(k2, 0) + x if both else x
+            out[key] = merged
+        elif isinstance(first, bool) or not isinstance(first, (int, float)):
+            out[key] = vals[-1][0]
+        elif all(isinstance(v, int) for v, _ in vals):
+            out[key] = sum(v for v, _ in vals)
+        else:
+            out[key] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
+    all_l = [x for group in out.get("l_values") or [] for x in group]
+    if "mean_l" in out:
+        out["mean_l"] = sum(all_l) / len(all_l) if all_l else 0.0
+    if "tool_calls_per_row" in out and trajs:
+        out["tool_calls_per_row"] = sum(t.n_tool_calls for t in trajs) / len(trajs)
+    return out
 
 
 @app.command()
@@ -57,11 +151,11 @@ def demo(
 ) -> None:
     """Build the demo world, train a tiny agent (SFT, then RL), evaluate both and write a report."""
     from aepo.config import ConfigError
-    from aepo.demo import run_demo
+    from aepo.demo.stages import run_demo
 
     try:
         summary = run_demo(out, quick=quick, algo=algo, seed=seed, overrides=overrides)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, *BAD_INPUT) as e:
         _fail(str(e))
     typer.echo(f"SFT accuracy {100 * summary['sft_accuracy']:.1f}%  ->  RL accuracy "
                f"{100 * summary['rl_accuracy']:.1f}%   report: {Path(out) / 'summary.md'}")
@@ -71,35 +165,53 @@ def demo(
 def train(
     config: Path = typer.Argument(..., help="YAML config (see src/aepo/configs/)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides: algo=grpo rollout.n=8 ..."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in out_dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in out_dir "
+                                "(with none there, say so and start at step 0)."),
+    force: bool = typer.Option(False, "--force", help="With --resume: resume even though the config differs "
+                               "from the run's config.yaml. Without: start over in an out_dir that holds "
+                               "checkpoints (they are deleted)."),
 ) -> None:
     """RL-train a model (model.path) on a dataset (data.train) or the demo world."""
     from aepo.config import ConfigError, load_config
-    from aepo.demo import world_tasks
-    from aepo.models.loading import load_model, save_model_dir
+    from aepo.demo.stages import world_tasks
+    from aepo.io import check_output_dir
+    from aepo.models.loading import check_model_dir, load_model, resolve_device, save_model_dir
     from aepo.runtime import build_tool_runner, load_tasks
+    from aepo.train.checkpoint import check_run_dir
     from aepo.train.rl import RLTrainer
 
     try:
         cfg = load_config(config, overrides)
         if not cfg.model.path:
-            raise ConfigError("model.path is empty: give a local HF model directory, e.g. model.path=runs/demo/sft")
+            raise ConfigError("model.path is empty; give a local HF model directory, e.g. model.path=runs/demo/sft")
+        check_model_dir(cfg.model.path)
+        resolve_device(cfg.model.device)
+        out_dir = Path(cfg.out_dir)
+        check_output_dir(out_dir, "out_dir")
+        check_output_dir(out_dir / "final", "out_dir")
+        check_run_dir(out_dir, cfg, resume=resume, force=force)
         corpus = None
         if cfg.data.train:
             tasks = load_tasks(cfg.data.train, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
+            if not tasks:
+                raise ValueError(f"data.train {cfg.data.train} holds no rows; give a file with at least one question")
         else:
-            from aepo.tasks.world import build_world
+            from aepo.demo.world import build_world
 
             world = build_world(seed=cfg.data.world_seed, level=cfg.data.world_level)
             tasks, corpus = world_tasks(world.train), world.corpus
         runner = build_tool_runner(cfg.tools, corpus_docs=corpus)
         model, tok = load_model(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, *BAD_INPUT) as e:
         _fail(str(e))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    from aepo.train.checkpoint import CheckpointError, RunDirError
+
     try:
-        RLTrainer(cfg, model, tok, tasks, runner.run, cfg.out_dir).fit(resume=resume)
+        RLTrainer(cfg, model, tok, tasks, runner.run, cfg.out_dir).fit(resume=resume, force=force)
+    except (CheckpointError, RunDirError) as e:
+        _fail(str(e))
     finally:
         runner.close()
     save_model_dir(Path(cfg.out_dir) / "final", model, tok)
@@ -119,13 +231,25 @@ def sft(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Supervised cold start on tool-use demonstrations (tool results masked out of the loss)."""
-    from aepo.models.loading import load_model, save_model_dir
-    from aepo.train.sft import SFTConfig, load_sft_jsonl, sft_train
+    from aepo.io import check_output_dir
+    from aepo.models.loading import check_model_dir, load_model, resolve_device, save_model_dir
+    from aepo.train.sft import SFTConfig, check_sft_rows, load_sft_jsonl, sft_train
 
     try:
+        _check_min("--epochs", epochs, 1, "passes over the data")
+        _check_min("--batch-size", batch_size, 1, "demonstrations per step")
+        if not lr > 0:
+            raise ValueError(f"--lr must be > 0, got {lr:g}; pass a learning rate such as --lr 2e-3")
+        check_sft_rows(data)
+        check_model_dir(model)
+        resolve_device(device)
+        check_output_dir(out, "--out")
+        if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
+            raise ValueError(f"--out {out} is a directory that holds files but no model, and saving replaces the "
+                             f"whole directory; give a new or empty directory (or a model directory to overwrite)")
         m, tok = load_model(model, device=device)
         examples = load_sft_jsonl(data, tok, chat_template=chat_template)
-    except (ValueError, FileNotFoundError) as e:
+    except BAD_INPUT as e:
         _fail(str(e))
     hist = sft_train(m, tok, examples, SFTConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed))
     save_model_dir(out, m, tok, jsonl_files={"sft_history.jsonl": hist})
@@ -148,21 +272,52 @@ def eval_cmd(
     chat_template: bool = typer.Option(False, "--chat-template"),
     device: str = typer.Option("auto", "--device"),
     seed: int = typer.Option(0, "--seed"),
+    judge: Optional[str] = typer.Option(None, "--judge", help="OpenAI-compatible endpoint of an LLM judge "
+                                        "(e.g. http://127.0.0.1:8000): also grade each answer with it."),
+    judge_model: str = typer.Option("", "--judge-model", help="Model name served at --judge."),
+    judge_key_env: str = typer.Option("AEPO_JUDGE_API_KEY", "--judge-key-env",
+                                      help="Environment variable holding the judge's API key, if any."),
 ) -> None:
-    """Answer every question N times with tools; report pass@k, EM/F1, tool calls per dataset."""
-    from aepo.config import ConfigError, RolloutConfig
-    from aepo.eval.runner import evaluate_tasks, summarize, write_summary
-    from aepo.models.loading import load_model
+    """Answer every question N times with tools; report pass@k, EM/F1, tool calls per dataset
+    (and the LLM judge's accuracy with --judge)."""
+    from aepo.config import Config, ConfigError, RolloutConfig, validate
+    from aepo.eval.runner import evaluate_tasks, judge_records, rewrite_samples, summarize, write_summary
+    from aepo.io import check_output_dir, check_output_file
+    from aepo.models.loading import check_model_dir, load_model, resolve_device
     from aepo.runtime import build_tool_runner, load_tasks, search_tools_config
 
-    tcfg = search_tools_config(search_cache, search_corpus, search_url)
-    rcfg = RolloutConfig(strategy="independent", n=n, temperature=temperature,
-                         max_response_tokens=max_response_tokens, max_tool_calls=max_tool_calls)
     try:
-        sets = {p.stem: load_tasks(p, limit=limit) for p in data}
+        _check_min("--n", n, 1, "samples per question")
+        _check_min("--limit", limit, 1, "questions per file", "leave --limit out to use every question")
+        _check_min("--max-response-tokens", max_response_tokens, 1, "tokens per answer")
+        _check_min("--max-tool-calls", max_tool_calls, 0, "tool calls per answer")
+        _check_temperature(temperature)
+        grader = None
+        if judge is not None:
+            from aepo.data.judge import LLMJudge
+
+            if not judge_model:
+                raise ValueError("--judge needs --judge-model, the model name served at the endpoint")
+            grader = LLMJudge(judge, judge_model, api_key=os.environ.get(judge_key_env) or None, retries=2)
+        elif judge_model:
+            raise ValueError("--judge-model without --judge; give the judge's endpoint with --judge URL")
+        tcfg = search_tools_config(search_cache, search_corpus, search_url)
+        rcfg = RolloutConfig(strategy="independent", n=n, temperature=temperature,
+                             max_response_tokens=max_response_tokens, max_tool_calls=max_tool_calls)
+        validate(Config(rollout=rcfg))
+        files = _check_datasets(data)
+        check_model_dir(model)
+        resolve_device(device)
+        check_output_dir(out, "--out")
+        for name in files:
+            check_output_file(out / f"{name}.samples.jsonl", "--out")
+        for name in ("summary.json", "summary.md"):
+            check_output_file(out / name, "--out")
+        sets = {name: load_tasks(p, limit=limit) for name, p in files.items()}
+        _warn_without_search(sets, bool(search_cache or search_corpus or search_url))
         runner = build_tool_runner(tcfg)
         m, tok = load_model(model, device=device)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, *BAD_INPUT) as e:
         _fail(str(e))
     summary = {}
     try:
@@ -170,6 +325,12 @@ def eval_cmd(
             recs = evaluate_tasks(m, tok, tasks, runner.run, n=n, rollout_cfg=rcfg, seed=seed,
                                   samples_path=out / f"{name}.samples.jsonl", chat_template=chat_template,
                                   title=f"eval {name}")
+            if grader is not None:
+                counts = judge_records(recs, grader)
+                rewrite_samples(out / f"{name}.samples.jsonl", recs)
+                if counts["failed"]:
+                    _warn(f"the judge at {judge} gave no verdict for {counts['failed']} of {counts['judged']} "
+                          f"answers in {name} (see 'judge_error' in {name}.samples.jsonl)")
             summary[name] = summarize(recs)
             write_summary(out, summary, title=f"Evaluation of {model}")
     finally:
@@ -194,6 +355,8 @@ def rollout_cmd(
     chat_template: bool = typer.Option(False, "--chat-template"),
     device: str = typer.Option("auto", "--device"),
     seed: int = typer.Option(0, "--seed"),
+    batch_prompts: int = typer.Option(32, "--batch-prompts", help="Prompts rolled out together (one step "
+                                      "of the progress bar)."),
 ) -> None:
     """Roll out a strategy and write one JSON object per row, to see what the agent did."""
     import random
@@ -201,31 +364,54 @@ def rollout_cmd(
     import torch
 
     from aepo.config import Config, ConfigError, RolloutConfig, validate
-    from aepo.io import write_jsonl
-    from aepo.models.loading import load_model
+    from aepo.console import StepProgress
+    from aepo.data.prompting import encode_prompt
+    from aepo.io import check_output_file, write_jsonl
+    from aepo.models.loading import check_model_dir, load_model, resolve_device
+    from aepo.rollout.sampler import TorchSampler
     from aepo.rollout.strategies import rollout, strategy_names
-    from aepo.rollout.torch_sampler import TorchSampler
     from aepo.runtime import build_tool_runner, load_tasks, search_tools_config
-    from aepo.tasks.prompting import encode_prompt
 
-    if strategy not in strategy_names():
-        _fail(f"--strategy {strategy!r} is not one of {', '.join(strategy_names())}")
-    tcfg = search_tools_config(search_cache, search_corpus, search_url)
-    rcfg = RolloutConfig(strategy=strategy, n=k, temperature=temperature, max_response_tokens=max_response_tokens)
     try:
+        if strategy not in strategy_names():
+            raise ValueError(f"--strategy {strategy!r} is not one of {', '.join(strategy_names())}; pick one of those")
+        _check_min("--k", k, 1, "rows per prompt")
+        _check_min("--limit", limit, 1, "questions")
+        _check_min("--max-response-tokens", max_response_tokens, 1, "tokens per row")
+        _check_min("--batch-prompts", batch_prompts, 1, "prompts rolled out together")
+        _check_temperature(temperature)
+        tcfg = search_tools_config(search_cache, search_corpus, search_url)
+        rcfg = RolloutConfig(strategy=strategy, n=k, temperature=temperature, max_response_tokens=max_response_tokens)
         validate(Config(rollout=rcfg))
+        _check_data_file(data)
+        check_model_dir(model)
+        resolve_device(device)
+        check_output_file(out, "--out")
         tasks = load_tasks(data, limit=limit)
+        if not tasks:
+            raise ValueError(f"--data {data} holds no questions; give a file with at least one row")
+        _warn_without_search({data.stem: tasks}, bool(search_cache or search_corpus or search_url))
         runner = build_tool_runner(tcfg)
         m, tok = load_model(model, device=device)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, *BAD_INPUT) as e:
         _fail(str(e))
     sampler = TorchSampler(m, tok, temperature=temperature, seed=seed)
     prompts = [(t.id, encode_prompt(t.question, tok, chat_template=chat_template)) for t in tasks]
+    batches = [prompts[i : i + batch_prompts] for i in range(0, len(prompts), batch_prompts)]
+    rng = random.Random(seed)
+    trajs, parts = [], []
     try:
-        with torch.no_grad():
-            trajs, stats = rollout(strategy, prompts, sampler, tok, runner.run, rcfg, random.Random(seed))
+        with torch.no_grad(), StepProgress(len(batches), 0, title=f"rollout {strategy}") as bar:
+            for batch in batches:
+                batch_trajs, batch_stats = rollout(strategy, batch, sampler, tok, runner.run, rcfg, rng)
+                trajs += batch_trajs
+                parts.append(batch_stats)
+                shown = {"tool_calls": batch_stats.get("tool_calls_per_row"), "branches": batch_stats.get("branches")}
+                # under the trainer's metric names as well as the plain ones, whichever the bar shows
+                bar.advance({**shown, **{f"rollout/{key}": v for key, v in shown.items()}})
     finally:
         runner.close()
+    stats = _merge_rollout_stats(parts, trajs)
     rows = []
     for tr in trajs:
         rows.append({
@@ -252,17 +438,23 @@ def compare(
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes, for smoke tests."),
     base: Optional[Path] = typer.Option(None, "--from", help="Reuse the world and SFT model of this run "
                                         "directory (e.g. runs/demo) instead of building them in OUT/base."),
+    jobs: int = typer.Option(1, "--jobs", help="Runs at once, each in its own process with cores/jobs threads."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides applied to every run."),
 ) -> None:
     """Train each algorithm on the demo world from one SFT model, evaluate, and write compare.md."""
-    from aepo.eval.compare import run_compare
+    from aepo.demo.compare import run_compare
 
     names = [a.strip() for a in algos.split(",") if a.strip()]
     cmd = "aepo compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "aepo compare"
     try:
-        report = run_compare(names, seeds, out, quick=quick, overrides=overrides, command=cmd, base=base)
-    except ValueError as e:
+        _check_min("--seeds", seeds, 1, "seeds per algorithm")
+        _check_min("--jobs", jobs, 1, "runs at once")
+        report = run_compare(names, seeds, out, quick=quick, overrides=overrides, command=cmd, base=base, jobs=jobs)
+    except BAD_INPUT as e:
         _fail(str(e))
+    except RuntimeError as e:  # a run failed (its log is named); the others' results are kept
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1)
     typer.echo(report.read_text())
     typer.echo(f"report: {report}")
 

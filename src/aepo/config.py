@@ -18,9 +18,13 @@ from typing import Any, Literal
 
 import yaml
 
+from aepo.errors import ConfigError
+from aepo.rollout.config import RolloutConfig
+from aepo.tools.config import ToolsConfig
 
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names it and what is accepted."""
+__all__ = ["AlgoConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "RewardConfig", "RolloutConfig",
+           "ToolsConfig", "TrainerConfig", "apply_preset", "import_plugins", "load_config", "parse_override", "save_config",
+           "to_dict", "validate"]
 
 
 @dataclass
@@ -33,57 +37,23 @@ class ModelConfig:
 
 
 @dataclass
-class RolloutConfig:
-    strategy: Literal["independent", "arpo", "aepo"] = "aepo"
-    n: int = 8  # k: rows per prompt, one group
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_response_tokens: int = 256
-    max_tool_calls: int = 6
-    max_result_tokens: int = 128
-    # a segment's entropy: the sum of its first n_probe token entropies / log|V|, rescaled by
-    # n_probe / n when it has n < n_probe tokens (ALGORITHMS.md section 1)
-    n_probe: int = 20
-    # ARPO entropy-based adaptive branching
-    initial_rollouts: int = 0  # m; 0 means n // 2
-    branch_alpha: float = 0.5
-    branch_beta: float = 0.2  # ARPO beta; AEPO's gamma below
-    branch_children: int = 1  # Z
-    # AEPO dynamic entropy-balanced rollout
-    premonitor: bool = True
-    beta_pm: float = 0.5
-    reuse_probe: bool = True
-    branch_gamma: float = 0.2
-    branch_penalty: float = 0.05  # lambda_pen
-    branch_tau: float = 0.5
-    # ARPO and AEPO branch rule (ALGORITHMS.md 3.3): "threshold" the paper, "released" the
-    # authors' code (random base U), "sample" Bernoulli(P); the default is chosen from demo
-    # measurements given in rollout.strategies.branch_decision
-    branch_decision: Literal["threshold", "released", "sample"] = "threshold"
-    penalty_scope: Literal["chain", "prompt"] = "chain"  # "prompt" is the released behaviour
-    m_compat: bool = False  # released code: int(k * sigmoid) + 1
-    segment_entropy_compat: bool = False  # released code: plain sum over n_probe, no length rescale
-
-
-@dataclass
 class AlgoConfig:
     """Advantage, policy loss and regularisers. `algo=NAME` fills these from a preset."""
 
-    adv_estimator: Literal["grpo", "rloo", "reinforce_pp", "aepo"] = "grpo"
+    # names are the registries' (`aepo.algos`): adv_estimator grpo | rloo | reinforce_pp | aepo;
+    # policy_loss ppo | dapo | gppo | cispo | aepo | clip_cov | kl_cov, plus any registered later
+    adv_estimator: str = "grpo"
     norm_adv_by_std_in_grpo: bool = True
     # alpha_H of the aepo estimator; z(H) uses the training forward pass, per micro-batch
     entropy_adv_alpha: float = 0.2
     # tree rollouts (ARPO/AEPO branching): "soft" trains a shared prefix once per row that holds
-    # it; "hard" trains it once, with the mean advantage of those rows (ALGORITHMS.md section 4)
+    # it; "hard" trains it once, with the mean advantage of those rows (docs/algorithms.md section 4)
     tree_attribution: Literal["soft", "hard"] = "soft"
-    policy_loss: Literal["ppo", "dapo", "gppo", "cispo", "aepo", "clip_cov", "kl_cov"] = "ppo"
+    policy_loss: str = "ppo"
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
     clip_ratio_c: float = 3.0
-    loss_agg_mode: Literal[
-        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
-    ] = "token-mean"
+    loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum(-norm)
     cispo_clip_low: float = 1.0  # CISPO importance-weight clip (eps_l_is, eps_h_is)
     cispo_clip_high: float = 0.28
     clip_cov_ratio: float = 0.0002
@@ -100,10 +70,14 @@ class AlgoConfig:
     # needed when the sampler is not the trainer's own fp32 model (vLLM, bf16 kernels)
     recompute_old_log_prob: bool = False
     kl_coef: float = 0.0  # KL to the reference policy; 0 = no reference model
-    kl_type: Literal["k1", "k2", "k3"] = "k3"
+    kl_type: str = "k3"  # k1 | k2 | k3
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
     overlong_buffer: int = 0  # DAPO overlong reward shaping; 0 = off
     overlong_penalty: float = 1.0
+    # options of a registered loss / estimator that have no field above: {option: value}
+    # (each function's keyword-only parameters; checked against them before any work)
+    policy_loss_options: dict[str, Any] = field(default_factory=dict)
+    adv_estimator_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,22 +109,6 @@ class DataConfig:
 
 
 @dataclass
-class ToolsConfig:
-    enabled: list[str] = field(default_factory=lambda: ["search", "calc", "python"])
-    search_cache: str = ""
-    search_corpus: str = ""
-    search_url: str = ""
-    search_topk: int = 3
-    search_max_chars: int = 600
-    timeout: float = 10.0  # per tool call
-    python_timeout: float = 10.0  # the sandbox's own wall-clock limit (at most `timeout`)
-    python_memory_mb: int = 512
-    # "strict": namespaces, a minimal root and a system-call filter, or refuse to run;
-    # "limits-only": resource limits only, the program can read host files (README "Security")
-    python_isolation: Literal["strict", "limits-only"] = "strict"
-
-
-@dataclass
 class RewardConfig:
     multi_tool_bonus: float = 0.0
     format_penalty: float = -1.0
@@ -167,6 +125,9 @@ class Config:
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     out_dir: str = "runs/default"
+    # modules (dotted names or .py paths) imported before the config is checked, so the losses,
+    # estimators, tools and strategies they register can be named in it (examples/extend/)
+    plugins: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -192,6 +153,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError("; ".join(errors) or f"{key}: bad value {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
@@ -284,13 +249,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML{at}: "
+                              f"{getattr(e, 'problem', None) or e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
         data = loaded
     for ov in overrides or []:
         data = _merge(data, _nest(*parse_override(ov)))
     cfg = Config()
+    plugins = data.get("plugins") or []
+    if isinstance(plugins, str):
+        plugins = [p for p in plugins.split(",") if p]
+    import_plugins(plugins)
     algo = data.get("algo", cfg.algo)
     apply_preset(cfg, str(algo))
     _apply(cfg, data)
@@ -298,8 +273,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def import_plugins(names: list[str]) -> None:
+    """Import each plugin once: a dotted module name, or a path to a .py file (relative to the
+    working directory). ConfigError names a plugin that cannot be found or fails to import."""
+    import importlib
+    import importlib.util
+    import sys
+
+    for name in names:
+        name = str(name)
+        try:
+            if name.endswith(".py"):
+                path = Path(name).resolve()
+                if not path.is_file():
+                    raise ConfigError(f"plugins: {name!r} is not a file")
+                mod_name = f"aepo_plugin_{path.stem}_{abs(hash(str(path))) % 10**8}"
+                if mod_name in sys.modules:
+                    continue
+                spec = importlib.util.spec_from_file_location(mod_name, path)
+                assert spec is not None and spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[mod_name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[mod_name]
+                    raise
+            else:
+                importlib.import_module(name)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"plugins: importing {name!r} failed: {type(e).__name__}: {e}") from None
+
+
 def apply_preset(cfg: Config, algo: str) -> None:
-    """Set the rollout/advantage/loss fields of the preset `algo` (ALGORITHMS.md section 6)."""
+    """Set the rollout/advantage/loss fields of the preset `algo` (docs/algorithms.md section 6)."""
     from aepo.algos.presets import get_preset
 
     preset = get_preset(algo)
@@ -307,20 +316,65 @@ def apply_preset(cfg: Config, algo: str) -> None:
     _apply(cfg, preset)
 
 
+def _check(ok: bool, key: str, value: Any, want: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {want}, got {value!r}; set it in the config file or as {key}=VALUE")
+
+
+def _check_name(key: str, value: str, names: Any) -> None:
+    names = list(names)
+    if value not in names:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, names))} "
+                          "(a name registered by a plugin needs plugins=[module or file.py])")
+
+
 def validate(cfg: Config) -> None:
-    r, t = cfg.rollout, cfg.trainer
-    if r.n < 1:
-        raise ConfigError(f"rollout.n must be >= 1, got {r.n}")
-    if r.initial_rollouts < 0 or r.initial_rollouts > r.n:
-        raise ConfigError(f"rollout.initial_rollouts must be in [0, rollout.n={r.n}], got {r.initial_rollouts}")
-    if r.temperature <= 0:
-        raise ConfigError(f"rollout.temperature must be > 0, got {r.temperature}")
-    if not 0 < r.top_p <= 1:
-        raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
-    if t.ppo_micro_batch_size < 1 or t.ppo_mini_batch_size < 1:
-        raise ConfigError("trainer.ppo_mini_batch_size and trainer.ppo_micro_batch_size must be >= 1")
-    if t.total_steps < 0:
-        raise ConfigError(f"trainer.total_steps must be >= 0, got {t.total_steps}")
+    """Every value in range and every name registered, before any work; ConfigError names the
+    key, the value and what is accepted."""
+    from aepo import algos
+    from aepo.rollout.strategies import strategy_names
+    from aepo.tools import tool_names
+
+    r, t, a, tl = cfg.rollout, cfg.trainer, cfg.actor, cfg.tools
+    _check_name("rollout.strategy", r.strategy, strategy_names())
+    _check_name("actor.adv_estimator", a.adv_estimator, algos.advantage_names())
+    _check_name("actor.policy_loss", a.policy_loss, algos.policy_loss_names())
+    _check_name("actor.loss_agg_mode", a.loss_agg_mode, algos.AGG_MODES)
+    _check_name("actor.kl_type", a.kl_type, algos.KL_KINDS)
+    for i, name in enumerate(tl.enabled):
+        _check_name(f"tools.enabled[{i}]", name, tool_names())
+    try:
+        algos.policy_loss_config(a)
+        algos.advantage_config(a)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check(r.n >= 1, "rollout.n", r.n, ">= 1")
+    _check(0 <= r.initial_rollouts <= r.n, "rollout.initial_rollouts", r.initial_rollouts, f"in [0, rollout.n={r.n}]")
+    _check(r.temperature > 0, "rollout.temperature", r.temperature, "> 0")
+    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
+    _check(r.top_k >= 0, "rollout.top_k", r.top_k, ">= 0 (0: off)")
+    for key in ("max_response_tokens", "n_probe", "branch_children"):
+        _check(getattr(r, key) >= 1, f"rollout.{key}", getattr(r, key), ">= 1")
+    for key in ("max_tool_calls", "max_result_tokens"):
+        _check(getattr(r, key) >= 0, f"rollout.{key}", getattr(r, key), ">= 0")
+    for key in ("clip_ratio_low", "clip_ratio_high"):
+        _check(0 <= getattr(a, key) < 1, f"actor.{key}", getattr(a, key), "in [0, 1) (a clip width around ratio 1)")
+    _check(a.clip_ratio_c > 1, "actor.clip_ratio_c", a.clip_ratio_c, "> 1 (the dual-clip constant)")
+    _check(a.kl_coef >= 0, "actor.kl_coef", a.kl_coef, ">= 0")
+    _check(t.total_steps >= 0, "trainer.total_steps", t.total_steps, ">= 0")
+    for key in ("prompts_per_step", "ppo_mini_batch_size", "ppo_micro_batch_size", "ppo_epochs"):
+        _check(getattr(t, key) >= 1, f"trainer.{key}", getattr(t, key), ">= 1")
+    _check(t.lr > 0, "trainer.lr", t.lr, "> 0")
+    _check(t.weight_decay >= 0, "trainer.weight_decay", t.weight_decay, ">= 0")
+    _check(all(0 <= b < 1 for b in t.betas), "trainer.betas", list(t.betas), "two numbers in [0, 1)")
+    _check(t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "> 0")
+    _check(t.warmup_steps >= 0, "trainer.warmup_steps", t.warmup_steps, ">= 0")
+    _check(t.save_every >= 0, "trainer.save_every", t.save_every, ">= 0 (0: no checkpoints)")
+    _check(t.keep_last >= 0, "trainer.keep_last", t.keep_last, ">= 0 (0: keep all)")
+    _check(tl.timeout > 0, "tools.timeout", tl.timeout, "> 0")
+    _check(tl.python_timeout > 0, "tools.python_timeout", tl.python_timeout, "> 0")
+    _check(tl.python_memory_mb >= 16, "tools.python_memory_mb", tl.python_memory_mb, ">= 16")
+    _check(tl.search_topk >= 1, "tools.search_topk", tl.search_topk, ">= 1")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

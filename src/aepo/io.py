@@ -158,9 +158,9 @@ def _raise_if_disk_full(exc: BaseException, path: Path, free: int | None, hint: 
         raise DiskFullError(path, free, exc, hint) from exc
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSONL file; a bad line raises ValueError naming the file and line."""
-    rows = []
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; a bad line raises
+    ValueError naming the file and line."""
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             line = line.strip()
@@ -169,12 +169,87 @@ def read_jsonl(path: str | Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); fix or remove that line") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}; "
+                                 f"write one {{...}} object per line")
+            yield i, row
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSONL file; a bad line raises ValueError naming the file and line."""
+    return [row for _, row in iter_jsonl(path)]
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+# ----------------------------------------------------------------------------- output paths
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written: occupied by a file where a directory is needed
+    (or the reverse), or in a place this user cannot write to. The message names the path and
+    the option that gave it, and what to do."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not (p.exists() or p.is_symlink()) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_can_create_in(directory: Path, target: Path, what: str) -> None:
+    """Raise OutputPathError unless a file can be created in `directory` (tried for real, so a
+    read-only filesystem and missing permissions count; the probe file is removed at once)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".aepo-write-check.", suffix=".tmp")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputPathError(
+            f"{what} {target} is not writable (creating a file in {directory} fails: {reason}); choose a writable location "
+            f"or fix the permissions of {directory}") from None
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass
+
+
+def _check_creatable(directory: Path, target: Path, what: str) -> None:
+    """`directory` (the target itself or the directory a file goes in) exists and is writable,
+    or can be created under its nearest existing parent."""
+    if directory.exists() and not directory.is_dir():
+        raise OutputPathError(f"{what} {target} cannot be created because {directory} is a file, not a "
+                              f"directory; choose another {what}")
+    anchor = directory if directory.is_dir() else _nearest_existing(directory)
+    if not anchor.is_dir():
+        raise OutputPathError(f"{what} {target} cannot be created because {anchor} is a file, not a directory; "
+                              f"choose another {what}")
+    _check_can_create_in(anchor, target, what)
+
+
+def check_output_dir(path: str | Path, what: str = "--out") -> Path:
+    """Check, without creating anything, that `path` can be used as an output directory: it is
+    a writable directory, or it does not exist and can be created (no file on the way, and the
+    nearest existing parent is writable). `what` names the option in the message."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputPathError(f"{what} {p} is a file, but a directory is needed there; "
+                              f"move the file away or choose another {what}")
+    _check_creatable(p, p, what)
+    return p
+
+
+def check_output_file(path: str | Path, what: str = "--out") -> Path:
+    """Check, without creating anything, that a file can be written at `path` (atomically, so its
+    directory must be writable): `path` is not a directory and its directory exists or can be
+    created."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputPathError(f"{what} {p} is a directory, but a file is needed there; "
+                              f"give a file path (e.g. {p / 'rollouts.jsonl'}) or choose another {what}")
+    _check_creatable(p.parent if str(p.parent) else Path("."), p, what)
+    return p

@@ -4,47 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from aepo.config import ConfigError, ToolsConfig
-
-TOOL_NAMES = ("search", "calc", "python")
+from aepo.tools.config import ToolsConfig
 
 
 def build_tool_runner(tools: ToolsConfig, *, corpus_docs: list[dict] | None = None) -> Any:
-    """A ToolRunner with the enabled tools; search chains cache -> BM25 corpus -> HTTP retriever."""
-    from aepo.tools.calc import Calculator
-    from aepo.tools.runner import ToolRunner
-    from aepo.tools.sandbox import PythonSandbox, SandboxError
-    from aepo.tools.search import BM25Backend, CacheBackend, HttpBackend, SearchTool
+    """A ToolRunner with the enabled tools (`aepo.tools.registry`); search chains cache ->
+    BM25 corpus (a file, else `corpus_docs`) -> HTTP retriever."""
+    from aepo.tools import build_tool_runner as build
 
-    bad = [t for t in tools.enabled if t not in TOOL_NAMES]
-    if bad:
-        raise ConfigError(f"tools.enabled: unknown tool(s) {bad}; valid: {', '.join(TOOL_NAMES)}")
-    made: list[Any] = []
-    if "search" in tools.enabled:
-        backends: list[Any] = []
-        if tools.search_cache:
-            backends.append(CacheBackend(tools.search_cache))
-        if tools.search_corpus:
-            backends.append(BM25Backend.from_jsonl(tools.search_corpus))
-        elif corpus_docs:
-            backends.append(BM25Backend(corpus_docs))
-        if tools.search_url:
-            backends.append(HttpBackend(tools.search_url))
-        if not backends:
-            raise ConfigError("tools.enabled has 'search' but no backend is set: give tools.search_cache, "
-                              "tools.search_corpus or tools.search_url")
-        made.append(SearchTool(backends, topk=tools.search_topk, max_chars=tools.search_max_chars))
-    if "calc" in tools.enabled:
-        made.append(Calculator())
-    if "python" in tools.enabled:
-        sandbox = PythonSandbox(timeout=min(tools.timeout, tools.python_timeout),
-                                memory_mb=tools.python_memory_mb, mode=tools.python_isolation)
-        try:
-            sandbox.isolation  # checked before any work: a run never starts with a sandbox that cannot hold
-        except SandboxError as e:
-            raise ConfigError(f"tools.enabled has 'python' but {e}") from None
-        made.append(sandbox)
-    return ToolRunner(made, timeout=tools.timeout)
+    return build(tools, corpus_docs=corpus_docs)
 
 
 def search_tools_config(cache: str | Path | None = None, corpus: str | Path | None = None,
@@ -57,6 +25,6 @@ def search_tools_config(cache: str | Path | None = None, corpus: str | Path | No
 
 def load_tasks(path: str | Path, *, prompt_key: str | None = None, answer_key: str | None = None,
                limit: int | None = None) -> list[Any]:
-    from aepo.tasks.datasets import load_dataset
+    from aepo.data.datasets import load_dataset
 
     return load_dataset(path, prompt_key=prompt_key or None, answer_key=answer_key or None, limit=limit)

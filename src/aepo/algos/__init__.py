@@ -1,16 +1,19 @@
 """Pure tensor math of the algorithms: entropy, advantages, policy losses, regularisers, presets.
 
-No models, tokenizers or I/O here: tensors in, tensors out (ALGORITHMS.md is the reference).
+No models, tokenizers or I/O here: tensors in, tensors out (docs/algorithms.md is the reference).
 """
 from aepo.algos.advantages import (
     ADVANTAGE_REGISTRY,
     AdvantageInputs,
+    advantage_config,
     advantage_names,
+    advantage_spec,
     compute_advantages,
     entropy_zscore,
     get_advantage_fn,
     group_index,
     hard_attribution,
+    per_token_config,
     register_advantage,
 )
 from aepo.algos.entropy import segment_entropy, token_entropy, topk_probe_entropy
@@ -20,7 +23,9 @@ from aepo.algos.losses import (
     PolicyLossInputs,
     agg_loss,
     get_policy_loss_fn,
+    loss_options,
     policy_loss,
+    policy_loss_config,
     policy_loss_names,
     register_policy_loss,
 )
@@ -44,7 +49,9 @@ __all__ = [
     "AdvantageInputs",
     "EntropyHistory",
     "PolicyLossInputs",
+    "advantage_config",
     "advantage_names",
+    "advantage_spec",
     "agg_loss",
     "compute_advantages",
     "entropy_zscore",
@@ -56,8 +63,11 @@ __all__ = [
     "get_preset",
     "group_index",
     "hard_attribution",
+    "loss_options",
+    "per_token_config",
     "kl_penalty",
     "policy_loss",
+    "policy_loss_config",
     "policy_loss_names",
     "preset_names",
     "register_advantage",

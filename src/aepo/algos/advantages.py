@@ -1,4 +1,4 @@
-"""Outcome-reward advantage estimators (ALGORITHMS.md section 4), looked up by name.
+"""Outcome-reward advantage estimators (docs/algorithms.md section 4), looked up by name.
 
 Every estimator turns one scalar reward per row into a per-token advantage [B, T] that is
 zero on masked tokens. Rows are grouped by `group_ids` (all rollouts of one prompt form a
@@ -14,21 +14,27 @@ gets advantage 0 (before any batch-level normalisation).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 __all__ = [
     "ADVANTAGE_REGISTRY",
     "AdvantageInputs",
+    "ADVANTAGE_SPECS",
+    "AdvantageSpec",
+    "advantage_config",
     "advantage_names",
+    "advantage_spec",
     "compute_advantages",
     "entropy_shaped_advantage",
     "entropy_zscore",
     "get_advantage_fn",
     "group_index",
     "hard_attribution",
+    "per_token_config",
     "register_advantage",
 ]
 
@@ -36,16 +42,81 @@ AdvantageFn = Callable[..., torch.Tensor]
 ADVANTAGE_REGISTRY: dict[str, AdvantageFn] = {}
 
 
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    """Decorator: make `fn(inputs: AdvantageInputs, **opts) -> Tensor[B, T]` available as `name`."""
+@dataclass(frozen=True)
+class AdvantageSpec:
+    """How a trainer runs a registered estimator. `config` maps its keyword-only options to the
+    `actor.*` fields holding them. An estimator that needs the current policy's token entropies
+    names `per_token`: the trainer then computes the estimator `base` on the whole batch (the
+    group part) and applies `per_token(base_adv, entropy, mask, **opts)` inside each
+    micro-batch, with the detached entropies of that micro-batch's training forward pass."""
+
+    config: Mapping[str, str] = field(default_factory=dict)
+    base: str | None = None
+    per_token: Callable[..., torch.Tensor] | None = None
+
+
+ADVANTAGE_SPECS: dict[str, AdvantageSpec] = {}
+
+
+def register_advantage(
+    name: str, *, config: Mapping[str, str] | None = None, base: str | None = None,
+    per_token: Callable[..., torch.Tensor] | None = None,
+) -> Callable[[AdvantageFn], AdvantageFn]:
+    """Decorator: make `fn(inputs: AdvantageInputs, **opts) -> Tensor[B, T]` available as `name`;
+    `config`, `base` and `per_token` tell a trainer how to run it (`AdvantageSpec`)."""
 
     def decorator(fn: AdvantageFn) -> AdvantageFn:
         if name in ADVANTAGE_REGISTRY and ADVANTAGE_REGISTRY[name] is not fn:
             raise ValueError(f"advantage estimator {name!r} is already registered")
         ADVANTAGE_REGISTRY[name] = fn
+        ADVANTAGE_SPECS[name] = AdvantageSpec(config=dict(config or {}), base=base, per_token=per_token)
         return fn
 
     return decorator
+
+
+def advantage_spec(name: str) -> AdvantageSpec:
+    get_advantage_fn(name)
+    return ADVANTAGE_SPECS[name]
+
+
+def _options(fn: Callable[..., Any]) -> list[str]:
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def advantage_config(actor: Any, name: str | None = None) -> dict[str, Any]:
+    """The options of estimator `name` (default `actor.adv_estimator`) from an actor config: the
+    `actor.*` fields its registration names, then `actor.adv_estimator_options`; only those the
+    function takes. ValueError names an option in `adv_estimator_options` it does not take."""
+    chosen = actor.adv_estimator
+    name = name or chosen
+    allowed = _options(get_advantage_fn(name))
+    spec = advantage_spec(chosen)
+    kw = {opt: getattr(actor, key) for opt, key in spec.config.items() if opt in allowed}
+    extra = dict(getattr(actor, "adv_estimator_options", None) or {})
+    own = _options(get_advantage_fn(chosen)) + (_per_token_options(spec) if spec.per_token else [])
+    unknown = sorted(set(extra) - set(own))
+    if unknown:
+        raise ValueError(f"actor.adv_estimator_options: estimator {chosen!r} has no option(s) {unknown}; "
+                         f"its options: {own or 'none'}")
+    return {**kw, **{k: v for k, v in extra.items() if k in allowed}}
+
+
+def _per_token_options(spec: AdvantageSpec) -> list[str]:
+    params = list(inspect.signature(spec.per_token).parameters.values())[3:]  # after (adv, entropy, mask)
+    return [p.name for p in params]
+
+
+def per_token_config(actor: Any) -> dict[str, Any]:
+    """The options of the estimator's `per_token` step from an actor config (its `config`
+    mapping, then `actor.adv_estimator_options`), for the parameters that step takes."""
+    spec = advantage_spec(actor.adv_estimator)
+    if spec.per_token is None:
+        return {}
+    allowed = _per_token_options(spec)
+    kw = {opt: getattr(actor, key) for opt, key in spec.config.items() if opt in allowed}
+    extra = dict(getattr(actor, "adv_estimator_options", None) or {})
+    return {**kw, **{k: v for k, v in extra.items() if k in allowed}}
 
 
 def advantage_names() -> list[str]:
@@ -137,7 +208,7 @@ def _grpo_per_row(inp: AdvantageInputs, norm_by_std: bool, epsilon: float) -> to
 # ----------------------------------------------------------------------------- estimators
 
 
-@register_advantage("grpo")
+@register_advantage("grpo", config={"norm_by_std": "norm_adv_by_std_in_grpo"})
 def grpo_advantage(inp: AdvantageInputs, *, norm_by_std: bool = True, epsilon: float = 1e-6) -> torch.Tensor:
     """GRPO group-normalised outcome advantage, broadcast to response tokens.
 
@@ -199,7 +270,6 @@ def entropy_zscore(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(valid & ok, z, torch.zeros_like(z))
 
 
-@register_advantage("aepo")
 def aepo_advantage(
     inp: AdvantageInputs, *, alpha: float = 0.2, norm_by_std: bool = True, epsilon: float = 1e-6
 ) -> torch.Tensor:
@@ -209,9 +279,10 @@ def aepo_advantage(
     detached token entropy over the valid tokens of the batch given (unbiased std; z = 0 when
     the std is 0 or there are fewer than 2 valid tokens). Needs `entropy` [B, T], which should
     be the current policy's (the training forward pass), with z over one micro-batch
-    (ALGORITHMS.md section 4). This one-shot form is for callers that already hold those
-    entropies (the verl adapter); `RLTrainer` instead keeps the GRPO part in the batch and
-    applies `entropy_shaped_advantage` inside each micro-batch's loss.
+    (docs/algorithms.md section 4). This one-shot form z-scores over whatever batch it is given;
+    `RLTrainer` instead keeps the GRPO part in the batch and applies `entropy_shaped_advantage`
+    inside each micro-batch's loss. The verl adapter calls this form with the entropies verl
+    computed for pi_old over its whole batch (docs/algorithms.md, "Open points").
     """
     if inp.entropy is None:
         raise ValueError("advantage 'aepo' needs entropy=[B, T] token entropies of the current policy")
@@ -222,7 +293,7 @@ def aepo_advantage(
 def entropy_shaped_advantage(
     base_adv: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, alpha: float = 0.2
 ) -> torch.Tensor:
-    """The entropy factor of the AEPO advantage (ALGORITHMS.md section 4), applied to a given
+    """The entropy factor of the AEPO advantage (docs/algorithms.md section 4), applied to a given
     advantage: A~_t = A_t * (1 + alpha * z(H_t)), z = `entropy_zscore` over the valid tokens of
     `mask` (so over whatever batch the caller passes: the trainer passes one micro-batch of the
     training forward pass, as the released actor does). `entropy` is detached; the result has
@@ -237,6 +308,11 @@ def entropy_shaped_advantage(
     z = entropy_zscore(entropy, valid).to(device=base_adv.device, dtype=base_adv.dtype)
     shaped = base_adv * (1.0 + alpha * z)
     return torch.where(valid.to(base_adv.device), shaped, torch.zeros_like(shaped))
+
+
+# AEPO in a trainer: the GRPO part on the whole batch, the entropy factor per micro-batch
+register_advantage("aepo", config={"alpha": "entropy_adv_alpha", "norm_by_std": "norm_adv_by_std_in_grpo"},
+                   base="grpo", per_token=entropy_shaped_advantage)(aepo_advantage)
 
 
 # ----------------------------------------------------------------------------- tree rollouts

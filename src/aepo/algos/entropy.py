@@ -1,4 +1,4 @@
-"""Token entropy (ALGORITHMS.md section 1): full, top-k probe and segment entropy.
+"""Token entropy (docs/algorithms.md section 1): full, top-k probe and segment entropy.
 
 Tensors in, tensors out; all arithmetic runs in float32 whatever the input dtype, and the
 result is float32 on the input's device.
@@ -71,7 +71,7 @@ def segment_entropy(
     vocab_size: int | None = None,
     reduce: Literal["rescaled_sum", "sum", "mean"] = "rescaled_sum",
 ) -> torch.Tensor:
-    """Entropy of a segment from its first `n_probe` valid tokens (last dim), ALGORITHMS.md section 1.
+    """Entropy of a segment from its first `n_probe` valid tokens (last dim), docs/algorithms.md section 1.
 
     - "rescaled_sum" (default): H_seg = (n_probe / n) * sum_{t <= n} H_t / log|V|,
       n = min(n_probe, #valid tokens): the sum the ARPO paper defines, length-rescaled so that a

@@ -1,4 +1,4 @@
-"""Token-level policy-gradient losses (ALGORITHMS.md section 5) and their aggregation.
+"""Token-level policy-gradient losses (docs/algorithms.md section 5) and their aggregation.
 
     loss, metrics = policy_loss("aepo", log_prob, old_log_prob, advantages, response_mask)
 
@@ -16,8 +16,9 @@ of a token is f in  d(loss_t)/d(log pi_theta) = -A * f.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,7 +30,9 @@ __all__ = [
     "agg_loss",
     "clipped_token_mask",
     "get_policy_loss_fn",
+    "loss_options",
     "policy_loss",
+    "policy_loss_config",
     "policy_loss_names",
     "register_policy_loss",
 ]
@@ -120,26 +123,53 @@ LossFn = Callable[..., "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 @dataclass(frozen=True)
 class PolicyLossSpec:
-    """A registered loss: its function and the upper clip width it uses by default."""
+    """A registered loss: its function, the upper clip width it uses by default, and where its
+    settings come from in a run config: `config` maps a `policy_loss` argument (`clip_low`,
+    `clip_high`, or one of the function's keyword-only options) to the `actor.*` field holding it."""
 
     fn: LossFn
     default_clip_high: float
+    config: Mapping[str, str] = field(default_factory=dict)
 
 
 POLICY_LOSS_REGISTRY: dict[str, PolicyLossSpec] = {}
 
 
-def register_policy_loss(name: str, *, clip_high: float = 0.2) -> Callable[[LossFn], LossFn]:
+def register_policy_loss(
+    name: str, *, clip_high: float = 0.2, config: Mapping[str, str] | None = None
+) -> Callable[[LossFn], LossFn]:
     """Decorator: make `fn(inputs: PolicyLossInputs, **opts) -> (loss_mat [B, T], metrics)`
-    available as `name`; `clip_high` is the upper clip width used when the caller passes None."""
+    available as `name`; `clip_high` is the upper clip width used when the caller passes None;
+    `config` maps its options to `actor.*` fields (`policy_loss_config`)."""
 
     def decorator(fn: LossFn) -> LossFn:
         if name in POLICY_LOSS_REGISTRY and POLICY_LOSS_REGISTRY[name].fn is not fn:
             raise ValueError(f"policy loss {name!r} is already registered")
-        POLICY_LOSS_REGISTRY[name] = PolicyLossSpec(fn=fn, default_clip_high=clip_high)
+        POLICY_LOSS_REGISTRY[name] = PolicyLossSpec(fn=fn, default_clip_high=clip_high, config=dict(config or {}))
         return fn
 
     return decorator
+
+
+_COMMON_CONFIG = {"clip_low": "clip_ratio_low", "clip_high": "clip_ratio_high", "clip_c": "clip_ratio_c",
+                  "agg": "loss_agg_mode"}
+
+
+def policy_loss_config(actor: Any) -> dict[str, Any]:
+    """The keyword arguments of `policy_loss(actor.policy_loss, ...)` from an actor config:
+    the clip widths and aggregation mode, the loss's own options from the `actor.*` fields its
+    registration names, then `actor.policy_loss_options` (options with no field of their own).
+    Runtime inputs a loss declares (such as clip_cov's `generator`) are the caller's to add.
+    ValueError names an option the loss does not take."""
+    spec = _get_spec(actor.policy_loss)
+    kw = {opt: getattr(actor, key) for opt, key in {**_COMMON_CONFIG, **spec.config}.items()}
+    extra = dict(getattr(actor, "policy_loss_options", None) or {})
+    allowed = _loss_options(spec.fn)
+    unknown = sorted(set(extra) - set(allowed))
+    if unknown:
+        raise ValueError(f"actor.policy_loss_options: loss {actor.policy_loss!r} has no option(s) {unknown}; "
+                         f"its options: {allowed or 'none'}")
+    return {**kw, **extra}
 
 
 def policy_loss_names() -> list[str]:
@@ -270,7 +300,7 @@ def gppo_loss(inp: PolicyLossInputs) -> tuple[torch.Tensor, dict[str, torch.Tens
     return loss, {"clipfrac": _frac(use_clip, inp.mask)}
 
 
-@register_policy_loss("cispo")
+@register_policy_loss("cispo", config={"clip_low": "cispo_clip_low", "clip_high": "cispo_clip_high"})
 def cispo_loss(inp: PolicyLossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CISPO: clipped importance-sampling weight under a stop-gradient; no token is dropped.
 
@@ -298,7 +328,8 @@ def aepo_loss(inp: PolicyLossInputs) -> tuple[torch.Tensor, dict[str, torch.Tens
     return loss, {"clipfrac": _frac(use_clip, inp.mask)}
 
 
-@register_policy_loss("clip_cov")
+@register_policy_loss("clip_cov", config={"clip_ratio": "clip_cov_ratio", "clip_cov_lb": "clip_cov_lb",
+                                          "clip_cov_ub": "clip_cov_ub"})
 def clip_cov_loss(
     inp: PolicyLossInputs,
     *,
@@ -337,7 +368,7 @@ def clip_cov_loss(
     return loss, {"clipfrac": _frac(clipped_by_ppo, mask), "clip_cov_frac": _frac(corr == 0, mask)}
 
 
-@register_policy_loss("kl_cov")
+@register_policy_loss("kl_cov", config={"kl_cov_ratio": "kl_cov_ratio", "ppo_kl_coef": "kl_cov_coef"})
 def kl_cov_loss(
     inp: PolicyLossInputs, *, kl_cov_ratio: float = 0.002, ppo_kl_coef: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -368,6 +399,11 @@ def kl_cov_loss(
 # ----------------------------------------------------------------------------- entry point
 
 _AGG_OPTIONS = ("batch_num_tokens", "batch_num_seqs", "loss_scale_factor")
+
+
+def loss_options(name: str) -> list[str]:
+    """The keyword-only options of the registered loss `name`."""
+    return _loss_options(_get_spec(name).fn)
 
 
 def _loss_options(fn: LossFn) -> list[str]:

@@ -1,4 +1,4 @@
-"""Algorithm presets (ALGORITHMS.md section 6) as data: `algo=NAME` sets these config fields.
+"""Algorithm presets (docs/algorithms.md section 6) as data: `algo=NAME` sets these config fields.
 
 Each preset names the rollout strategy, the advantage estimator and the policy loss; every
 field can still be overridden on its own for ablations (e.g. `algo=aepo rollout.strategy=independent`).

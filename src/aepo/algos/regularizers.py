@@ -1,4 +1,4 @@
-"""Regularisers added to the policy loss (ALGORITHMS.md section 5): KL to a reference policy
+"""Regularisers added to the policy loss (docs/algorithms.md section 5): KL to a reference policy
 and EPO's entropy regulariser (entropy bonus + phase-weighted entropy band penalty).
 
 EPO in one step of training:

@@ -11,12 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 PANELS = [
-    ("reward_mean", "reward (mean)"),
-    ("accuracy", "training accuracy"),
-    ("entropy", "token entropy (nats)"),
-    ("tool_calls", "tool calls per rollout"),
-    ("branches", "branches per step"),
-    ("response_length", "response length (tokens)"),
+    ("reward/mean", "reward (mean)"),
+    ("reward/accuracy", "training accuracy"),
+    ("rollout/entropy", "token entropy (nats)"),
+    ("rollout/tool_calls", "tool calls per rollout"),
+    ("rollout/branches", "branches per step"),
+    ("rollout/response_length", "response length (tokens)"),
 ]
 
 
@@ -33,7 +33,7 @@ def plot_curves(runs: dict[str, Sequence[dict]], out_path: str | Path, *,
     """Plot `keys` against step for each named run (a list of per-step metric dicts)."""
     keys = [(k, lab) for k, lab in keys if any(any(k in r for r in rows) for rows in runs.values())]
     if not keys:
-        keys = [("reward_mean", "reward (mean)")]
+        keys = [("reward/mean", "reward (mean)")]
     cols = 2 if len(keys) > 1 else 1
     nrows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 3.2 * nrows), squeeze=False)

@@ -16,14 +16,14 @@ import numpy as np
 import torch
 
 from aepo.config import RolloutConfig
-from aepo.eval.metrics import mean_diversity, pass_at_k
+from aepo.console import StepProgress
+from aepo.data.datasets import TaskRow
+from aepo.data.prompting import encode_prompt
 from aepo.io import atomic_write_json, atomic_write_text
+from aepo.rewards import score_trajectory
+from aepo.rewards.metrics import mean_diversity, pass_at_k
+from aepo.rollout.sampler import TorchSampler
 from aepo.rollout.strategies import rollout
-from aepo.rollout.torch_sampler import TorchSampler
-from aepo.tasks.datasets import TaskRow
-from aepo.tasks.prompting import encode_prompt
-from aepo.tasks.rewards import score_trajectory
-from aepo.train.console import StepProgress
 
 
 def _ks(n: int) -> list[int]:
@@ -40,6 +40,8 @@ def evaluate_tasks(
     title: str = "eval",
 ) -> list[dict[str, Any]]:
     """Roll out `n` independent samples per task and score them; returns one record per task."""
+    if n < 1:
+        raise ValueError(f"n (samples per question) must be >= 1, got {n}")
     cfg = dataclasses.replace(rollout_cfg or RolloutConfig(), strategy="independent", n=n)
     done: dict[str, dict] = {}
     if samples_path is not None and Path(samples_path).exists():
@@ -92,6 +94,50 @@ def evaluate_tasks(
     return [done[t.id] for t in tasks if t.id in done]
 
 
+def judge_records(records: Sequence[dict[str, Any]], judge: Any, *, max_workers: int = 8) -> dict[str, int]:
+    """Ask `judge` (an `aepo.data.judge.LLMJudge`) about every sample of `records` that has an
+    answer, and store its verdict as the sample's `judge` (True / False, None when the call
+    failed or the reply had no verdict; a sample without an answer is False without a call).
+    Returns {"judged", "failed"} counts; `summarize` then reports `judge_accuracy` beside the
+    rule-based accuracy. A sample judged in an earlier run keeps its verdict."""
+    items, where = [], []
+    for r in records:
+        for s in r["samples"]:
+            if s.get("judge") is not None:
+                continue
+            if not s.get("answer"):
+                s["judge"] = False
+                continue
+            items.append((r["question"], s["answer"], r["gold"]))
+            where.append(s)
+    verdicts = judge.judge_many(items, max_workers=max_workers) if items else []
+    failed = 0
+    for s, v in zip(where, verdicts):
+        s["judge"] = v.correct
+        if v.correct is None:
+            failed += 1
+            s["judge_error"] = v.error
+    return {"judged": len(items), "failed": failed}
+
+
+def rewrite_samples(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
+    """Replace the per-sample file with `records` (atomically), e.g. after judging."""
+    from aepo.io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def search_qa_share(tasks: Sequence[TaskRow]) -> float:
+    """The share of `tasks` that look like search QA: scored by the QA scorer (EM/F1 on short
+    factual answers, as NQ, HotpotQA, Bamboogle or the demo world), not by math equivalence.
+    The CLI warns when most rows are such and no search tool is configured."""
+    from aepo.rewards import get_scorer, qa_scorer
+
+    if not tasks:
+        return 0.0
+    return sum(get_scorer(t.data_source, t.answers) is qa_scorer for t in tasks) / len(tasks)
+
+
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """pass@1 (mean accuracy), unbiased pass@k, EM/F1, tools, length, finish reasons, diversity."""
     if not records:
@@ -110,6 +156,11 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["response_length"] = float(np.mean([s["length"] for s in flat]))
     out["finish_reasons"] = dict(Counter(s["finish"] for s in flat))
     out["diversity"] = float(mean_diversity([[s["text"] for s in r["samples"][:n]] for r in records]))
+    verdicts = [s["judge"] for s in flat if "judge" in s]
+    if verdicts:
+        known = [v for v in verdicts if v is not None]
+        out["judge_accuracy"] = float(np.mean(known)) if known else float("nan")
+        out["judge_failed"] = len(verdicts) - len(known)
     return out
 
 
@@ -118,13 +169,17 @@ def summary_markdown(summary: dict[str, dict[str, Any]], title: str = "Evaluatio
     if not summary:
         return f"# {title}\n\n(no datasets)\n"
     ks = sorted({int(k.split("@")[1]) for s in summary.values() for k in s if k.startswith("pass@")})
+    judged = any("judge_accuracy" in s for s in summary.values())
     head = ["dataset", "questions", "samples"] + [f"pass@{k}" for k in ks] + ["EM", "F1", "tool calls", "length"]
+    head += ["judge accuracy"] if judged else []
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in summary.items():
         row = [name, str(s.get("n_questions", 0)), str(s.get("n_samples", 0))]
         row += [f"{100 * s[f'pass@{k}']:.1f}" if f"pass@{k}" in s else "" for k in ks]
         row += [f"{100 * s.get('em', 0):.1f}", f"{100 * s.get('f1', 0):.1f}", f"{s.get('tool_calls', 0):.2f}",
                 f"{s.get('response_length', 0):.0f}"]
+        if judged:
+            row.append(f"{100 * s['judge_accuracy']:.1f}" if "judge_accuracy" in s else "")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -10,7 +10,6 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "PROTOCOL_TAGS": "aepo.models.tokenizer",
     "build_tokenizer": "aepo.models.tokenizer",
     "read_corpus": "aepo.models.tokenizer",
     "save_tokenizer": "aepo.models.tokenizer",

@@ -14,8 +14,10 @@ app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code=1)
+    """One line on stderr, `error: <what is wrong>; <what to do>`, and exit status 2 (as `aepo`'s
+    other commands)."""
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code=2)
 
 
 @app.command("init")
@@ -31,15 +33,27 @@ def init_command(
     seed: int = typer.Option(0, "--seed", help="Initialisation seed; the same seed gives the same weights."),
     arch: str = typer.Option("qwen3", "--arch", help="Architecture family: qwen3, qwen2 or llama."),
     max_vocab: int = typer.Option(8000, "--max-vocab", min=300, help="Upper bound on the vocabulary size."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT when it already holds files (a model)."),
 ) -> None:
     """Build a tokenizer and a randomly initialised causal LM, and save both to OUT."""
-    from aepo.models.factory import count_parameters, init_model
+    from aepo.io import atomic_dir, check_output_dir
+    from aepo.models.factory import check_model_args, count_parameters, init_model
     from aepo.models.tokenizer import build_tokenizer, read_corpus
 
     try:
+        check_model_args(preset, arch)
+        check_output_dir(out, "OUT")
+        if out.is_dir() and any(out.iterdir()) and not force:
+            held = sorted(p.name for p in out.iterdir())
+            shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+            kind = "a model" if (out / "config.json").exists() else "files"
+            raise ValueError(f"OUT {out} already holds {kind} ({shown}); pass --force to replace it, "
+                             f"or choose another directory")
         texts = read_corpus(corpus) if corpus is not None else None
         tokenizer = build_tokenizer(texts, max_vocab=max_vocab)
-        model = init_model(out, tokenizer, preset=preset, seed=seed, arch=arch)
+        # written next to OUT and swapped in at the end: a failure leaves no half-written model
+        with atomic_dir(out) as tmp:
+            model = init_model(tmp, tokenizer, preset=preset, seed=seed, arch=arch)
     except ValueError as err:
         _fail(str(err))
         return
@@ -55,7 +69,7 @@ def info_command(path: Path = typer.Argument(..., help="A local HF causal LM dir
 
     try:
         model, tokenizer = load_model(path, device="cpu")
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
         return
     cfg = model.config

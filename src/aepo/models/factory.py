@@ -57,14 +57,19 @@ PRESETS: dict[str, ModelPreset] = {
 ARCHITECTURES = ("qwen3", "qwen2", "llama")
 
 
-def model_config(
-    tokenizer: PreTrainedTokenizerBase, preset: str = "tiny", arch: str = "qwen3"
-) -> PretrainedConfig:
-    """The HF config of a built-in model: `preset` sizes, `arch` family, vocab of `tokenizer`."""
+def check_model_args(preset: str, arch: str) -> None:
+    """ValueError naming a preset or arch that is not built in, with the valid choices."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown model arch {arch!r}; choose one of {list(ARCHITECTURES)}")
+
+
+def model_config(
+    tokenizer: PreTrainedTokenizerBase, preset: str = "tiny", arch: str = "qwen3"
+) -> PretrainedConfig:
+    """The HF config of a built-in model: `preset` sizes, `arch` family, vocab of `tokenizer`."""
+    check_model_args(preset, arch)
     p = PRESETS[preset]
     common = dict(
         vocab_size=len(tokenizer),
@@ -115,6 +120,9 @@ def init_model(
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.eval()
     if out_dir is not None:
+        from aepo.models.loading import silence_transformers_progress
+
+        silence_transformers_progress()
         path = Path(out_dir)
         path.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(path), safe_serialization=True)

@@ -7,6 +7,7 @@ names the directory and what it lacks.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ _WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# the files that hold a vocabulary (tokenizer_config.json alone does not)
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -40,7 +43,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     except RuntimeError as err:
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from err
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use device cpu (or auto)")
     return resolved
 
 
@@ -53,24 +56,174 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def check_model_dir(path: str | Path) -> Path:
-    """Return the directory if it looks like a loadable HF causal LM, else raise ValueError."""
+class ModelDirError(ValueError):
+    """A model directory that cannot be loaded: a missing, empty, truncated or malformed file,
+    or weights that do not fit its config.json. The message names the directory and the file,
+    and says what to do."""
+
+
+def silence_transformers_progress() -> None:
+    """Turn off transformers' own progress bars ("Loading weights", "Writing model shards"):
+    the commands show their own progress, and a bar per load clutters every log."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _where(root: Path) -> str:
+    return f"model directory {str(root)!r}"
+
+
+def _read_safetensors_header(root: Path, file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header; ModelDirError if the file is empty,
+    truncated or not safetensors. Reads the header only, not the weights."""
+    fix = f"copy {file.name} again from where the model came from (or re-save the model)"
+    size = file.stat().st_size
+    if size == 0:
+        raise ModelDirError(f"{_where(root)}: {file.name} is empty (0 bytes); {fix}")
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if len(head) < 8 or n <= 1 or n > 100 * 2**20:
+            raise ModelDirError(f"{_where(root)}: {file.name} is not a safetensors file or is damaged "
+                                f"(no valid header in its {size} bytes); {fix}")
+        if 8 + n > size:
+            raise ModelDirError(f"{_where(root)}: {file.name} is truncated ({size} bytes, shorter than "
+                                f"its own header says); {fix}")
+        try:
+            header = json.loads(f.read(n))
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+            shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in tensors.items()}
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ModelDirError(f"{_where(root)}: {file.name} has a damaged header; {fix}") from None
+    if 8 + n + end > size:
+        raise ModelDirError(f"{_where(root)}: {file.name} is truncated ({size} of {8 + n + end} bytes); {fix}")
+    return shapes
+
+
+def _weight_shapes(root: Path) -> dict[str, tuple[int, ...]] | None:
+    """Shapes of the safetensors weights transformers would load (None for .bin weights), after
+    checking that every file is there and complete."""
+    single = root / "model.safetensors"
+    if single.is_file():
+        return _read_safetensors_header(root, single)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelDirError(f"{_where(root)}: {index.name} is not a valid weights index (JSON with a "
+                                f"\"weight_map\"); copy it again from where the model came from") from None
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in shards:
+            if not (root / name).is_file():
+                raise ModelDirError(f"{_where(root)}: {index.name} lists {name}, which is missing; "
+                                    f"copy every weights shard into the directory")
+            shapes.update(_read_safetensors_header(root, root / name))
+        return shapes
+    for name in ("pytorch_model.bin",):
+        if (root / name).is_file() and (root / name).stat().st_size == 0:
+            raise ModelDirError(f"{_where(root)}: {name} is empty (0 bytes); copy it again from where the "
+                                f"model came from")
+    return None
+
+
+def _check_config(root: Path) -> None:
+    path = root / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ModelDirError(f"{_where(root)}: config.json is not a text file; restore it from where the "
+                            f"model came from") from None
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{_where(root)}: config.json is not valid JSON ({e.msg} at line {e.lineno}, "
+                            f"column {e.colno}); fix it, or restore it from where the model came from") from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{_where(root)}: config.json must hold a JSON object, got {type(data).__name__}; "
+                            f"restore it from where the model came from")
+    if not data.get("model_type"):
+        raise ModelDirError(f"{_where(root)}: config.json has no \"model_type\"; restore it from where the "
+                            f"model came from")
+
+
+def _check_shapes_match_config(root: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Compare the weights' shapes with those of the model config.json describes (built on the
+    meta device: no memory, no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(root), local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise ModelDirError(f"{_where(root)}: config.json does not describe a causal LM that transformers can "
+                            f"build ({_first_line(e)}); restore it from where the model came from") from None
+    except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device: not checked here
+        return
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = [(k, shapes[k], expected[k]) for k in sorted(shapes) if k in expected and shapes[k] != expected[k]]
+    if bad:
+        k, got, want = bad[0]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise ModelDirError(
+            f"{_where(root)}: the weights do not match config.json: {k} is {list(got)} in the weights but "
+            f"{list(want)} per config.json{more}; put the config.json that belongs to these weights in the "
+            f"directory (or the weights that belong to this config)")
+
+
+def check_model_dir(path: str | Path, *, deep: bool = True) -> Path:
+    """Return the directory if it looks like a loadable HF causal LM, else raise ModelDirError
+    (a ValueError) naming the directory, the file at fault and what to do.
+
+    Checks that config.json, weights and tokenizer files are present, that config.json is valid
+    JSON, and (with `deep`) that every safetensors weights file is complete and its tensors have
+    the shapes config.json implies. Only headers are read: nothing is loaded.
+    """
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise ValueError(f"model directory {str(root)!r} does not exist")
+        what = "is a file, not a directory" if root.exists() else "does not exist"
+        raise ModelDirError(f"{_where(root)} {what}; give a local HF model directory "
+                            f"(e.g. one made by `aepo model init`)")
     if not (root / "config.json").is_file():
-        raise ValueError(f"model directory {str(root)!r} lacks config.json")
+        raise ModelDirError(f"{_where(root)} lacks config.json; give a local HF model directory "
+                            f"(config.json, weights and tokenizer files)")
     has_weights = any((root / name).is_file() for name in _WEIGHT_FILES) or any(root.glob("*.safetensors"))
     if not has_weights:
-        raise ValueError(
-            f"model directory {str(root)!r} lacks weights "
-            f"(one of {', '.join(_WEIGHT_FILES)} or *.safetensors)"
+        raise ModelDirError(
+            f"{_where(root)} lacks weights (one of {', '.join(_WEIGHT_FILES)} or *.safetensors); "
+            f"copy the weights into the directory"
         )
     if not any((root / name).is_file() for name in _TOKENIZER_FILES):
-        raise ValueError(
-            f"model directory {str(root)!r} lacks tokenizer files (one of {', '.join(_TOKENIZER_FILES)})"
+        raise ModelDirError(
+            f"{_where(root)} lacks tokenizer files (one of {', '.join(_TOKENIZER_FILES)}); copy the "
+            f"tokenizer files of the model into the directory"
         )
+    if not any((root / name).is_file() for name in _VOCAB_FILES):
+        raise ModelDirError(
+            f"{_where(root)} lacks tokenizer files: tokenizer.json is missing (tokenizer_config.json alone "
+            f"does not hold the vocabulary); copy tokenizer.json from the original model into the directory"
+        )
+    _check_config(root)
+    if deep:
+        shapes = _weight_shapes(root)
+        if shapes:
+            _check_shapes_match_config(root, shapes)
     return root
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _is_load_error(e: BaseException) -> bool:
+    """Whether a from_pretrained failure means damaged or mismatched files (not, say, out of memory)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return False
+    text = str(e)
+    return (isinstance(e, (OSError, ValueError)) or type(e).__name__ == "SafetensorError"
+            or "size mismatch" in text or "ignore_mismatched_sizes" in text)
 
 
 def load_model(
@@ -78,15 +231,27 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a local causal LM and its tokenizer, in eval mode on `device` with `dtype`.
 
-    A tokenizer without a pad token gets its EOS token as pad (Llama-style tokenizers).
+    A tokenizer without a pad token gets its EOS token as pad (Llama-style tokenizers). A
+    directory that cannot be loaded raises ModelDirError (a ValueError) naming the file.
     """
     root = check_model_dir(path)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+    silence_transformers_progress()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise ModelDirError(f"{_where(root)}: its tokenizer files cannot be loaded ({_first_line(e)}); copy "
+                            f"tokenizer.json and tokenizer_config.json from the original model") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(root), dtype=torch_dtype, local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(root), dtype=torch_dtype, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - only a damaged directory is turned into ModelDirError
+        if not _is_load_error(e):
+            raise
+        raise ModelDirError(f"{_where(root)}: its weights cannot be loaded ({_first_line(e)}); check that "
+                            f"config.json and the weights files are complete and belong together") from None
     model.to(torch_device)
     model.eval()
     return model, tokenizer
@@ -94,6 +259,7 @@ def load_model(
 
 def write_model_files(directory: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Write `model` (safetensors) and `tokenizer` into an existing directory."""
+    silence_transformers_progress()
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(str(directory))
 

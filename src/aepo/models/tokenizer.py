@@ -30,20 +30,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-PROTOCOL_TAGS: list[str] = [
-    "<think>",
-    "</think>",
-    "<search>",
-    "</search>",
-    "<python>",
-    "</python>",
-    "<calc>",
-    "</calc>",
-    "<answer>",
-    "</answer>",
-    "<result>",
-    "</result>",
-]
+from aepo.protocol import tag_tokens
+
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIAL_TOKENS: list[str] = [PAD, UNK, BOS, EOS]
 
@@ -123,9 +111,10 @@ def build_tokenizer(
     a corpus smaller than that, every word seen at least twice ends up a single token. When
     `out_dir` is given the tokenizer is saved there (tokenizer.json + config files).
     """
-    n_fixed = len(SPECIAL_TOKENS) + len(PROTOCOL_TAGS) + 256
+    n_fixed = len(SPECIAL_TOKENS) + len(tag_tokens()) + 256
     if max_vocab < n_fixed:
-        raise ValueError(f"build_tokenizer: max_vocab={max_vocab} is below the {n_fixed} fixed tokens")
+        raise ValueError(f"build_tokenizer: max_vocab={max_vocab} is below the {n_fixed} fixed tokens; "
+                         f"use max_vocab >= {n_fixed}")
     corpus = _default_corpus() if texts is None else _lines(texts)
     min_frequency = 1 if texts is None else 2
 
@@ -135,14 +124,14 @@ def build_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=max_vocab,
         min_frequency=min_frequency,
-        special_tokens=SPECIAL_TOKENS + PROTOCOL_TAGS,
+        special_tokens=SPECIAL_TOKENS + tag_tokens(),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     core.train_from_iterator(corpus, trainer=trainer)
     # The trainer registered the tags as special added tokens; re-register them as plain
     # added tokens so they stay single tokens but survive decode(skip_special_tokens=True).
-    core.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in PROTOCOL_TAGS])
+    core.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in tag_tokens()])
     core.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok in SPECIAL_TOKENS])
 
     tokenizer = PreTrainedTokenizerFast(
@@ -180,7 +169,7 @@ def read_corpus(path: str | Path) -> list[str]:
     """Texts to fit the tokenizer on: JSONL rows' "text" field, else one text per non-empty line."""
     source = Path(path)
     if not source.is_file():
-        raise ValueError(f"corpus file {str(source)!r} does not exist")
+        raise ValueError(f"corpus file {str(source)!r} does not exist; give an existing text or JSONL file")
     lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
     if source.suffix == ".jsonl" or (lines and lines[0].lstrip().startswith("{")):
         texts = []
@@ -188,9 +177,11 @@ def read_corpus(path: str | Path) -> list[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"corpus {str(source)!r} line {number} is not JSON: {err.msg}") from None
+                raise ValueError(f"corpus {str(source)!r} line {number} is not JSON: {err.msg}; fix that line, "
+                                 f"or give a plain text file (one document per line)") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f'corpus {str(source)!r} line {number} has no string "text" field')
+                raise ValueError(f'corpus {str(source)!r} line {number} has no string "text" field; give every '
+                                 f'JSONL row a "text" string')
             texts.append(row["text"])
         return texts
     return lines

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aepo.rollout.agent import Agent, RowState, ToolFn, TurnOutcome, segment_entropy_value
-from aepo.rollout.protocol import (
-    PROTOCOL_TAGS,
-    STOP_STRINGS,
-    TOOL_TAGS,
+from aepo.protocol import (
     Action,
     escape_protocol_tags,
     extract_answer,
@@ -18,6 +14,7 @@ from aepo.rollout.protocol import (
     format_result,
     parse_action,
 )
+from aepo.rollout.agent import Agent, RowState, ToolFn, TurnOutcome, segment_entropy_value
 from aepo.rollout.strategies import (
     STRATEGIES,
     RolloutStrategy,
@@ -29,13 +26,10 @@ from aepo.rollout.strategies import (
     rollout,
     strategy_names,
 )
-from aepo.rollout.types import Generation, Sampler, SegmentRecord, ToolCall, Trajectory
+from aepo.types import Generation, Sampler, SegmentRecord, ToolCall, Trajectory
 
 __all__ = [
-    "PROTOCOL_TAGS",
-    "STOP_STRINGS",
     "STRATEGIES",
-    "TOOL_TAGS",
     "Action",
     "Agent",
     "Generation",
@@ -67,7 +61,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """`TorchSampler` is imported on first use (it pulls in transformers)."""
     if name == "TorchSampler":
-        from aepo.rollout.torch_sampler import TorchSampler
+        from aepo.rollout.sampler import TorchSampler
 
         return TorchSampler
     raise AttributeError(f"module 'aepo.rollout' has no attribute {name!r}")

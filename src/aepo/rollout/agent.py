@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aepo.algos.entropy import segment_entropy
-from aepo.config import RolloutConfig
-from aepo.rollout.protocol import (
+from aepo.protocol import (
     RESULT_CLOSE,
     RESULT_OPEN,
-    STOP_STRINGS,
     Action,
     escape_protocol_tags,
     format_result,
     parse_action,
+    stop_strings,
 )
-from aepo.rollout.types import Generation, Sampler, SegmentRecord, ToolCall, Trajectory
+from aepo.rollout.config import RolloutConfig
+from aepo.types import Generation, Sampler, SegmentRecord, ToolCall, Trajectory
 
 ToolFn = Callable[[list[tuple[str, str]]], list[ToolCall]]
 
@@ -35,7 +35,7 @@ __all__ = ["Agent", "RowState", "ToolFn", "TurnOutcome", "fork_row_state", "segm
 def segment_entropy_value(
     entropies: Sequence[float], n_probe: int, vocab_size: int, compat: bool = False
 ) -> float:
-    """Normalised entropy of one segment (ALGORITHMS.md section 1): the sum of its first
+    """Normalised entropy of one segment (docs/algorithms.md section 1): the sum of its first
     `n_probe` token entropies divided by log|V|, length-rescaled,
 
         H_seg = (n_probe / n) * sum_{t <= n} H_t / log|V|,  n = min(n_probe, len(entropies)),
@@ -171,7 +171,7 @@ class Agent:
     def generate(self, rows: Sequence[int], max_new_tokens: int | Sequence[int]) -> list[Generation]:
         """One sampler.generate call with the protocol's stop strings (counted)."""
         self.generate_calls += 1
-        gens = self.sampler.generate(list(rows), max_new_tokens=max_new_tokens, stop=STOP_STRINGS)
+        gens = self.sampler.generate(list(rows), max_new_tokens=max_new_tokens, stop=stop_strings())
         if len(gens) != len(rows):
             raise ValueError(f"sampler.generate returned {len(gens)} generations for {len(rows)} rows")
         return gens

@@ -1,4 +1,4 @@
-"""Rollout strategies (ALGORITHMS.md section 3): independent, ARPO and AEPO.
+"""Rollout strategies (docs/algorithms.md section 3): independent, ARPO and AEPO.
 
 Every strategy rolls out all prompts of a batch together (the active rows of every prompt
 share each `sampler.generate` call) and returns exactly `cfg.n` trajectories per prompt, one
@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aepo.config import RolloutConfig
 from aepo.rollout.agent import Agent, RowState, ToolFn, TurnOutcome, fork_row_state
-from aepo.rollout.types import Sampler, Trajectory
+from aepo.rollout.config import RolloutConfig
+from aepo.types import Sampler, Trajectory
 
 __all__ = [
     "BRANCH_DECISIONS",
@@ -108,7 +108,7 @@ def branch_decision(
     rule: str, alpha: float, coef: float, delta_h: float, penalty: float, l: int, tau: float,
     rng: random.Random,
 ) -> tuple[float, bool]:
-    """The branch decision of ARPO and AEPO (ALGORITHMS.md 3.2, 3.3) -> (p, branch).
+    """The branch decision of ARPO and AEPO (docs/algorithms.md section 3.2, 3.3) -> (p, branch).
 
     `coef` is ARPO's beta or AEPO's gamma; ARPO passes penalty = 0, l = 0. With the penalty
     factor f = max(0, 1 - lambda_pen * l):
@@ -125,7 +125,7 @@ def branch_decision(
 
     Default `threshold`, from the demo (runs/demo: tiny Qwen3 after SFT, 24 held-out test
     questions x 5 seeds, k = 8, n_probe = 20, demo rollout settings, alpha/gamma/lambda/tau as
-    in ALGORITHMS.md; AEPO; "with budget" = decisions taken while the prompt had budget left):
+    in docs/algorithms.md; AEPO; "with budget" = decisions taken while the prompt had budget left):
 
         rule       decisions  branch rate       branches/  P(branch | dH>0)  branches   unique
                               all / with budget prompt     / P(.. | dH<=0)   with dH>0  rows/8
@@ -351,7 +351,7 @@ class RolloutStrategy:
         return trajectories, self.stats()
 
     def stats(self) -> dict[str, Any]:
-        """Batch statistics of the rollout (ALGORITHMS.md 3.3 item 3)."""
+        """Batch statistics of the rollout (docs/algorithms.md section 3.3 item 3)."""
         rows = [s.traj for g in self.groups for s in g.rows]
         all_l = [l for g in self.groups for l in g.l_values]
         unique = [len({tuple(s.traj.response_ids) for s in g.rows}) for g in self.groups]
@@ -417,7 +417,7 @@ class IndependentRollout(RolloutStrategy):
 
 @register_strategy("arpo")
 class ArpoRollout(RolloutStrategy):
-    """ARPO entropy-based adaptive branching (ALGORITHMS.md 3.2), with the released defects
+    """ARPO entropy-based adaptive branching (docs/algorithms.md section 3.2), with the released defects
     fixed: H_init belongs to the chain, dH is measured after the new tool result."""
 
     def begin(self, groups: list[PromptGroup]) -> None:
@@ -436,7 +436,7 @@ class ArpoRollout(RolloutStrategy):
 
 @register_strategy("aepo")
 class AepoRollout(RolloutStrategy):
-    """AEPO dynamic entropy-balanced rollout (ALGORITHMS.md 3.3): entropy pre-monitoring sets
+    """AEPO dynamic entropy-balanced rollout (docs/algorithms.md section 3.3): entropy pre-monitoring sets
     m per prompt; branching is penalised after consecutive branched tool steps."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

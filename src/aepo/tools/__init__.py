@@ -1,15 +1,17 @@
-"""The agent's tools (search, Python sandbox, calculator) and the runner that calls them.
+"""The agent's tools (search, Python sandbox, calculator), their registry, and the runner.
 
-A tool is any callable `(argument: str) -> str` with a `name`; `ToolRunner` runs batches of
-calls concurrently and turns every failure into result text.
+A tool is any callable `(argument: str) -> str` with a `name`, registered with
+`register_tool(ToolSpec(...))` (`aepo.tools.registry`); `ToolRunner` runs batches of calls
+concurrently and turns every failure into result text. Importing this package registers the
+built-in tools, in the order search, python, calc.
 """
 
 from __future__ import annotations
 
-from aepo.tools.calc import CalcError, Calculator
+from aepo.tools.config import ToolsConfig
+from aepo.tools.registry import ToolSpec, build_tool_runner, get_tool_spec, register_tool, tool_names, tool_usage
 from aepo.tools.runner import Tool, ToolRunner, truncate_result
-from aepo.tools.sandbox import Isolation, PythonSandbox, SandboxError, SandboxResult, probe_isolation
-from aepo.tools.search import (
+from aepo.tools.search import (  # isort: skip  (registration order: search, python, calc)
     BM25Backend,
     CacheBackend,
     HttpBackend,
@@ -18,6 +20,8 @@ from aepo.tools.search import (
     SearchTool,
     build_search_tool,
 )
+from aepo.tools.sandbox import Isolation, PythonSandbox, SandboxError, SandboxResult, probe_isolation  # isort: skip
+from aepo.tools.calc import CalcError, Calculator  # isort: skip
 
 __all__ = [
     "BM25Backend",
@@ -34,7 +38,14 @@ __all__ = [
     "SearchTool",
     "Tool",
     "ToolRunner",
+    "ToolSpec",
+    "ToolsConfig",
     "build_search_tool",
+    "build_tool_runner",
+    "get_tool_spec",
+    "register_tool",
+    "tool_names",
+    "tool_usage",
     "probe_isolation",
     "truncate_result",
 ]

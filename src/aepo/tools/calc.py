@@ -19,6 +19,8 @@ import operator
 from collections.abc import Callable
 from typing import Union
 
+from aepo.tools.registry import ToolSpec, register_tool
+
 Number = Union[int, float]  # noqa: UP007 - a runtime alias, kept valid on Python 3.10
 
 MAX_EXPONENT = 1000
@@ -229,3 +231,7 @@ class Calculator:
             return format_number(self.evaluate(expression))
         except CalcError as exc:
             return f"Error: {exc}"
+
+
+register_tool(ToolSpec("calc", usage="to compute write <calc> expression </calc>",
+                       build=lambda cfg, **_: Calculator()))

@@ -1,4 +1,8 @@
-"""`aepo tools search | python | calc`: run one tool call by hand and print its result text."""
+"""`aepo tools search | python | calc`: run one tool call by hand and print its result text.
+
+A bad option or a tool that cannot be set up is a usage error (`error: ...`, exit status 2); a
+call the tool ran and answered with an error (a failing program, a bad expression, a retriever
+that is down) prints that answer, the text the model would see, with exit status 1."""
 
 from __future__ import annotations
 
@@ -11,7 +15,14 @@ app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 
 def _fail(message: str) -> None:
-    typer.echo(message, err=True)
+    """A usage error: one line on stderr, exit status 2."""
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code=2)
+
+
+def _tool_error(message: str) -> None:
+    """The tool answered with an error: print it as the tool's result, exit status 1."""
+    typer.echo(f"Error: {message}")
     raise typer.Exit(code=1)
 
 
@@ -32,12 +43,16 @@ def search_command(
     from aepo.tools.search import SearchBackendError, build_search_tool
 
     if cache is None and corpus is None and url is None:
-        _fail("Error: give at least one of --cache, --corpus or --url.")
+        _fail("no search source: give at least one of --cache, --corpus or --url")
     try:
         tool = build_search_tool(cache=cache, corpus=corpus, url=url, topk=topk, max_chars=max_chars)
+    except (ValueError, OSError) as exc:
+        _fail(f"{exc}; check the --cache / --corpus file")
+        return
+    try:
         typer.echo(tool(query))
-    except (ValueError, SearchBackendError) as exc:
-        _fail(f"Error: {exc}")
+    except SearchBackendError as exc:
+        _tool_error(str(exc))
 
 
 @app.command("python")
@@ -60,14 +75,14 @@ def python_command(
         sandbox = PythonSandbox(timeout=timeout, cpu_seconds=max(1, int(timeout + 0.999)), memory_mb=memory_mb,
                                 mode=isolation)
     except ValueError as exc:
-        _fail(f"Error: --isolation: {exc}")
+        _fail(f"--isolation: {exc}")
         return
     try:
         if verbose:
             typer.echo(sandbox.isolation.describe(), err=True)
         result = sandbox.run(source)
     except SandboxError as exc:
-        _fail(f"Error: {exc}")
+        _fail(str(exc))
         return
     typer.echo(sandbox.format(result).rstrip("\n"))
     if not result.ok:
@@ -84,4 +99,4 @@ def calc_command(
     try:
         typer.echo(format_number(Calculator().evaluate(expression)))
     except CalcError as exc:
-        _fail(f"Error: {exc}")
+        _tool_error(str(exc))

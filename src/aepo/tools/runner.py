@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
-from aepo.rollout.types import ToolCall
+from aepo.types import ToolCall
 
 TRUNCATION_MARK = " ...[truncated]"
 # The runner's own timeout text ("Error: search timed out after 5s") and the Python sandbox's

@@ -36,7 +36,6 @@ None, the value's repr is printed (`sys.displayhook`).
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import functools
 import json
@@ -53,8 +52,10 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from aepo.errors import ConfigError
+from aepo.tools.registry import ToolSpec, register_tool
 from aepo.tools.runner import truncate_result
 
 logger = logging.getLogger(__name__)
@@ -653,3 +654,18 @@ class PythonSandbox:
     def __call__(self, code: str) -> str:
         """Tool entry point: run `code` and return the result text."""
         return self.format(self.run(code))
+
+
+def _build(cfg: Any, **_: Any) -> PythonSandbox:
+    """python from `tools.*`; the isolation is checked here, before any work, so a run never
+    starts with a sandbox that cannot hold."""
+    sandbox = PythonSandbox(timeout=min(cfg.timeout, cfg.python_timeout), memory_mb=cfg.python_memory_mb,
+                            mode=cfg.python_isolation)
+    try:
+        sandbox.isolation
+    except SandboxError as e:
+        raise ConfigError(f"tools.enabled has 'python' but {e}") from None
+    return sandbox
+
+
+register_tool(ToolSpec("python", usage="to run a program write <python> code </python>", build=_build))

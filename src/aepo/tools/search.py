@@ -3,7 +3,7 @@
 Backends are tried in order until one finds something:
 
 - `CacheBackend` replays recorded search results (a JSON object query -> rendered result text,
-  the format of `../shared/data/search_cache.json`), with tolerant query matching.
+  e.g. a cache of real web-search results recorded for offline runs), with tolerant query matching.
 - `BM25Backend` ranks a local corpus of {"id", "title", "text"} documents with BM25 (`bm25s`).
 - `HttpBackend` asks a Search-R1 style retriever server (`POST /retrieve`).
 
@@ -28,10 +28,12 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
+from aepo.errors import ConfigError
+from aepo.tools.registry import ToolSpec, register_tool
 from aepo.tools.runner import truncate_result
 
 logger = logging.getLogger(__name__)
@@ -148,7 +150,7 @@ class BM25Backend:
     name = "bm25"
 
     def __init__(self, docs: Sequence[Mapping[str, object]], k1: float = 1.5, b: float = 0.75) -> None:
-        import bm25s  # imported here: only this backend needs it
+        bm25s = _import_bm25s()
 
         pages: list[str] = []
         for i, doc in enumerate(docs):
@@ -290,6 +292,26 @@ class RateLimitedWarning:
         return True
 
 
+def _import_bm25s() -> Any:
+    """`bm25s`, imported without JAX. When JAX is installed, importing bm25s runs a JAX op at
+    import time, which makes JAX claim most of the GPU's memory in every process that builds a
+    BM25 index; this backend only scores with numpy, so JAX is hidden from that import (unless
+    the program imported JAX itself)."""
+    import sys
+
+    if "bm25s" in sys.modules or "jax" in sys.modules:
+        import bm25s
+
+        return bm25s
+    sys.modules["jax"] = None  # type: ignore[assignment]  # "import jax" raises ImportError
+    try:
+        import bm25s
+    finally:
+        if sys.modules.get("jax", 0) is None:
+            del sys.modules["jax"]
+    return bm25s
+
+
 def _backend_label(backend: SearchBackend) -> str:
     """How logs name a backend: its URL when it has one, else its name."""
     url = getattr(backend, "url", None)
@@ -381,3 +403,17 @@ def build_search_tool(
     if not backends:
         raise ValueError("build_search_tool needs at least one of cache, corpus or url")
     return SearchTool(backends, topk=topk, max_chars=max_chars)
+
+
+def _build(cfg: Any, *, corpus_docs: Sequence[Mapping[str, object]] | None = None, **_: Any) -> SearchTool:
+    """search from `tools.*`: backends tried in the order cache, BM25 corpus (a file, else the
+    run's own documents), HTTP retriever."""
+    corpus = cfg.search_corpus or (list(corpus_docs) if corpus_docs else None)
+    if not (cfg.search_cache or corpus or cfg.search_url):
+        raise ConfigError("tools.enabled has 'search' but no backend is set: give tools.search_cache, "
+                          "tools.search_corpus or tools.search_url")
+    return build_search_tool(cache=cfg.search_cache or None, corpus=corpus, url=cfg.search_url or None,
+                             topk=cfg.search_topk, max_chars=cfg.search_max_chars)
+
+
+register_tool(ToolSpec("search", usage="to search the web write <search> query </search>", build=_build))

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from aepo.rollout.types import Trajectory
+from aepo.types import Trajectory
 
 
 @dataclass

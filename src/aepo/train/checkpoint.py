@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -173,13 +174,138 @@ def _disk_full_hint(root: Path, keep_last: int) -> str:
             f"(now {keep_last}; 0 keeps every checkpoint) so fewer checkpoints are kept{size}")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: damaged files, or weights of another model.
+    The message names the checkpoint and says what to do."""
+
+
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
-    """The optimizer/scheduler/RNG/step state of a checkpoint; a clear error when it is damaged."""
+    """The optimizer/scheduler/RNG/step state of a checkpoint; CheckpointError when it is damaged."""
     f = Path(path) / STATE_FILE
     if not f.exists():
-        raise FileNotFoundError(f"checkpoint {path} has no {STATE_FILE}; it is incomplete or not a checkpoint")
+        raise CheckpointError(f"checkpoint {path} has no {STATE_FILE}; it is incomplete or not a checkpoint: "
+                              f"delete {path} to resume from the previous one")
     try:
         return torch.load(f, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
-        raise RuntimeError(f"checkpoint {f} is corrupted ({type(e).__name__}: {e}); "
-                           f"delete {path} to resume from the previous one") from None
+        raise CheckpointError(f"checkpoint {f} is corrupted ({type(e).__name__}: {e}); "
+                              f"delete {path} to resume from the previous one") from None
+
+
+# ----------------------------------------------------------------------------- run directories
+
+# config keys that may change between a run and its resumption without changing what it trains
+RESUME_IGNORED_KEYS = ("out_dir", "model.device", "trainer.logger", "trainer.save_every", "trainer.keep_last")
+
+
+class RunDirError(ValueError):
+    """A run directory that does not fit the requested start: a fresh run into a directory that
+    holds another run's checkpoints, or a resume with a config that differs from the run's
+    (`differences`: (key, value in the run, value now) triples)."""
+
+    def __init__(self, message: str, differences: list[tuple[str, Any, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.differences = list(differences or [])
+
+
+@dataclass
+class RunStart:
+    """Where a run starts: `step` (0 for a fresh run), the checkpoint it resumes from, and a
+    one-line `note` saying so (empty for a fresh run without --resume)."""
+
+    step: int
+    checkpoint: Path | None
+    note: str
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(d, tuple):
+        d = list(d)
+    out[prefix[:-1]] = d
+    return out
+
+
+def _short(v: Any, width: int = 40) -> str:
+    text = repr(v)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def config_differences(saved: dict[str, Any], current: Any,
+                       ignore: tuple[str, ...] = RESUME_IGNORED_KEYS) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) for every key set in both `saved` (a run's
+    config.yaml, as a dict) and `current` (a Config) whose values differ; keys in `ignore` (and
+    keys only one side knows, e.g. a field added in a newer version) are left out."""
+    import dataclasses
+
+    import yaml
+
+    cur = current if isinstance(current, dict) else dataclasses.asdict(current)
+    # through YAML, as save_config writes it, so tuples, floats and the like compare equal
+    cur = yaml.safe_load(yaml.safe_dump(_plain(cur), sort_keys=False))
+    a, b = _flatten(saved), _flatten(cur)
+    return [(k, a[k], b[k]) for k in b if k in a and k not in ignore and a[k] != b[k]]
+
+
+def _plain(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _plain(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_plain(v) for v in d]
+    return d
+
+
+def format_differences(diffs: list[tuple[str, Any, Any]], limit: int = 6) -> str:
+    """`key (old in the run, new now), ...` for at most `limit` differences."""
+    shown = ", ".join(f"{k} ({_short(a)} in the run, {_short(b)} now)" for k, a, b in diffs[:limit])
+    return shown + (f" and {len(diffs) - limit} more" if len(diffs) > limit else "")
+
+
+def check_run_dir(out_dir: str | Path, cfg: Any, *, resume: bool, force: bool = False) -> RunStart:
+    """Decide, before any work and without changing anything, where a run into `out_dir` starts.
+
+    - fresh (`resume=False`): refused (RunDirError) when out_dir already holds complete
+      checkpoints, unless `force` (the trainer then deletes them and starts over): a fresh run
+      there would mix its checkpoints with the old run's and could prune its own;
+    - `resume=True` without a checkpoint: starts at step 0, and the note says there was nothing
+      to resume (so a job script can always pass --resume);
+    - `resume=True` with a checkpoint: refused when `cfg` differs from the run's saved
+      config.yaml (the differing keys are listed; RESUME_IGNORED_KEYS may differ), unless
+      `force`; the note names the step and checkpoint it resumes from.
+    """
+    out = Path(out_dir)
+    root = out / "checkpoints"
+    ckpts = checkpoint_dirs(root)
+    if not resume:
+        if ckpts and not force:
+            raise RunDirError(
+                f"out_dir {out} already holds checkpoints of a run (newest {ckpts[-1].name}); pass --resume "
+                f"to continue it, --force to start over (its checkpoints are deleted), or set another out_dir")
+        note = f"starting over (force): the {len(ckpts)} checkpoint(s) in {root} are deleted" if ckpts else ""
+        return RunStart(0, None, note)
+    if not ckpts:
+        return RunStart(0, None, f"nothing to resume: no checkpoint in {root}; starting at step 0")
+    ck = ckpts[-1]
+    step = int(_STEP_DIR.match(ck.name).group(1))  # type: ignore[union-attr]
+    saved_file = out / "config.yaml"
+    if saved_file.is_file():
+        import yaml
+
+        try:
+            saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise RunDirError(f"the run's saved config {saved_file} cannot be read ({type(e).__name__}); "
+                              f"restore it, or pass --force to resume with the current config") from None
+        diffs = config_differences(saved if isinstance(saved, dict) else {}, cfg)
+        if diffs and not force:
+            raise RunDirError(
+                f"--resume: the config differs from the run's saved {saved_file} in {len(diffs)} key(s): "
+                f"{format_differences(diffs)}; resume with the run's config, pass --force to resume with "
+                f"this one, or set another out_dir", diffs)
+    total = getattr(getattr(cfg, "trainer", None), "total_steps", None)
+    left = f"; trainer.total_steps={total}: nothing left to train" if isinstance(total, int) and step >= total else ""
+    return RunStart(step, ck, f"resuming from step {step} ({ck}){left}")

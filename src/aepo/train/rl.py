@@ -1,11 +1,12 @@
 """The RL trainer: rollout -> reward -> advantage -> clipped policy update, one step at a time.
 
-Every part is chosen by config (ALGORITHMS.md section 6 presets fill the fields):
+Every part is chosen by config (docs/algorithms.md section 6 presets fill the fields), by name
+from a registry, so a new strategy, estimator or loss needs no change here:
 
-    rollout  cfg.rollout.strategy        independent | arpo | aepo
-    reward   aepo.tasks.rewards.score    format-gated F1 / EM / math equivalence
-    advantage cfg.actor.adv_estimator    grpo | rloo | reinforce_pp | aepo
-    loss     cfg.actor.policy_loss       ppo | dapo | gppo | cispo | aepo | clip_cov | kl_cov
+    rollout   cfg.rollout.strategy       aepo.rollout.strategies: independent | arpo | aepo
+    reward    aepo.rewards               format-gated F1 / EM / math equivalence
+    advantage cfg.actor.adv_estimator    aepo.algos.advantages: grpo | rloo | reinforce_pp | aepo
+    loss      cfg.actor.policy_loss      aepo.algos.losses: ppo | dapo | gppo | cispo | aepo | clip_cov | kl_cov
     extras   EPO regulariser, KL to a reference policy, DAPO dynamic sampling / overlong shaping
 
 Randomness is derived from (seed, step), so a run resumed from a checkpoint continues exactly
@@ -27,25 +28,25 @@ import numpy as np
 import torch
 
 from aepo import algos
-from aepo.algos.advantages import entropy_shaped_advantage
 from aepo.algos.losses import clipped_token_mask
 from aepo.config import Config, save_config
+from aepo.data.datasets import TaskRow
+from aepo.data.prompting import encode_prompt
+from aepo.rewards import score_trajectory
+from aepo.rollout.sampler import TorchSampler
 from aepo.rollout.strategies import rollout
-from aepo.rollout.torch_sampler import TorchSampler
-from aepo.rollout.types import ToolCall, Trajectory
-from aepo.tasks.datasets import TaskRow
-from aepo.tasks.prompting import encode_prompt
-from aepo.tasks.rewards import score_trajectory
 from aepo.tools.runner import is_timeout
 from aepo.train.batch import TokenBatch, collate, token_logprobs_and_entropy
 from aepo.train.checkpoint import (
+    CheckpointError,
     latest_checkpoint,
     load_trainer_state,
     remove_incomplete_checkpoints,
     save_checkpoint,
     set_rng_state,
 )
-from aepo.train.records import MetricsLogger
+from aepo.train.records import MetricsLogger, step_metrics
+from aepo.types import ToolCall, Trajectory
 
 ToolFn = Callable[[list[tuple[str, str]]], list[Any]]
 
@@ -119,7 +120,7 @@ class RLTrainer:
         if task.id not in self._prompt_cache:
             self._prompt_cache[task.id] = encode_prompt(
                 task.question, self.tokenizer, chat_template=self.cfg.model.chat_template,
-                max_tool_calls=self.cfg.rollout.max_tool_calls,
+                max_tool_calls=self.cfg.rollout.max_tool_calls, tools=self.cfg.tools.enabled,
             )
         return self._prompt_cache[task.id]
 
@@ -172,18 +173,18 @@ class RLTrainer:
         """Training tensors, advantages and (when configured) re-scored pi_old and reference
         log-probs; `metrics`, when given, receives `rollout_logprob_diff`.
 
-        With adv_estimator "aepo" the advantages here are its group part (GRPO's A_i): the
-        entropy factor (1 + alpha_H z(H_t)) needs the current policy's entropies, so `update`
-        applies it per micro-batch (`micro_advantages`, ALGORITHMS.md section 4). With
+        For an estimator with a per-token step (adv_estimator "aepo") the advantages here are its
+        base, the group part (GRPO's A_i): the entropy factor (1 + alpha_H z(H_t)) needs the
+        current policy's entropies, so `update` applies it per micro-batch (`micro_advantages`,
+        docs/algorithms.md section 4). With
         actor.tree_attribution "hard", a token a branch row copied from its parent is trained
         once, with the mean advantage of the rows holding it (`algos.hard_attribution`)."""
         a = self.cfg.actor
         batch = collate(trajs, self.pad_id)
         rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float)
-        name = "grpo" if a.adv_estimator == "aepo" else a.adv_estimator
-        opts: dict[str, Any] = {"norm_by_std": a.norm_adv_by_std_in_grpo} if name == "grpo" else {}
+        name = algos.advantage_spec(a.adv_estimator).base or a.adv_estimator
         batch.advantages = algos.compute_advantages(
-            name, rewards, [t.prompt_id for t in trajs], batch.loss_mask, **opts)
+            name, rewards, [t.prompt_id for t in trajs], batch.loss_mask, **algos.advantage_config(a, name))
         if a.tree_attribution == "hard":
             parent, position = tree_links(trajs)
             batch.advantages, batch.loss_mask = algos.hard_attribution(
@@ -213,25 +214,23 @@ class RLTrainer:
         return out
 
     def micro_advantages(self, mu: TokenBatch, entropy: torch.Tensor) -> torch.Tensor:
-        """The advantages one micro-batch's loss uses: the batch's, or for adv_estimator "aepo"
-        A_i (1 + alpha_H z(H_t)) with z over this micro-batch's valid tokens of `entropy`, the
-        detached entropies of the training forward pass (not the sampler's `rollout_entropy`)."""
+        """The advantages one micro-batch's loss uses: the batch's, or the estimator's per-token
+        step on them (adv_estimator "aepo": A_i (1 + alpha_H z(H_t)) with z over this
+        micro-batch's valid tokens of `entropy`), with the detached entropies of the training
+        forward pass (not the sampler's `rollout_entropy`)."""
         a = self.cfg.actor
-        if a.adv_estimator != "aepo":
+        step = algos.advantage_spec(a.adv_estimator).per_token
+        if step is None:
             return mu.advantages
-        return entropy_shaped_advantage(mu.advantages, entropy.detach(), mu.loss_mask, a.entropy_adv_alpha)
+        return step(mu.advantages, entropy.detach(), mu.loss_mask, **algos.per_token_config(a))
 
     def _loss_kwargs(self) -> dict[str, Any]:
+        """The loss's options from the config (`algos.policy_loss_config`), and the step's
+        random generator for a loss that declares one (clip_cov)."""
         a = self.cfg.actor
-        kw: dict[str, Any] = {"clip_low": a.clip_ratio_low, "clip_high": a.clip_ratio_high,
-                              "clip_c": a.clip_ratio_c, "agg": a.loss_agg_mode}
-        if a.policy_loss == "cispo":
-            kw.update(clip_low=a.cispo_clip_low, clip_high=a.cispo_clip_high)
-        elif a.policy_loss == "clip_cov":
-            kw.update(clip_ratio=a.clip_cov_ratio, clip_cov_lb=a.clip_cov_lb, clip_cov_ub=a.clip_cov_ub,
-                      generator=self._gen)
-        elif a.policy_loss == "kl_cov":
-            kw.update(kl_cov_ratio=a.kl_cov_ratio, ppo_kl_coef=a.kl_cov_coef)
+        kw = algos.policy_loss_config(a)
+        if "generator" in algos.loss_options(a.policy_loss):
+            kw["generator"] = self._gen
         return kw
 
     def update(self, batch: TokenBatch, step: int) -> dict[str, float]:
@@ -314,20 +313,19 @@ class RLTrainer:
         trajs, all_trajs, rstats = self.collect(step)
         t_roll = time.time() - t0
         metrics = rollout_metrics(all_trajs, rstats)
-        batch = self.make_batch(trajs, metrics) if trajs else None
+        actor: dict[str, float] = {}
+        batch = self.make_batch(trajs, actor) if trajs else None
         a = self.cfg.actor
         if batch is not None and (bool(batch.advantages.abs().sum() > 0) or a.kl_coef > 0 or a.epo):
-            metrics.update(self.update(batch, step))
+            actor.update(self.update(batch, step))
         else:
             # no learning signal (every group's rewards equal): skip the forward/backward passes,
             # but keep the schedule on its step count
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 self.scheduler.step()
-            metrics["skipped_update"] = 1.0
-        metrics["time_rollout"] = t_roll
-        metrics["time_step"] = time.time() - t0
-        return metrics
+            actor["skipped_update"] = 1.0
+        return step_metrics(metrics, actor, {"rollout": t_roll, "step": time.time() - t0})
 
     def resume(self) -> int:
         """Load the newest checkpoint under out_dir/checkpoints; return the step to continue from.
@@ -342,12 +340,20 @@ class RLTrainer:
         state = load_trainer_state(ck)
         weights = {}
         for f in sorted(ck.glob("*.safetensors")):
-            weights.update(load_file(str(f)))
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+            try:
+                weights.update(load_file(str(f)))
+            except Exception as e:  # noqa: BLE001 - a damaged file, whatever safetensors calls it
+                raise CheckpointError(f"checkpoint {f} is corrupted ({type(e).__name__}: {e}); "
+                                      f"delete {ck} to resume from the previous one") from None
+        try:
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        except RuntimeError as e:  # shape mismatch
+            raise CheckpointError(f"checkpoint {ck} does not fit the model ({str(e).splitlines()[0]}); "
+                                  "resume with the model the run started from") from None
         missing = [k for k in missing if not k.endswith("lm_head.weight")]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint {ck} does not match the model: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
+            raise CheckpointError(f"checkpoint {ck} does not match the model: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}; resume with the model the run started from")
         self.model.tie_weights()
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scheduler"):
@@ -358,20 +364,36 @@ class RLTrainer:
             self.entropy_history.load_state_dict(extra["entropy_history"])
         return int(state["step"])
 
-    def fit(self, *, resume: bool = False, progress: bool = True,
+    def fit(self, *, resume: bool = False, force: bool = False, progress: bool = True,
             on_step: Callable[[int, dict], None] | None = None) -> list[dict[str, Any]]:
+        """Train from step 0, or with `resume` from the newest checkpoint in out_dir.
+
+        Where the run starts is checked first (`checkpoint.check_run_dir`): a fresh run into an
+        out_dir that holds checkpoints is refused (RunDirError) unless `force`, which deletes
+        them and starts over; a resume whose config differs from the run's saved config.yaml is
+        refused unless `force`. With `resume`, one line on stderr says which step the run
+        resumes from, or that there was no checkpoint and it starts at step 0."""
+        from aepo.console import console
+        from aepo.train.checkpoint import check_run_dir, checkpoint_dirs, prune_checkpoint
+
         t = self.cfg.trainer
+        plan = check_run_dir(self.out_dir, self.cfg, resume=resume, force=force)
         if resume:
             start = self.resume()
         else:
             remove_incomplete_checkpoints(self.out_dir / "checkpoints")
+            if force:  # starting over: the old run's checkpoints would mix with (and prune) ours
+                for ck in checkpoint_dirs(self.out_dir / "checkpoints"):
+                    prune_checkpoint(ck)
             start = 0
+        if plan.note:
+            console.print(plan.note, markup=False, highlight=False, soft_wrap=True)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.out_dir / "config.yaml")
         logger = MetricsLogger(self.out_dir, [b for b in t.logger if b in ("tensorboard", "wandb")],
                                resume_step=start, config=None)
         history = []
-        from aepo.train.console import StepProgress
+        from aepo.console import StepProgress
 
         with StepProgress(t.total_steps, start, enabled=progress, title=f"RL {self.cfg.algo}") as bar:
             for step in range(start, t.total_steps):
@@ -458,8 +480,8 @@ def _informative_groups(trajs: list[Trajectory]) -> list[Trajectory]:
 def rollout_metrics(trajs: list[Trajectory], stats: dict) -> dict[str, float]:
     """Reward, accuracy, entropy, tool use, length and branching figures of one rollout batch,
     with per-tool call counts, error and timeout rates (`tool_metrics`)."""
-    from aepo.eval.analyses import rollout_analyses
-    from aepo.eval.metrics import mean_diversity
+    from aepo.rewards.metrics import mean_diversity
+    from aepo.rollout.analyses import rollout_analyses
 
     if not trajs:
         return {}
@@ -485,7 +507,7 @@ def rollout_metrics(trajs: list[Trajectory], stats: dict) -> dict[str, float]:
         v = stats.get(k)
         if isinstance(v, (int, float)):
             out[k] = float(v)
-    # whether the entropy mechanisms are live (ALGORITHMS.md section 1, 3.3 item 3): the spread of
+    # whether the entropy mechanisms are live (docs/algorithms.md section 1, 3.3 item 3): the spread of
     # m over the prompts, of dH over the branch decisions, branch_rate = branched decisions /
     # decisions (one on a prompt without budget left counts as not branched), and for AEPO the
     # spread of H_root - H_tool over the pre-monitored prompts; std is the population std, and a
@@ -512,7 +534,7 @@ def rollout_metrics(trajs: list[Trajectory], stats: dict) -> dict[str, float]:
     return out
 
 
-# The result text parse_action (aepo.rollout.protocol) gives a call the environment could not act
+# The result text parse_action (aepo.protocol) gives a call the environment could not act
 # on: a closing tag without its opening tag, or an empty argument.
 MALFORMED_CALL_PREFIX = "Error: malformed call"
 # A tool failing on more than this share of at least FAILING_TOOL_MIN_CALLS calls in a step is logged.

@@ -17,11 +17,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from aepo.io import read_jsonl
-from aepo.rollout.protocol import format_result
-from aepo.tasks.prompting import encode_prompt
+from aepo.console import StepProgress
+from aepo.data.prompting import encode_prompt
+from aepo.protocol import format_result
 from aepo.train.batch import selected_logits
-from aepo.train.console import StepProgress
 
 
 @dataclass
@@ -65,21 +64,89 @@ def encode_demonstration(prompt: str | list[int], segments: Sequence[tuple[str, 
     return SFTExample(ids, mask)
 
 
-def load_sft_jsonl(path: str | Path, tokenizer: Any, *, chat_template: bool = False) -> list[SFTExample]:
-    """Read demonstrations: rows {"prompt", "segments": [[role, text], ...]} or chat rows
-    {"messages": [{"role": system|user|assistant|tool, "content"}]} (assistant = model, tool = tool)."""
-    out = []
-    for i, row in enumerate(read_jsonl(path), 1):
+_SFT_FORMATS = 'rows are {"prompt", "segments": [[role, text], ...]} or {"messages": [{"role", "content"}, ...]}'
+
+
+def check_sft_rows(path: str | Path) -> list[tuple[int, dict]]:
+    """Read and check SFT demonstrations without a tokenizer: (line number, row) per row.
+
+    Raises FileNotFoundError for a missing file and ValueError naming `file:line` and the field
+    for an empty file, a row without `segments`/`messages`, or a field of the wrong type."""
+    from aepo.io import iter_jsonl
+
+    p = Path(path)
+    if not p.is_file():
+        what = "is a directory" if p.is_dir() else "does not exist"
+        raise FileNotFoundError(f"demonstrations file {p} {what}; give a JSONL file ({_SFT_FORMATS})")
+    rows = list(iter_jsonl(p))
+
+    def bad(line: int, problem: str) -> ValueError:
+        return ValueError(f"{p}:{line}: {problem}; fix the row ({_SFT_FORMATS})")
+
+    if not rows:
+        raise ValueError(f"{p}: no demonstrations (the file is empty); give one JSON object per line "
+                         f"({_SFT_FORMATS})")
+    for line, row in rows:
         if "segments" in row:
             if "prompt" not in row:
-                raise ValueError(f"{path}:{i}: row has 'segments' but no 'prompt' field")
-            segs = [(str(r), str(t)) for r, t in row["segments"]]
-            out.append(encode_demonstration(str(row["prompt"]), segs, tokenizer, chat_template=chat_template))
+                raise bad(line, "row has 'segments' but no 'prompt' field")
+            if not isinstance(row["prompt"], str):
+                raise bad(line, f"field 'prompt' must be a string, got {type(row['prompt']).__name__}")
+            segs = row["segments"]
+            if not isinstance(segs, list) or not segs:
+                raise bad(line, "field 'segments' must be a non-empty list of [role, text] pairs, got "
+                                + (type(segs).__name__ if not isinstance(segs, list) else "an empty list"))
+            for j, seg in enumerate(segs):
+                if not (isinstance(seg, (list, tuple)) and len(seg) == 2):
+                    raise bad(line, f"field 'segments[{j}]' must be a [role, text] pair, got {seg!r:.60}")
+                role, text = seg
+                if role not in ("model", "tool"):
+                    raise bad(line, f"field 'segments[{j}]': segment role must be 'model' or 'tool', got {role!r}")
+                if not isinstance(text, str):
+                    raise bad(line, f"field 'segments[{j}]': text must be a string, got {type(text).__name__}")
+            if not any(role == "model" for role, _ in segs):
+                raise bad(line, "field 'segments' has no 'model' segment to learn from")
         elif "messages" in row:
             msgs = row["messages"]
-            first = next((j for j, m in enumerate(msgs) if m.get("role") == "assistant"), None)
+            if not isinstance(msgs, list) or not msgs:
+                raise bad(line, "field 'messages' must be a non-empty list of {role, content} objects")
+            first = None
+            for j, m in enumerate(msgs):
+                if not isinstance(m, dict):
+                    raise bad(line, f"field 'messages[{j}]' must be an object with 'role' and 'content', "
+                                    f"got {type(m).__name__}")
+                role = m.get("role")
+                if role not in ("system", "user", "assistant", "tool"):
+                    raise bad(line, f"field 'messages[{j}].role' must be system, user, assistant or tool, "
+                                    f"got {role!r}")
+                if not isinstance(m.get("content"), str):
+                    raise bad(line, f"field 'messages[{j}].content' must be a string, got "
+                                    f"{type(m.get('content')).__name__}")
+                if first is None and role == "assistant":
+                    first = j
+                elif first is not None and role not in ("assistant", "tool"):
+                    raise bad(line, f"field 'messages[{j}]': after the first assistant message only "
+                                    f"assistant/tool messages are allowed, got {role!r}")
             if first is None:
-                raise ValueError(f"{path}:{i}: 'messages' has no assistant message to learn from")
+                raise bad(line, "'messages' has no assistant message to learn from")
+        else:
+            raise bad(line, "expected a 'segments' (with 'prompt') or a 'messages' field, found "
+                            + (", ".join(repr(k) for k in list(row)[:5]) or "an empty object"))
+    return rows
+
+
+def load_sft_jsonl(path: str | Path, tokenizer: Any, *, chat_template: bool = False) -> list[SFTExample]:
+    """Read demonstrations: rows {"prompt", "segments": [[role, text], ...]} or chat rows
+    {"messages": [{"role": system|user|assistant|tool, "content"}]} (assistant = model, tool = tool).
+    Every row is checked first (`check_sft_rows`): a bad one raises ValueError naming file:line."""
+    out = []
+    for _, row in check_sft_rows(path):
+        if "segments" in row:
+            segs = [(str(r), str(t)) for r, t in row["segments"]]
+            out.append(encode_demonstration(str(row["prompt"]), segs, tokenizer, chat_template=chat_template))
+        else:
+            msgs = row["messages"]
+            first = next(j for j, m in enumerate(msgs) if m.get("role") == "assistant")
             ctx = msgs[:first]
             if chat_template:
                 prompt_ids = tokenizer.apply_chat_template(ctx, add_generation_prompt=True, tokenize=True)
@@ -88,17 +155,9 @@ def load_sft_jsonl(path: str | Path, tokenizer: Any, *, chat_template: bool = Fa
                 prompt: str | list[int] = list(prompt_ids)
             else:
                 prompt = "\n".join(m["content"] for m in ctx if m.get("role") == "user")
-            segs = []
-            for m in msgs[first:]:
-                role = m.get("role")
-                if role not in ("assistant", "tool"):
-                    raise ValueError(f"{path}:{i}: after the first assistant message only assistant/tool "
-                                     f"messages are allowed, got {role!r}")
-                segs.append(("model" if role == "assistant" else "tool", str(m.get("content", ""))))
+            segs = [("model" if m["role"] == "assistant" else "tool", m["content"]) for m in msgs[first:]]
             out.append(encode_demonstration(prompt, segs, tokenizer, chat_template=chat_template,
                                             eos=chat_template))
-        else:
-            raise ValueError(f"{path}:{i}: expected a 'segments' (with 'prompt') or a 'messages' field")
     return out
 
 

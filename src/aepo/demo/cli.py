@@ -8,9 +8,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from aepo.tasks.world import KINDS, LEVELS, SIZES, World, build_world
+from aepo.demo.world import KINDS, LEVELS, SIZES, World, build_world
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
+
+
+def _fail(message: str) -> None:
+    """One line on stderr, `error: <what is wrong>; <what to do>`, and exit status 2 (as `aepo`'s
+    other commands)."""
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code=2)
 
 
 def world_table(world: World) -> Table:
@@ -41,10 +48,17 @@ def build(
     level: int = typer.Option(2, "--level", help=f"Difficulty, one of: {', '.join(map(str, LEVELS))}."),
 ) -> None:
     """Generate the demo world and write it to OUT."""
+    from aepo.io import check_output_dir
+
     try:
+        if size not in SIZES:
+            raise ValueError(f"--size {size!r} is not one of {', '.join(SIZES)}; pick one of those")
+        if level not in LEVELS:
+            raise ValueError(f"--level {level} is not one of {', '.join(map(str, LEVELS))}; pick one of those")
+        check_output_dir(out, "OUT")
         world = build_world(seed=seed, size=size, level=level)
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+        _fail(str(e))
     world.save(out)
     console = Console()
     console.print(world_table(world))

@@ -6,10 +6,18 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-SHOWN = [("loss", "loss"), ("reward_mean", "R"), ("accuracy", "acc"), ("entropy", "H"), ("tool_calls", "tools"),
-         ("branches", "br"), ("pg_loss", "loss"), ("grad_norm", "|g|")]
+SHOWN = [("loss", "loss"), ("accuracy", "acc"), ("reward/mean", "R"), ("reward/accuracy", "acc"), ("rollout/entropy", "H"),
+         ("rollout/tool_calls", "tools"), ("rollout/branches", "br"), ("actor/pg_loss", "loss"),
+         ("actor/grad_norm", "|g|")]
 
 console = Console(stderr=True)
 

@@ -2,8 +2,9 @@
 
 A strategy (independent / ARPO / AEPO) drives a `Sampler` through five calls: make a row from
 a prompt, generate on several rows until a stop string, append external tokens (tool
-results), fork a row (optionally truncated to a position) and release it. The torch sampler
-and a vLLM sampler both implement it, so branching is written once. What comes out is one
+results), fork a row (optionally truncated to a position) and release it. Any engine that
+implements it (`aepo.rollout.sampler.TorchSampler` today) runs every strategy, so branching is
+written once. What comes out is one
 `Trajectory` per row, which the trainer turns into tensors.
 """
 from __future__ import annotations

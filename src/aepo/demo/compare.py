@@ -13,10 +13,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from aepo.algos.presets import preset_names
-from aepo.eval.analyses import analysis_stats, entropy_stats
+from aepo.console import console
 from aepo.eval.plots import plot_bars, plot_curves
 from aepo.io import atomic_write_json, atomic_write_text
-from aepo.train.console import console
+from aepo.rollout.analyses import analysis_stats, entropy_stats
 from aepo.train.records import read_metrics
 
 
@@ -36,7 +36,8 @@ def compare_table(results: dict[str, list[dict[str, Any]]], k: int) -> str:
     """Markdown table, mean ± sd over seeds, one row per algorithm."""
     cols = [("pass@1", "pass@1", 100), (f"pass@{k}", f"pass@{k}", 100), ("tool_calls", "tool calls", 1),
             ("diversity", "diversity", 1), ("consecutive_high_entropy_rate", "consecutive high-H steps (%)", 100),
-            ("branch_concentration", "branches on top-3 chains (%)", 100), ("branch_rate", "branch rate (%)", 100),
+            ("branch_concentration", "branches on top-3 chains (%)", 100),
+            ("branch_top1_share", "branches on top chain (%)", 100), ("branch_rate", "branch rate (%)", 100),
             ("m_std", "sd of m", 1), ("entropy_clipped", "H clipped tokens", 1), ("entropy_all", "H all tokens", 1),
             ("final_entropy", "final entropy", 1), ("entropy_variation", "entropy sd over training", 1),
             ("wall_seconds", "wall (s)", 1)]
@@ -82,11 +83,13 @@ def write_compare_report(out: Path, algos: Sequence[str], seeds: Sequence[int], 
             curves[algo] = _mean_curves(metr)
     plots = []
     if curves:
-        keys = [("reward_mean", "reward (mean)"), ("accuracy", "training accuracy"), ("entropy", "token entropy"),
-                ("tool_calls", "tool calls per rollout"),
-                ("consecutive_high_entropy_rate", "share of high-entropy tool steps in consecutive runs"),
-                ("branch_concentration", "share of branches on the top-3 chains"),
-                ("m_std", "spread of m across prompts (sd)"), ("branch_rate", "branch decisions that branched")]
+        keys = [("reward/mean", "reward (mean)"), ("reward/accuracy", "training accuracy"),
+                ("rollout/entropy", "token entropy"), ("rollout/tool_calls", "tool calls per rollout"),
+                ("rollout/consecutive_high_entropy_rate", "share of high-entropy tool steps in consecutive runs"),
+                ("rollout/branch_concentration", "share of branches on the top-3 chains"),
+                ("rollout/branch_top1_share", "share of branches on the most branched chain"),
+                ("rollout/m_std", "spread of m across prompts (sd)"),
+                ("rollout/branch_rate", "branch decisions that branched")]
         plots.append(plot_curves(curves, out / "compare_curves.png", keys=keys,
                                  title="mean over seeds, one line per algorithm"))
         bars, errors = {}, {}
@@ -109,39 +112,123 @@ def write_compare_report(out: Path, algos: Sequence[str], seeds: Sequence[int], 
     return out / "compare.md"
 
 
+def _run_in_processes(todo: list[tuple[str, int]], out: Path, base: Path, quick: bool,
+                      overrides: list[str] | None, command: str, jobs: int) -> None:
+    """Each (algo, seed) of `todo` as `run_compare([algo], [seed], ...)` in a child process,
+    `jobs` at a time, with the usable cores split between them; RuntimeError names the runs
+    that failed and their logs, after every run has ended."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = str(max(1, cores // jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    code = ("import json, sys; from aepo.demo.compare import run_compare; a = json.loads(sys.argv[1]); "
+            "run_compare([a['algo']], [a['seed']], a['out'], quick=a['quick'], overrides=a['overrides'], "
+            "progress=False, command=a['command'], base=a['base'])")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]compare:[/] {len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
+
+    def one(pair: tuple[str, int]) -> tuple[str, int, int, Path]:
+        algo, seed = pair
+        log = out / "runs" / f"{algo}_seed{seed}.log"
+        args = {"algo": algo, "seed": seed, "out": str(out), "quick": quick, "overrides": list(overrides or []),
+                "command": command, "base": str(base)}
+        with open(log, "w") as f:
+            rc = subprocess.call([sys.executable, "-c", code, json.dumps(args)], env=env, stdout=f,
+                                 stderr=subprocess.STDOUT)
+        console.print(f"[bold]compare:[/] {algo} seed {seed} " + ("done" if rc == 0 else f"failed (see {log})"))
+        return algo, seed, rc, log
+
+    with ThreadPoolExecutor(jobs) as pool:
+        failed = [(a, s, log) for a, s, rc, log in pool.map(one, todo) if rc != 0]
+    if failed:
+        raise RuntimeError("compare: run(s) failed: " + ", ".join(f"{a} seed {s} ({log})" for a, s, log in failed))
+
+
 def run_compare(algos: Sequence[str], seeds: int | Sequence[int], out: str | Path, *, quick: bool = False,
                 overrides: list[str] | None = None, progress: bool = True, command: str = "aepo compare",
-                base: str | Path | None = None) -> Path:
+                base: str | Path | None = None, jobs: int = 1) -> Path:
     """Train and evaluate every (algo, seed) from one shared SFT model; write compare.md.
 
     `base` reuses the world and SFT model of an earlier run directory (e.g. `runs/demo`);
-    by default they are built (once) in `out/base`."""
-    from aepo.demo import (DemoPlan, build_tools, demo_config, stage_eval, stage_model, stage_rl, stage_sft,
-                           stage_world, world_tasks)
+    by default they are built (once) in `out/base`. `jobs` > 1 runs that many (algo, seed)
+    pairs at once, each in its own process with (usable cores / jobs) threads, logging to
+    `out/runs/<algo>_seed<seed>.log`; the results are the same as one at a time."""
+    from aepo.demo.stages import (
+        DemoPlan,
+        build_tools,
+        demo_config,
+        stage_eval,
+        stage_model,
+        stage_rl,
+        stage_sft,
+        stage_world,
+        world_tasks,
+    )
+    from aepo.io import check_output_dir
+    from aepo.train.checkpoint import RunDirError, check_run_dir, format_differences
 
+    # every argument is checked before anything is built or written
+    algos = list(algos)
+    if not algos:
+        raise ValueError("--algos is empty; give comma-separated presets, e.g. --algos grpo,aepo "
+                         f"(valid: {', '.join(preset_names())})")
     bad = [a for a in algos if a not in preset_names()]
     if bad:
-        raise ValueError(f"unknown algorithm(s) {bad}; valid: {', '.join(preset_names())}")
+        raise ValueError(f"--algos: unknown algorithm(s) {', '.join(map(repr, bad))}; "
+                         f"valid: {', '.join(preset_names())}")
+    twice = sorted({a for a in algos if algos.count(a) > 1})
+    if twice:
+        raise ValueError(f"--algos lists {', '.join(map(repr, twice))} more than once; give each algorithm once")
+    if isinstance(seeds, int) and seeds < 1:
+        raise ValueError(f"--seeds must be >= 1 (seeds per algorithm), got {seeds}")
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seeds:
+        raise ValueError("seeds is empty; give at least one seed")
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1 (runs at once), got {jobs}")
     out = Path(out)
+    plan = DemoPlan.quick() if quick else DemoPlan()
+    # each run's config up front: a bad override fails now, not after the world and SFT are built
+    configs = {(algo, seed): demo_config(plan, algo, seed, overrides) for seed in seeds for algo in algos}
+    check_output_dir(out, "--out")
+    if base is not None and not Path(base).is_dir():
+        raise ValueError(f"--from {base} is not a directory; give a run directory made by `aepo demo` "
+                         f"(e.g. runs/demo), or leave --from out to build the world and SFT model in {out / 'base'}")
+    for (algo, seed), cfg in configs.items():
+        rd = out / "runs" / f"{algo}_seed{seed}"
+        if run_summary(rd) is None and not (rd / "rl" / "final" / "config.json").exists():
+            try:  # an unfinished run resumes from its checkpoint: with the same config only
+                check_run_dir(rd / "rl", cfg, resume=True)
+            except RunDirError as e:
+                raise RunDirError(f"--out {out}: the unfinished run {rd.name} used another config: "
+                                  f"{format_differences(e.differences)}; rerun with the same overrides, "
+                                  f"or choose another --out", e.differences) from None
     base = Path(base) if base is not None else out / "base"
     base.mkdir(parents=True, exist_ok=True)
-    plan = DemoPlan.quick() if quick else DemoPlan()
     world = stage_world(base, plan, 0)
-    runner = build_tools(world)
+    runner = build_tools(world, next(iter(configs.values())).tools)
     try:
         init_dir, demos = stage_model(base, plan, 0)
         sft_dir = stage_sft(base, init_dir, demos, plan, 0, progress)
         test = world_tasks(world.test)[: plan.eval_questions]
         train = world_tasks(world.train)
+        todo = [(a, s) for s in seeds for a in algos if run_summary(out / "runs" / f"{a}_seed{s}") is None]
+        if jobs > 1 and len(todo) > 1:
+            _run_in_processes(todo, out, base, quick, overrides, command, jobs)
+            todo = []
         for seed in seeds:
             for algo in algos:
                 rd = out / "runs" / f"{algo}_seed{seed}"
-                if run_summary(rd) is not None:
+                if (algo, seed) not in todo or run_summary(rd) is not None:
                     continue
                 console.print(f"[bold]compare:[/] {algo} seed {seed}")
                 t0 = time.time()
-                cfg = demo_config(plan, algo, seed, overrides)
+                cfg = configs[(algo, seed)]
                 final = stage_rl(rd, sft_dir, train, runner, cfg, progress)
                 ev = stage_eval(rd, "rl", final, test, runner, cfg, plan, seed, progress)
                 metrics = read_metrics(rd / "rl" / "metrics.jsonl")

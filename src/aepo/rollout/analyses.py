@@ -2,7 +2,7 @@
 
 - **High-entropy tool steps.** A tool step is the model segment that follows a tool result;
   its entropy shift is dH = H_seg - H_init (H_init: the row's first model segment; both are
-  segment entropies, ALGORITHMS.md section 1). A step is high-entropy when dH > 0. The paper
+  segment entropies, docs/algorithms.md section 1). A step is high-entropy when dH > 0. The paper
   reports that 56.5% of high-entropy tool-call steps come in consecutive runs (up to 6 in a
   row), which is what makes ARPO over-branch. `consecutive_high_entropy_rate` is the share of
   high-entropy steps that belong to a run of two or more on their chain;
@@ -10,7 +10,10 @@
 - **Branch concentration.** The share of a prompt's branches that fall on its `top` (3) most
   branched chains (a chain is a global row with every branch grown from it), averaged over
   prompts with at least one branch. The paper reports 93.4% for ARPO: branching collapses
-  onto a few chains; AEPO's consecutive-branch penalty should spread it.
+  onto a few chains; AEPO's consecutive-branch penalty should spread it. With k = 8 and m
+  global chains, m <= 3 makes the top-3 share 100% by construction, so the top-1 share
+  (`branch_top1_share`) is reported beside it: it still separates concentrated from spread
+  branching at small k.
 
 In a tree, a branch row repeats its parent's prefix; every step is counted once, by the row
 that generated it (segments after the row's branch position), while runs are measured along
@@ -114,6 +117,7 @@ def rollout_analyses(trajs: Sequence[Any]) -> dict[str, float]:
     concentration = branch_concentration(trajs)
     if concentration is not None:
         out["branch_concentration"] = concentration
+        out["branch_top1_share"] = branch_concentration(trajs, top=1)  # type: ignore[assignment]
     return out
 
 
@@ -121,19 +125,21 @@ def rollout_analyses(trajs: Sequence[Any]) -> dict[str, float]:
 
 
 def entropy_stats(metrics: list[dict]) -> dict[str, float]:
-    """Token entropy at the end of a run (mean of the last fifth of steps) and its sd over all
-    steps: the paper's "entropy stays steady" claim, in numbers."""
-    ent = [m["entropy"] for m in metrics if isinstance(m.get("entropy"), (int, float))]
+    """Token entropy of the sampled tokens (`rollout/entropy`) at the end of a run (mean of the
+    last fifth of steps) and its sd over all steps: the paper's "entropy stays steady" claim,
+    in numbers."""
+    ent = [m["rollout/entropy"] for m in metrics if isinstance(m.get("rollout/entropy"), (int, float))]
     if not ent:
         return {"final_entropy": float("nan"), "entropy_variation": float("nan")}
     tail = ent[-max(1, len(ent) // 5):]
     return {"final_entropy": float(np.mean(tail)), "entropy_variation": float(np.std(ent))}
 
 
-ANALYSIS_KEYS = ("consecutive_high_entropy_rate", "high_entropy_step_rate", "branch_concentration", "branch_rate",
-                 "m_std", "dH_std", "entropy_clipped", "entropy_all")
-"""Per-step metrics of the paper's analyses (`aepo.eval.analyses`, the trainer's clip and branch
-figures), averaged over a run's steps for the comparison."""
+ANALYSIS_KEYS = ("rollout/consecutive_high_entropy_rate", "rollout/high_entropy_step_rate",
+                 "rollout/branch_concentration", "rollout/branch_top1_share", "rollout/branch_rate",
+                 "rollout/m_std", "rollout/dH_std", "actor/entropy_clipped", "actor/entropy_all")
+"""Per-step metrics of the paper's analyses (this module, the trainer's clip and branch figures),
+averaged over a run's steps for the comparison; run-level keys drop the namespace."""
 
 
 def analysis_stats(metrics: list[dict]) -> dict[str, float]:
@@ -143,8 +149,9 @@ def analysis_stats(metrics: list[dict]) -> dict[str, float]:
     for key in ANALYSIS_KEYS:
         vals = [m[key] for m in metrics if isinstance(m.get(key), (int, float))]
         if vals:
-            out[key] = float(np.mean(vals))
-    runs = [m["max_high_entropy_run"] for m in metrics if isinstance(m.get("max_high_entropy_run"), (int, float))]
+            out[key.split("/")[-1]] = float(np.mean(vals))
+    key = "rollout/max_high_entropy_run"
+    runs = [m[key] for m in metrics if isinstance(m.get(key), (int, float))]
     if runs:
         out["max_high_entropy_run"] = float(max(runs))
     return out

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
-from aepo.tasks.world import (
+from aepo.demo.world import (
     FACT_PAIRS,
     RELATIONS,
     TEMPLATES,

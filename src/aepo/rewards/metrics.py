@@ -1,4 +1,4 @@
-"""Evaluation metrics (ALGORITHMS.md section 8): unbiased pass@k and rollout diversity.
+"""Evaluation metrics (docs/algorithms.md section 8): unbiased pass@k and rollout diversity.
 
 pass@k is the chance that at least one of k samples drawn without replacement from n is
 correct, estimated from c correct ones: 1 - C(n-c, k) / C(n, k), computed as a product so
@@ -18,14 +18,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from aepo.tasks.rewards import (
-    Part,
-    extract_answer,
-    model_text,
-    normalize_answer,
-    parse_tool_calls,
-    split_response,
-)
+from aepo.protocol import Part, extract_answer, model_text, parse_tool_calls, split_response
+from aepo.rewards.qa import normalize_answer
 
 __all__ = [
     "agglomerative_clusters",

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from aepo.config import Config, load_config
+from aepo.console import console
 from aepo.eval.plots import plot_bars, plot_curves
 from aepo.eval.runner import evaluate_tasks, summarize
 from aepo.io import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
-from aepo.train.console import console
 
-DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"
 
 
 @dataclass
@@ -55,16 +55,22 @@ def _threads() -> None:
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
 
 
-def build_tools(world: Any, timeout: float = 10.0) -> Any:
-    """The demo's tool runner: BM25 search over the world corpus, calculator, python sandbox."""
+def build_tools(world: Any, tools: Any = None) -> Any:
+    """The demo's tool runner: search is BM25 over the world's corpus; the rest (enabled tools,
+    limits, the sandbox's isolation) is `tools`, a run's `tools.*` (default: search, calc and
+    python with a 5 s program limit)."""
+    import dataclasses
+
     from aepo.config import ToolsConfig
     from aepo.runtime import build_tool_runner
 
-    return build_tool_runner(ToolsConfig(timeout=timeout, python_timeout=5.0), corpus_docs=world.corpus)
+    cfg = ToolsConfig(python_timeout=5.0) if tools is None else dataclasses.replace(
+        tools, search_cache="", search_corpus="", search_url="")
+    return build_tool_runner(cfg, corpus_docs=world.corpus)
 
 
 def world_tasks(rows: list[dict]) -> list[Any]:
-    from aepo.tasks.datasets import TaskRow
+    from aepo.data.datasets import TaskRow
 
     return [TaskRow(id=str(r["id"]), question=r["question"], answers=list(r["answer"]),
                     data_source=r.get("data_source", "demo_world"), extra={"kind": r.get("kind")})
@@ -72,7 +78,7 @@ def world_tasks(rows: list[dict]) -> list[Any]:
 
 
 def stage_world(out: Path, plan: DemoPlan, seed: int) -> Any:
-    from aepo.tasks.world import World, build_world
+    from aepo.demo.world import World, build_world
 
     wdir = out / "world"
     if not (wdir / "world.json").exists():
@@ -83,7 +89,7 @@ def stage_world(out: Path, plan: DemoPlan, seed: int) -> Any:
 def sample_world(plan: DemoPlan, seed: int, base: int, index: int) -> Any:
     """Sample world `index` of series `base` for demo seed `seed`: it shares the demo world's
     name pool (`name_seed`) but none of its entities or facts."""
-    from aepo.tasks.world import build_world
+    from aepo.demo.world import build_world
 
     return build_world(seed=base + 97 * seed + index, size=plan.world_size, level=plan.world_level,
                        name_seed=seed)
@@ -94,7 +100,7 @@ def tokenizer_texts(seed: int, plan: DemoPlan) -> list[str]:
     is one token, and each also names someone in the training data of some world, so the
     model learns to write it. (With per-world names, a held-out person's name would be a token
     that is never a training target, and the model could never write it.)"""
-    from aepo.tasks.world import number_words
+    from aepo.demo.world import number_words
 
     texts: list[str] = []
     for s in range(plan.tokenizer_worlds):
@@ -112,7 +118,7 @@ def expert_demonstrations(plan: DemoPlan, seed: int) -> list[dict]:
     shared), so the model cannot memorise answers: it has to copy names and facts out of the
     question and the search results. The demo world itself is new to the SFT model, on its
     train split (where RL trains) as on its test split (where both are evaluated)."""
-    from aepo.tasks.expert import demonstrations
+    from aepo.demo.expert import demonstrations
 
     per = max(1, plan.n_demos // plan.demo_worlds)
     demos: list[dict] = []
@@ -150,8 +156,8 @@ def stage_model(out: Path, plan: DemoPlan, seed: int) -> tuple[Path, list[dict]]
 
 def stage_sft(out: Path, init_dir: Path, demos: list[dict], plan: DemoPlan, seed: int,
               progress: bool) -> Path:
+    from aepo.demo.world import number_words
     from aepo.models.loading import load_model, save_model_dir
-    from aepo.tasks.world import number_words
     from aepo.train.sft import SFTConfig, encode_demonstration, recall_drills, sft_train
 
     sdir = out / "sft"
@@ -243,15 +249,16 @@ def write_report(out: Path, cfg: Config, sft: dict, rl: dict, wall: float) -> Pa
                      f"{num(s.get('diversity'))} |")
     lines += ["", "## Training", "",
               "| | first step | last step |", "|---|---|---|"]
-    for key in ("reward_mean", "accuracy", "entropy", "tool_calls", "branches", "m_mean", "m_std", "dH_std",
-                "branch_rate", "consecutive_high_entropy_rate", "branch_concentration", "entropy_clipped",
-                "entropy_all", "response_length"):
+    for key in ("reward/mean", "reward/accuracy", "rollout/entropy", "rollout/tool_calls", "rollout/branches",
+                "rollout/m_mean", "rollout/m_std", "rollout/dH_std", "rollout/branch_rate",
+                "rollout/consecutive_high_entropy_rate", "rollout/branch_concentration", "actor/entropy_clipped",
+                "actor/entropy_all", "rollout/response_length"):
         lines.append(f"| {key} | {num(first.get(key))} | {num(last.get(key))} |")
-    from aepo.eval.analyses import analysis_stats, entropy_stats
+    from aepo.rollout.analyses import analysis_stats, entropy_stats
 
     run_level = {**analysis_stats(metrics), **entropy_stats(metrics)} if metrics else {}
     if run_level:
-        lines += ["", "Over the whole run (mean of the per-step values; see `aepo.eval.analyses`): " + ", ".join(
+        lines += ["", "Over the whole run (mean of the per-step values; see `aepo.rollout.analyses`): " + ", ".join(
             f"{k} {num(v)}" for k, v in run_level.items()) + "."]
     lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], "",
               "Files: `summary.json`, `rl/metrics.jsonl` (per-step metrics), `eval_*_samples.jsonl` "
@@ -263,17 +270,29 @@ def write_report(out: Path, cfg: Config, sft: dict, rl: dict, wall: float) -> Pa
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, algo: str = "aepo", seed: int = 0,
              overrides: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
     """Run every stage (cached ones are skipped) and return the summary dict."""
+    from aepo.io import check_output_dir
+    from aepo.train.checkpoint import RunDirError, check_run_dir, format_differences
+
     _threads()
     t0 = time.time()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     plan = DemoPlan.quick() if quick else DemoPlan()
+    # every check before the run directory is created or any stage starts
     cfg = demo_config(plan, algo, seed, overrides)
+    check_output_dir(out, "--out")
+    if not (out / "rl" / "final" / "config.json").exists():
+        try:  # a re-run resumes RL from its checkpoint: with the same config only
+            check_run_dir(out / "rl", cfg, resume=True)
+        except RunDirError as e:
+            raise RunDirError(f"--out {out} holds an unfinished RL run with another config: "
+                              f"{format_differences(e.differences)}; rerun with that run's options, "
+                              f"or choose another --out", e.differences) from None
+    out.mkdir(parents=True, exist_ok=True)
     random.seed(seed)
     torch.manual_seed(seed)
     console.print(f"[bold]aepo demo[/] -> {out}  (algo={algo}{', quick' if quick else ''})")
     world = stage_world(out, plan, seed)
-    runner = build_tools(world, timeout=cfg.tools.timeout)
+    runner = build_tools(world, cfg.tools)
     try:
         console.print(f"world: {len(world.corpus)} documents, {len(world.train)} train / {len(world.test)} test questions")
         init_dir, demos = stage_model(out, plan, seed)

@@ -2,19 +2,24 @@
 
 The built-in tiny model sees a plain `question: ...` line. A real instruction-tuned model
 (`model.chat_template=true`) gets the tokenizer's chat template with a system prompt that
-describes the tools and the tag protocol of ALGORITHMS.md section 2.
+describes the tools and the tag protocol of docs/algorithms.md section 2.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-SYSTEM_PROMPT = (
-    "You answer questions by reasoning step by step and calling tools. Think inside "
-    "<think> </think>. To search the web write <search> query </search>; to compute write "
-    "<calc> expression </calc> or <python> code </python>. Each tool call is answered inside "
-    "<result> </result>. Call tools as often as you need (at most {max_tool_calls} times), then "
-    "give the final answer inside <answer> </answer>; for math put it in \\boxed{{}}."
-)
+from aepo.tools import tool_names, tool_usage
+
+
+def system_prompt(tools: Sequence[str], max_tool_calls: int = 6) -> str:
+    """The system prompt for a chat model: the tag protocol, and one clause per tool in `tools`
+    (each registered tool's `usage`, `aepo.tools.registry`)."""
+    clauses = tool_usage(list(tools))
+    tool_text = ("; ".join(clauses) + ". Each tool call is answered inside <result> </result>. Call tools "
+                 f"as often as you need (at most {max_tool_calls} times), then give") if clauses else "Give"
+    return ("You answer questions by reasoning step by step" + (" and calling tools" if clauses else "")
+            + ". Think inside <think> </think>. " + tool_text[0].upper() + tool_text[1:]
+            + " the final answer inside <answer> </answer>; for math put it in \\boxed{}.")
 
 
 def prompt_text(question: str) -> str:
@@ -24,9 +29,10 @@ def prompt_text(question: str) -> str:
 
 def encode_prompt(
     question: str, tokenizer: Any, *, chat_template: bool = False, max_tool_calls: int = 6,
-    tools: Sequence[str] = ("search", "calc", "python"),
+    tools: Sequence[str] | None = None,
 ) -> list[int]:
-    """Token ids of the prompt for `question`."""
+    """Token ids of the prompt for `question`; with `chat_template`, the system prompt teaches
+    `tools` (default: every registered tool)."""
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
@@ -34,7 +40,7 @@ def encode_prompt(
                 "set model.chat_template=false for base models"
             )
         messages = [
-            {"role": "system", "content": SYSTEM_PROMPT.format(max_tool_calls=max_tool_calls)},
+            {"role": "system", "content": system_prompt(tool_names() if tools is None else tools, max_tool_calls)},
             {"role": "user", "content": question.strip()},
         ]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

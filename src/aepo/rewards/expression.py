@@ -1,0 +1,247 @@
+"""A small, safe expression evaluator (no `eval`): LaTeX-ish text -> a complex function.
+
+`expressions_equal(a, b)` compiles both sides and compares them numerically (complex
+arithmetic, relative tolerance 1e-6), at fixed random points when they have single-letter
+variables. Supported: `+ - * / ^`, implicit multiplication, `\\sqrt`, `\\sqrt[n]`, `\\pi`, `i`,
+`\\sin`/`\\cos`/`\\tan`/`\\cot`/`\\sec`/`\\csc`/`\\log`/`\\ln`/`\\exp`. Inputs longer than 200
+characters, unknown commands and words are not expressions (not equal).
+"""
+from __future__ import annotations
+
+import cmath
+import math
+import random
+import re
+from collections.abc import Callable
+
+from aepo.protocol import balanced_brace
+
+__all__ = ["expressions_equal"]
+
+
+_FUNCS: dict[str, Callable[[complex], complex]] = {
+    "sqrt": cmath.sqrt,
+    "sin": cmath.sin,
+    "cos": cmath.cos,
+    "tan": cmath.tan,
+    "cot": lambda x: 1 / cmath.tan(x),
+    "sec": lambda x: 1 / cmath.cos(x),
+    "csc": lambda x: 1 / cmath.sin(x),
+    "log": cmath.log,
+    "ln": cmath.log,
+    "exp": cmath.exp,
+}
+_CONSTS = {"pi": math.pi, "i": 1j}
+_TOKEN_RE = re.compile(
+    r"\s*(?:(\d+\.?\d*|\.\d+)|(sqrt|sin|cos|tan|cot|sec|csc|log|ln|exp|pi)|([A-Za-z])|([-+*/^()]))"
+)
+_MAX_LEN = 200
+_KNOWN_NAMES_RE = re.compile(r"sqrt|sin|cos|tan|cot|sec|csc|log|ln|exp|pi")
+_WORD_RE = re.compile(r"[A-Za-z]{3,}")
+
+
+class _ParseError(ValueError):
+    pass
+
+
+def _latex_to_plain(s: str) -> str:
+    """Rewrite the LaTeX the evaluator knows into plain infix text; unknown commands fail."""
+    s = s.replace("\\cdot", "*").replace("\\times", "*").replace("\\div", "/")
+    for _ in range(50):
+        m = re.search(r"\\frac\s*", s)
+        if not m:
+            break
+        num, rest = _latex_arg(s, m.end())
+        den, rest2 = _latex_arg(s, rest)
+        s = s[: m.start()] + f"(({num})/({den}))" + s[rest2:]
+    for _ in range(50):
+        m = re.search(r"\\sqrt\s*", s)
+        if not m:
+            break
+        j = m.end()
+        if j < len(s) and s[j] == "[":
+            close = s.find("]", j)
+            if close < 0:
+                raise _ParseError("unclosed [")
+            index, j = s[j + 1 : close], close + 1
+            arg, end = _latex_arg(s, j)
+            s = s[: m.start()] + f"(({arg})^(1/({index})))" + s[end:]
+        else:
+            arg, end = _latex_arg(s, j)
+            s = s[: m.start()] + f"sqrt({arg})" + s[end:]
+    s = re.sub(r"\\(sin|cos|tan|cot|sec|csc|log|ln|exp|pi)\b", r" \1 ", s)
+    if "\\" in s:
+        raise _ParseError("unknown command")
+    return s.replace("{", "(").replace("}", ")")
+
+
+def _latex_arg(s: str, j: int) -> tuple[str, int]:
+    """One argument of a LaTeX command at `j`: a braced group or a single character."""
+    while j < len(s) and s[j] == " ":
+        j += 1
+    if j >= len(s):
+        raise _ParseError("missing argument")
+    if s[j] == "{":
+        end = balanced_brace(s, j)
+        if end is None:
+            raise _ParseError("unbalanced braces")
+        return s[j + 1 : end], end + 1
+    return s[j], j + 1
+
+
+def _tokenize(s: str) -> list[tuple[str, str]]:
+    tokens, i = [], 0
+    s = s.rstrip()
+    while i < len(s):
+        m = _TOKEN_RE.match(s, i)
+        if not m or m.end() == i:
+            raise _ParseError(f"unexpected {s[i : i + 5]!r}")
+        kind = ("num", "name", "var", "op")[[g is not None for g in m.groups()].index(True)]
+        tokens.append((kind, m.group(m.lastindex or 0)))
+        i = m.end()
+    return tokens
+
+
+class _Parser:
+    """Recursive descent: expr := term (+|- term)*; term := unary ((*|/)? unary)*;
+    unary := (+|-) unary | power; power := atom (^ unary)?; atom := num | var | const |
+    func power | ( expr ). Produces nested tuples evaluated by `_eval`."""
+
+    def __init__(self, tokens: list[tuple[str, str]]) -> None:
+        self.toks, self.pos = tokens, 0
+
+    def peek(self) -> tuple[str, str] | None:
+        return self.toks[self.pos] if self.pos < len(self.toks) else None
+
+    def take(self) -> tuple[str, str]:
+        tok = self.peek()
+        if tok is None:
+            raise _ParseError("unexpected end")
+        self.pos += 1
+        return tok
+
+    def parse(self) -> tuple:
+        node = self.expr()
+        if self.peek() is not None:
+            raise _ParseError(f"trailing {self.peek()}")
+        return node
+
+    def expr(self) -> tuple:
+        node = self.term()
+        while (tok := self.peek()) is not None and tok in (("op", "+"), ("op", "-")):
+            self.take()
+            node = (tok[1], node, self.term())
+        return node
+
+    def term(self) -> tuple:
+        node = self.unary()
+        while (tok := self.peek()) is not None:
+            if tok in (("op", "*"), ("op", "/")):
+                self.take()
+                node = (tok[1], node, self.unary())
+            elif tok[0] in ("num", "name", "var") or tok == ("op", "("):
+                node = ("*", node, self.power())  # implicit multiplication: 3x, 2\sqrt{2}
+            else:
+                break
+        return node
+
+    def unary(self) -> tuple:
+        tok = self.peek()
+        if tok in (("op", "-"), ("op", "+")):
+            self.take()
+            inner = self.unary()
+            return ("neg", inner) if tok[1] == "-" else inner
+        return self.power()
+
+    def power(self) -> tuple:
+        node = self.atom()
+        if self.peek() == ("op", "^"):
+            self.take()
+            node = ("^", node, self.unary())
+        return node
+
+    def atom(self) -> tuple:
+        kind, text = self.take()
+        if kind == "num":
+            return ("num", complex(float(text)))
+        if kind == "var":
+            return ("num", 1j) if text == "i" else ("var", text)
+        if kind == "name":
+            if text in _CONSTS:
+                return ("num", complex(_CONSTS[text]))
+            return ("call", text, self.power())
+        if text == "(":
+            node = self.expr()
+            if self.take() != ("op", ")"):
+                raise _ParseError("missing )")
+            return node
+        raise _ParseError(f"unexpected {text!r}")
+
+
+def _eval(node: tuple, env: dict[str, complex]) -> complex:
+    op = node[0]
+    if op == "num":
+        return node[1]
+    if op == "var":
+        return env[node[1]]
+    if op == "neg":
+        return -_eval(node[1], env)
+    if op == "call":
+        return _FUNCS[node[1]](_eval(node[2], env))
+    x, y = _eval(node[1], env), _eval(node[2], env)
+    if op == "+":
+        return x + y
+    if op == "-":
+        return x - y
+    if op == "*":
+        return x * y
+    if op == "/":
+        return x / y
+    if abs(y) > 1000 or abs(x) > 1e100:  # "^": refuse huge powers instead of hanging
+        raise OverflowError("power too large")
+    if y.imag == 0 and y.real == int(y.real) and x.imag == 0:
+        return complex(x.real ** int(y.real))
+    return x**y
+
+
+def _variables(node: tuple) -> set[str]:
+    if node[0] == "var":
+        return {node[1]}
+    return set().union(*(_variables(c) for c in node[1:] if isinstance(c, tuple)))
+
+
+def _compile(s: str) -> tuple | None:
+    if len(s) > _MAX_LEN:
+        return None
+    try:
+        plain = _latex_to_plain(s)
+        if _WORD_RE.search(_KNOWN_NAMES_RE.sub(" ", plain)):
+            return None  # a word is text, not a product of single-letter variables
+        return _Parser(_tokenize(plain)).parse()
+    except (_ParseError, ValueError, IndexError, RecursionError):
+        return None
+
+
+def _close(x: complex, y: complex) -> bool:
+    if not (cmath.isfinite(x) and cmath.isfinite(y)):
+        return False
+    return abs(x - y) <= 1e-6 * max(abs(x), abs(y)) + 1e-9
+
+
+def expressions_equal(a: str, b: str) -> bool:
+    ta, tb = _compile(a), _compile(b)
+    if ta is None or tb is None:
+        return False
+    names = sorted(_variables(ta) | _variables(tb))
+    rng = random.Random(20251015)
+    agreed = 0
+    for _ in range(4 if names else 1):
+        env = {n: complex(rng.uniform(0.5, 2.5)) for n in names}
+        try:
+            x, y = _eval(ta, env), _eval(tb, env)
+        except (ZeroDivisionError, OverflowError, ValueError):
+            continue
+        if not _close(x, y):
+            return False
+        agreed += 1
+    return agreed > 0

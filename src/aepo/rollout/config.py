@@ -1,0 +1,41 @@
+"""The rollout's settings (`rollout.*` in a run config): budget, sampling, branching."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["RolloutConfig"]
+
+
+@dataclass
+class RolloutConfig:
+    strategy: str = "aepo"  # a registered strategy (`aepo.rollout.strategies`): independent | arpo | aepo
+    n: int = 8  # k: rows per prompt, one group
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_response_tokens: int = 256
+    max_tool_calls: int = 6
+    max_result_tokens: int = 128
+    # a segment's entropy: the sum of its first n_probe token entropies / log|V|, rescaled by
+    # n_probe / n when it has n < n_probe tokens (docs/algorithms.md section 1)
+    n_probe: int = 20
+    # ARPO entropy-based adaptive branching
+    initial_rollouts: int = 0  # m; 0 means n // 2
+    branch_alpha: float = 0.5
+    branch_beta: float = 0.2  # ARPO beta; AEPO's gamma below
+    branch_children: int = 1  # Z
+    # AEPO dynamic entropy-balanced rollout
+    premonitor: bool = True
+    beta_pm: float = 0.5
+    reuse_probe: bool = True
+    branch_gamma: float = 0.2
+    branch_penalty: float = 0.05  # lambda_pen
+    branch_tau: float = 0.5
+    # ARPO and AEPO branch rule (docs/algorithms.md section 3.3): "threshold" the paper, "released" the
+    # authors' code (random base U), "sample" Bernoulli(P); the default is chosen from demo
+    # measurements given in rollout.strategies.branch_decision
+    branch_decision: Literal["threshold", "released", "sample"] = "threshold"
+    penalty_scope: Literal["chain", "prompt"] = "chain"  # "prompt" is the released behaviour
+    m_compat: bool = False  # released code: int(k * sigmoid) + 1
+    segment_entropy_compat: bool = False  # released code: plain sum over n_probe, no length rescale

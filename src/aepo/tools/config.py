@@ -1,0 +1,26 @@
+"""The tools' settings (`tools.*` in a run config)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["ToolsConfig"]
+
+
+@dataclass
+class ToolsConfig:
+    enabled: list[str] = field(default_factory=lambda: ["search", "calc", "python"])  # registered tools
+    search_cache: str = ""
+    search_corpus: str = ""
+    search_url: str = ""
+    search_topk: int = 3
+    search_max_chars: int = 600
+    timeout: float = 10.0  # per tool call
+    python_timeout: float = 10.0  # the sandbox's own wall-clock limit (at most `timeout`)
+    python_memory_mb: int = 512
+    # "strict": namespaces, a minimal root and a system-call filter, or refuse to run;
+    # "limits-only": resource limits only, the program can read host files (README "Security")
+    python_isolation: Literal["strict", "limits-only"] = "strict"
+    # settings of tools that have no fields of their own: {tool name: {option: value}}, handed
+    # to the tool's builder (`aepo.tools.registry`)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
