@@ -37,15 +37,17 @@ def plot_curves(runs: dict[str, Sequence[dict]], out_path: str | Path, *,
     cols = 2 if len(keys) > 1 else 1
     nrows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 3.2 * nrows), squeeze=False)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {name: palette[i % len(palette)] for i, name in enumerate(runs)}  # one colour per run everywhere
     for ax, (key, label) in zip(axes.flat, keys):
         for name, rows in runs.items():
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if not pts:
                 continue
             x, y = map(np.array, zip(*pts))
-            (line,) = ax.plot(x, _smooth(y.astype(float), smooth), label=name, lw=1.8)
+            ax.plot(x, _smooth(y.astype(float), smooth), label=name, lw=1.8, color=color[name])
             if smooth > 1:
-                ax.plot(x, y, color=line.get_color(), alpha=0.25, lw=0.8)
+                ax.plot(x, y, color=color[name], alpha=0.25, lw=0.8)
         ax.set_title(label)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
