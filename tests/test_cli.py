@@ -101,8 +101,8 @@ def test_rollout_command_writes_one_row_per_sample(micro_dir, tmp_path):
     assert len(rows) == 6
     assert len({r["prompt_id"] for r in rows}) == 2
     assert sorted(r["row_id"] for r in rows) == [0, 0, 1, 1, 2, 2]
-    line = next(x for x in res.output.splitlines() if '{"' in x)  # the stats (after any progress bar)
-    summary = json.loads(line[line.index('{"'):])
+    summary = json.loads((tmp_path / "rows.stats.json").read_text())  # the batch statistics
+    assert "6 rows of 2 prompts" in res.output
     prompt_order = list(dict.fromkeys(r["prompt_id"] for r in rows))
     for r in rows:
         assert {"prompt_id", "row_id", "parent_row_id", "branch_position", "text", "segments", "tool_calls",

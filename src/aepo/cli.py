@@ -387,6 +387,7 @@ def rollout_cmd(
         check_model_dir(model)
         resolve_device(device)
         check_output_file(out, "--out")
+        check_output_file(out.with_name(out.stem + ".stats.json"), "--out")
         tasks = load_tasks(data, limit=limit)
         if not tasks:
             raise ValueError(f"--data {data} holds no questions; give a file with at least one row")
@@ -425,9 +426,15 @@ def rollout_cmd(
             "m": tr.m, "decisions": tr.decisions,
         })
     write_jsonl(out, rows)
-    summary = {k2: v for k2, v in stats.items() if isinstance(v, (int, float, list, dict))}
-    typer.echo(json.dumps(summary, default=str))
-    typer.echo(f"wrote {len(rows)} rows to {out}")
+    stats_path = out.with_name(out.stem + ".stats.json")
+    from aepo.io import atomic_write_json
+
+    atomic_write_json(stats_path, {k2: v for k2, v in stats.items() if isinstance(v, (int, float, list, dict))})
+    m = [x for x in stats.get("m") or [] if isinstance(x, (int, float))]
+    typer.echo(f"{len(rows)} rows of {len(set(tr.prompt_id for tr in trajs))} prompts; "
+               + (f"m {min(m)}..{max(m)}; " if m else "") + f"branches {stats.get('branches', 0)}; "
+               f"tool calls per row {stats.get('tool_calls_per_row', 0):.2f}; finish {stats.get('finish_reasons')}")
+    typer.echo(f"wrote {out} (rows) and {stats_path} (batch statistics: m, l, H_root/H_tool, every decision)")
 
 
 @app.command()
