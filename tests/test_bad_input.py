@@ -445,7 +445,8 @@ def test_rollout_shows_progress_and_no_transformers_bars(micro_dir, tmp_path):
     assert "no search tool" in res.stderr  # search QA rows, no search option
     rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert len(rows) == 4
-    summary = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("{")))
+    assert "4 rows of 2 prompts" in res.stdout
+    summary = json.loads((tmp_path / "r.stats.json").read_text())  # the batch statistics, merged over batches
     assert len(summary["m"]) == 2 and summary["rows_per_prompt"] == [2, 2]
 
 
