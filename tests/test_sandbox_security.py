@@ -28,9 +28,8 @@ from typer.testing import CliRunner
 import aepo
 from aepo.cli import app
 from aepo.config import ConfigError, ToolsConfig
-from aepo.runtime import build_tool_runner
+from aepo.tools import build_tool_runner, sandbox_child
 from aepo.tools import sandbox as sandbox_module
-from aepo.tools import sandbox_child
 from aepo.tools.sandbox import SCRATCH_PREFIX, PythonSandbox, SandboxError, remove_stale_scratch_dirs
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the strict sandbox is Linux-only")

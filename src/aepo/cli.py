@@ -1,7 +1,6 @@
 """`aepo` command line: demo, sft, train, eval, compare, rollout, model, tools, world."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -176,7 +175,8 @@ def train(
     from aepo.demo.stages import world_tasks
     from aepo.io import check_output_dir
     from aepo.models.loading import check_model_dir, load_model, resolve_device, save_model_dir
-    from aepo.runtime import build_tool_runner, load_tasks
+    from aepo.runtime import load_tasks
+    from aepo.tools import build_tool_runner
     from aepo.train.checkpoint import check_run_dir
     from aepo.train.rl import RLTrainer
 
@@ -284,7 +284,8 @@ def eval_cmd(
     from aepo.eval.runner import evaluate_tasks, judge_records, rewrite_samples, summarize, write_summary
     from aepo.io import check_output_dir, check_output_file
     from aepo.models.loading import check_model_dir, load_model, resolve_device
-    from aepo.runtime import build_tool_runner, load_tasks, search_tools_config
+    from aepo.runtime import load_tasks, search_tools_config
+    from aepo.tools import build_tool_runner
 
     try:
         _check_min("--n", n, 1, "samples per question")
@@ -370,7 +371,8 @@ def rollout_cmd(
     from aepo.models.loading import check_model_dir, load_model, resolve_device
     from aepo.rollout.sampler import TorchSampler
     from aepo.rollout.strategies import rollout, strategy_names
-    from aepo.runtime import build_tool_runner, load_tasks, search_tools_config
+    from aepo.runtime import load_tasks, search_tools_config
+    from aepo.tools import build_tool_runner
 
     try:
         if strategy not in strategy_names():

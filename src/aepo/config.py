@@ -262,10 +262,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for ov in overrides or []:
         data = _merge(data, _nest(*parse_override(ov)))
     cfg = Config()
-    plugins = data.get("plugins") or []
-    if isinstance(plugins, str):
-        plugins = [p for p in plugins.split(",") if p]
-    import_plugins(plugins)
+    import_plugins(_convert(data.get("plugins") or [], list[str], "plugins"))
     algo = data.get("algo", cfg.algo)
     apply_preset(cfg, str(algo))
     _apply(cfg, data)

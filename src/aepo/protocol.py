@@ -125,9 +125,9 @@ def format_result(text: str) -> str:
 
 
 def _closing_tag(text: str) -> str | None:
-    for tag in (*tool_tags(), ANSWER_TAG):
-        if text.endswith(f"</{tag}>"):
-            return tag
+    for stop in stop_strings():  # "</tag>"
+        if text.endswith(stop):
+            return stop[2:-1]
     return None
 
 

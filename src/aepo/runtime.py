@@ -1,18 +1,12 @@
-"""Building a run's parts from config: its tools and its task rows."""
+"""The CLI's shortcuts for a run's parts: the tools its options name, and its task rows.
+
+A run's tool runner is `aepo.tools.build_tool_runner(cfg.tools)`."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 from aepo.tools.config import ToolsConfig
-
-
-def build_tool_runner(tools: ToolsConfig, *, corpus_docs: list[dict] | None = None) -> Any:
-    """A ToolRunner with the enabled tools (`aepo.tools.registry`); search chains cache ->
-    BM25 corpus (a file, else `corpus_docs`) -> HTTP retriever."""
-    from aepo.tools import build_tool_runner as build
-
-    return build(tools, corpus_docs=corpus_docs)
 
 
 def search_tools_config(cache: str | Path | None = None, corpus: str | Path | None = None,

@@ -92,13 +92,19 @@ def advantage_config(actor: Any, name: str | None = None) -> dict[str, Any]:
     name = name or chosen
     allowed = _options(get_advantage_fn(name))
     spec = advantage_spec(chosen)
-    kw = {opt: getattr(actor, key) for opt, key in spec.config.items() if opt in allowed}
-    extra = dict(getattr(actor, "adv_estimator_options", None) or {})
     own = _options(get_advantage_fn(chosen)) + (_per_token_options(spec) if spec.per_token else [])
-    unknown = sorted(set(extra) - set(own))
+    unknown = sorted(set(getattr(actor, "adv_estimator_options", None) or {}) - set(own))
     if unknown:
         raise ValueError(f"actor.adv_estimator_options: estimator {chosen!r} has no option(s) {unknown}; "
                          f"its options: {own or 'none'}")
+    return _from_config(actor, spec, allowed)
+
+
+def _from_config(actor: Any, spec: AdvantageSpec, allowed: list[str]) -> dict[str, Any]:
+    """The options in `allowed`: from the `actor.*` fields `spec.config` names, then from
+    `actor.adv_estimator_options`."""
+    kw = {opt: getattr(actor, key) for opt, key in spec.config.items() if opt in allowed}
+    extra = getattr(actor, "adv_estimator_options", None) or {}
     return {**kw, **{k: v for k, v in extra.items() if k in allowed}}
 
 
@@ -111,12 +117,7 @@ def per_token_config(actor: Any) -> dict[str, Any]:
     """The options of the estimator's `per_token` step from an actor config (its `config`
     mapping, then `actor.adv_estimator_options`), for the parameters that step takes."""
     spec = advantage_spec(actor.adv_estimator)
-    if spec.per_token is None:
-        return {}
-    allowed = _per_token_options(spec)
-    kw = {opt: getattr(actor, key) for opt, key in spec.config.items() if opt in allowed}
-    extra = dict(getattr(actor, "adv_estimator_options", None) or {})
-    return {**kw, **{k: v for k, v in extra.items() if k in allowed}}
+    return _from_config(actor, spec, _per_token_options(spec)) if spec.per_token is not None else {}
 
 
 def advantage_names() -> list[str]:
@@ -375,9 +376,7 @@ def hard_attribution(
 
 
 def _check_options(name: str, fn: AdvantageFn, opts: dict) -> None:
-    allowed = [
-        p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
+    allowed = _options(fn)
     unknown = sorted(set(opts) - set(allowed))
     if unknown:
         raise ValueError(

@@ -62,7 +62,7 @@ def build_tools(world: Any, tools: Any = None) -> Any:
     import dataclasses
 
     from aepo.config import ToolsConfig
-    from aepo.runtime import build_tool_runner
+    from aepo.tools import build_tool_runner
 
     cfg = ToolsConfig(python_timeout=5.0) if tools is None else dataclasses.replace(
         tools, search_cache="", search_corpus="", search_url="")
