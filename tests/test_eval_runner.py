@@ -9,6 +9,7 @@ from aepo.data.datasets import TaskRow
 from aepo.eval import runner as runner_module
 from aepo.rewards import score_trajectory
 from aepo.rewards.metrics import rollout_action_key
+from aepo.rollout.sampler import backend as sampler_backend
 from aepo.types import SegmentRecord, Trajectory
 
 TOK = CharTokenizer()
@@ -34,7 +35,7 @@ def test_evaluate_tasks_scores_model_text_only(monkeypatch, tool_output, acc, an
         scored.append(traj)
         return score_trajectory(traj, *args, **kw)
 
-    monkeypatch.setattr(runner_module, "TorchSampler", lambda model, tokenizer, **kw: ScriptedSampler(TOK, script))
+    monkeypatch.setattr(sampler_backend, "TorchSampler", lambda model, tokenizer, **kw: ScriptedSampler(TOK, script))
     monkeypatch.setattr(runner_module, "score_trajectory", spy)
     tasks = [TaskRow(id="t0", question="capital of France?", answers=["Paris"], data_source="hotpotqa")]
     (rec,) = runner_module.evaluate_tasks(torch.nn.Linear(1, 1), TOK, tasks, FakeTools(lambda n, a: tool_output),

@@ -32,6 +32,7 @@ from aepo.rewards import (
 )
 from aepo.rollout import rollout
 from aepo.train import rl as rl_module
+from aepo.rollout.sampler import backend as sampler_backend
 from aepo.types import SegmentRecord, Trajectory
 
 TOK = CharTokenizer()
@@ -295,7 +296,7 @@ def test_rl_rollout_scores_by_trajectory(monkeypatch, tmp_path, tool_output, rew
         scored.append(traj)
         return score_trajectory(traj, *args, **kw)
 
-    monkeypatch.setattr(rl_module, "TorchSampler", lambda model, tokenizer, **kw: ScriptedSampler(tok, script))
+    monkeypatch.setattr(sampler_backend, "TorchSampler", lambda model, tokenizer, **kw: ScriptedSampler(tok, script))
     monkeypatch.setattr(rl_module, "score_trajectory", spy)
     cfg = load_config(None, ["rollout.n=2", "rollout.strategy=independent", "trainer.prompts_per_step=1",
                              "actor.overlong_buffer=0", f"out_dir={tmp_path}"])

@@ -68,6 +68,27 @@ def _check_min(option: str, value: Optional[float], low: float, what: str, hint:
                          f"; {hint or f'pass {option} {low:g} or more'}")
 
 
+def _check_backend(backend: str) -> str:
+    from aepo.rollout.sampler import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def _load_for_sampling(model: Path, device: str, rcfg: Any) -> tuple[Any, Any, Any]:
+    """(torch model or None, tokenizer, sampler backend) for `rcfg.backend`: the vLLM engine
+    loads the directory itself, so no torch copy of the weights is made for it."""
+    from aepo.models.loading import load_model, load_tokenizer
+    from aepo.rollout.sampler import build_backend
+
+    if rcfg.backend == "vllm":
+        tok = load_tokenizer(model)
+        return None, tok, build_backend(rcfg, None, tok, model)
+    m, tok = load_model(model, device=device)
+    return m, tok, build_backend(rcfg, m, tok)
+
+
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"--temperature must be > 0, got {temperature:g}; pass e.g. --temperature 1.0")
@@ -266,6 +287,7 @@ def eval_cmd(
     temperature: float = typer.Option(1.0, "--temperature"),
     max_response_tokens: int = typer.Option(512, "--max-response-tokens"),
     max_tool_calls: int = typer.Option(6, "--max-tool-calls"),
+    backend: str = typer.Option("torch", "--backend", help="Sampler engine: torch | vllm (the vllm extra)."),
     search_cache: Optional[Path] = typer.Option(None, "--search-cache", help="JSON cache of search results."),
     search_corpus: Optional[Path] = typer.Option(None, "--search-corpus", help="JSONL corpus for BM25 search."),
     search_url: Optional[str] = typer.Option(None, "--search-url", help="Search-R1 style /retrieve endpoint."),
@@ -283,7 +305,7 @@ def eval_cmd(
     from aepo.config import Config, ConfigError, RolloutConfig, validate
     from aepo.eval.runner import evaluate_tasks, judge_records, rewrite_samples, summarize, write_summary
     from aepo.io import check_output_dir, check_output_file
-    from aepo.models.loading import check_model_dir, load_model, resolve_device
+    from aepo.models.loading import check_model_dir, resolve_device
     from aepo.runtime import load_tasks, search_tools_config
     from aepo.tools import build_tool_runner
 
@@ -304,7 +326,8 @@ def eval_cmd(
             raise ValueError("--judge-model without --judge; give the judge's endpoint with --judge URL")
         tcfg = search_tools_config(search_cache, search_corpus, search_url)
         rcfg = RolloutConfig(strategy="independent", n=n, temperature=temperature,
-                             max_response_tokens=max_response_tokens, max_tool_calls=max_tool_calls)
+                             max_response_tokens=max_response_tokens, max_tool_calls=max_tool_calls,
+                             backend=_check_backend(backend))
         validate(Config(rollout=rcfg))
         files = _check_datasets(data)
         check_model_dir(model)
@@ -317,7 +340,7 @@ def eval_cmd(
         sets = {name: load_tasks(p, limit=limit) for name, p in files.items()}
         _warn_without_search(sets, bool(search_cache or search_corpus or search_url))
         runner = build_tool_runner(tcfg)
-        m, tok = load_model(model, device=device)
+        m, tok, engine = _load_for_sampling(model, device, rcfg)
     except (ConfigError, *BAD_INPUT) as e:
         _fail(str(e))
     summary = {}
@@ -325,7 +348,7 @@ def eval_cmd(
         for name, tasks in sets.items():
             recs = evaluate_tasks(m, tok, tasks, runner.run, n=n, rollout_cfg=rcfg, seed=seed,
                                   samples_path=out / f"{name}.samples.jsonl", chat_template=chat_template,
-                                  title=f"eval {name}")
+                                  title=f"eval {name}", backend=engine)
             if grader is not None:
                 counts = judge_records(recs, grader)
                 rewrite_samples(out / f"{name}.samples.jsonl", recs)
@@ -336,6 +359,7 @@ def eval_cmd(
             write_summary(out, summary, title=f"Evaluation of {model}")
     finally:
         runner.close()
+        engine.close()
     typer.echo((out / "summary.md").read_text())
     typer.echo(f"written: {out / 'summary.json'}, {out / 'summary.md'}, per-sample {out}/*.samples.jsonl")
 
@@ -355,6 +379,7 @@ def rollout_cmd(
     search_url: Optional[str] = typer.Option(None, "--search-url"),
     chat_template: bool = typer.Option(False, "--chat-template"),
     device: str = typer.Option("auto", "--device"),
+    backend: str = typer.Option("torch", "--backend", help="Sampler engine: torch | vllm (the vllm extra)."),
     seed: int = typer.Option(0, "--seed"),
     batch_prompts: int = typer.Option(32, "--batch-prompts", help="Prompts rolled out together (one step "
                                       "of the progress bar)."),
@@ -368,8 +393,7 @@ def rollout_cmd(
     from aepo.console import StepProgress
     from aepo.data.prompting import encode_prompt
     from aepo.io import check_output_file, write_jsonl
-    from aepo.models.loading import check_model_dir, load_model, resolve_device
-    from aepo.rollout.sampler import TorchSampler
+    from aepo.models.loading import check_model_dir, resolve_device
     from aepo.rollout.strategies import rollout, strategy_names
     from aepo.runtime import load_tasks, search_tools_config
     from aepo.tools import build_tool_runner
@@ -383,7 +407,8 @@ def rollout_cmd(
         _check_min("--batch-prompts", batch_prompts, 1, "prompts rolled out together")
         _check_temperature(temperature)
         tcfg = search_tools_config(search_cache, search_corpus, search_url)
-        rcfg = RolloutConfig(strategy=strategy, n=k, temperature=temperature, max_response_tokens=max_response_tokens)
+        rcfg = RolloutConfig(strategy=strategy, n=k, temperature=temperature, max_response_tokens=max_response_tokens,
+                             backend=_check_backend(backend))
         validate(Config(rollout=rcfg))
         _check_data_file(data)
         check_model_dir(model)
@@ -395,10 +420,10 @@ def rollout_cmd(
             raise ValueError(f"--data {data} holds no questions; give a file with at least one row")
         _warn_without_search({data.stem: tasks}, bool(search_cache or search_corpus or search_url))
         runner = build_tool_runner(tcfg)
-        m, tok = load_model(model, device=device)
+        _, tok, engine = _load_for_sampling(model, device, rcfg)
     except (ConfigError, *BAD_INPUT) as e:
         _fail(str(e))
-    sampler = TorchSampler(m, tok, temperature=temperature, seed=seed)
+    sampler = engine.sampler(seed)
     prompts = [(t.id, encode_prompt(t.question, tok, chat_template=chat_template)) for t in tasks]
     batches = [prompts[i : i + batch_prompts] for i in range(0, len(prompts), batch_prompts)]
     rng = random.Random(seed)
@@ -414,7 +439,8 @@ def rollout_cmd(
                 bar.advance({**shown, **{f"rollout/{key}": v for key, v in shown.items()}})
     finally:
         runner.close()
-    stats = _merge_rollout_stats(parts, trajs)
+        engine.close()
+    stats = {**_merge_rollout_stats(parts, trajs), **engine.stats()}
     rows = []
     for tr in trajs:
         rows.append({

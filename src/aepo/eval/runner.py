@@ -22,7 +22,7 @@ from aepo.data.prompting import encode_prompt
 from aepo.io import atomic_write_json, atomic_write_text
 from aepo.rewards import score_trajectory
 from aepo.rewards.metrics import mean_diversity, pass_at_k
-from aepo.rollout.sampler import TorchSampler
+from aepo.rollout.sampler import SamplerBackend, build_backend
 from aepo.rollout.strategies import rollout
 
 
@@ -34,12 +34,14 @@ def _ks(n: int) -> list[int]:
 
 
 def evaluate_tasks(
-    model: torch.nn.Module, tokenizer: Any, tasks: Sequence[TaskRow], tool_fn: Callable, *,
+    model: torch.nn.Module | None, tokenizer: Any, tasks: Sequence[TaskRow], tool_fn: Callable, *,
     n: int = 1, rollout_cfg: RolloutConfig | None = None, batch_prompts: int = 32, seed: int = 0,
     samples_path: str | Path | None = None, chat_template: bool = False, progress: bool = True,
-    title: str = "eval",
+    title: str = "eval", backend: SamplerBackend | None = None,
 ) -> list[dict[str, Any]]:
-    """Roll out `n` independent samples per task and score them; returns one record per task."""
+    """Roll out `n` independent samples per task and score them; returns one record per task.
+
+    `backend` supplies the samplers (default: the torch sampler over `model`)."""
     if n < 1:
         raise ValueError(f"n (samples per question) must be >= 1, got {n}")
     cfg = dataclasses.replace(rollout_cfg or RolloutConfig(), strategy="independent", n=n)
@@ -53,13 +55,15 @@ def evaluate_tasks(
             if rec.get("n") == n:
                 done[rec["id"]] = rec
     todo = [t for t in tasks if t.id not in done]
-    model.eval()
+    if backend is None:
+        backend = build_backend(dataclasses.replace(cfg, backend="torch"), model, tokenizer)
+    if model is not None:
+        model.eval()
     nb = (len(todo) + batch_prompts - 1) // batch_prompts
     with StepProgress(nb, 0, enabled=progress and nb > 0, title=title) as bar:
         for b in range(nb):
             chunk = todo[b * batch_prompts : (b + 1) * batch_prompts]
-            sampler = TorchSampler(model, tokenizer, temperature=cfg.temperature, top_p=cfg.top_p,
-                                   top_k=cfg.top_k, seed=seed * 7919 + b)
+            sampler = backend.sampler(seed * 7919 + b)
             prompts = [(t.id, encode_prompt(t.question, tokenizer, chat_template=chat_template,
                                             max_tool_calls=cfg.max_tool_calls)) for t in chunk]
             with torch.no_grad():

@@ -226,6 +226,21 @@ def _is_load_error(e: BaseException) -> bool:
             or "size mismatch" in text or "ignore_mismatched_sizes" in text)
 
 
+def load_tokenizer(path: str | Path, *, checked: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a local model directory (EOS as pad where it has no pad token); a
+    tokenizer that cannot be loaded raises ModelDirError naming the directory."""
+    root = Path(path) if checked else check_model_dir(path)
+    silence_transformers_progress()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise ModelDirError(f"{_where(root)}: its tokenizer files cannot be loaded ({_first_line(e)}); copy "
+                            f"tokenizer.json and tokenizer_config.json from the original model") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
     path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -237,14 +252,7 @@ def load_model(
     root = check_model_dir(path)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
-    silence_transformers_progress()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
-        raise ModelDirError(f"{_where(root)}: its tokenizer files cannot be loaded ({_first_line(e)}); copy "
-                            f"tokenizer.json and tokenizer_config.json from the original model") from None
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(root, checked=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(root), dtype=torch_dtype, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - only a damaged directory is turned into ModelDirError

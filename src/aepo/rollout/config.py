@@ -1,14 +1,17 @@
 """The rollout's settings (`rollout.*` in a run config): budget, sampling, branching."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 __all__ = ["RolloutConfig"]
 
 
 @dataclass
 class RolloutConfig:
+    # the engine behind the sampler (`aepo.rollout.sampler.backend`): "torch" (built in) or "vllm"
+    # (in-process vLLM, the `vllm` extra; pi_old is then always re-scored by the trainer)
+    backend: Literal["torch", "vllm"] = "torch"
     strategy: str = "aepo"  # a registered strategy (`aepo.rollout.strategies`): independent | arpo | aepo
     n: int = 8  # k: rows per prompt, one group
     temperature: float = 1.0
@@ -39,3 +42,8 @@ class RolloutConfig:
     penalty_scope: Literal["chain", "prompt"] = "chain"  # "prompt" is the released behaviour
     m_compat: bool = False  # released code: int(k * sigmoid) + 1
     segment_entropy_compat: bool = False  # released code: plain sum over n_probe, no length rescale
+    # vllm backend: top-k log-probs per token for the probe entropy (vLLM returns no full
+    # distribution; docs/algorithms.md section 1 gives the tail correction), and engine keywords
+    # passed to vllm.LLM as they are (e.g. {gpu_memory_utilization: 0.4, enforce_eager: true})
+    entropy_top_k: int = 20
+    engine_options: dict[str, Any] = field(default_factory=dict)

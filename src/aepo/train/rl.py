@@ -33,7 +33,7 @@ from aepo.config import Config, save_config
 from aepo.data.datasets import TaskRow
 from aepo.data.prompting import encode_prompt
 from aepo.rewards import score_trajectory
-from aepo.rollout.sampler import TorchSampler
+from aepo.rollout.sampler import SamplerBackend, build_backend
 from aepo.rollout.strategies import rollout
 from aepo.tools.runner import is_timeout
 from aepo.train.batch import TokenBatch, collate, token_logprobs_and_entropy
@@ -83,7 +83,8 @@ class RLTrainer:
     """Runs `cfg.trainer.total_steps` RL steps on `tasks` and writes metrics and checkpoints."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, tokenizer: Any, tasks: Sequence[TaskRow],
-                 tool_fn: ToolFn, out_dir: str | Path, *, ref_model: torch.nn.Module | None = None) -> None:
+                 tool_fn: ToolFn, out_dir: str | Path, *, ref_model: torch.nn.Module | None = None,
+                 backend: SamplerBackend | None = None) -> None:
         if not tasks:
             raise ValueError("RLTrainer: no training tasks")
         self.cfg, self.model, self.tokenizer, self.tasks, self.tool_fn = cfg, model, tokenizer, list(tasks), tool_fn
@@ -105,6 +106,13 @@ class RLTrainer:
         self.entropy_history = algos.EntropyHistory()
         self.step = 0
         self._prompt_cache: dict[str, list[int]] = {}
+        # the sampler engine (`rollout.backend`), built at the first rollout unless given; its
+        # weights are re-synced from self.model before a rollout that follows an update
+        self.backend = backend
+        self._engine_stale = True
+        # pi_old from the trainer's own forward pass: configured, or forced when another engine
+        # samples (its numerics differ from the trainer's)
+        self.recompute_old_log_prob = a.recompute_old_log_prob or cfg.rollout.backend != "torch"
 
     # ------------------------------------------------------------------ data
     def _batch_tasks(self, step: int, salt: int = 0) -> list[TaskRow]:
@@ -127,13 +135,19 @@ class RLTrainer:
     # ------------------------------------------------------------------ rollout + reward
     def _rollout(self, tasks: list[TaskRow], step: int, salt: int) -> tuple[list[Trajectory], dict]:
         r = self.cfg.rollout
-        sampler = TorchSampler(self.model, self.tokenizer, temperature=r.temperature, top_p=r.top_p,
-                               top_k=r.top_k, seed=step_seed(self.cfg.trainer.seed, step, 1 + salt))
+        if self.backend is None:
+            self.backend = build_backend(r, self.model, self.tokenizer, self.cfg.model.path or None)
+            self._engine_stale = False
+        if self._engine_stale:
+            self.backend.sync(self.model)
+            self._engine_stale = False
+        sampler = self.backend.sampler(step_seed(self.cfg.trainer.seed, step, 1 + salt))
         prompts = [(t.id, self._prompt_ids(t)) for t in tasks]
         self.model.eval()
         with torch.no_grad():
             trajs, stats = rollout(r.strategy, prompts, sampler, self.tokenizer, self.tool_fn, r,
                                    random.Random(step_seed(self.cfg.trainer.seed, step, 2 + salt)))
+        stats = {**stats, **self.backend.stats()}
         by_id = {t.id: t for t in tasks}
         for tr in trajs:
             task = by_id[tr.prompt_id]
@@ -189,7 +203,7 @@ class RLTrainer:
             parent, position = tree_links(trajs)
             batch.advantages, batch.loss_mask = algos.hard_attribution(
                 batch.advantages, batch.loss_mask, parent, position)
-        if a.recompute_old_log_prob:
+        if self.recompute_old_log_prob:
             self.model.eval()
             sampler_lp = batch.old_log_prob
             batch.old_log_prob = self._score(self.model, batch)
@@ -292,6 +306,7 @@ class RLTrainer:
                 sums["grad_norm"] += float(gn)
                 counts["grad_norm"] += 1
                 self.optimizer.step()
+                self._engine_stale = True
         self.scheduler.step()
         if entropy_means:
             self.entropy_history.update(float(np.mean(entropy_means)))
@@ -355,6 +370,7 @@ class RLTrainer:
             raise CheckpointError(f"checkpoint {ck} does not match the model: missing {missing[:5]}, "
                                   f"unexpected {unexpected[:5]}; resume with the model the run started from")
         self.model.tie_weights()
+        self._engine_stale = True
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])

@@ -39,16 +39,15 @@ decoding; its log-probabilities and entropies are then those of the untempered s
 
 from __future__ import annotations
 
-import itertools
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from aepo.rollout.sampler.hf import HFBatch
-from aepo.rollout.sampler.layout import DECODE_BLOCK, Chunk, Layout, truncate_chunks
+from aepo.rollout.sampler.layout import DECODE_BLOCK, Layout, truncate_chunks
 from aepo.rollout.sampler.lean import (
     LEAN_MODEL_TYPES,
     LeanBatch,
@@ -57,19 +56,13 @@ from aepo.rollout.sampler.lean import (
     parameter_versions,
     supports_lean_forward,
 )
+from aepo.rollout.sampler.rows import Row, RowTable
 from aepo.types import Generation
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 _TOKENIZER_CACHE: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
-
-
-@dataclass
-class _Row:
-    ids: list[int]
-    chunks: list[Chunk] = field(default_factory=list)
-    n_cached: int = 0
 
 
 @dataclass
@@ -80,7 +73,7 @@ class _StopSpec:
     window: int  # tokens decoded to look for a text stop
 
 
-class TorchSampler:
+class TorchSampler(RowTable):
     """KV-cached batched sampler over a HF causal LM; see the module docstring.
 
     `max_batch_rows` bounds how many rows share one forward (larger calls are split);
@@ -120,7 +113,7 @@ class TorchSampler:
         parameter = next(model.parameters())
         self.device = parameter.device
         self.dtype = parameter.dtype
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        RowTable.__init__(self, int(model.get_output_embeddings().weight.shape[0]))
         if lean is None:
             lean = supports_lean_forward(model)
         elif lean and not supports_lean_forward(model):
@@ -140,8 +133,6 @@ class TorchSampler:
             self.generator.seed()
         else:
             self.generator.manual_seed(int(seed))
-        self._rows: dict[int, _Row] = {}
-        self._handles = itertools.count()
         self._own_cache: dict = {}
         self._packed: PackedModel | None = None
 
@@ -159,63 +150,15 @@ class TorchSampler:
             ids.extend(int(i) for i in gen_eos)
         return ids
 
-    def _row(self, row: int) -> _Row:
-        try:
-            return self._rows[row]
-        except KeyError:
-            raise ValueError(f"unknown row handle {row!r} (never created, or released)") from None
-
-    def _check_ids(self, token_ids: Sequence[int], what: str) -> list[int]:
-        ids = [int(t) for t in token_ids]
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"{what}: token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
-        return ids
-
-    def new_row(self, prompt_ids: Sequence[int]) -> int:
-        """Create a row holding `prompt_ids` (no generation yet); returns its handle."""
-        ids = self._check_ids(prompt_ids, "new_row")
-        if not ids:
-            raise ValueError("new_row: prompt_ids is empty; a row needs at least one token")
-        handle = next(self._handles)
-        self._rows[handle] = _Row(ids=ids)
-        return handle
-
-    def append(self, row: int, token_ids: Sequence[int]) -> None:
-        """Append external tokens (a tool result); they enter the cache at the next generate."""
-        state = self._row(row)
-        state.ids.extend(self._check_ids(token_ids, "append"))
-
     def fork(self, row: int, position: int | None = None) -> int:
         """New row with the first `position` tokens of `row` (all when None), sharing its cache."""
-        state = self._row(row)
-        n = len(state.ids) if position is None else int(position)
-        if not 1 <= n <= len(state.ids):
-            raise ValueError(f"fork: position {position} outside [1, {len(state.ids)}] for row {row}")
+        state, n = self._fork_length(row, position)
         n_cached = min(state.n_cached, n)
-        handle = next(self._handles)
-        self._rows[handle] = _Row(
-            ids=state.ids[:n], chunks=truncate_chunks(state.chunks, n_cached), n_cached=n_cached
-        )
-        return handle
-
-    def release(self, row: int) -> None:
-        """Free a row's memory; the handle is invalid afterwards."""
-        self._row(row)
-        del self._rows[row]
-
-    def tokens(self, row: int) -> list[int]:
-        """All token ids of a row: prompt, generated and appended."""
-        return list(self._row(row).ids)
+        return self._add(Row(ids=state.ids[:n], chunks=truncate_chunks(state.chunks, n_cached), n_cached=n_cached))
 
     def cached_length(self, row: int) -> int:
         """How many of the row's tokens already have keys/values in its cache."""
         return self._row(row).n_cached
-
-    @property
-    def n_rows(self) -> int:
-        """Rows currently alive."""
-        return len(self._rows)
 
     # ---------------------------------------------------------------- stop strings
 
@@ -342,19 +285,7 @@ class TorchSampler:
         self, rows: Sequence[int], max_new_tokens: int | Sequence[int], stop: Sequence[str] = ()
     ) -> list[Generation]:
         """Continue each row until a stop string, EOS or its token budget; one Generation per row."""
-        handles = [int(r) for r in rows]
-        if len(set(handles)) != len(handles):
-            raise ValueError(f"generate: rows must be distinct, got {handles}")
-        for handle in handles:
-            self._row(handle)
-        if isinstance(max_new_tokens, int):
-            budgets = [max_new_tokens] * len(handles)
-        else:
-            budgets = [int(b) for b in max_new_tokens]
-            if len(budgets) != len(handles):
-                raise ValueError(f"generate: {len(budgets)} max_new_tokens values for {len(handles)} rows")
-        if any(b < 0 for b in budgets):
-            raise ValueError(f"generate: max_new_tokens must be >= 0, got {budgets}")
+        handles, budgets = self._budgets(rows, max_new_tokens)
         spec = self._stop_spec(tuple(stop))
         results: list[Generation | None] = [None] * len(handles)
         todo = []
@@ -371,7 +302,7 @@ class TorchSampler:
                     results[i] = out
         return results  # type: ignore[return-value]
 
-    def _layout(self, states: list[_Row], use_cached: list[int], budget: int) -> Layout:
+    def _layout(self, states: list[Row], use_cached: list[int], budget: int) -> Layout:
         device = self.device
         pending = [s.ids[c:] for s, c in zip(states, use_cached)]
         c_len, p_len = max(use_cached), max(len(p) for p in pending)
@@ -399,7 +330,7 @@ class TorchSampler:
         )
 
     def _gather_cache(
-        self, states: list[_Row], use_cached: list[int], columns: int, c_len: int
+        self, states: list[Row], use_cached: list[int], columns: int, c_len: int
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Left-padded batch cache [layers, B, kv_heads, columns, head_dim] with the rows' chunks."""
         first = next((s.chunks[0] for s, c in zip(states, use_cached) if c > 0), None)

@@ -1,0 +1,87 @@
+"""The one place that builds samplers: `rollout.backend` picks the engine behind them.
+
+A `SamplerBackend` is made once per run (or per eval/rollout command) and hands out one fresh
+`Sampler` per rollout batch; the strategies drive that sampler and never see the engine.
+
+- `torch`: `TorchSampler` over the live training model; nothing to synchronise.
+- `vllm`: an in-process vLLM engine (`aepo.rollout.sampler.vllm_sampler`), built once; its
+  weights are reloaded from the trainer's model after every optimizer step (`sync`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from aepo.rollout.config import RolloutConfig
+from aepo.rollout.sampler.torch_sampler import TorchSampler
+
+if TYPE_CHECKING:
+    from aepo.types import Sampler
+
+__all__ = ["BACKENDS", "SamplerBackend", "TorchBackend", "build_backend"]
+
+BACKENDS = ("torch", "vllm")
+
+
+class SamplerBackend(Protocol):
+    """Hands out samplers; keeps the engine's weights equal to the trainer's."""
+
+    name: str
+
+    def sampler(self, seed: int) -> Sampler:
+        """A fresh sampler for one rollout batch, seeded with `seed`."""
+
+    def sync(self, model: torch.nn.Module) -> None:
+        """Make the engine sample from `model`'s current weights (after an optimizer step)."""
+
+    def stats(self) -> dict[str, float]:
+        """Counters since the last call (e.g. the prefix-cache hit rate), namespaced for metrics."""
+
+    def close(self) -> None:
+        """Free the engine."""
+
+
+class TorchBackend:
+    """`TorchSampler`s over the training model itself: `sync` has nothing to do."""
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: RolloutConfig) -> None:
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+
+    def sampler(self, seed: int) -> TorchSampler:
+        c = self.cfg
+        return TorchSampler(self.model, self.tokenizer, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                            seed=seed)
+
+    def sync(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def build_backend(cfg: RolloutConfig, model: torch.nn.Module | None, tokenizer: Any,
+                  model_dir: str | Path | None = None) -> SamplerBackend:
+    """The sampler backend `cfg.backend` names. `model` is the live torch model (required for
+    `torch`; for `vllm` its weights are loaded into the engine when given); `model_dir` is the
+    HF directory the vLLM engine is built from."""
+    if cfg.backend == "torch":
+        if model is None:
+            raise ValueError("rollout.backend=torch needs the torch model")
+        return TorchBackend(model, tokenizer, cfg)
+    if cfg.backend == "vllm":
+        from aepo.rollout.sampler.vllm_sampler import VLLMBackend
+
+        if model_dir is None:
+            raise ValueError("rollout.backend=vllm needs the model's directory (model.path) to build the engine")
+        backend = VLLMBackend(model_dir, tokenizer, cfg)
+        if model is not None:
+            backend.sync(model)
+        return backend
+    raise ValueError(f"rollout.backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
