@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from aepo.algos import segment_entropy, token_entropy, topk_probe_entropy
+from aepo.algos import segment_entropy, token_entropy, topk_entropy
 
 torch.set_num_threads(1)
 
@@ -76,33 +76,53 @@ def test_token_entropy_bad_input():
         token_entropy(torch.tensor(1.0))
 
 
-# ----------------------------------------------------------------------------- topk_probe_entropy
+# ----------------------------------------------------------------------------- topk_entropy
 
 
-def test_topk_probe_hand_value():
-    logits = torch.tensor([3.0, 1.0, 0.5, -2.0, 0.0])
-    p = 1.0 / (1.0 + math.exp(-2.0))  # renormalised over the top-2 {3, 1}
-    expected = -(p * math.log(p) + (1 - p) * math.log(1 - p))
-    assert float(topk_probe_entropy(logits, k=2)) == pytest.approx(expected, abs=1e-6)
+def test_topk_entropy_hand_value():
+    # known: p = (0.5, 0.25); tail r = 0.25 on V - 2 = 8 tokens, each <= 0.25
+    lp = torch.log(torch.tensor([0.5, 0.25]))
+    known = -(0.5 * math.log(0.5) + 0.25 * math.log(0.25))
+    low, high = 0.25 * -math.log(0.25), 0.25 * -math.log(0.25 / 8)
+    assert float(topk_entropy(lp, vocab_size=10)) == pytest.approx(known + (low + high) / 2, abs=1e-6)
 
 
-def test_topk_probe_same_from_logits_or_topk_logprobs():
+def test_topk_entropy_exact_cases():
+    # all mass in the top k: exact; a uniform distribution: both bounds meet
+    logits = torch.tensor([2.0, 1.0, 0.0])
+    lp = torch.log_softmax(logits, -1)
+    assert float(topk_entropy(lp, vocab_size=50)) == pytest.approx(float(token_entropy(logits)), abs=1e-6)
+    uniform = torch.full((4,), -math.log(10.0))
+    assert float(topk_entropy(uniform, vocab_size=10, k=4)) == pytest.approx(math.log(10.0), abs=1e-5)
+
+
+def test_topk_entropy_beats_the_top_k_sum_and_the_renormalised_top_k():
     g = torch.Generator().manual_seed(3)
-    logits = torch.randn(4, 100, generator=g) * 3
-    from_logits = topk_probe_entropy(logits, k=10)
-    server_topk = torch.topk(torch.log_softmax(logits, -1), 10, dim=-1).values  # what vLLM returns
-    from_logprobs = topk_probe_entropy(server_topk, k=10)
-    ref = np_entropy(torch.topk(logits, 10, dim=-1).values.numpy())
-    np.testing.assert_allclose(from_logits.numpy(), ref, atol=1e-5)
-    np.testing.assert_allclose(from_logprobs.numpy(), ref, atol=1e-5)
+    logits = torch.randn(200, 500, generator=g) * 2.5
+    lp = torch.log_softmax(logits, -1)
+    exact = token_entropy(logits)
+    top = torch.topk(lp, 20, dim=-1).values  # what vLLM returns
+    est = topk_entropy(top, vocab_size=500, k=20)
+    only_known = -(top.exp() * top).sum(-1)
+    renormalised = token_entropy(top)
+    err = (est - exact).abs().mean()
+    assert err < 0.5 * (only_known - exact).abs().mean()
+    assert err < 0.5 * (renormalised - exact).abs().mean()
 
 
-def test_topk_probe_fewer_entries_than_k_and_missing():
-    x = torch.tensor([[0.0, 0.0, -float("inf")], [-float("inf")] * 3])
-    h = topk_probe_entropy(x, k=10)
-    assert h.tolist() == pytest.approx([math.log(2), 0.0], abs=1e-6)
-    with pytest.raises(ValueError, match="k must be"):
-        topk_probe_entropy(x, k=0)
+def test_topk_entropy_extra_sampled_token_missing_entries_and_order():
+    lp = torch.log_softmax(torch.tensor([3.0, 1.0, 0.5, -2.0, 0.0, -1.0]), -1)
+    top3 = torch.topk(lp, 3).values
+    with_sampled = torch.cat([top3, lp[3:4]])  # the sampled token, outside the top 3
+    a = topk_entropy(with_sampled, vocab_size=6, k=3)
+    b = topk_entropy(with_sampled.flip(0), vocab_size=6, k=3)
+    assert float(a) == pytest.approx(float(b), abs=1e-6)
+    padded = torch.cat([top3, torch.tensor([-float("inf")] * 2)])
+    assert float(topk_entropy(padded, vocab_size=6, k=3)) == pytest.approx(
+        float(topk_entropy(top3, vocab_size=6, k=3)), abs=1e-6)
+    assert float(topk_entropy(torch.tensor([-float("inf")] * 3), vocab_size=6)) == 0.0
+    with pytest.raises(ValueError, match="logprobs"):
+        topk_entropy(torch.tensor(1.0), vocab_size=6)
 
 
 # ----------------------------------------------------------------------------- segment_entropy

@@ -166,3 +166,30 @@ def test_eval_runs_on_every_bundled_benchmark(micro_dir, tmp_path):
     before = (tmp_path / "gsm8k.samples.jsonl").read_text()
     assert runner.invoke(app, args).exit_code == 0
     assert (tmp_path / "gsm8k.samples.jsonl").read_text() == before
+
+
+def test_train_and_world_build_use_the_demo_world(tmp_path, monkeypatch):
+    """`aepo train` without data.train, and `aepo world build`, give the world `aepo demo` trains
+    its SFT model on (same seed, same names), not another one."""
+    from aepo.demo.stages import DemoPlan, stage_world
+    from aepo.demo.world import World, demo_world
+    from aepo.models.factory import init_model
+    from aepo.models.tokenizer import build_tokenizer
+    from aepo.train import rl
+
+    demo = stage_world(tmp_path / "demo", DemoPlan(), 3)
+    res = runner.invoke(app, ["world", "build", str(tmp_path / "built"), "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    assert World.load(tmp_path / "built").train == demo.train
+
+    seen = {}
+    monkeypatch.setattr(rl.RLTrainer, "fit", lambda self, **kw: seen.setdefault("tasks", self.tasks) and [])
+    tok = build_tokenizer(demo.vocabulary_texts()[:50])
+    model_dir = tmp_path / "m"
+    init_model(model_dir, tok)
+    config = Path(__file__).resolve().parents[1] / "src" / "aepo" / "configs" / "demo.yaml"
+    res = runner.invoke(app, ["train", str(config), f"model.path={model_dir}", "data.world_seed=3",
+                              f"out_dir={tmp_path / 'run'}"])
+    assert res.exit_code == 0, res.output
+    assert [t.question for t in seen["tasks"]] == [r["question"] for r in demo_world(3).train]
+    assert seen["tasks"][0].question == demo.train[0]["question"]

@@ -81,6 +81,9 @@ def _load_for_sampling(model: Path, device: str, rcfg: Any) -> tuple[Any, Any, A
     loads the directory itself, so no torch copy of the weights is made for it."""
     from aepo.models.loading import load_model, load_tokenizer
     from aepo.rollout.sampler import build_backend
+    from aepo.runtime import set_threads
+
+    set_threads(0)
 
     if rcfg.backend == "vllm":
         tok = load_tokenizer(model)
@@ -196,7 +199,7 @@ def train(
     from aepo.demo.stages import world_tasks
     from aepo.io import check_output_dir
     from aepo.models.loading import check_model_dir, load_model, resolve_device, save_model_dir
-    from aepo.runtime import load_tasks
+    from aepo.runtime import load_tasks, set_threads
     from aepo.tools import build_tool_runner
     from aepo.train.checkpoint import check_run_dir
     from aepo.train.rl import RLTrainer
@@ -217,11 +220,12 @@ def train(
             if not tasks:
                 raise ValueError(f"data.train {cfg.data.train} holds no rows; give a file with at least one question")
         else:
-            from aepo.demo.world import build_world
+            from aepo.demo.world import demo_world
 
-            world = build_world(seed=cfg.data.world_seed, level=cfg.data.world_level)
+            world = demo_world(cfg.data.world_seed, level=cfg.data.world_level)
             tasks, corpus = world_tasks(world.train), world.corpus
         runner = build_tool_runner(cfg.tools, corpus_docs=corpus)
+        set_threads(cfg.trainer.threads)
         model, tok = load_model(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype)
     except (ConfigError, *BAD_INPUT) as e:
         _fail(str(e))

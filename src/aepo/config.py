@@ -96,6 +96,8 @@ class TrainerConfig:
     seed: int = 0
     save_every: int = 20
     keep_last: int = 2
+    # torch threads; 0: OMP_NUM_THREADS when set, else the cores this process may use (aepo.runtime.set_threads)
+    threads: int = 0
     logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])
 
 
@@ -368,6 +370,7 @@ def validate(cfg: Config) -> None:
     _check(t.warmup_steps >= 0, "trainer.warmup_steps", t.warmup_steps, ">= 0")
     _check(t.save_every >= 0, "trainer.save_every", t.save_every, ">= 0 (0: no checkpoints)")
     _check(t.keep_last >= 0, "trainer.keep_last", t.keep_last, ">= 0 (0: keep all)")
+    _check(t.threads >= 0, "trainer.threads", t.threads, ">= 0 (0: the cores this process may use)")
     _check(tl.timeout > 0, "tools.timeout", tl.timeout, "> 0")
     _check(tl.python_timeout > 0, "tools.python_timeout", tl.python_timeout, "> 0")
     _check(tl.python_memory_mb >= 16, "tools.python_memory_mb", tl.python_memory_mb, ">= 16")

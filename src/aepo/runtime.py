@@ -1,8 +1,9 @@
-"""The CLI's shortcuts for a run's parts: the tools its options name, and its task rows.
+"""The CLI's shortcuts for a run's parts: its threads, the tools its options name, its task rows.
 
 A run's tool runner is `aepo.tools.build_tool_runner(cfg.tools)`."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,3 +23,27 @@ def load_tasks(path: str | Path, *, prompt_key: str | None = None, answer_key: s
     from aepo.data.datasets import load_dataset
 
     return load_dataset(path, prompt_key=prompt_key or None, answer_key=answer_key or None, limit=limit)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (narrowed by taskset, cgroups' cpusets)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def set_threads(threads: int = 0, *, cap: int | None = None) -> int:
+    """Set torch's intra-op thread count once for the run (`trainer.threads`); returns it.
+
+    0 picks the default: OMP_NUM_THREADS when the environment sets it, else the cores this
+    process may use (at most `cap`). Never more threads than cores: on a busy machine an
+    oversubscribed step can take 100x longer, one thread per core degrades in proportion.
+    Tool workers (the Python sandbox, search) run while the sampler waits for them, so they
+    need no cores of their own."""
+    import torch
+
+    if threads <= 0:
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        threads = int(env) if env.isdigit() and int(env) > 0 else usable_cores()
+        if cap:
+            threads = min(threads, cap)
+    torch.set_num_threads(max(1, int(threads)))
+    return torch.get_num_threads()

@@ -16,7 +16,7 @@ from aepo.algos.advantages import (
     per_token_config,
     register_advantage,
 )
-from aepo.algos.entropy import segment_entropy, token_entropy, topk_probe_entropy
+from aepo.algos.entropy import segment_entropy, token_entropy, topk_entropy
 from aepo.algos.losses import (
     AGG_MODES,
     POLICY_LOSS_REGISTRY,
@@ -74,6 +74,6 @@ __all__ = [
     "register_policy_loss",
     "segment_entropy",
     "token_entropy",
-    "topk_probe_entropy",
+    "topk_entropy",
     "turn_entropy_means",
 ]

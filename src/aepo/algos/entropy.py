@@ -1,4 +1,4 @@
-"""Token entropy (docs/algorithms.md section 1): full, top-k probe and segment entropy.
+"""Token entropy (docs/algorithms.md section 1): full, estimated from top-k log-probs, and segment entropy.
 
 Tensors in, tensors out; all arithmetic runs in float32 whatever the input dtype, and the
 result is float32 on the input's device.
@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["segment_entropy", "token_entropy", "topk_probe_entropy"]
+__all__ = ["segment_entropy", "token_entropy", "topk_entropy"]
 
 
 def _entropy_from_log_probs(log_p: torch.Tensor) -> torch.Tensor:
@@ -41,27 +41,36 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return _entropy_from_log_probs(torch.log_softmax(z, dim=-1))
 
 
-def topk_probe_entropy(logprobs_or_logits: torch.Tensor, k: int = 10) -> torch.Tensor:
-    """Entropy of the renormalised top-k of the last dim (the cheap probe used while sampling).
+def topk_entropy(logprobs: torch.Tensor, vocab_size: int, k: int | None = None) -> torch.Tensor:
+    """Entropy (nats) of distributions known only by their k largest log-probs (what vLLM
+    returns), with the missing tail estimated; docs/algorithms.md section 1.
 
-    H^k_t = -sum_{v in topk} q_v log q_v,  q = softmax over the k largest entries.
-    The input may be full logits [..., V] or the top-k logprobs a server returned [..., k']:
-    log_softmax over the kept entries renormalises either form (shift-invariant). When the last
-    dim has fewer than k entries all of them are used; -inf entries (missing) contribute 0.
+    `logprobs` [..., k'] are normalised log-probs of the k most likely tokens, possibly plus the
+    sampled token when it is not among them (k' = k + 1), in any order; -inf entries are missing.
+    The known part is -sum p log p. The tail mass r = 1 - sum p lies on the other V - k' tokens,
+    each no more likely than the k-th (p_k), so its term lies between r * (-log p_k) (tail tokens
+    as likely as p_k) and r * (-log(r / (V - k'))) (tail spread evenly); the estimate is the mean
+    of the two bounds. Exact when the top k hold all the mass, or when the tail is uniform at p_k.
     """
-    if not isinstance(logprobs_or_logits, torch.Tensor) or logprobs_or_logits.ndim < 1:
-        raise ValueError("logprobs_or_logits must be a tensor [..., V]")
-    if int(k) < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    x = logprobs_or_logits.float()
-    if x.shape[-1] > k:
-        x = torch.topk(x, int(k), dim=-1).values
+    if not isinstance(logprobs, torch.Tensor) or logprobs.ndim < 1:
+        raise ValueError("logprobs must be a tensor [..., k]")
+    x = logprobs.float()
     if x.shape[-1] == 0:
         return x.new_zeros(x.shape[:-1])
-    all_missing = torch.isneginf(x).all(dim=-1, keepdim=True)
-    x = torch.where(all_missing, torch.zeros_like(x), x)  # avoid NaN; such rows are set to 0 below
-    h = _entropy_from_log_probs(torch.log_softmax(x, dim=-1))
-    return torch.where(all_missing.squeeze(-1), torch.zeros_like(h), h)
+    k = x.shape[-1] if k is None else max(1, min(int(k), x.shape[-1]))
+    finite = torch.isfinite(x)
+    p = torch.where(finite, x.exp(), torch.zeros_like(x))
+    known = -(p * torch.where(finite, x, torch.zeros_like(x))).sum(-1)
+    rest = (1.0 - p.sum(-1)).clamp_min(0.0)
+    n_tail = (vocab_size - finite.sum(-1)).clamp_min(0).float()
+    top = x.sort(dim=-1, descending=True).values[..., :k]
+    floor = torch.where(torch.isfinite(top), top, torch.full_like(top, math.inf)).min(-1).values
+    has_tail = (rest > 1e-12) & (n_tail > 0) & torch.isfinite(floor)
+    safe_rest = torch.where(has_tail, rest, torch.ones_like(rest))
+    safe_floor = torch.where(has_tail, floor, torch.zeros_like(floor))
+    low = safe_rest * -safe_floor
+    high = torch.maximum(safe_rest * -torch.log(safe_rest / n_tail.clamp_min(1.0)), low)
+    return (known + torch.where(has_tail, 0.5 * (low + high), torch.zeros_like(low))).clamp_min(0.0)
 
 
 def segment_entropy(

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from aepo.demo.world import KINDS, LEVELS, SIZES, World, build_world
+from aepo.demo.world import KINDS, LEVELS, SIZES, World, demo_world
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
@@ -56,7 +56,7 @@ def build(
         if level not in LEVELS:
             raise ValueError(f"--level {level} is not one of {', '.join(map(str, LEVELS))}; pick one of those")
         check_output_dir(out, "OUT")
-        world = build_world(seed=seed, size=size, level=level)
+        world = demo_world(seed, size=size, level=level)
     except ValueError as e:
         _fail(str(e))
     world.save(out)

@@ -17,6 +17,7 @@ from aepo.console import console
 from aepo.eval.plots import plot_bars, plot_curves
 from aepo.io import atomic_write_json, atomic_write_text
 from aepo.rollout.analyses import analysis_stats, entropy_stats
+from aepo.runtime import set_threads, usable_cores
 from aepo.train.records import read_metrics
 
 
@@ -123,8 +124,7 @@ def _run_in_processes(todo: list[tuple[str, int]], out: Path, base: Path, quick:
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = str(max(1, cores // jobs))
+    threads = str(max(1, usable_cores() // jobs))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     code = ("import json, sys; from aepo.demo.compare import run_compare; a = json.loads(sys.argv[1]); "
             "run_compare([a['algo']], [a['seed']], a['out'], quick=a['quick'], overrides=a['overrides'], "
@@ -209,6 +209,8 @@ def run_compare(algos: Sequence[str], seeds: int | Sequence[int], out: str | Pat
                                   f"{format_differences(e.differences)}; rerun with the same overrides, "
                                   f"or choose another --out", e.differences) from None
     base = Path(base) if base is not None else out / "base"
+    # a child process of `--jobs N` reads its share of the cores from OMP_NUM_THREADS
+    set_threads(next(iter(configs.values())).trainer.threads, cap=4)
     base.mkdir(parents=True, exist_ok=True)
     world = stage_world(base, plan, 0)
     runner = build_tools(world, next(iter(configs.values())).tools)

@@ -19,6 +19,7 @@ import torch
 
 from aepo.config import Config, load_config
 from aepo.console import console
+from aepo.runtime import set_threads
 from aepo.eval.plots import plot_bars, plot_curves
 from aepo.eval.runner import evaluate_tasks, summarize
 from aepo.io import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
@@ -49,12 +50,6 @@ class DemoPlan:
                    recall_drills=50)
 
 
-def _threads() -> None:
-    import os
-
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
-
-
 def build_tools(world: Any, tools: Any = None) -> Any:
     """The demo's tool runner: search is BM25 over the world's corpus; the rest (enabled tools,
     limits, the sandbox's isolation) is `tools`, a run's `tools.*` (default: search, calc and
@@ -78,11 +73,11 @@ def world_tasks(rows: list[dict]) -> list[Any]:
 
 
 def stage_world(out: Path, plan: DemoPlan, seed: int) -> Any:
-    from aepo.demo.world import World, build_world
+    from aepo.demo.world import World, demo_world
 
     wdir = out / "world"
     if not (wdir / "world.json").exists():
-        build_world(seed=seed, size=plan.world_size, level=plan.world_level, name_seed=seed).save(wdir)
+        demo_world(seed, size=plan.world_size, level=plan.world_level).save(wdir)
     return World.load(wdir)
 
 
@@ -273,12 +268,12 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, algo: str = 
     from aepo.io import check_output_dir
     from aepo.train.checkpoint import RunDirError, check_run_dir, format_differences
 
-    _threads()
     t0 = time.time()
     out = Path(out)
     plan = DemoPlan.quick() if quick else DemoPlan()
     # every check before the run directory is created or any stage starts
     cfg = demo_config(plan, algo, seed, overrides)
+    set_threads(cfg.trainer.threads, cap=4)  # the tiny model gains nothing from more than 4
     check_output_dir(out, "--out")
     if not (out / "rl" / "final" / "config.json").exists():
         try:  # a re-run resumes RL from its checkpoint: with the same config only

@@ -801,6 +801,14 @@ class _Words:
 # ----------------------------------------------------------------------------- building
 
 
+def demo_world(seed: int = 0, size: str = "small", level: int = 2) -> World:
+    """The world `aepo demo --seed SEED` trains on (its names drawn from `name_seed=seed`), so
+    `aepo train` and `aepo world build` with the same seed give the SFT model its own world."""
+    return build_world(seed=seed, size=size, level=level, name_seed=seed)
+
+
+
+
 def build_world(seed: int = 0, size: str = "small", level: int = 2, spec: WorldSpec | None = None,
                 name_seed: int | None = None) -> World:
     """Generate the world for `seed` (same seed and knobs -> identical world and files).

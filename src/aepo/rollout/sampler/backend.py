@@ -53,8 +53,8 @@ class TorchBackend:
 
     def sampler(self, seed: int) -> TorchSampler:
         c = self.cfg
-        return TorchSampler(self.model, self.tokenizer, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                            seed=seed)
+        return TorchSampler(self.model, self.tokenizer, temperature=c.temperature, top_p=c.top_p,
+                            top_k=c.top_k, seed=seed)
 
     def sync(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -79,8 +79,10 @@ def build_backend(cfg: RolloutConfig, model: torch.nn.Module | None, tokenizer: 
         from aepo.rollout.sampler.vllm_sampler import VLLMBackend
 
         if model_dir is None:
-            raise ValueError("rollout.backend=vllm needs the model's directory (model.path) to build the engine")
-        backend = VLLMBackend(model_dir, tokenizer, cfg)
+            raise ValueError("rollout.backend=vllm needs the model's directory (model.path) to build "
+                             "the engine")
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.") if model is not None else None
+        backend = VLLMBackend(model_dir, tokenizer, cfg, dtype=dtype)
         if model is not None:
             backend.sync(model)
         return backend

@@ -83,7 +83,8 @@ class RowTable:
         """Rows currently alive."""
         return len(self._rows)
 
-    def _budgets(self, rows: Sequence[int], max_new_tokens: int | Sequence[int]) -> tuple[list[int], list[int]]:
+    def _budgets(self, rows: Sequence[int],
+                 max_new_tokens: int | Sequence[int]) -> tuple[list[int], list[int]]:
         """(handles, per-row token budgets) of a `generate` call, checked."""
         handles = [int(r) for r in rows]
         if len(set(handles)) != len(handles):

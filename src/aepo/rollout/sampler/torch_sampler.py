@@ -154,7 +154,8 @@ class TorchSampler(RowTable):
         """New row with the first `position` tokens of `row` (all when None), sharing its cache."""
         state, n = self._fork_length(row, position)
         n_cached = min(state.n_cached, n)
-        return self._add(Row(ids=state.ids[:n], chunks=truncate_chunks(state.chunks, n_cached), n_cached=n_cached))
+        chunks = truncate_chunks(state.chunks, n_cached)
+        return self._add(Row(ids=state.ids[:n], chunks=chunks, n_cached=n_cached))
 
     def cached_length(self, row: int) -> int:
         """How many of the row's tokens already have keys/values in its cache."""

@@ -11,7 +11,8 @@ Like TRL's colocate mode, the engine lives in the trainer's process (vLLM's V1 e
   already holds (run seed, step), so a resumed run samples what the uninterrupted one did;
 - the engine returns the top-k log-probs of the processed distribution (after temperature,
   and after top-k/top-p when those are on); the probe entropy is estimated from them with
-  `topk_entropy` (docs/algorithms.md section 1 gives the tail correction and its error);
+  `aepo.algos.entropy.topk_entropy`, which estimates the missing tail (docs/algorithms.md
+  section 1 gives the estimate and its measured error);
 - finish reasons map to eos / stop (a stop string, returned in `Generation.stop`) / length.
 
 `sync` loads the trainer's weights into the engine's model and then resets the prefix cache,
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import math
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,11 +33,12 @@ from typing import Any
 
 import torch
 
+from aepo.algos.entropy import topk_entropy
 from aepo.rollout.config import RolloutConfig
 from aepo.rollout.sampler.rows import RowTable
 from aepo.types import Generation
 
-__all__ = ["VLLMBackend", "VLLMSampler", "topk_entropy", "vllm_missing_message"]
+__all__ = ["VLLMBackend", "VLLMSampler", "vllm_missing_message"]
 
 INSTALL_HINT = ("install the vllm extra into the environment: AEPO_EXTRAS=vllm python3 quickstart.py test "
                 "(README, 'vLLM backend')")
@@ -47,29 +49,12 @@ def vllm_missing_message(error: BaseException) -> str:
             f"{INSTALL_HINT}")
 
 
-def topk_entropy(logprobs: Sequence[float], vocab_size: int, k: int | None = None) -> float:
-    """Entropy (nats) of a distribution known by the log-probs of its k most likely tokens
-    (`logprobs` may hold one more: the sampled token, when it is not among them).
-
-    The tail mass r = 1 - sum(p_i) lies on the other tokens, each no more likely than the
-    k-th (p_min). Its entropy term -sum p_j log p_j is at least r * (-log p_min) (tail tokens as
-    likely as the k-th) and at most r * (-log(r / (V - k))) (tail spread evenly); the estimate
-    is the mean of the two bounds. On the demo's trained models at T = 0.7, k = 20, its mean
-    absolute error is 2% of the exact entropy; the top-k part alone misses 37-40%, each
-    bound alone 9-13% (docs/algorithms.md section 1)."""
-    known = sorted((lp for lp in logprobs if lp > -math.inf), reverse=True)
-    if not known:
-        return 0.0
-    floor = known[min(k or len(known), len(known)) - 1]
-    probs = [math.exp(lp) for lp in known]
-    h = -sum(p * lp for p, lp in zip(probs, known))
-    rest = 1.0 - sum(probs)
-    n_tail = vocab_size - len(known)
-    if rest <= 1e-12 or n_tail <= 0:
-        return max(h, 0.0)
-    low = rest * -floor
-    high = rest * -math.log(rest / n_tail)
-    return h + 0.5 * (low + max(high, low))
+def _saved_config(model_dir: str | Path) -> dict:
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def request_seed(seed: int, call: int, row: int) -> int:
@@ -82,14 +67,17 @@ class VLLMBackend:
 
     Engine keywords come from `rollout.engine_options` over these defaults: prefix caching on,
     log-probs of the processed distribution, `max_logprobs = rollout.entropy_top_k`, eager mode
-    (no compile or CUDA-graph capture at start), and on a GPU `gpu_memory_utilization` 0.4 so
-    the trainer keeps room. On a CPU build, `VLLM_CPU_KVCACHE_SPACE` (GiB) defaults to 1."""
+    (no compile or CUDA-graph capture at start), the trainer's dtype, and on a GPU
+    `gpu_memory_utilization` 0.4 so the trainer keeps room. On a CPU build,
+    `VLLM_CPU_KVCACHE_SPACE` (GiB) defaults to 1."""
 
     name = "vllm"
 
-    def __init__(self, model_dir: str | Path, tokenizer: Any, cfg: RolloutConfig) -> None:
+    def __init__(self, model_dir: str | Path, tokenizer: Any, cfg: RolloutConfig, *,
+                 dtype: str | None = None) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: syncs are copies
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its per-request INFO lines drown the run's
         try:
             import vllm
         except Exception as e:  # noqa: BLE001 - any import failure (missing, broken torchvision, ...)
@@ -97,17 +85,25 @@ class VLLMBackend:
         self._vllm = vllm
         self.cfg = cfg
         self.tokenizer = tokenizer
+        saved = _saved_config(model_dir)
         options: dict[str, Any] = {
             "enable_prefix_caching": True,
             "logprobs_mode": "processed_logprobs",
             "max_logprobs": cfg.entropy_top_k,
             "enforce_eager": True,
             "seed": 0,
+            # the trainer's precision (else the directory's): vLLM's "auto" turns float32 into
+            # bfloat16 on a CPU, and the sampler would then not sample from the policy it trains
+            "dtype": dtype or saved.get("dtype") or saved.get("torch_dtype") or "auto",
         }
         if torch.cuda.is_available():
             options["gpu_memory_utilization"] = 0.4
         else:
             options["block_size"] = 32  # the CPU backend's default (128) rarely hits on short prompts
+            # whole prompts only: a CPU build cannot rewind a seeded request's generator after a
+            # partial (chunked) prefill, which fails a large batch of seeded requests
+            options["enable_chunked_prefill"] = False
+            options["max_num_batched_tokens"] = max(8192, int(saved.get("max_position_embeddings") or 0))
         options.update(cfg.engine_options)
         self.llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), **options)
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
@@ -122,11 +118,11 @@ class VLLMBackend:
     def sync(self, model: torch.nn.Module) -> None:
         """Copy `model`'s weights into the engine, then drop the prefix cache (its KV is stale)."""
         weights = [(name, p.detach()) for name, p in model.state_dict().items()]
-
-        def load(engine_model: torch.nn.Module) -> None:
-            engine_model.load_weights(iter(weights))
-
-        self.llm.apply_model(load)
+        # vLLM's in-place reload: restores the layers' checkpoint layout, loads, and re-runs the
+        # post-load processing (a CPU build repacks linear weights for oneDNN, so a plain
+        # `load_weights` into the processed model would not reach them)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
+                                                           "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
         self.syncs += 1
 
@@ -209,11 +205,14 @@ class VLLMSampler(RowTable):
             raise RuntimeError(f"vLLM ended a request with finish reason {c.finish_reason!r} "
                                f"(stop reason {c.stop_reason!r}); see the engine's log above")
         tokens = [int(t) for t in c.token_ids]
-        logprobs, entropies, k = [], [], self.backend.cfg.entropy_top_k
-        for token, top in zip(tokens, c.logprobs or [{}] * len(tokens)):
-            lps = {int(t): float(lp.logprob) for t, lp in top.items()}
-            logprobs.append(lps.get(token, 0.0))
-            entropies.append(topk_entropy(list(lps.values()), self.vocab_size, k))
+        k = self.backend.cfg.entropy_top_k
+        tops = [{int(t): float(lp.logprob) for t, lp in top.items()} for top in (c.logprobs or [])]
+        tops += [{}] * (len(tokens) - len(tops))
+        logprobs = [top.get(token, 0.0) for token, top in zip(tokens, tops)]
+        table = torch.full((len(tokens), k + 1), -torch.inf)
+        for i, top in enumerate(tops):
+            table[i, : len(top)] = torch.tensor(list(top.values())[: k + 1])
+        entropies = topk_entropy(table, self.vocab_size, k).tolist() if tokens else []
         if c.finish_reason == "length":
             return Generation(tokens, logprobs, entropies, finish="length")
         if isinstance(c.stop_reason, str):
