@@ -133,7 +133,7 @@ def test_missing_question_names_file_line_and_field(tmp_path: Path) -> None:
     [
         (
             '{"question": "q"}',
-            r"bad\.jsonl:2: no answer field \(looked for answer, answers, golden_answers, target\)",
+            r"bad\.jsonl:2: no answer field \(looked for answer, answers, golden_answers, target, reward_model\)",
         ),
         ('{"question": "q", "answer": []}', r"bad\.jsonl:2: field 'answer' holds no answer"),
         ('{"question": "q", "answer": [" "]}', r"bad\.jsonl:2: field 'answer' holds no answer"),

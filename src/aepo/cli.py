@@ -25,6 +25,8 @@ model_app.command("import-smollm2")(import_smollm2_command)
 app.add_typer(model_app, name="model", help="Create or import models.")
 app.add_typer(tools_app, name="tools", help="Run the agent's tools by hand.")
 app.add_typer(world_app, name="world", help="Build the synthetic demo world.")
+data_app = typer.Typer(no_args_is_help=True)
+app.add_typer(data_app, name="data", help="Convert datasets for other trainers.")
 
 
 def _version(value: bool) -> None:
@@ -500,3 +502,42 @@ def compare(
 
 if __name__ == "__main__":
     sys.exit(app())
+
+
+@data_app.command("to-verl")
+def data_to_verl(
+    data: Path = typer.Argument(..., help="Questions: JSONL, JSON or parquet (any format `aepo eval` reads)."),
+    out: Path = typer.Argument(..., help="verl RL parquet to write."),
+    tools: str = typer.Option("search,calc,python", "--tools", help="Tools the system prompt describes."),
+    max_tool_calls: int = typer.Option(6, "--max-tool-calls"),
+    split: str = typer.Option("train", "--split", help="Stored in extra_info.split."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="First N questions."),
+) -> None:
+    """Benchmark rows as verl's RL parquet (data_source, prompt, ability, reward_model,
+    extra_info), with the system prompt the local trainer uses; reward them in verl with
+    aepo.integrations.verl_task.compute_score."""
+    from aepo.integrations.verl_task import write_verl_parquet
+    from aepo.io import check_output_file
+    from aepo.runtime import load_tasks
+    from aepo.tools import tool_names
+
+    try:
+        names = [t.strip() for t in tools.split(",") if t.strip()]
+        unknown = [t for t in names if t not in tool_names()]
+        if unknown:
+            raise ValueError(f"--tools: {', '.join(unknown)} not among the registered tools "
+                             f"({', '.join(tool_names())})")
+        _check_min("--max-tool-calls", max_tool_calls, 0, "tool calls per answer")
+        if limit is not None:
+            _check_min("--limit", limit, 1, "questions")
+        _check_data_file(data)
+        if out.suffix != ".parquet":
+            raise ValueError(f"OUT {out} must end in .parquet (verl reads parquet)")
+        check_output_file(out, "OUT")
+        tasks = load_tasks(data, limit=limit)
+        if not tasks:
+            raise ValueError(f"{data} holds no questions; give a file with at least one row")
+    except BAD_INPUT as e:
+        _fail(str(e))
+    write_verl_parquet(tasks, out, tools=names, max_tool_calls=max_tool_calls, split=split)
+    typer.echo(f"wrote {out}: {len(tasks)} rows ({', '.join(sorted({t.data_source for t in tasks}))})")

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ANSWER_KEYS", "ID_KEYS", "PROMPT_KEYS", "SUFFIXES", "TaskRow", "load_dataset"]
+__all__ = ["ANSWER_KEYS", "ID_KEYS", "PROMPT_KEYS", "SUFFIXES", "TaskRow", "gold_answers", "load_dataset"]
 
 PROMPT_KEYS: tuple[str, ...] = ("question", "problem", "prompt", "query")
-ANSWER_KEYS: tuple[str, ...] = ("answer", "answers", "golden_answers", "target")
+# "reward_model": verl's RL parquet ({"ground_truth": ...}, `aepo data to-verl`)
+ANSWER_KEYS: tuple[str, ...] = ("answer", "answers", "golden_answers", "target", "reward_model")
 ID_KEYS: tuple[str, ...] = ("id", "idx", "qid", "_id", "uid")
 SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
 
@@ -114,6 +115,12 @@ def _answer_strings(value: Any, key: str) -> list[str]:
     if hasattr(value, "tolist"):  # numpy arrays from parquet
         return _answer_strings(value.tolist(), key)
     raise _RowError(f"field {key!r} must be a string, number or list, got {type(value).__name__}")
+
+
+def gold_answers(value: Any) -> list[str]:
+    """Gold answer strings from a string, number, list (or numpy array), or a mapping with
+    "target" / "ground_truth" / "answer", as the loader reads an answer field."""
+    return _answer_strings(value, "ground_truth")
 
 
 def _pick(
