@@ -92,3 +92,36 @@ def test_run_level_stats():
     assert ent["final_entropy"] == 2.0  # the last fifth of 3 steps is the last step
     assert ent["entropy_variation"] == pytest.approx((2 / 3) ** 0.5)
     assert analysis_stats([]) == {}
+
+
+def decided(row_ids):
+    return [{"dH": 0.1, "l": 0, "p": 0.5, "branched": False, "row_id": r} for r in row_ids]
+
+
+def test_branch_top1_over_uniform_counts_the_chains_that_could_branch():
+    from aepo.rollout.analyses import branch_top1_over_uniform
+
+    # prompt a: decisions on chains 0, 1, 2, 3; branches 4<-0, 5<-4, 6<-1, 7<-2: top chain 0 holds
+    # 2 of 4 branches against 1/4 uniform -> 2.0
+    rows = [Trajectory(prompt_id="a", row_id=i, prompt_ids=[1], decisions=decided([i])) for i in range(4)]
+    for rid, par in ((4, 0), (5, 4), (6, 1), (7, 2)):
+        rows.append(Trajectory(prompt_id="a", row_id=rid, prompt_ids=[1], parent_row_id=par))
+    assert branch_top1_over_uniform(rows) == pytest.approx(2.0)
+    # prompt b: the same branches, but only chains 0-2 took decisions (3 never reached a tool)
+    rows_b = [Trajectory(prompt_id="b", row_id=i, prompt_ids=[1], decisions=decided([i] if i < 3 else []))
+              for i in range(4)]
+    rows_b += [Trajectory(prompt_id="b", row_id=r, prompt_ids=[1], parent_row_id=p)
+               for r, p in ((4, 0), (5, 4), (6, 1), (7, 2))]
+    assert branch_top1_over_uniform(rows_b) == pytest.approx(2 / 4 * 3)
+    # a decision taken on a branch row counts for its chain's root; an even spread gives 1
+    rows_c = [Trajectory(prompt_id="c", row_id=0, prompt_ids=[1], decisions=decided([0])),
+              Trajectory(prompt_id="c", row_id=1, prompt_ids=[1], decisions=decided([1])),
+              Trajectory(prompt_id="c", row_id=2, prompt_ids=[1], parent_row_id=0, decisions=decided([0, 2])),
+              Trajectory(prompt_id="c", row_id=3, prompt_ids=[1], parent_row_id=1)]
+    assert branch_top1_over_uniform(rows_c) == pytest.approx(1.0)
+    # one branchable chain (m = 1) says nothing about spreading, and no branches give None
+    single = [Trajectory(prompt_id="d", row_id=0, prompt_ids=[1], decisions=decided([0])),
+              Trajectory(prompt_id="d", row_id=1, prompt_ids=[1], parent_row_id=0)]
+    assert branch_top1_over_uniform(single) is None
+    assert branch_top1_over_uniform(rows + rows_b) == pytest.approx((2.0 + 1.5) / 2)
+    assert rollout_analyses(rows)["branch_top1_over_uniform"] == pytest.approx(2.0)

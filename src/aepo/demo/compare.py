@@ -38,7 +38,9 @@ def compare_table(results: dict[str, list[dict[str, Any]]], k: int) -> str:
     cols = [("pass@1", "pass@1", 100), (f"pass@{k}", f"pass@{k}", 100), ("tool_calls", "tool calls", 1),
             ("diversity", "diversity", 1), ("consecutive_high_entropy_rate", "consecutive high-H steps (%)", 100),
             ("branch_concentration", "branches on top-3 chains (%)", 100),
-            ("branch_top1_share", "branches on top chain (%)", 100), ("branch_rate", "branch rate (%)", 100),
+            ("branch_top1_share", "branches on top chain (%)", 100),
+            ("branch_top1_over_uniform", "top chain vs uniform over branchable chains (x)", 1),
+            ("branch_rate", "branch rate (%)", 100),
             ("m_std", "sd of m", 1), ("entropy_clipped", "H clipped tokens", 1), ("entropy_all", "H all tokens", 1),
             ("final_entropy", "final entropy", 1), ("entropy_variation", "entropy sd over training", 1),
             ("wall_seconds", "wall (s)", 1)]

@@ -13,7 +13,10 @@
   onto a few chains; AEPO's consecutive-branch penalty should spread it. With k = 8 and m
   global chains, m <= 3 makes the top-3 share 100% by construction, so the top-1 share
   (`branch_top1_share`) is reported beside it: it still separates concentrated from spread
-  branching at small k.
+  branching at small k. Neither accounts for how many chains could branch at all (AEPO's
+  pre-monitoring leaves some prompts one or two global chains), so `branch_top1_over_uniform`
+  divides the top-1 share by what a uniform spread over the prompt's branchable chains (the
+  chains on which a branch decision was taken) would give: 1 is uniform, n all on one of n.
 
 In a tree, a branch row repeats its parent's prefix; every step is counted once, by the row
 that generated it (segments after the row's branch position), while runs are measured along
@@ -28,7 +31,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "ANALYSIS_KEYS", "analysis_stats", "branch_concentration", "entropy_stats", "high_entropy_runs",
+    "ANALYSIS_KEYS", "analysis_stats", "branch_concentration", "branch_top1_over_uniform", "entropy_stats",
+    "high_entropy_runs",
     "rollout_analyses", "tool_step_shifts",
 ]
 
@@ -111,6 +115,27 @@ def branch_concentration(trajs: Sequence[Any], top: int = 3) -> float | None:
     return sum(shares) / len(shares) if shares else None
 
 
+def branch_top1_over_uniform(trajs: Sequence[Any]) -> float | None:
+    """Mean over prompts of (top-1 chain's share of the branches) x (branchable chains): 1 when
+    branches spread evenly over the chains that took a branch decision, n when all fall on one
+    of n; prompts with fewer than two branchable chains or no branch are left out (None when
+    none is left)."""
+    by_prompt: dict[str, list[Any]] = defaultdict(list)
+    for t in trajs:
+        by_prompt[t.prompt_id].append(t)
+    ratios = []
+    for rows in by_prompt.values():
+        parent = {t.row_id: t.parent_row_id for t in rows}
+        per_chain = Counter(_root(t.row_id, parent) for t in rows if t.parent_row_id is not None)
+        deciders = {d["row_id"] for t in rows for d in (getattr(t, "decisions", None) or [])
+                    if isinstance(d, dict) and "row_id" in d}
+        chains = {_root(r, parent) for r in deciders} | set(per_chain)
+        total = sum(per_chain.values())
+        if total and len(chains) >= 2:
+            ratios.append(max(per_chain.values()) / total * len(chains))
+    return sum(ratios) / len(ratios) if ratios else None
+
+
 def rollout_analyses(trajs: Sequence[Any]) -> dict[str, float]:
     """Both analyses for one batch of trajectories (step metrics and reports)."""
     out = high_entropy_runs(trajs)
@@ -118,6 +143,9 @@ def rollout_analyses(trajs: Sequence[Any]) -> dict[str, float]:
     if concentration is not None:
         out["branch_concentration"] = concentration
         out["branch_top1_share"] = branch_concentration(trajs, top=1)  # type: ignore[assignment]
+    over_uniform = branch_top1_over_uniform(trajs)
+    if over_uniform is not None:
+        out["branch_top1_over_uniform"] = over_uniform
     return out
 
 
@@ -136,7 +164,8 @@ def entropy_stats(metrics: list[dict]) -> dict[str, float]:
 
 
 ANALYSIS_KEYS = ("rollout/consecutive_high_entropy_rate", "rollout/high_entropy_step_rate",
-                 "rollout/branch_concentration", "rollout/branch_top1_share", "rollout/branch_rate",
+                 "rollout/branch_concentration", "rollout/branch_top1_share",
+                 "rollout/branch_top1_over_uniform", "rollout/branch_rate",
                  "rollout/m_std", "rollout/dH_std", "actor/entropy_clipped", "actor/entropy_all")
 """Per-step metrics of the paper's analyses (this module, the trainer's clip and branch figures),
 averaged over a run's steps for the comparison; run-level keys drop the namespace."""
