@@ -1,7 +1,7 @@
 """One RL step of aepo against TRL's GRPOTrainer, on identical work, in one process.
 
-    pip install "trl==1.16.*"          # into an environment that has aepo and torch 2.13
-    python benchmarks/bench_vs_trl.py [--steps 6] [--threads 2]
+    .venv/bin/pip install -e ".[bench]"      # TRL 1.16 beside aepo (torch stays as installed)
+    .venv/bin/python benchmarks/bench_vs_trl.py [--steps 6] [--threads 2]
 
 Work per step, for both: a tiny Qwen3 (d = 128, 4 layers, vocabulary of about 500 from the
 built-in tokenizer, random weights), 16 prompts x 8 completions of up to 128 tokens sampled

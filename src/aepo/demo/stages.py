@@ -192,9 +192,16 @@ def stage_rl(out: Path, sft_dir: Path, tasks: list[Any], runner: Any, cfg: Confi
     final = rdir / "final"
     if (final / "config.json").exists():
         return final
+    from aepo.rollout.sampler import build_backend
+
     model, tok = load_model(sft_dir, device="cpu")
-    trainer = RLTrainer(cfg, model, tok, tasks, runner.run, rdir)
-    trainer.fit(resume=True, progress=progress)
+    # the sampler engine is built from the SFT directory (a vLLM engine needs one)
+    backend = build_backend(cfg.rollout, model, tok, sft_dir)
+    try:
+        trainer = RLTrainer(cfg, model, tok, tasks, runner.run, rdir, backend=backend)
+        trainer.fit(resume=True, progress=progress)
+    finally:
+        backend.close()
     return save_model_dir(final, model, tok)
 
 
