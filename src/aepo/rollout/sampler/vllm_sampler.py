@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +58,14 @@ def _saved_config(model_dir: str | Path) -> dict:
     return config if isinstance(config, dict) else {}
 
 
+class _QuietRotaryReload(logging.Filter):
+    """vLLM's layerwise reload warns "RotaryEmbedding: Failed to load weights" at every sync: the
+    rotary cache is a computed buffer no checkpoint holds, and it is restored as it was."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
+
+
 def request_seed(seed: int, call: int, row: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{call}:{row}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % (2**31 - 1)
@@ -83,6 +92,7 @@ class VLLMBackend:
         except Exception as e:  # noqa: BLE001 - any import failure (missing, broken torchvision, ...)
             raise RuntimeError(vllm_missing_message(e)) from None
         self._vllm = vllm
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietRotaryReload())
         self.cfg = cfg
         self.tokenizer = tokenizer
         saved = _saved_config(model_dir)
