@@ -88,9 +88,9 @@ def bench(model_dir: Path, args: argparse.Namespace) -> dict:
                      "vllm_tok_s": round(statistics.median(speed["vllm"]), 1),
                      "ratio_vllm_over_torch": round(statistics.median(ratios), 2),
                      "vllm_prefix_hit_rate": round(statistics.median(hits[1:]), 3)}
-        print(f"{model_dir} {kind}: torch {out[kind]['torch_tok_s']} tok/s, vllm {out[kind]['vllm_tok_s']} tok/s, "
-              f"ratio {out[kind]['ratio_vllm_over_torch']}x, prefix hits {out[kind]['vllm_prefix_hit_rate']}",
-              flush=True)
+        r = out[kind]
+        print(f"{model_dir} {kind}: torch {r['torch_tok_s']} tok/s, vllm {r['vllm_tok_s']} tok/s, "
+              f"ratio {r['ratio_vllm_over_torch']}x, prefix hits {r['vllm_prefix_hit_rate']}", flush=True)
     vllm_backend.close()
     return out
 

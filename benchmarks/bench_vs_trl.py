@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_sampler import synthetic_tokenizer  # the same seeded tokenizer as the sampler benchmark
 
 
 def matmul_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
@@ -40,16 +41,6 @@ def matmul_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
         a @ b
         best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return best
-
-
-def synthetic_tokenizer(vocab: int):
-    from aepo.models.tokenizer import build_tokenizer
-
-    rng = random.Random(0)
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
-             for _ in range(2 * vocab)]
-    return build_tokenizer([" ".join(rng.choice(words) for _ in range(30)) for _ in range(vocab)],
-                           max_vocab=vocab)
 
 
 def length_reward(n_chars: int) -> float:
@@ -89,12 +80,15 @@ def main() -> None:
     rows = args.prompts * args.n
     cfg = load_config(None, ["algo=grpo", f"rollout.n={args.n}", "rollout.temperature=1.0",
                              f"rollout.max_response_tokens={args.max_tokens}", "rollout.max_tool_calls=0",
-                             f"trainer.prompts_per_step={args.prompts}", f"trainer.ppo_mini_batch_size={rows}",
-                             f"trainer.ppo_micro_batch_size={rows}", "trainer.save_every=0", "actor.kl_coef=0",
-                             "tools.enabled=[]", f"trainer.threads={args.threads}"])
+                             f"trainer.prompts_per_step={args.prompts}",
+                             f"trainer.ppo_mini_batch_size={rows}", f"trainer.ppo_micro_batch_size={rows}",
+                             "trainer.save_every=0", "actor.kl_coef=0", "tools.enabled=[]",
+                             f"trainer.threads={args.threads}"])
     rl_module.score_trajectory = lambda traj, golds, data_source=None, **kw: {  # see the module docstring
-        "reward": length_reward(len(traj.text)), "acc": 0.0, "f1": 0.0, "em": 0.0, "format_ok": True, "answer": ""}
-    tasks = [TaskRow(id=f"q{i}", question=q, answers=["x"], data_source="bench") for i, q in enumerate(questions)]
+        "reward": length_reward(len(traj.text)), "acc": 0.0, "f1": 0.0, "em": 0.0, "format_ok": True,
+        "answer": ""}
+    tasks = [TaskRow(id=f"q{i}", question=q, answers=["x"], data_source="bench")
+             for i, q in enumerate(questions)]
     out = Path(tempfile.mkdtemp(prefix="bench_vs_trl_"))
     trainer = rl_module.RLTrainer(cfg, aepo_model, tok, tasks, lambda calls: [], out / "aepo")
     aepo_times: list[float] = []
@@ -138,13 +132,15 @@ def main() -> None:
     ratios = [x / y for x, y in zip(a, t)]
     tokens = statistics.median(aepo_tokens[1:])  # completion tokens per step; prompts are short
     flops = 8 * n_params * tokens  # 2 N T sampling + 6 N T update
-    print(f"threads {args.threads}; float32 matmul limit {peak:.0f} GFLOP/s; model {n_params / 1e6:.2f} M params; "
+    print(f"threads {args.threads}; float32 matmul limit {peak:.0f} GFLOP/s; "
+          f"model {n_params / 1e6:.2f} M params; "
           f"{rows} rows, median {tokens:.0f} completion tokens per step")
     print("aepo s/step:", [round(x, 2) for x in a])
     print("TRL  s/step:", [round(x, 2) for x in t])
     med_a, med_t = statistics.median(a), statistics.median(t)
     print(f"median: aepo {med_a:.2f} s, TRL {med_t:.2f} s; ratio aepo / TRL {statistics.median(ratios):.2f}")
-    print(f"share of the FLOP limit: aepo {flops / med_a / 1e9 / peak:.0%}, TRL {flops / med_t / 1e9 / peak:.0%} "
+    print(f"share of the FLOP limit: aepo {flops / med_a / 1e9 / peak:.0%}, "
+          f"TRL {flops / med_t / 1e9 / peak:.0%} "
           f"(8 N T = {flops / 1e9:.1f} GFLOP per step; the limit needs {flops / 1e9 / peak:.2f} s)")
 
 

@@ -99,16 +99,24 @@ def _root(row_id: int, parent: dict[int, int | None]) -> int:
     return row_id
 
 
-def branch_concentration(trajs: Sequence[Any], top: int = 3) -> float | None:
-    """Mean over prompts of (branches on the `top` most branched chains) / (all branches);
-    None when no prompt branched."""
+def _branches_per_chain(trajs: Sequence[Any]) -> list[tuple[list[Any], dict[int, int | None], Counter]]:
+    """Per prompt: its rows, their parent links, and how many branch rows grew from each chain."""
     by_prompt: dict[str, list[Any]] = defaultdict(list)
     for t in trajs:
         by_prompt[t.prompt_id].append(t)
-    shares = []
+    out = []
     for rows in by_prompt.values():
         parent = {t.row_id: t.parent_row_id for t in rows}
-        per_chain = Counter(_root(t.row_id, parent) for t in rows if t.parent_row_id is not None)
+        branched = Counter(_root(t.row_id, parent) for t in rows if t.parent_row_id is not None)
+        out.append((rows, parent, branched))
+    return out
+
+
+def branch_concentration(trajs: Sequence[Any], top: int = 3) -> float | None:
+    """Mean over prompts of (branches on the `top` most branched chains) / (all branches);
+    None when no prompt branched."""
+    shares = []
+    for _, _, per_chain in _branches_per_chain(trajs):
         total = sum(per_chain.values())
         if total:
             shares.append(sum(c for _, c in per_chain.most_common(top)) / total)
@@ -120,13 +128,8 @@ def branch_top1_over_uniform(trajs: Sequence[Any]) -> float | None:
     branches spread evenly over the chains that took a branch decision, n when all fall on one
     of n; prompts with fewer than two branchable chains or no branch are left out (None when
     none is left)."""
-    by_prompt: dict[str, list[Any]] = defaultdict(list)
-    for t in trajs:
-        by_prompt[t.prompt_id].append(t)
     ratios = []
-    for rows in by_prompt.values():
-        parent = {t.row_id: t.parent_row_id for t in rows}
-        per_chain = Counter(_root(t.row_id, parent) for t in rows if t.parent_row_id is not None)
+    for rows, parent, per_chain in _branches_per_chain(trajs):
         deciders = {d["row_id"] for t in rows for d in (getattr(t, "decisions", None) or [])
                     if isinstance(d, dict) and "row_id" in d}
         chains = {_root(r, parent) for r in deciders} | set(per_chain)
