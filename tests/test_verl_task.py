@@ -123,3 +123,12 @@ def test_verl_rows_index_rows_in_order():
     rows = verl_rows([TaskRow("a", "q?", ["x"], "nq"), TaskRow("b", "r?", ["y"], "nq")], tools=[])
     assert [r["extra_info"]["index"] for r in rows] == [0, 1]
     assert rows[0]["prompt"][0]["content"] == system_prompt([], 6)
+
+
+def test_the_command_is_registered_when_run_as_a_module():
+    """`python -m aepo.cli` runs app() at the end of the module: every command must be defined above it."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "aepo.cli", "data", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "to-verl" in res.stdout

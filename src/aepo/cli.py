@@ -86,7 +86,6 @@ def _load_for_sampling(model: Path, device: str, rcfg: Any) -> tuple[Any, Any, A
     from aepo.runtime import set_threads
 
     set_threads(0)
-
     if rcfg.backend == "vllm":
         tok = load_tokenizer(model)
         return None, tok, build_backend(rcfg, None, tok, model)
@@ -500,10 +499,6 @@ def compare(
     typer.echo(f"report: {report}")
 
 
-if __name__ == "__main__":
-    sys.exit(app())
-
-
 @data_app.command("to-verl")
 def data_to_verl(
     data: Path = typer.Argument(..., help="Questions: JSONL, JSON or parquet (any format `aepo eval` reads)."),
@@ -528,8 +523,7 @@ def data_to_verl(
             raise ValueError(f"--tools: {', '.join(unknown)} not among the registered tools "
                              f"({', '.join(tool_names())})")
         _check_min("--max-tool-calls", max_tool_calls, 0, "tool calls per answer")
-        if limit is not None:
-            _check_min("--limit", limit, 1, "questions")
+        _check_min("--limit", limit, 1, "questions")
         _check_data_file(data)
         if out.suffix != ".parquet":
             raise ValueError(f"OUT {out} must end in .parquet (verl reads parquet)")
@@ -541,3 +535,8 @@ def data_to_verl(
         _fail(str(e))
     write_verl_parquet(tasks, out, tools=names, max_tool_calls=max_tool_calls, split=split)
     typer.echo(f"wrote {out}: {len(tasks)} rows ({', '.join(sorted({t.data_source for t in tasks}))})")
+
+
+if __name__ == "__main__":
+    sys.exit(app())
+

@@ -107,7 +107,7 @@ class RLTrainer:
         self.step = 0
         self._prompt_cache: dict[str, list[int]] = {}
         # the sampler engine (`rollout.backend`), built at the first rollout unless given; its
-        # weights are re-synced from self.model before a rollout that follows an update
+        # weights are synced from self.model before the first rollout and after every update
         self.backend = backend
         self._engine_stale = True
         # pi_old from the trainer's own forward pass: configured, or forced when another engine
@@ -137,7 +137,6 @@ class RLTrainer:
         r = self.cfg.rollout
         if self.backend is None:
             self.backend = build_backend(r, self.model, self.tokenizer, self.cfg.model.path or None)
-            self._engine_stale = False
         if self._engine_stale:
             self.backend.sync(self.model)
             self._engine_stale = False

@@ -69,8 +69,8 @@ class TorchBackend:
 def build_backend(cfg: RolloutConfig, model: torch.nn.Module | None, tokenizer: Any,
                   model_dir: str | Path | None = None) -> SamplerBackend:
     """The sampler backend `cfg.backend` names. `model` is the live torch model (required for
-    `torch`; for `vllm` its weights are loaded into the engine when given); `model_dir` is the
-    HF directory the vLLM engine is built from."""
+    `torch`; for `vllm` it gives the engine its dtype); `model_dir` is the HF directory the vLLM
+    engine is built from. A trainer calls `sync` before its first rollout and after updates."""
     if cfg.backend == "torch":
         if model is None:
             raise ValueError("rollout.backend=torch needs the torch model")
@@ -82,8 +82,5 @@ def build_backend(cfg: RolloutConfig, model: torch.nn.Module | None, tokenizer: 
             raise ValueError("rollout.backend=vllm needs the model's directory (model.path) to build "
                              "the engine")
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.") if model is not None else None
-        backend = VLLMBackend(model_dir, tokenizer, cfg, dtype=dtype)
-        if model is not None:
-            backend.sync(model)
-        return backend
+        return VLLMBackend(model_dir, cfg, dtype=dtype)
     raise ValueError(f"rollout.backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")

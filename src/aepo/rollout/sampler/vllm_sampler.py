@@ -66,6 +66,9 @@ class _QuietRotaryReload(logging.Filter):
         return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
 
 
+_QUIET_ROTARY_RELOAD = _QuietRotaryReload()  # one instance: addFilter skips one already there
+
+
 def request_seed(seed: int, call: int, row: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{call}:{row}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % (2**31 - 1)
@@ -82,8 +85,7 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, model_dir: str | Path, tokenizer: Any, cfg: RolloutConfig, *,
-                 dtype: str | None = None) -> None:
+    def __init__(self, model_dir: str | Path, cfg: RolloutConfig, *, dtype: str | None = None) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: syncs are copies
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its per-request INFO lines drown the run's
@@ -92,9 +94,8 @@ class VLLMBackend:
         except Exception as e:  # noqa: BLE001 - any import failure (missing, broken torchvision, ...)
             raise RuntimeError(vllm_missing_message(e)) from None
         self._vllm = vllm
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QuietRotaryReload())
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QUIET_ROTARY_RELOAD)
         self.cfg = cfg
-        self.tokenizer = tokenizer
         saved = _saved_config(model_dir)
         options: dict[str, Any] = {
             "enable_prefix_caching": True,
