@@ -93,12 +93,14 @@ def main() -> None:
     trainer = rl_module.RLTrainer(cfg, aepo_model, tok, tasks, lambda calls: [], out / "aepo")
     aepo_times: list[float] = []
     aepo_tokens: list[int] = []
+    aepo_rollout: list[float] = []
 
     def aepo_step(step: int) -> None:
         t0 = time.perf_counter()
         m = trainer.train_step(step)
         aepo_times.append(time.perf_counter() - t0)
         aepo_tokens.append(int(m["rollout/response_length"] * m["rollout/rows"]))
+        aepo_rollout.append(m["timing/rollout"])
 
     # ---- TRL: GRPOTrainer on the same model architecture and the same prompts
     trl_model = init_model(None, tok, "tiny")
@@ -136,6 +138,7 @@ def main() -> None:
           f"model {n_params / 1e6:.2f} M params; "
           f"{rows} rows, median {tokens:.0f} completion tokens per step")
     print("aepo s/step:", [round(x, 2) for x in a])
+    print("aepo rollout s:", [round(x, 2) for x in aepo_rollout[1:]])
     print("TRL  s/step:", [round(x, 2) for x in t])
     med_a, med_t = statistics.median(a), statistics.median(t)
     print(f"median: aepo {med_a:.2f} s, TRL {med_t:.2f} s; ratio aepo / TRL {statistics.median(ratios):.2f}")

@@ -21,7 +21,8 @@ from aepo.tools.calc import Calculator
 from aepo.tools.runner import ToolRunner
 from aepo.tools.search import BM25Backend, HttpBackend, SearchTool
 from aepo.train import rl as rl_module
-from aepo.train.batch import collate, token_logprobs_and_entropy
+from aepo.train import batch as batch_module
+from aepo.train.batch import collate, length_chunks, token_logprobs_and_entropy
 from aepo.train.checkpoint import STATE_FILE, CheckpointError, latest_checkpoint
 from aepo.train.rl import RLTrainer, own_tool_calls, rollout_metrics, tool_metrics
 from aepo.types import SegmentRecord, ToolCall, Trajectory
@@ -286,6 +287,66 @@ def test_masked_head_matches_full_logits_values_and_gradients(tok, arch):
     assert (logp[~sel] == 0).all() and (ent[~sel] == 0).all()
     for g, p in zip(grads, model.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-5)
+
+
+def test_length_chunks_hand_cases_and_brute_force():
+    assert length_chunks([10, 10, 10], overhead=5) == [[0, 1, 2]]
+    # one group: 2 x 100 + 10 = 210 padded tokens; two: 1 + 10 + 100 + 10 = 121
+    assert length_chunks([100, 1], overhead=10) == [[1], [0]]
+    assert length_chunks([100, 1], overhead=200) == [[1, 0]]
+    assert length_chunks([0, 5, 0], overhead=0) == [[1]]  # rows with nothing to score are left out
+    assert length_chunks([]) == []
+
+    def cost(groups, lengths, overhead):
+        return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n = int(torch.randint(1, 8, (1,), generator=rng))
+        lengths = torch.randint(1, 60, (n,), generator=rng).tolist()
+        overhead = int(torch.randint(0, 80, (1,), generator=rng))
+        order = sorted(range(n), key=lambda i: lengths[i])
+        best = math.inf
+        for cuts in range(2 ** (n - 1)):  # every split of the sorted order into runs
+            groups, cur = [], [order[0]]
+            for j in range(1, n):
+                if cuts >> (j - 1) & 1:
+                    groups.append(cur)
+                    cur = []
+                cur.append(order[j])
+            best = min(best, cost(groups + [cur], lengths, overhead))
+        got = length_chunks(lengths, overhead)
+        assert sorted(i for g in got for i in g) == list(range(n))
+        assert cost(got, lengths, overhead) == best
+
+
+def test_length_grouped_forward_equals_one_padded_pass(tok, monkeypatch):
+    """Rows cut after their last scored token and run in length groups give the values and
+    gradients of one padded pass (overhead 0 forces a group per distinct length)."""
+    model = micro_model(tok, seed=2)
+    gen = torch.Generator().manual_seed(1)
+    lengths = [12, 5, 9, 12, 3]
+    ids = torch.full((5, 12), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(5, len(tok), (n,), generator=gen)
+        attn[i, :n] = 1
+    mask = (torch.rand(5, 11, generator=gen) < 0.7).float() * attn[:, 1:]
+    mask[0, 6:] = 0  # row 0 stops being scored early: its tail is never run
+    mask[4] = 0  # nothing to score in row 4
+    monkeypatch.setattr(batch_module, "CHUNK_OVERHEAD_TOKENS", 0)
+    assert len(length_chunks([5, 4, 9, 12, 0])) == 4
+
+    logp, ent = token_logprobs_and_entropy(model, ids, None, 0.9, mask=mask)
+    ((logp - 0.3 * ent) * mask).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref_logp, ref_ent = batch_module._scored(model, ids, None, mask.bool(), 0.9, True)
+    ((ref_logp - 0.3 * ref_ent) * mask).sum().backward()
+    assert torch.allclose(logp, ref_logp, atol=1e-6) and torch.allclose(ent, ref_ent, atol=1e-6)
+    assert (logp[mask == 0] == 0).all() and (ent[mask == 0] == 0).all()
+    for g, p in zip(grads, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6)
 
 
 def test_fit_clears_checkpoint_leftovers_on_start(tok, world, runner, varied_reward, tmp_path, caplog):

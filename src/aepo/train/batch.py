@@ -6,6 +6,7 @@ policy generated (never the prompt, never tool results).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Sequence
 
@@ -127,13 +128,81 @@ def selected_logits(
     return logits[:, :-1][sel].float()
 
 
+# A forward pass costs about as much as this many more padded tokens (kernel launches, the
+# per-layer Python of the model): `length_chunks` weighs it against padding.
+CHUNK_OVERHEAD_TOKENS = 512
+
+
+def length_chunks(lengths: Sequence[int], overhead: int | None = None) -> list[list[int]]:
+    """Split rows into groups run as separate forward passes, minimising the padded tokens
+    (rows x longest row, per group) plus `overhead` (default CHUNK_OVERHEAD_TOKENS) per group:
+    rows sorted by length, cut where it pays (exact, by dynamic programming over the sorted
+    order). Rows of length 0 are left out. A batch of equal lengths stays one group."""
+    overhead = CHUNK_OVERHEAD_TOKENS if overhead is None else overhead
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: lengths[i])
+    if not order:
+        return []
+    n = len(order)
+    best = [0.0] + [math.inf] * n  # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lengths[order[j - 1]]
+        for i in range(j):
+            c = best[i] + (j - i) * longest + overhead
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
 def token_logprobs_and_entropy(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     temperature: float = 1.0, with_entropy: bool = True, mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(token_{j+1} | <= j) and the entropy H_j of softmax(logits_j / T), both [B, L-1],
-    float32. With `mask` ([B, L-1]) only its positions are computed; the rest are 0."""
-    select = torch.ones_like(input_ids[:, 1:], dtype=torch.bool) if mask is None else mask.bool()
+    float32. With `mask` ([B, L-1]) only its positions are computed; the rest are 0.
+
+    With `mask` and no `attention_mask` (right-padded rows), each row is cut after its last
+    masked position (later tokens cannot change earlier logits under causal attention) and the
+    rows run in length-sorted groups (`length_chunks`): agent rows differ in length several-fold,
+    and one padded [B, L] pass spends most of its time on padding. The values and gradients are
+    those of the single padded pass."""
+    if mask is None or attention_mask is not None:
+        select = torch.ones_like(input_ids[:, 1:], dtype=torch.bool) if mask is None else mask.bool()
+        return _scored(model, input_ids, attention_mask, select, temperature, with_entropy)
+    select = mask.bool()
+    cols = torch.arange(1, select.shape[1] + 1, device=select.device)
+    need = (select * cols).amax(-1) + 1  # tokens a row needs: up to its last scored target
+    need = torch.where(select.any(-1), need, torch.zeros_like(need)).tolist()
+    logp = torch.zeros(select.shape, dtype=torch.float, device=input_ids.device)
+    entropy = torch.zeros_like(logp) if with_entropy else None
+    rows, positions, lps, ents = [], [], [], []
+    for group in length_chunks(need):
+        idx = torch.tensor(group, device=input_ids.device)
+        length = max(need[i] for i in group)
+        sel = select[idx, : length - 1]
+        lp, h = _scored(model, input_ids[idx, :length], None, sel, temperature, with_entropy)
+        r, c = sel.nonzero(as_tuple=True)
+        rows.append(idx[r])
+        positions.append(c)
+        lps.append(lp[r, c])
+        if with_entropy:
+            ents.append(h[r, c])
+    if not rows:
+        return logp, entropy
+    where = (torch.cat(rows), torch.cat(positions))
+    logp = logp.index_put(where, torch.cat(lps))
+    if with_entropy:
+        entropy = entropy.index_put(where, torch.cat(ents))
+    return logp, entropy
+
+
+def _scored(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+            select: torch.Tensor, temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs_and_entropy` in one forward pass over the padded batch."""
     logp_all = F.log_softmax(selected_logits(model, input_ids, attention_mask, select) / temperature, dim=-1)
     logp = torch.zeros(select.shape, dtype=torch.float, device=input_ids.device)
     logp[select] = logp_all.gather(-1, input_ids[:, 1:][select].unsqueeze(-1)).squeeze(-1)
