@@ -38,7 +38,7 @@ class DemoPlan:
     sft_epochs: int = 1
     eval_questions: int = 200
     eval_n: int = 4
-    rl_steps: int = 60
+    rl_steps: int = 80
     vocab_size: int = 2400
     demo_worlds: int = 40
     tokenizer_worlds: int = 4
