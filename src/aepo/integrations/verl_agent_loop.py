@@ -1,0 +1,606 @@
+"""aepo's tree rollouts (ARPO, AEPO; docs/algorithms.md section 3) as a verl agent loop, "aepo_tree".
+
+verl (0.9.1) runs one agent-loop *session* per sample: its trainer repeats every prompt
+`actor_rollout_ref.rollout.n` times next to each other (all copies share the prompt's `uid`),
+splits the batch into `actor_rollout_ref.rollout.agent.num_workers` equal contiguous chunks,
+and each agent-loop worker starts one asyncio task per sample, all before any of them awaits.
+aepo's strategies need the k rows of a prompt to come from one coordinated tree, so:
+
+- **Per-prompt coordinator.** Sessions join a group keyed by `uid` in their worker process. The
+  first one (the leader) yields to the event loop until k sessions have joined (or none joined
+  for `group_wait_s`), then runs the whole tree, `aepo.rollout.strategies.rollout` with one prompt
+  and n = k, in a thread (the strategies are synchronous); every session then takes the row whose
+  row_id is its arrival index. An error in the tree, a timeout (`tree_timeout_s`) or a cancelled
+  leader reaches every session of the group as `TreeRolloutError`.
+- **Split groups.** A group whose size is neither `rollout.n` nor `rollout.val_kwargs.n` means
+  the prompt's sessions were split (chunks not aligned with groups: `data.train_batch_size` not
+  divisible by `agent.num_workers`, or validation padding). That raises `GroupSizeError` in
+  every session of it; `partial_groups: tree` instead rolls out a smaller tree from the sessions
+  that arrived (then one `uid` holds rows of two trees, each with fewer branches).
+- **Sampler.** `ServerSampler` is aepo's `Sampler` over verl's `LLMServerClient.generate`: rows
+  are token lists, and each `generate` call submits every row to the event loop at once
+  (`run_coroutine_threadsafe`), so the rows of one turn are generated concurrently. All requests
+  of a tree carry one `request_id`, so verl's router sends every branch to the same replica, whose
+  prefix cache then serves the shared prefixes (under `full_determinism`, where vLLM sees the
+  request id itself, each request gets its own id and seed instead). Stop strings go to the
+  server (vLLM / SGLang) and are applied again here, and each row's token budget is enforced here.
+
+**Branch entropy.** verl's server returns only the sampled token's log-prob, not the
+distribution, so each token's entropy entry is its surprisal `-log p(token)`, whose expectation
+under the sampler is the token entropy H_t. The probe (docs/algorithms.md section 1) is then the
+length-rescaled mean surprisal of a segment's first n_probe tokens, on the same log|V| scale as
+the exact H_seg: its expectation equals the exact value, but it is a one-sample estimate per
+token (noisier; it is large when the sampled token was unlikely, not when the distribution was
+flat), so dH, the branch decisions and AEPO's m are noisier than with the torch sampler. The
+log-probs are those of verl's `rollout.logprobs_mode` (default `processed_logprobs`: after
+temperature, and after top-p / top-k when those are on). The trainer still computes exact
+entropies in its own forward pass.
+
+**Configuration.** Keys come from `actor_rollout_ref.rollout.custom.aepo` (a mapping), then from
+the agent-loop YAML entry (`actor_rollout_ref.rollout.agent.agent_loop_config_path`), which wins:
+
+    - name: aepo_tree
+      _target_: aepo.integrations.verl_agent_loop.AepoTreeAgentLoop
+      strategy: aepo            # any rollout.* key of aepo (docs/algorithms.md), without "rollout."
+      max_tool_calls: 6
+      n_probe: 20
+      tool_config: {enabled: [search, calc], search_cache: /data/search_cache.json}   # tools.* keys
+      tree_timeout_s: 3600      # and the adapter's own keys (LoopSettings)
+
+Unset keys keep aepo's defaults, except `max_response_tokens` (verl's
+`rollout.response_length`, which it may not exceed) and the tools (calc and python, plus search
+when a search backend is given). Sampling (temperature, top_p, top_k) is verl's, so those keys
+are refused here; `n` is the number of sessions verl starts (`actor_rollout_ref.rollout.n`).
+Select the loop with `actor_rollout_ref.rollout.agent.default_agent_loop=aepo_tree` (or an
+`agent_name` column). Importing this module registers the loop when verl is installed; in Ray
+worker processes use `+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=
+aepo.integrations.verl_agent_loop.register`, which also registers aepo's losses and estimators.
+
+Each session's `AgentLoopOutput` carries the row's prompt, response, `response_mask` (0 on tool
+results), the sampler's log-probs (0.0 on tool results) and, in `extra_fields`, `row_id`,
+`parent_row_id`, `branch_position`, `m`, `decisions`, `finish_reason` and `n_tool_calls`.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aepo.config import Config, _apply, validate
+from aepo.errors import ConfigError
+from aepo.rollout.config import RolloutConfig
+from aepo.rollout.sampler.rows import RowTable
+from aepo.rollout.strategies import rollout
+from aepo.tools import ToolRunner, ToolsConfig, build_tool_runner
+from aepo.types import Generation, ToolCall, Trajectory
+
+try:  # verl is optional: without it the module imports, and register() says what to install
+    from verl.experimental.agent_loop.agent_loop import AgentLoopBase as _LoopBase
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
+    from verl.experimental.agent_loop.agent_loop import register as _verl_register
+
+    _VERL_ERROR: ImportError | None = None
+except ImportError as _e:  # pragma: no cover - exercised in environments without verl
+    _LoopBase = object  # type: ignore[assignment,misc]
+    AgentLoopMetrics = AgentLoopOutput = _verl_register = None  # type: ignore[assignment,misc]
+    _VERL_ERROR = _e
+
+__all__ = [
+    "AGENT_LOOP_NAME",
+    "AepoTreeAgentLoop",
+    "GroupSizeError",
+    "LoopSettings",
+    "ServerSampler",
+    "TreeRolloutError",
+    "loop_settings",
+    "register",
+    "row_fields",
+]
+
+AGENT_LOOP_NAME = "aepo_tree"
+logger = logging.getLogger(__name__)
+
+_INSTALL_HINT = ("aepo.integrations.verl_agent_loop needs verl, which cannot be imported: `pip install aepo[verl]` "
+                 "(README, 'verl'), then register() again")
+# rollout.* keys that belong to the sampling engine, which is verl's here -> where to set them
+_SAMPLER_KEYS = {
+    "backend": "actor_rollout_ref.rollout.name",
+    "temperature": "actor_rollout_ref.rollout.temperature",
+    "top_p": "actor_rollout_ref.rollout.top_p",
+    "top_k": "actor_rollout_ref.rollout.top_k",
+    "entropy_top_k": "nothing: verl's server returns only the sampled token's log-prob",
+    "engine_options": "actor_rollout_ref.rollout.* (verl's engine settings)",
+}
+_SPIN_PASSES = 8  # event-loop passes a leader yields before it starts polling on a timer
+
+
+class TreeRolloutError(RuntimeError):
+    """The tree of a prompt failed; raised in every session of the prompt."""
+
+
+class GroupSizeError(TreeRolloutError):
+    """A prompt's sessions did not all reach one agent-loop worker (see the module docstring)."""
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass
+class LoopSettings:
+    """What one "aepo_tree" loop runs with: aepo's rollout and tools settings, and the adapter's."""
+
+    rollout: RolloutConfig
+    tools: ToolsConfig
+    seed: int = 0  # seeds the branch rule's draws (rollout.branch_decision released | sample)
+    group_wait_s: float = 1.0  # how long a leader waits after the last arrival when < n sessions came
+    tree_timeout_s: float = 3600.0  # a tree (all its turns and tools) must finish within this
+    request_timeout_s: float = 600.0  # one generate call of the tree (all its rows at once)
+    partial_groups: Literal["error", "tree"] = "error"  # a group of unexpected size: raise, or roll it out
+    server_stop: Literal["auto", "vllm", "sglang", "none"] = "auto"  # how stop strings reach the server
+    eos_token_ids: list[int] = field(default_factory=list)  # ends a row besides tokenizer.eos_token_id
+    val_n: int = 1  # sessions per prompt in validation (verl's rollout.val_kwargs.n)
+
+
+_ADAPTER_KEYS = tuple(f.name for f in dataclasses.fields(LoopSettings) if f.name not in ("rollout", "tools", "val_n"))
+
+
+def _get(cfg: Any, path: str, default: Any = None) -> Any:
+    """`cfg.a.b` for verl's DictConfig / dataclass configs and plain dicts; `default` when absent."""
+    cur = cfg
+    for key in path.split("."):
+        if cur is None:
+            return default
+        if isinstance(cur, Mapping) or hasattr(cur, "get"):
+            try:
+                cur = cur.get(key, None)
+            except Exception:  # noqa: BLE001 - a structured config that refuses the key
+                cur = getattr(cur, key, None)
+        else:
+            cur = getattr(cur, key, None)
+    return default if cur is None else cur
+
+
+def _plain(value: Any) -> Any:
+    """omegaconf containers (what hydra hands the loop) -> plain dicts and lists."""
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(value):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf comes with verl
+        pass
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def loop_settings(options: Mapping[str, Any], trainer_config: Any) -> LoopSettings:
+    """Settings from `actor_rollout_ref.rollout.custom.aepo` and the agent-loop `options` (which win),
+    over aepo's defaults and verl's `response_length` / `n` / `val_kwargs.n` (module docstring).
+    ConfigError names a wrong key or value and where to set it instead."""
+    verl_rollout = _get(trainer_config, "actor_rollout_ref.rollout")
+    custom = _plain(_get(verl_rollout, "custom.aepo", {}))
+    if not isinstance(custom, Mapping):
+        raise ConfigError(f"actor_rollout_ref.rollout.custom.aepo must be a mapping of aepo_tree keys, got {custom!r}")
+    merged = {**custom, **_plain(dict(options))}
+    merged.pop("name", None)  # the YAML entry's own name, handed over by hydra
+    n = int(_get(verl_rollout, "n", 1))
+    response_length = _get(verl_rollout, "response_length")
+
+    rollout_keys = {f.name for f in dataclasses.fields(RolloutConfig)}
+    for key in merged:
+        if key in _SAMPLER_KEYS:
+            raise ConfigError(f"aepo_tree: {key!r} is the sampling engine's, which is verl's here; set {_SAMPLER_KEYS[key]}")
+        if key not in rollout_keys and key not in _ADAPTER_KEYS and key != "tool_config":
+            valid = sorted((rollout_keys - set(_SAMPLER_KEYS)) | set(_ADAPTER_KEYS) | {"tool_config"})
+            raise ConfigError(f"aepo_tree: unknown key {key!r}; valid keys: {', '.join(valid)}")
+    if "n" in merged and int(merged["n"]) != n:
+        raise ConfigError(f"aepo_tree: n={merged['n']} but verl starts actor_rollout_ref.rollout.n={n} sessions per "
+                          "prompt and the tree has one row per session; set actor_rollout_ref.rollout.n instead")
+    tool_opts = merged.pop("tool_config", None) or {}
+    if not isinstance(tool_opts, Mapping):
+        raise ConfigError(f"aepo_tree: tool_config must be a mapping of tools.* keys, got {tool_opts!r}")
+
+    cfg = Config()
+    cfg.rollout.n = n
+    if response_length:
+        cfg.rollout.max_response_tokens = int(response_length)
+    tool_opts = dict(tool_opts)
+    if "enabled" not in tool_opts:
+        search = any(tool_opts.get(k) for k in ("search_cache", "search_corpus", "search_url"))
+        tool_opts["enabled"] = (["search"] if search else []) + ["calc", "python"]
+    settings = LoopSettings(rollout=cfg.rollout, tools=cfg.tools, val_n=int(_get(verl_rollout, "val_kwargs.n", 1)))
+    try:
+        _apply(cfg.rollout, {k: v for k, v in merged.items() if k in rollout_keys}, "")
+        _apply(cfg.tools, tool_opts, "tool_config.")
+        _apply(settings, {k: v for k, v in merged.items() if k in _ADAPTER_KEYS}, "")
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"aepo_tree agent loop: {e} (keys go in the agent-loop YAML entry or "
+                          "actor_rollout_ref.rollout.custom.aepo, without the 'rollout.' prefix)") from None
+    if response_length and cfg.rollout.max_response_tokens > int(response_length):
+        raise ConfigError(f"aepo_tree: max_response_tokens={cfg.rollout.max_response_tokens} exceeds verl's "
+                          f"actor_rollout_ref.rollout.response_length={response_length}; lower it or raise that")
+    for key in ("tree_timeout_s", "request_timeout_s"):
+        if not getattr(settings, key) > 0:
+            raise ConfigError(f"aepo_tree: {key} must be > 0 seconds, got {getattr(settings, key)!r}")
+    if settings.group_wait_s < 0:
+        raise ConfigError(f"aepo_tree: group_wait_s must be >= 0 seconds, got {settings.group_wait_s!r}")
+    return settings
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
+def _request_seed(request_id: str, row: int, call: int) -> int:
+    digest = hashlib.blake2b(f"{request_id}:{row}:{call}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**31 - 1)
+
+
+class ServerSampler(RowTable):
+    """aepo's `Sampler` over verl's LLM server client, for one tree (module docstring).
+
+    Called from the tree's thread; the requests run on `loop`. `sampling_params` are verl's
+    (temperature, top_p, top_k, ...); each request adds max_tokens, logprobs and the stop strings.
+    Entropies are surprisals, -logprob. `seconds` sums the wall time spent in generate calls."""
+
+    def __init__(
+        self, client: Any, loop: asyncio.AbstractEventLoop, tokenizer: Any, sampling_params: Mapping[str, Any], *,
+        request_id: str, stop_style: str = "none", eos_token_ids: Sequence[int] = (), timeout_s: float = 600.0,
+        priority: int = 0, deterministic: bool = False,
+    ) -> None:
+        super().__init__(len(tokenizer))
+        self.client, self.loop, self.tokenizer = client, loop, tokenizer
+        self.sampling_params = dict(sampling_params)
+        self.request_id, self.stop_style, self.priority = request_id, stop_style, int(priority)
+        self.eos_ids = {int(t) for t in eos_token_ids}
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            self.eos_ids.add(int(tokenizer.eos_token_id))
+        self.timeout_s, self.deterministic = float(timeout_s), deterministic
+        self.seconds = 0.0
+        self.requests = 0
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Make the next generate call raise (the tree's thread then unwinds)."""
+        self._cancelled.set()
+
+    def generate(
+        self, rows: Sequence[int], max_new_tokens: int | Sequence[int], stop: Sequence[str] = ()
+    ) -> list[Generation]:
+        """Continue every row at once; one Generation per row, cut at the first stop string and
+        at the row's budget."""
+        handles, budgets = self._budgets(rows, max_new_tokens)
+        if self._cancelled.is_set():
+            raise TreeRolloutError("the tree was cancelled (timeout or a failed session); no more requests")
+        start = time.monotonic()
+        futures: list[concurrent.futures.Future | None] = []
+        for handle, budget in zip(handles, budgets):
+            if budget <= 0:
+                futures.append(None)
+                continue
+            coro = self._request(list(self._rows[handle].ids), budget, tuple(stop), handle, self.requests)
+            self.requests += 1
+            futures.append(asyncio.run_coroutine_threadsafe(coro, self.loop))
+        live = [f for f in futures if f is not None]
+        try:
+            done, pending = concurrent.futures.wait(live, timeout=self.timeout_s,
+                                                    return_when=concurrent.futures.FIRST_EXCEPTION)
+            for f in done:
+                if f.exception() is not None:
+                    raise f.exception()  # type: ignore[misc]
+            if pending:
+                raise TimeoutError(f"the LLM server did not answer {len(pending)} of {len(live)} requests within "
+                                   f"request_timeout_s={self.timeout_s:g}s; raise it in the aepo_tree config or "
+                                   "check the rollout servers")
+        finally:
+            for f in live:
+                f.cancel()
+            self.seconds += time.monotonic() - start
+        out = []
+        for handle, budget, f in zip(handles, budgets, futures):
+            if f is None:
+                out.append(Generation(token_ids=[], logprobs=[], entropies=[], finish="length"))
+                continue
+            gen = self._generation(f.result(), budget, stop)
+            self._rows[handle].ids.extend(gen.token_ids)
+            out.append(gen)
+        return out
+
+    async def _request(self, prompt_ids: list[int], budget: int, stop: tuple[str, ...], row: int, call: int) -> Any:
+        params = dict(self.sampling_params)  # the server pops keys from it: a fresh dict per request
+        params.update(max_tokens=budget, logprobs=True)
+        if stop and self.stop_style == "vllm":
+            params.update(stop=list(stop), include_stop_str_in_output=True)
+        elif stop and self.stop_style == "sglang":
+            params.update(stop=list(stop), no_stop_trim=True)
+        request_id = self.request_id
+        if self.deterministic:  # vLLM sees this id itself: one per request, with its own seed
+            request_id = f"{self.request_id}-{row}-{call}"
+            params.setdefault("seed", _request_seed(self.request_id, row, call))
+        return await self.client.generate(request_id=request_id, prompt_ids=prompt_ids, sampling_params=params,
+                                          priority=self.priority)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def _stop_cut(self, tokens: list[int], stop: Sequence[str]) -> tuple[int, str | None]:
+        """(length of the shortest prefix whose text contains a stop string, that string), or
+        (len(tokens), None). Binary search: a prefix that contains a stop string stays so."""
+        if not stop or not any(s in self._decode(tokens) for s in stop):
+            return len(tokens), None
+        lo, hi = 1, len(tokens)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if any(s in self._decode(tokens[:mid]) for s in stop):
+                hi = mid
+            else:
+                lo = mid + 1
+        text = self._decode(tokens[:lo])
+        return lo, min((s for s in stop if s in text), key=text.index)
+
+    def _generation(self, out: Any, budget: int, stop: Sequence[str]) -> Generation:
+        if getattr(out, "stop_reason", None) == "aborted":
+            raise TreeRolloutError("the LLM server aborted a request of the tree (a paused or resized rollout "
+                                   "server); aepo_tree needs whole answers")
+        tokens = [int(t) for t in out.token_ids][:budget]
+        logprobs = out.log_probs
+        if tokens and (logprobs is None or len(logprobs) < len(tokens)):
+            raise TreeRolloutError(f"the LLM server returned {len(tokens)} tokens but "
+                                   f"{0 if logprobs is None else len(logprobs)} log-probs; aepo_tree asks for "
+                                   "logprobs=True and needs one per token (a server that ignores it is not supported)")
+        logprobs = [float(x) for x in (logprobs or [])[: len(tokens)]]
+        cut, matched = self._stop_cut(tokens, stop)
+        tokens, logprobs = tokens[:cut], logprobs[:cut]
+        if matched is not None:
+            finish = "stop"
+        elif len(tokens) < budget or (tokens and tokens[-1] in self.eos_ids):
+            finish = "eos"  # the server ended it early: EOS or another stop token of the model
+        else:
+            finish = "length"
+        return Generation(token_ids=tokens, logprobs=logprobs, entropies=[-lp for lp in logprobs],
+                          finish=finish, stop=matched)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- per-prompt groups
+
+
+@dataclass
+class _TreeResult:
+    trajectories: list[Trajectory]
+    generate_seconds: float
+    tool_seconds: float
+
+
+@dataclass
+class _Group:
+    """The sessions of one prompt in one worker's event loop."""
+
+    key: tuple[int, str]
+    result: asyncio.Future
+    size: int = 1
+    open: bool = True
+
+
+_GROUPS: dict[tuple[int, str], _Group] = {}  # only touched from the event loop that owns the group
+
+
+def _join(uid: str, loop: asyncio.AbstractEventLoop) -> tuple[_Group, int]:
+    """The open group of `uid` in `loop` and this session's index in it (0: the leader)."""
+    key = (id(loop), uid)
+    group = _GROUPS.get(key)
+    if group is None or not group.open:
+        group = _Group(key=key, result=loop.create_future())
+        _GROUPS[key] = group
+        return group, 0
+    group.size += 1
+    return group, group.size - 1
+
+
+async def _settle(group: _Group, expected: int, wait_s: float) -> None:
+    """Let the prompt's other sessions join: until `expected` have, or none joined for `wait_s`
+    (after a few bare event-loop passes, in which verl's already-started tasks all arrive)."""
+    loop = asyncio.get_running_loop()
+    last_size, last_change, passes = group.size, loop.time(), 0
+    while group.size < expected:
+        await asyncio.sleep(0 if passes < _SPIN_PASSES else min(0.005, wait_s))
+        passes += 1
+        if group.size != last_size:
+            last_size, last_change = group.size, loop.time()
+        elif passes >= _SPIN_PASSES and loop.time() - last_change >= wait_s:
+            break
+    group.open = False
+    if _GROUPS.get(group.key) is group:
+        del _GROUPS[group.key]
+
+
+def _fail(group: _Group, error: BaseException) -> None:
+    """Close the group and hand `error` to every session of it."""
+    group.open = False
+    if _GROUPS.get(group.key) is group:
+        del _GROUPS[group.key]
+    if not group.result.done():
+        group.result.set_exception(error)
+        group.result.exception()  # retrieved: a group without followers logs nothing at exit
+
+
+# ----------------------------------------------------------------------------- tools and output
+
+_RUNNERS: dict[str, ToolRunner] = {}
+_RUNNERS_LOCK = threading.Lock()
+_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _tool_runner(tools: ToolsConfig) -> ToolRunner:
+    """One ToolRunner per tools config and process (a BM25 index is built once, not per session)."""
+    key = json.dumps(dataclasses.asdict(tools), sort_keys=True, default=str)
+    with _RUNNERS_LOCK:
+        if key not in _RUNNERS:
+            _RUNNERS[key] = build_tool_runner(tools)
+        return _RUNNERS[key]
+
+
+def _tree_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads for the trees, apart from the loop's default executor (verl tokenises there, and a
+    worker's trees could otherwise fill it)."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=512, thread_name_prefix="aepo-tree")
+    return _EXECUTOR
+
+
+class _TimedTools:
+    """A tool_fn that sums the wall time of its calls."""
+
+    def __init__(self, fn: Callable[[list[tuple[str, str]]], list[ToolCall]]) -> None:
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self, calls: list[tuple[str, str]]) -> list[ToolCall]:
+        start = time.monotonic()
+        try:
+            return self.fn(calls)
+        finally:
+            self.seconds += time.monotonic() - start
+
+
+def row_fields(traj: Trajectory) -> dict[str, Any]:
+    """The row's tree bookkeeping for verl's `extra_fields` (plus tool_agent's schema keys)."""
+    return {
+        "row_id": traj.row_id, "parent_row_id": traj.parent_row_id, "branch_position": traj.branch_position,
+        "m": traj.m, "decisions": [dict(d) for d in traj.decisions], "finish_reason": traj.finish_reason,
+        "n_tool_calls": traj.n_tool_calls, "turn_scores": [], "tool_rewards": [],
+    }
+
+
+# ----------------------------------------------------------------------------- the agent loop
+
+
+class AepoTreeAgentLoop(_LoopBase):  # type: ignore[misc,valid-type]
+    """verl agent loop "aepo_tree": each session returns one row of its prompt's ARPO / AEPO tree."""
+
+    def __init__(self, trainer_config: Any, server_manager: Any, tokenizer: Any, processor: Any, dataset_cls: Any,
+                 data_config: Any, hf_model_type: str | None = None, tools: Any = None, name: str | None = None,
+                 **options: Any) -> None:
+        if _VERL_ERROR is not None:
+            raise ImportError(f"{_INSTALL_HINT} ({_VERL_ERROR})")
+        super().__init__(trainer_config, server_manager, tokenizer, processor, dataset_cls, data_config,
+                         hf_model_type=hf_model_type)
+        del tools, name  # verl's own tool list (aepo runs its own tools) and the YAML entry's name
+        self.settings = loop_settings(options, self.config)
+
+    async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> Any:
+        if "uid" not in kwargs:
+            raise TreeRolloutError("aepo_tree groups a prompt's sessions by the batch's 'uid' column, which verl's "
+                                   "trainer adds; this batch has none (add one id per prompt, repeated n times)")
+        uid = str(kwargs["uid"])
+        group, index = _join(uid, asyncio.get_running_loop())
+        if index == 0:
+            try:
+                await self._lead(group, uid, sampling_params, kwargs)
+            except asyncio.CancelledError:
+                _fail(group, TreeRolloutError(f"the session running the tree of prompt uid={uid} was cancelled"))
+                raise
+            except BaseException as e:  # every session of the prompt gets it
+                _fail(group, e if isinstance(e, TreeRolloutError)
+                      else TreeRolloutError(f"the tree of prompt uid={uid} failed: {type(e).__name__}: {e}"))
+                if not isinstance(e, Exception):
+                    raise
+        limit = self.settings.tree_timeout_s + self.settings.group_wait_s + 60.0  # the leader times out first
+        done, _ = await asyncio.wait({group.result}, timeout=limit)
+        if not done:
+            raise TreeRolloutError(f"session {index} of prompt uid={uid} waited {limit:g}s for its tree")
+        error = group.result.exception()
+        if error is not None:
+            raise type(error)(str(error)) from error  # a fresh exception (and traceback) per session
+        result: _TreeResult = group.result.result()
+        traj = result.trajectories[index]
+        metrics = AgentLoopMetrics(generate_sequences=result.generate_seconds, tool_calls=result.tool_seconds)
+        return AgentLoopOutput(
+            prompt_ids=list(traj.prompt_ids), response_ids=list(traj.response_ids),
+            response_mask=list(traj.response_mask), response_logprobs=list(traj.logprobs),
+            num_turns=1 + len(traj.segments),  # the user turn, then every model and tool segment
+            metrics=metrics, extra_fields=row_fields(traj),
+        )
+
+    def _check_group_size(self, size: int, uid: str) -> None:
+        n, val_n = self.settings.rollout.n, self.settings.val_n
+        if size in (n, val_n):
+            return
+        workers = _get(self.config, "actor_rollout_ref.rollout.agent.num_workers")
+        batch = _get(self.config, "data.train_batch_size")
+        message = (f"{size} session(s) of prompt uid={uid} reached this agent-loop worker, expected "
+                   f"actor_rollout_ref.rollout.n={n} (or val_kwargs.n={val_n} in validation): verl split the "
+                   f"prompt's sessions over workers. verl cuts a batch into agent.num_workers={workers} equal "
+                   f"chunks, so keep data.train_batch_size ({batch}) and the validation batch a multiple of it, "
+                   "or set partial_groups: tree in the aepo_tree config to roll out a smaller tree per part")
+        if self.settings.partial_groups == "tree":
+            logger.warning("aepo_tree: %s; rolling out a tree of %d rows", message.split(":")[0], size)
+            return
+        raise GroupSizeError(message)
+
+    async def _lead(self, group: _Group, uid: str, sampling_params: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        s = self.settings
+        await _settle(group, s.rollout.n, s.group_wait_s)
+        self._check_group_size(group.size, uid)
+        prompt_ids = await self.ct_build_initial_tokens(list(kwargs["raw_prompt"]))
+        loop = asyncio.get_running_loop()
+        priority = int(kwargs.get("priority", 0))
+        deterministic = bool(_get(self.rollout_config, "full_determinism", False))
+        tree_id = f"aepo-det-{priority}" if deterministic else f"aepo-{uuid.uuid4().hex}"
+        style = s.server_stop
+        if style == "auto":
+            name = str(_get(self.rollout_config, "name", ""))
+            style = name if name in ("vllm", "sglang") else "none"
+        sampler = ServerSampler(self.server_manager, loop, self.tokenizer, sampling_params, request_id=tree_id,
+                                stop_style=style, eos_token_ids=s.eos_token_ids, timeout_s=s.request_timeout_s,
+                                priority=priority, deterministic=deterministic)
+        cfg = dataclasses.replace(s.rollout, n=group.size)
+
+        def run_tree() -> _TreeResult:
+            tools = _TimedTools(_tool_runner(s.tools).run)
+            rng = random.Random(f"{s.seed}:{tree_id}")
+            trajectories, _ = rollout(cfg.strategy, [(uid, prompt_ids)], sampler, self.tokenizer, tools, cfg, rng)
+            return _TreeResult(trajectories, sampler.seconds, tools.seconds)
+
+        tree = loop.run_in_executor(_tree_executor(), run_tree)
+        try:
+            done, _ = await asyncio.wait({tree}, timeout=s.tree_timeout_s)  # the tree's own errors stay apart
+        finally:
+            sampler.cancel()  # a thread still running stops at its next generate call
+        if not done:
+            raise TreeRolloutError(f"the tree of prompt uid={uid} did not finish within tree_timeout_s="
+                                   f"{s.tree_timeout_s:g}s; raise it in the aepo_tree config")
+        result = tree.result()
+        if not group.result.done():
+            group.result.set_result(result)
+
+
+def register(*, losses: bool = True) -> str:
+    """Register the loop in verl's agent-loop registry as "aepo_tree" (idempotent) and, with
+    `losses`, aepo's policy losses and advantage estimators (`aepo.integrations.verl.register`), so
+    one Ray `worker_process_setup_hook` covers both. Returns the loop's name; ImportError with an
+    install hint without verl."""
+    if _VERL_ERROR is not None:
+        raise ImportError(f"{_INSTALL_HINT} ({_VERL_ERROR})")
+    _verl_register(AGENT_LOOP_NAME)(AepoTreeAgentLoop)
+    if losses:
+        from aepo.integrations.verl import register as register_losses
+
+        register_losses()
+    return AGENT_LOOP_NAME
+
+
+if _VERL_ERROR is None:
+    _verl_register(AGENT_LOOP_NAME)(AepoTreeAgentLoop)
