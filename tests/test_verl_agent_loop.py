@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 agent_loop = pytest.importorskip("verl.experimental.agent_loop.agent_loop",
-                                 reason="verl's agent loop cannot be imported (pip install aepo[verl] cachetools uvicorn fastapi)")
+                                 reason="verl's agent loop cannot be imported (pip install aepo[verl])")
 
 import hydra
 import numpy as np

@@ -298,11 +298,12 @@ def _entropy_alpha(config: Any) -> float:
 
 _MISSING_ENTROPY = (
     "advantage estimator 'aepo_entropy' needs the token entropies of the rollout policy [B, T], "
-    "but verl passed none (extra keywords received: {received}). verl computes them in "
-    "compute_log_prob (batch key 'entropys') and drops them before computing advantages. "
-    "To enable: in RayPPOTrainer.fit keep them in the batch (set batch.batch['entropys'] = "
-    "entropys instead of popping them), and in ray_trainer.compute_advantage pass "
-    "adv_kwargs['entropys'] = data.batch['entropys']. Or use algorithm.adv_estimator=aepo_grpo."
+    "but verl passed none (extra keywords received: {received}). verl's V1 trainer computes them "
+    "with the old log-probs but does not pass them to the estimator: select aepo's trainer mode, "
+    "trainer.v1.trainer_mode=aepo_sync, with the setup hook "
+    "+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=aepo.integrations.verl_trainer.register "
+    "(README, 'verl'). The legacy trainer (trainer.use_v1=false) has no such hook: use "
+    "algorithm.adv_estimator=aepo_grpo there."
 )
 
 
