@@ -9,6 +9,7 @@ value, metrics, aggregation and rollout weighting.
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass, field, replace
@@ -453,3 +454,14 @@ def test_advantage_without_index_is_a_clear_error(make_verl):
         core.get_adv_estimator_fn("aepo_grpo")(
             token_level_rewards=b["token_level_rewards"], response_mask=b["response_mask"], config={}
         )
+
+
+@pytest.mark.parametrize("module, function", [("verl_agent_loop", "register"), ("verl_trainer", "register_trainers")])
+def test_verl_modules_import_without_verl(module, function):
+    """The agent loop and trainer modules import without verl; registering then says what to install."""
+    code = ("import sys; sys.modules['verl'] = None\n"
+            f"import aepo.integrations.{module} as m\n"
+            f"try:\n    m.{function}()\nexcept ImportError as e:\n    print('hint:', e)\n")
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "hint:" in done.stdout and "pip install aepo[verl]" in done.stdout
