@@ -315,7 +315,7 @@ def make_trainer(parts: dict, model, tok, overrides: list[str], tasks: list, out
 
 def update_flops(model, rows: int, seq_len: int, head_positions: int) -> float:
     """Training FLOPs of one update counted closer than 6ND: the layers' weights on every token,
-    the LM head only on the scored positions (as `selected_logits` does), causal attention
+    the LM head only on the scored positions (as `selected_logprobs` does), causal attention
     scores (QK^T and AV, half the square), all times 3 for forward + backward."""
     c = model.config
     total = sum(p.numel() for p in model.parameters())

@@ -349,6 +349,32 @@ def test_length_grouped_forward_equals_one_padded_pass(tok, monkeypatch):
         assert torch.allclose(g, p.grad, atol=1e-6)
 
 
+def test_chunked_vocab_head_path_equals_direct_path(tok, monkeypatch):
+    """Above vocab_head.CHUNK_ELEMENTS logits the head runs in row chunks (aepo.train.vocab_head):
+    the same log-probs, entropies and gradients as the direct path."""
+    from aepo.train import vocab_head
+
+    model = micro_model(tok, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(5, len(tok), (3, 10), generator=gen)
+    mask = (torch.rand(3, 9, generator=gen) < 0.8).float()
+    results = []
+    real = vocab_head.head_logprobs_and_entropy
+    for limit in (10**12, 3 * len(tok)):  # direct, then chunked (three rows of logits per chunk)
+        monkeypatch.setattr(vocab_head, "CHUNK_ELEMENTS", limit)
+        calls = []
+        monkeypatch.setattr(vocab_head, "head_logprobs_and_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+        model.zero_grad()
+        logp, ent = token_logprobs_and_entropy(model, ids, None, 0.8, mask=mask)
+        ((logp + 0.5 * ent) * mask).sum().backward()
+        results.append((logp.detach(), ent.detach(), [p.grad.clone() for p in model.parameters()], len(calls)))
+    (lp0, h0, g0, n0), (lp1, h1, g1, n1) = results
+    assert n0 == 0 and n1 > 0
+    assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(h0, h1, atol=1e-5)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_fit_clears_checkpoint_leftovers_on_start(tok, world, runner, varied_reward, tmp_path, caplog):
     root = tmp_path / "checkpoints"
     (root / ".step_3.abc.tmp").mkdir(parents=True)

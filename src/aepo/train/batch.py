@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from aepo.train import vocab_head
 from aepo.types import Trajectory
 
 
@@ -113,19 +114,42 @@ def collate(trajectories: Sequence[Trajectory], pad_id: int) -> TokenBatch:
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"})
 
 
-def selected_logits(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, select: torch.Tensor
-) -> torch.Tensor:
-    """Next-token logits (float32, [N, V]) at the positions j where `select[:, j]` ([B, L-1]) is
-    set, in row-major order. Rows here are right-padded, so under causal attention no real
-    token sees a pad: `attention_mask=None` gives the same values, faster."""
+def plain_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's LM head when its logits are exactly `head(last hidden state)` (a plain-head
+    architecture with a bias-free linear head), else None."""
+    if getattr(model.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    head = model.get_output_embeddings()
+    return head if isinstance(head, torch.nn.Linear) and head.bias is None else None
+
+
+def selected_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, select: torch.Tensor,
+    temperature: float = 1.0, with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(token_{j+1} | <= j) and (with `with_entropy`) the entropy of softmax(logits_j / T),
+    float32 [N], at the positions j where `select[:, j]` ([B, L-1]) is set, in row-major order.
+
+    For plain-head models the head runs only at those positions; when their logits would exceed
+    `vocab_head.CHUNK_ELEMENTS` (large vocabularies) it runs in row chunks without [N, V]
+    activations (`aepo.train.vocab_head`; below that the direct computation is faster). Rows here
+    are right-padded, so under causal attention no real token sees a pad: `attention_mask=None`
+    gives the same values, faster."""
     sel = select.bool()
-    if getattr(model.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES:
+    targets = input_ids[:, 1:][sel]
+    head = plain_head(model)
+    if head is not None:
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  use_cache=False).last_hidden_state
-        return model.get_output_embeddings()(hidden[:, :-1][sel]).float()
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return logits[:, :-1][sel].float()
+                                  use_cache=False).last_hidden_state[:, :-1][sel]
+        if hidden.shape[0] * head.weight.shape[0] > vocab_head.CHUNK_ELEMENTS:
+            lp, h = vocab_head.head_logprobs_and_entropy(hidden, head.weight, targets, temperature)
+            return lp, (h if with_entropy else None)
+        logits = head(hidden).float()
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][sel].float()
+    logp_all = F.log_softmax(logits / temperature, dim=-1)
+    lp = logp_all.gather(-1, targets[:, None])[:, 0]
+    return lp, (-(logp_all.exp() * logp_all).sum(-1) if with_entropy else None)
 
 
 # A forward pass costs about as much as this many more padded tokens (kernel launches, the
@@ -203,11 +227,11 @@ def token_logprobs_and_entropy(
 def _scored(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
             select: torch.Tensor, temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`token_logprobs_and_entropy` in one forward pass over the padded batch."""
-    logp_all = F.log_softmax(selected_logits(model, input_ids, attention_mask, select) / temperature, dim=-1)
+    lp, h = selected_logprobs(model, input_ids, attention_mask, select, temperature, with_entropy)
     logp = torch.zeros(select.shape, dtype=torch.float, device=input_ids.device)
-    logp[select] = logp_all.gather(-1, input_ids[:, 1:][select].unsqueeze(-1)).squeeze(-1)
+    logp[select] = lp
     entropy = None
     if with_entropy:
         entropy = torch.zeros_like(logp)
-        entropy[select] = -(logp_all.exp() * logp_all).sum(-1)
+        entropy[select] = h
     return logp, entropy

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from aepo.console import StepProgress
 from aepo.data.prompting import encode_prompt
 from aepo.protocol import format_result
-from aepo.train.batch import selected_logits
+from aepo.train.batch import selected_logprobs
 
 
 @dataclass
@@ -226,12 +225,12 @@ def _length_bucketed_batches(examples: Sequence[SFTExample], batch_size: int,
 
 
 def sft_loss(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-    """Token-mean cross-entropy over the masked-in target tokens (logits computed only there)."""
+    """Token-mean cross-entropy over the masked-in target tokens (the head computed only there)."""
     target = mask[:, 1:].bool()
-    logits = selected_logits(model, ids, attn, target)
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, ids[:, 1:][target])
+    if not target.any():
+        return sum(p.sum() for p in model.parameters()) * 0.0
+    logp, _ = selected_logprobs(model, ids, attn, target, with_entropy=False)
+    return -logp.mean()
 
 
 def sft_train(model: torch.nn.Module, tokenizer: Any, examples: Sequence[SFTExample], cfg: SFTConfig, *,
