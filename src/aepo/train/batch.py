@@ -208,13 +208,13 @@ def token_logprobs_and_entropy(
         idx = torch.tensor(group, device=input_ids.device)
         length = max(need[i] for i in group)
         sel = select[idx, : length - 1]
-        lp, h = _scored(model, input_ids[idx, :length], None, sel, temperature, with_entropy)
-        r, c = sel.nonzero(as_tuple=True)
+        lp, h = selected_logprobs(model, input_ids[idx, :length], None, sel, temperature, with_entropy)
+        r, c = sel.nonzero(as_tuple=True)  # the row-major order of selected_logprobs' values
         rows.append(idx[r])
         positions.append(c)
-        lps.append(lp[r, c])
+        lps.append(lp)
         if with_entropy:
-            ents.append(h[r, c])
+            ents.append(h)
     if not rows:
         return logp, entropy
     where = (torch.cat(rows), torch.cat(positions))
