@@ -92,14 +92,21 @@ _SETTINGS = _Settings()
 
 def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     """`cfg.key` for verl's config objects (dataclass ActorConfig/AlgoConfig, omegaconf
-    DictConfig, plain dict); `default` when absent or None."""
+    DictConfig, plain dict); `default` when absent or None. `key` may be a dotted path."""
+    if "." in key:
+        for part in key.split("."):
+            cfg = _cfg_get(cfg, part)
+        return default if cfg is None else cfg
     if cfg is None:
         return default
-    if isinstance(cfg, Mapping):
-        value = cfg.get(key, None)
+    getter = cfg.get if isinstance(cfg, Mapping) else getattr(cfg, "get", None)
+    if callable(getter):
+        try:
+            value = getter(key, None)
+        except Exception:  # noqa: BLE001 - a structured config that refuses the key
+            value = getattr(cfg, key, None)
     else:
-        getter = getattr(cfg, "get", None)
-        value = getter(key, None) if callable(getter) else getattr(cfg, key, None)
+        value = getattr(cfg, key, None)
     return default if value is None else value
 
 

@@ -78,6 +78,7 @@ from typing import Any, Literal
 
 from aepo.config import Config, _apply, validate
 from aepo.errors import ConfigError
+from aepo.integrations.verl import _cfg_get
 from aepo.rollout.config import RolloutConfig
 from aepo.rollout.sampler.rows import RowTable
 from aepo.rollout.strategies import rollout
@@ -154,22 +155,6 @@ class LoopSettings:
 _ADAPTER_KEYS = tuple(f.name for f in dataclasses.fields(LoopSettings) if f.name not in ("rollout", "tools", "val_n"))
 
 
-def _get(cfg: Any, path: str, default: Any = None) -> Any:
-    """`cfg.a.b` for verl's DictConfig / dataclass configs and plain dicts; `default` when absent."""
-    cur = cfg
-    for key in path.split("."):
-        if cur is None:
-            return default
-        if isinstance(cur, Mapping) or hasattr(cur, "get"):
-            try:
-                cur = cur.get(key, None)
-            except Exception:  # noqa: BLE001 - a structured config that refuses the key
-                cur = getattr(cur, key, None)
-        else:
-            cur = getattr(cur, key, None)
-    return default if cur is None else cur
-
-
 def _plain(value: Any) -> Any:
     """omegaconf containers (what hydra hands the loop) -> plain dicts and lists."""
     try:
@@ -190,14 +175,14 @@ def loop_settings(options: Mapping[str, Any], trainer_config: Any) -> LoopSettin
     """Settings from `actor_rollout_ref.rollout.custom.aepo` and the agent-loop `options` (which win),
     over aepo's defaults and verl's `response_length` / `n` / `val_kwargs.n` (module docstring).
     ConfigError names a wrong key or value and where to set it instead."""
-    verl_rollout = _get(trainer_config, "actor_rollout_ref.rollout")
-    custom = _plain(_get(verl_rollout, "custom.aepo", {}))
+    verl_rollout = _cfg_get(trainer_config, "actor_rollout_ref.rollout")
+    custom = _plain(_cfg_get(verl_rollout, "custom.aepo", {}))
     if not isinstance(custom, Mapping):
         raise ConfigError(f"actor_rollout_ref.rollout.custom.aepo must be a mapping of aepo_tree keys, got {custom!r}")
     merged = {**custom, **_plain(dict(options))}
     merged.pop("name", None)  # the YAML entry's own name, handed over by hydra
-    n = int(_get(verl_rollout, "n", 1))
-    response_length = _get(verl_rollout, "response_length")
+    n = int(_cfg_get(verl_rollout, "n", 1))
+    response_length = _cfg_get(verl_rollout, "response_length")
 
     rollout_keys = {f.name for f in dataclasses.fields(RolloutConfig)}
     for key in merged:
@@ -221,7 +206,7 @@ def loop_settings(options: Mapping[str, Any], trainer_config: Any) -> LoopSettin
     if "enabled" not in tool_opts:
         search = any(tool_opts.get(k) for k in ("search_cache", "search_corpus", "search_url"))
         tool_opts["enabled"] = (["search"] if search else []) + ["calc", "python"]
-    settings = LoopSettings(rollout=cfg.rollout, tools=cfg.tools, val_n=int(_get(verl_rollout, "val_kwargs.n", 1)))
+    settings = LoopSettings(rollout=cfg.rollout, tools=cfg.tools, val_n=int(_cfg_get(verl_rollout, "val_kwargs.n", 1)))
     try:
         _apply(cfg.rollout, {k: v for k, v in merged.items() if k in rollout_keys}, "")
         _apply(cfg.tools, tool_opts, "tool_config.")
@@ -538,8 +523,8 @@ class AepoTreeAgentLoop(_LoopBase):  # type: ignore[misc,valid-type]
         n, val_n = self.settings.rollout.n, self.settings.val_n
         if size in (n, val_n):
             return
-        workers = _get(self.config, "actor_rollout_ref.rollout.agent.num_workers")
-        batch = _get(self.config, "data.train_batch_size")
+        workers = _cfg_get(self.config, "actor_rollout_ref.rollout.agent.num_workers")
+        batch = _cfg_get(self.config, "data.train_batch_size")
         message = (f"{size} session(s) of prompt uid={uid} reached this agent-loop worker, expected "
                    f"actor_rollout_ref.rollout.n={n} (or val_kwargs.n={val_n} in validation): verl split the "
                    f"prompt's sessions over workers. verl cuts a batch into agent.num_workers={workers} equal "
@@ -557,11 +542,11 @@ class AepoTreeAgentLoop(_LoopBase):  # type: ignore[misc,valid-type]
         prompt_ids = await self.ct_build_initial_tokens(list(kwargs["raw_prompt"]))
         loop = asyncio.get_running_loop()
         priority = int(kwargs.get("priority", 0))
-        deterministic = bool(_get(self.rollout_config, "full_determinism", False))
+        deterministic = bool(_cfg_get(self.rollout_config, "full_determinism", False))
         tree_id = f"aepo-det-{priority}" if deterministic else f"aepo-{uuid.uuid4().hex}"
         style = s.server_stop
         if style == "auto":
-            name = str(_get(self.rollout_config, "name", ""))
+            name = str(_cfg_get(self.rollout_config, "name", ""))
             style = name if name in ("vllm", "sglang") else "none"
         sampler = ServerSampler(self.server_manager, loop, self.tokenizer, sampling_params, request_id=tree_id,
                                 stop_style=style, eos_token_ids=s.eos_token_ids, timeout_s=s.request_timeout_s,
