@@ -40,6 +40,13 @@ def test_overrides_beat_yaml_and_preset(tmp_path):
     assert cfg.trainer.logger == ["jsonl", "tensorboard"]
 
 
+def test_tools_max_workers_reaches_the_runner():
+    from aepo.tools import build_tool_runner
+
+    cfg = load_config(None, ["tools.enabled=calc", "tools.max_workers=3"])
+    assert build_tool_runner(cfg.tools).max_workers == 3
+
+
 def test_ablation_component_switch():
     cfg = load_config(None, ["algo=aepo", "rollout.strategy=independent"])
     assert cfg.rollout.strategy == "independent" and cfg.actor.policy_loss == "aepo"
@@ -53,6 +60,7 @@ def test_ablation_component_switch():
     (["rollout.n=0"], ["rollout.n"]),
     (["trainer.lr"], ["key=value"]),
     (["actor.epo=maybe"], ["actor.epo", "true/false"]),
+    (["tools.max_workers=0"], ["tools.max_workers", ">= 1"]),
 ])
 def test_bad_values_name_the_key(override, words):
     with pytest.raises((ConfigError, ValueError)) as e:

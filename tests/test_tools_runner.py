@@ -60,6 +60,54 @@ def test_max_workers_bounds_concurrency_and_timeout_counts_from_start():
     assert all(r.ok for r in results), [r.result for r in results]
 
 
+def test_max_workers_bounds_calls_over_concurrent_runs():
+    # Many trees share one runner per process (the verl agent loop): 6 threads each run 3 calls,
+    # yet at most max_workers calls are ever in flight, and every call still completes.
+    lock, live, peak = threading.Lock(), [0], [0]
+
+    def counted(argument: str) -> str:
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        time.sleep(0.05)
+        with lock:
+            live[0] -= 1
+        return argument
+
+    runner = ToolRunner([FnTool("work", counted)], timeout=2.0, max_workers=3)
+    out: dict[int, list[str]] = {}
+
+    def tree(t: int) -> None:
+        out[t] = [r.result for r in runner.run([("work", f"{t}-{j}") for j in range(3)])]
+
+    threads = [threading.Thread(target=tree, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10)
+    assert out == {t: [f"{t}-{j}" for j in range(3)] for t in range(6)}
+    assert peak[0] == 3, f"{peak[0]} calls ran at once with max_workers=3"
+
+
+def test_waiting_for_a_worker_of_another_run_is_not_timed(release):
+    # One run holds the only worker for 0.3 s; a second run's call waits for it without timing
+    # out (its 0.2 s limit counts from when it starts), and slots of timed-out calls come back.
+    runner = ToolRunner([FnTool("sleep", sleeper), FnTool("echo", lambda a: a)], timeout=0.5, max_workers=1)
+    first = threading.Thread(target=runner.run, args=([("sleep", "0.3")],))
+    first.start()
+    time.sleep(0.05)
+    runner.timeout = 0.2
+    start = time.monotonic()
+    (call,) = runner.run([("echo", "after")])
+    first.join(5)
+    assert call.ok and call.result == "after"
+    assert time.monotonic() - start >= 0.2
+    hang = FnTool("hang", lambda a: (release.wait(), "late")[1])
+    hung = ToolRunner([hang, FnTool("echo", lambda a: a)], timeout=0.1, max_workers=2)
+    assert all(r.timed_out for r in hung.run([("hang", "")] * 2))
+    assert [r.result for r in hung.run([("echo", "a"), ("echo", "b")])] == ["a", "b"]
+
+
 def test_unknown_tool_names_the_valid_tools():
     runner = ToolRunner({"calc": lambda a: a, "search": lambda a: a})
     (call,) = runner.run([("python", "print(1)")])

@@ -372,6 +372,7 @@ def validate(cfg: Config) -> None:
     _check(t.keep_last >= 0, "trainer.keep_last", t.keep_last, ">= 0 (0: keep all)")
     _check(t.threads >= 0, "trainer.threads", t.threads, ">= 0 (0: the cores this process may use)")
     _check(tl.timeout > 0, "tools.timeout", tl.timeout, "> 0")
+    _check(isinstance(tl.max_workers, int) and tl.max_workers >= 1, "tools.max_workers", tl.max_workers, "an int >= 1")
     _check(tl.python_timeout > 0, "tools.python_timeout", tl.python_timeout, "> 0")
     _check(tl.python_memory_mb >= 16, "tools.python_memory_mb", tl.python_memory_mb, ">= 16")
     _check(tl.search_topk >= 1, "tools.search_topk", tl.search_topk, ">= 1")

@@ -16,6 +16,9 @@ class ToolsConfig:
     search_topk: int = 3
     search_max_chars: int = 600
     timeout: float = 10.0  # per tool call
+    # tool calls in flight at once per process (one runner serves every tree of a worker), so
+    # a policy that calls the Python sandbox in every row cannot start hundreds of them at once
+    max_workers: int = 8
     python_timeout: float = 10.0  # the sandbox's own wall-clock limit (at most `timeout`)
     python_memory_mb: int = 512
     # "strict": namespaces, a minimal root and a system-call filter, or refuse to run;

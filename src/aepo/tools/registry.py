@@ -76,4 +76,5 @@ def build_tool_runner(cfg: Any, **context: Any) -> Any:
     bad = [t for t in cfg.enabled if t not in _TOOLS]
     if bad:
         raise ConfigError(f"tools.enabled: unknown tool(s) {bad}; registered: {', '.join(_TOOLS)}")
-    return ToolRunner([get_tool_spec(name).build(cfg, **context) for name in cfg.enabled], timeout=cfg.timeout)
+    return ToolRunner([get_tool_spec(name).build(cfg, **context) for name in cfg.enabled], timeout=cfg.timeout,
+                      max_workers=getattr(cfg, "max_workers", 8))

@@ -7,9 +7,11 @@ unknown name, an exception or a timeout becomes an `ok=False` call whose result 
 went wrong, so the model sees it inside `<result>...</result>` and the rollout goes on. A
 timeout also sets `timed_out`, so the trainer can report timeouts apart from other errors.
 
-Each call runs on its own daemon thread. A thread that hangs is abandoned when its timeout
-passes: it no longer counts against `max_workers`, and as a daemon it cannot keep the
-interpreter from exiting. (Python threads cannot be killed; tools that run foreign code, like
+Each call runs on its own daemon thread. `max_workers` bounds the calls in flight across every
+`run` of one runner, however many threads call it at once (the verl agent loop runs many trees
+per process on one runner, so this is a per-process bound on sandboxes and searches). A thread
+that hangs is abandoned when its timeout passes: it no longer counts against `max_workers`, and
+as a daemon it cannot keep the interpreter from exiting. (Python threads cannot be killed; tools that run foreign code, like
 the Python sandbox, should enforce their own limits in a child process.)
 """
 
@@ -28,6 +30,7 @@ from aepo.types import ToolCall
 TRUNCATION_MARK = " ...[truncated]"
 # The runner's own timeout text ("Error: search timed out after 5s") and the Python sandbox's
 # ("Error: timed out after 5s", after any output the program printed first).
+_SLOT_POLL_S = 0.02  # how often a `run` waiting for workers looks for slots freed by other `run`s
 _TIMEOUT_TEXT = re.compile(r"^Error: (?:\S+ )?timed out after \d", re.MULTILINE)
 
 
@@ -89,8 +92,9 @@ def _tools_by_name(tools: Mapping[str, Tool] | Iterable[Tool]) -> dict[str, Tool
 class ToolRunner:
     """Run `(tool name, argument)` calls concurrently; every outcome is a `ToolCall`.
 
-    `timeout` is the wall-clock limit of one call, counted from when it starts running;
-    `max_workers` bounds how many calls of one `run` are in flight at once.
+    `timeout` is the wall-clock limit of one call, counted from when it starts running (a call
+    waiting for a free worker is not timed yet); `max_workers` bounds how many calls are in
+    flight at once over all concurrent `run`s of this runner.
     """
 
     def __init__(
@@ -106,6 +110,7 @@ class ToolRunner:
         self.tools: dict[str, Tool] = _tools_by_name(tools)
         self.timeout = float(timeout)
         self.max_workers = max_workers
+        self._slots = threading.BoundedSemaphore(max_workers)  # shared by concurrent `run`s
         self._closed = False
 
     @property
@@ -137,8 +142,21 @@ class ToolRunner:
 
         finished: queue.Queue[tuple[int, str, bool, float]] = queue.Queue()
         started: dict[int, float] = {}  # call index -> monotonic start time, while in flight
+        try:
+            self._run_pending(calls, pending, started, finished, results)
+        finally:
+            for _ in started:  # only on an exception (KeyboardInterrupt): give the slots back
+                self._slots.release()
+        return [r for r in results if r is not None]
+
+    def _run_pending(self, calls: list[tuple[str, str]], pending: deque[int], started: dict[int, float],
+                     finished: queue.Queue[tuple[int, str, bool, float]],
+                     results: list[ToolCall | None]) -> None:
+        """Start calls as worker slots free up (waiting for one only when none of ours is in
+        flight) and collect them; every call leaves `started` with its slot given back."""
         while pending or started:
-            while pending and len(started) < self.max_workers:
+            # Block for a slot only when nothing of ours runs; otherwise take what is free now.
+            while pending and self._slots.acquire(blocking=not started):
                 i = pending.popleft()
                 name, argument = calls[i]
                 started[i] = time.monotonic()
@@ -149,9 +167,11 @@ class ToolRunner:
                     daemon=True,
                 )
                 worker.start()
-            next_deadline = min(started.values()) + self.timeout
+            wait = min(started.values()) + self.timeout - time.monotonic()
+            if pending:  # slots freed by other `run`s are noticed within this poll interval
+                wait = min(wait, _SLOT_POLL_S)
             try:
-                i, text, ok, seconds = finished.get(timeout=max(0.0, next_deadline - time.monotonic()))
+                i, text, ok, seconds = finished.get(timeout=max(0.0, wait))
             except queue.Empty:
                 now = time.monotonic()
                 for j, start in list(started.items()):
@@ -161,12 +181,13 @@ class ToolRunner:
                         results[j] = ToolCall(name, argument, text, ok=False, seconds=now - start,
                                               timed_out=True)
                         del started[j]  # the thread is abandoned; a late answer is ignored
+                        self._slots.release()
                 continue
             if i in started:
                 del started[i]
+                self._slots.release()
                 name, argument = calls[i]
                 results[i] = ToolCall(name, argument, text, ok=ok, seconds=seconds)
-        return [r for r in results if r is not None]
 
     @staticmethod
     def _call_tool(
