@@ -10,7 +10,8 @@ import torch
 from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
 from aepo.models.tokenizer import build_tokenizer
-from aepo.rollout.sampler import TorchSampler, supports_lean_forward, torch_sampler
+from aepo.rollout.sampler import TorchSampler, lean, supports_lean_forward, torch_sampler
+from aepo.rollout.sampler.layout import padded_ranges
 from aepo.types import Generation, Sampler
 
 torch.set_num_threads(1)
@@ -118,8 +119,10 @@ def prompts(tok) -> list[list[int]]:
     [
         ("qwen3", "packed", 128),
         ("qwen3", "packed", 2),
+        ("qwen3", "packed", -1),
         ("qwen3", "modules", 128),
         ("qwen3", "modules", 2),
+        ("qwen3", "modules", -1),
         ("qwen3", "hf", 128),
         ("llama", "packed", 128),
         ("llama", "modules", 128),
@@ -129,6 +132,9 @@ def prompts(tok) -> list[list[int]]:
     ],
 )
 def test_cached_sampling_equals_full_recomputation(tok, models, monkeypatch, arch, path, block):
+    if block < 0:  # each run of equal pending lengths prefilled in a pass of its own
+        monkeypatch.setattr(lean, "PREFILL_PASS_OVERHEAD_TOKENS", 0)
+        block = 128
     monkeypatch.setattr(torch_sampler, "DECODE_BLOCK", block)  # 2: the batch cache grows while decoding
     model = models[arch]
     temperature = 0.7
@@ -160,6 +166,33 @@ def test_cached_sampling_equals_full_recomputation(tok, models, monkeypatch, arc
             check_against_full(model, ids, start, gen, temperature)
             assert gen.finish == "length"
     assert s.tokens(fork_mid)[: len(ps[1]) + 4] == s.tokens(rows[1])[: len(ps[1]) + 4]
+
+
+def test_padded_ranges_are_the_cheapest_cut():
+    # Brute force over every way to cut the sorted rows where their length changes.
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = sorted((rng.choice([1, 1, 3, 10, 40, 41, 90]) for _ in range(rng.randint(1, 9))), reverse=True)
+        overhead = rng.choice([0, 30, 200, 10_000])
+        ranges = padded_ranges(lengths, overhead)
+        assert ranges[0][0] == 0 and ranges[-1][1] == len(lengths)
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+
+        def cost(rs):
+            return sum((r1 - r0) * lengths[r0] + overhead for r0, r1 in rs)
+
+        cuts = [i for i in range(1, len(lengths)) if lengths[i] != lengths[i - 1]]
+        best = min(
+            cost(list(zip((0, *chosen), (*chosen, len(lengths)))))
+            for k in range(len(cuts) + 1) for chosen in itertools.combinations(cuts, k)
+        )
+        assert cost(ranges) == best
+    assert padded_ranges([5, 9, 7], 0) == [(0, 3)]  # not sorted: one range
+    assert padded_ranges([9, 9, 1], 0) == [(0, 2), (2, 3)]
+    assert padded_ranges([], 0) == []
 
 
 @pytest.mark.parametrize("path", list(PATHS))

@@ -6,6 +6,7 @@ A row's cache is a list of immutable chunks, each (keys, values) shaped
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,9 @@ Chunk = tuple[torch.Tensor, torch.Tensor]  # keys, values: [layers, kv_heads, n,
 PREFILL_SCORE_BUDGET = 1 << 24  # query x key x head-group elements per prefill sub-batch
 PREFILL_TOKEN_BUDGET = 8192  # tokens per prefill sub-batch (bounds MLP activations)
 DECODE_BLOCK = 128  # decode columns allocated at a time
+# What one more prefill pass costs (its kernel launches), in padded tokens: `padded_ranges`
+# cuts a generate call's prefill into passes of similar pending lengths.
+PREFILL_PASS_OVERHEAD_TOKENS = 128
 
 
 def truncate_chunks(chunks: list[Chunk], n: int) -> list[Chunk]:
@@ -56,3 +60,29 @@ def prefill_mask(layout: Layout, rows: slice) -> torch.Tensor:
     diagonal = cols[None, :] == query_cols[:, None]
     valid = layout.key_valid[rows, : c + p]
     return ((valid[:, None, :] & causal[None]) | diagonal[None])[:, None]
+
+
+def padded_ranges(lengths: Sequence[int], overhead: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges [r0, r1) for rows sorted by length, longest first, each run as
+    one pass padded to its first row's length: an exact dynamic program over the runs of
+    equal lengths minimising the padded cells (rows x longest) plus `overhead` per range.
+    Rows out of order get one range."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    if any(a < b for a, b in zip(lengths, lengths[1:])):
+        return [(0, n)]
+    bounds = [0] + [i for i in range(1, n) if lengths[i] != lengths[i - 1]] + [n]
+    runs = len(bounds) - 1
+    best = [0.0] + [float("inf")] * runs
+    cut = [0] * (runs + 1)
+    for j in range(1, runs + 1):
+        for i in range(j):
+            cost = best[i] + (bounds[j] - bounds[i]) * lengths[bounds[i]] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    ranges, j = [], runs
+    while j > 0:
+        ranges.append((bounds[cut[j]], bounds[j]))
+        j = cut[j]
+    return ranges[::-1]

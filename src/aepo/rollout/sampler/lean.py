@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from aepo.rollout.sampler.layout import (
+    PREFILL_PASS_OVERHEAD_TOKENS,
     PREFILL_SCORE_BUDGET,
     PREFILL_TOKEN_BUDGET,
     Chunk,
     Layout,
+    padded_ranges,
     prefill_mask,
 )
 
@@ -230,8 +232,11 @@ class LeanBatch:
         mask: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
+        k0: int = 0,
     ) -> torch.Tensor:
-        """Run tokens [b, Q] at columns col0.. of the (row-sliced) cache; logits of the last column."""
+        """Run tokens [b, Q] at columns col0.. of the (row-sliced) cache, attending to columns
+        k0..kv_len (`mask` [b, 1, Q, kv_len - k0]; earlier ones are padding for every row);
+        logits of the last column."""
         b, q_len = tokens.shape
         hd, n_kv, g = self.head_dim, self.n_kv, self.groups
         x = self.embed(tokens)
@@ -240,7 +245,7 @@ class LeanBatch:
         else:
             cos, sin = self.rotary(x, positions)
         if self.packed is not None:
-            return self._forward_packed(x, cos, sin, col0, kv_len, mask, keys, values)
+            return self._forward_packed(x, cos, sin, col0, kv_len, mask, keys, values, k0)
         cos, sin = cos[:, None], sin[:, None]  # [b, 1, Q, hd]
         additive_mask = None
         if q_len == 1:
@@ -250,7 +255,7 @@ class LeanBatch:
                     ~mask, float("-inf")
                 )
         else:
-            grouped_mask = mask.expand(b, g, q_len, kv_len).reshape(b, 1, g * q_len, kv_len)
+            grouped_mask = mask.expand(b, g, q_len, kv_len - k0).reshape(b, 1, g * q_len, kv_len - k0)
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = self._norm(layer.input_layernorm, x)
@@ -268,7 +273,7 @@ class LeanBatch:
             values[index, :, :, col0 : col0 + q_len] = v.transpose(1, 2)
             # GQA: the G query heads of one kv head become G*Q queries against that kv head.
             qg = q.reshape(b, n_kv, g * q_len, hd)
-            layer_keys, layer_values = keys[index, :, :, :kv_len], values[index, :, :, :kv_len]
+            layer_keys, layer_values = keys[index, :, :, k0:kv_len], values[index, :, :, k0:kv_len]
             if additive_mask is not None:
                 scores = torch.matmul(qg, layer_keys.transpose(-1, -2)) * attn.scaling + additive_mask
                 probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(qg.dtype)
@@ -292,6 +297,7 @@ class LeanBatch:
         mask: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
+        k0: int = 0,
     ) -> torch.Tensor:
         """`_forward` on packed weights: one matmul for q/k/v, one for gate/up, residual adds
         fused into the output matmuls, one norm and one RoPE for q and k together."""
@@ -305,9 +311,9 @@ class LeanBatch:
             additive = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(
                 ~mask, float("-inf")
             )
-            additive = additive.expand(b, n_kv, g, kv_len).reshape(b * n_kv, g, kv_len)
+            additive = additive.expand(b, n_kv, g, kv_len - k0).reshape(b * n_kv, g, kv_len - k0)
         else:
-            grouped_mask = mask.expand(b, g, q_len, kv_len).reshape(b, 1, g * q_len, kv_len)
+            grouped_mask = mask.expand(b, g, q_len, kv_len - k0).reshape(b, 1, g * q_len, kv_len - k0)
         x = x.reshape(b * q_len, hidden)
         scaling = self.layers[0].self_attn.scaling
         for index, layer in enumerate(packed.layers):
@@ -320,15 +326,15 @@ class LeanBatch:
             q, k = qk[:, :, :n_q], qk[:, :, n_q:]
             keys[index, :, :, col0 : col0 + q_len] = k.transpose(1, 2)
             values[index, :, :, col0 : col0 + q_len] = v.transpose(1, 2)
-            layer_keys, layer_values = keys[index, :, :, :kv_len], values[index, :, :, :kv_len]
+            layer_keys, layer_values = keys[index, :, :, k0:kv_len], values[index, :, :, k0:kv_len]
             if decode:
                 scores = torch.baddbmm(
                     additive,
                     q.reshape(b * n_kv, g, hd),
-                    layer_keys.reshape(b * n_kv, kv_len, hd).transpose(1, 2),
+                    layer_keys.reshape(b * n_kv, kv_len - k0, hd).transpose(1, 2),
                     alpha=scaling,
                 )
-                out = torch.bmm(torch.softmax(scores, dim=-1), layer_values.reshape(b * n_kv, kv_len, hd))
+                out = torch.bmm(torch.softmax(scores, dim=-1), layer_values.reshape(b * n_kv, kv_len - k0, hd))
                 out = out.view(b, n_q * hd)
             else:
                 qg = q.transpose(1, 2).reshape(b, n_kv, g * q_len, hd)
@@ -346,25 +352,34 @@ class LeanBatch:
         return F.linear(F.rms_norm(last, (hidden,), packed.norm, packed.norm_eps), packed.lm_head)
 
     def prefill(self) -> torch.Tensor:
+        """Logits after each row's pending tokens. Rows sorted by pending length, longest
+        first (`TorchSampler` orders them so on CPU), run in passes of similar lengths
+        (`padded_ranges`), each cut to its own pending columns and to the key columns from its
+        first valid one: most of a tool turn's prefill is otherwise padding."""
         lay = self.layout
         c, p = lay.cache_len, lay.pending_len
-        batch = lay.key_valid.shape[0]
-        per_row = max(1, self.groups * p * (c + p))
-        step = max(1, min(PREFILL_SCORE_BUDGET // per_row, PREFILL_TOKEN_BUDGET // max(p, 1)))
+        pending = lay.key_valid[:, c : c + p].sum(1).tolist()
+        first_key = lay.key_valid[:, : c + p].to(torch.uint8).argmax(1).tolist()
         outs = []
-        for start in range(0, batch, step):
-            rows = slice(start, min(batch, start + step))
-            outs.append(
-                self._forward(
-                    lay.pending_tokens[rows],
-                    lay.pending_positions[rows],
-                    c,
-                    c + p,
-                    prefill_mask(lay, rows),
-                    self.keys[:, rows],
-                    self.values[:, rows],
+        for r0, r1 in padded_ranges(pending, PREFILL_PASS_OVERHEAD_TOKENS):
+            q0 = p - max(pending[r0:r1])  # the range's first pending column, from c
+            per_row = max(1, self.groups * (p - q0) * (c + p))
+            step = max(1, min(PREFILL_SCORE_BUDGET // per_row, PREFILL_TOKEN_BUDGET // max(p - q0, 1)))
+            for start in range(r0, r1, step):
+                rows = slice(start, min(r1, start + step))
+                k0 = min(first_key[rows])
+                outs.append(
+                    self._forward(
+                        lay.pending_tokens[rows, q0:],
+                        lay.pending_positions[rows, q0:],
+                        c + q0,
+                        c + p,
+                        prefill_mask(lay, rows)[:, :, q0:, k0:],
+                        self.keys[:, rows],
+                        self.values[:, rows],
+                        k0,
+                    )
                 )
-            )
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, col: int) -> torch.Tensor:

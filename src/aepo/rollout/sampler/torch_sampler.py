@@ -13,7 +13,10 @@ never recomputes or copies its shared prefix; since chunks are never written in 
 sharing is safe. `generate` gathers the rows into one batch: caches left-padded to a common
 length C, pending tokens left-padded to a common length P, then the decode columns; a 2-D
 key mask marks the pads (holes in the middle are fine) and every row keeps its own positions.
-After the call, each row gets one new chunk with the positions it filled.
+After the call, each row gets one new chunk with the positions it filled. On CPU the lean path
+orders a call's rows by pending length and prefills them in passes of similar lengths, each
+cut to its own columns (`LeanBatch.prefill`): after a tool turn, rows' pending tokens differ
+several-fold, and one padded pass spent about a third of its time on padding.
 
 Three forward paths compute the same thing (the tests check each against a plain HF forward):
 
@@ -366,6 +369,23 @@ class TorchSampler(RowTable):
         return keys, values
 
     def _generate_batch(self, handles: list[int], budgets: list[int], spec: _StopSpec) -> list[Generation]:
+        """`_generate_rows`, with the rows of a CPU lean batch ordered by pending length, longest
+        first, so its prefill runs in passes of similar lengths (`LeanBatch.prefill`); results
+        in the callers' order."""
+        if not (self.lean and self.device.type == "cpu") or len(handles) < 2:
+            return self._generate_rows(handles, budgets, spec)
+        pending = []
+        for h in handles:
+            state = self._rows[h]
+            pending.append(len(state.ids) - min(state.n_cached, len(state.ids) - 1))
+        order = sorted(range(len(handles)), key=lambda i: -pending[i])
+        outs = self._generate_rows([handles[i] for i in order], [budgets[i] for i in order], spec)
+        results: list[Generation] = [None] * len(order)  # type: ignore[list-item]
+        for k, i in enumerate(order):
+            results[i] = outs[k]
+        return results
+
+    def _generate_rows(self, handles: list[int], budgets: list[int], spec: _StopSpec) -> list[Generation]:
         states = [self._rows[h] for h in handles]
         # At least one token per row must be fed to get next-token logits.
         use_cached = [min(s.n_cached, len(s.ids) - 1) for s in states]
