@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_vs_trl.py [--steps 6] [--threads 2]
 
 Work per step, for both: a tiny Qwen3 (d = 128, 4 layers, vocabulary of about 500 from the
-built-in tokenizer, random weights), 16 prompts x 8 completions of up to 128 tokens sampled
+built-in tokenizer, random weights; `--preset small` for d = 256, 6 layers), 16 prompts x 8 completions of up to 128 tokens sampled
 at T = 1 (no stop strings, no tools), a GRPO advantage, one optimizer step over the 128 rows,
 no KL term, no reference model. The reward is the completion's length modulo 3 (for both):
 a random model never earns a task reward, and equal rewards would make every advantage zero
@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=500)
+    ap.add_argument("--preset", default="tiny", help="model size (aepo.models.factory.PRESETS): tiny, small, ...")
     args = ap.parse_args()
 
     from datasets import Dataset
@@ -75,7 +76,7 @@ def main() -> None:
                  for _ in range(args.prompts * (args.steps + 2))]
 
     # ---- aepo: GRPO preset, independent sampling, one optimizer step over all rows
-    aepo_model = init_model(None, tok, "tiny")
+    aepo_model = init_model(None, tok, args.preset)
     n_params = sum(p.numel() for p in aepo_model.parameters())
     rows = args.prompts * args.n
     cfg = load_config(None, ["algo=grpo", f"rollout.n={args.n}", "rollout.temperature=1.0",
@@ -103,7 +104,7 @@ def main() -> None:
         aepo_rollout.append(m["timing/rollout"])
 
     # ---- TRL: GRPOTrainer on the same model architecture and the same prompts
-    trl_model = init_model(None, tok, "tiny")
+    trl_model = init_model(None, tok, args.preset)
     data = Dataset.from_list([{"prompt": f"question: {q}\n"} for q in questions])
 
     def reward(completions, **kw):

@@ -31,6 +31,10 @@ def test_demo_writes_report_and_summary(demo_dir):
               "world/corpus.jsonl", "eval_sft_samples.jsonl"):
         assert (demo_dir / f).exists(), f
     assert (demo_dir / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stages = s["stage_seconds"]
+    assert list(stages) == ["world", "demonstrations", "SFT", "SFT eval", "RL", "RL eval"]
+    assert all(v is not None and 0 <= v <= s["wall_seconds"] for v in stages.values()), stages
+    assert f"SFT {stages['SFT']:.0f} s" in md
     rows = [json.loads(x) for x in (demo_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
 
@@ -69,6 +73,9 @@ def test_demo_rerun_reuses_finished_stages(demo_dir):
     res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(demo_dir)])
     assert res.exit_code == 0, res.output
     assert (demo_dir / "sft" / "model.safetensors").stat().st_mtime_ns == before
+    stages = json.loads((demo_dir / "summary.json").read_text())["stage_seconds"]
+    assert set(stages.values()) == {None}  # every stage cached: none is reported as having run
+    assert "SFT cached" in (demo_dir / "summary.md").read_text()
 
 
 def test_compare_quick_from_demo(demo_dir, tmp_path):

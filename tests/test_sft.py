@@ -139,6 +139,6 @@ def test_length_bucketed_batches_cover_every_example_once_with_little_padding():
     assert all(1 <= len(b) <= 32 for b in batches)
     lengths = [len(e.input_ids) for e in examples]
     padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
-    assert padded / sum(lengths) < 1.05  # unsorted batches of uniform lengths pad about 1.9x
+    assert padded / sum(lengths) < 1.10  # unsorted batches of these lengths pad about 1.9x
     assert batches == _length_bucketed_batches(examples, 32, random.Random(0))  # one seed, one order
     assert batches != _length_bucketed_batches(examples, 32, random.Random(1))

@@ -210,7 +210,8 @@ def demo_config(plan: DemoPlan, algo: str, seed: int, overrides: list[str] | Non
     return load_config(DEMO_CONFIG, ov)
 
 
-def write_report(out: Path, cfg: Config, sft: dict, rl: dict, wall: float) -> Path:
+def write_report(out: Path, cfg: Config, sft: dict, rl: dict, wall: float,
+                 stage_seconds: dict[str, float | None] | None = None) -> Path:
     from aepo.train.records import read_metrics
 
     metrics = read_metrics(out / "rl" / "metrics.jsonl")
@@ -223,6 +224,8 @@ def write_report(out: Path, cfg: Config, sft: dict, rl: dict, wall: float) -> Pa
                            out / "accuracy.png", title="held-out accuracy"))
     summary = {
         "algo": cfg.algo, "steps": cfg.trainer.total_steps, "wall_seconds": round(wall, 1),
+        # seconds of each stage in this invocation; None: cached by an earlier run
+        "stage_seconds": {k: (None if v is None else round(v, 1)) for k, v in (stage_seconds or {}).items()},
         "sft_accuracy": sft.get("pass@1", 0.0), "rl_accuracy": rl.get("pass@1", 0.0),
         "gain_points": round(100 * (rl.get("pass@1", 0.0) - sft.get("pass@1", 0.0)), 1),
         "sft": sft, "rl": rl,
@@ -241,7 +244,9 @@ def write_report(out: Path, cfg: Config, sft: dict, rl: dict, wall: float) -> Pa
         f"# aepo demo: {cfg.algo}", "",
         f"Held-out accuracy (pass@1) went from **{pct(summary['sft_accuracy'])}** after SFT to "
         f"**{pct(summary['rl_accuracy'])}** after {cfg.trainer.total_steps} RL steps "
-        f"({summary['gain_points']:+.1f} points). Wall time {wall / 60:.1f} min.", "",
+        f"({summary['gain_points']:+.1f} points). Wall time {wall / 60:.1f} min"
+        + (" (" + ", ".join(f"{k} {'cached' if v is None else f'{v:.0f} s'}" for k, v in stage_seconds.items()) + ")"
+           if stage_seconds else "") + ".", "",
         "| model | " + " | ".join(ks_sorted) + " | F1 | tool calls | length | diversity |",
         "|---|" + "---|" * (len(ks_sorted) + 4),
     ]
@@ -293,22 +298,34 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, algo: str = 
     random.seed(seed)
     torch.manual_seed(seed)
     console.print(f"[bold]aepo demo[/] -> {out}  (algo={algo}{', quick' if quick else ''})")
-    world = stage_world(out, plan, seed)
+    stages: dict[str, float | None] = {}
+
+    def timed(name: str, done: Path, fn: Any, *args: Any) -> Any:
+        cached = done.exists()
+        t = time.time()
+        result = fn(*args)
+        stages[name] = None if cached else time.time() - t
+        return result
+
+    world = timed("world", out / "world" / "world.json", stage_world, out, plan, seed)
     runner = build_tools(world, cfg.tools)
     try:
         console.print(f"world: {len(world.corpus)} documents, {len(world.train)} train / {len(world.test)} test questions")
-        init_dir, demos = stage_model(out, plan, seed)
-        sft_dir = stage_sft(out, init_dir, demos, plan, seed, progress)
+        init_dir, demos = timed("demonstrations", out / "model_init" / "config.json", stage_model, out, plan, seed)
+        sft_dir = timed("SFT", out / "sft" / "config.json", stage_sft, out, init_dir, demos, plan, seed, progress)
         test = world_tasks(world.test)[: plan.eval_questions]
         train = world_tasks(world.train)
-        sft = stage_eval(out, "sft", sft_dir, test, runner, cfg, plan, seed, progress)
+        sft = timed("SFT eval", out / "eval_sft.json", stage_eval, out, "sft", sft_dir, test, runner, cfg, plan,
+                    seed, progress)
         console.print(f"SFT held-out pass@1: {100 * sft['pass@1']:.1f}%")
-        rl_dir = stage_rl(out, sft_dir, train, runner, cfg, progress)
-        rl = stage_eval(out, "rl", rl_dir, test, runner, cfg, plan, seed, progress)
+        rl_dir = timed("RL", out / "rl" / "final" / "config.json", stage_rl, out, sft_dir, train, runner, cfg,
+                       progress)
+        rl = timed("RL eval", out / "eval_rl.json", stage_eval, out, "rl", rl_dir, test, runner, cfg, plan, seed,
+                   progress)
         console.print(f"RL  held-out pass@1: {100 * rl['pass@1']:.1f}%")
     finally:
         runner.close()
-    report = write_report(out, cfg, sft, rl, time.time() - t0)
+    report = write_report(out, cfg, sft, rl, time.time() - t0, stages)
     console.print(f"[bold green]report:[/] {report}")
     return json.loads((out / "summary.json").read_text())
 

@@ -22,7 +22,7 @@ from aepo.protocol import format_result
 from aepo.train.batch import selected_logprobs
 
 
-SORT_POOL_BATCHES = 50  # batches' worth of examples sorted by length together (`_length_bucketed_batches`)
+SORT_POOL_BATCHES = 16  # batches' worth of examples sorted by length together (`_length_bucketed_batches`)
 
 
 @dataclass
@@ -215,9 +215,11 @@ def _collate(examples: Sequence[SFTExample], pad_id: int, max_len: int) -> tuple
 
 def _length_bucketed_batches(examples: Sequence[SFTExample], batch_size: int,
                              rng: random.Random) -> list[list[int]]:
-    """Shuffled batches of similar-length examples, in shuffled order: each pool of 50 batches'
-    worth of shuffled examples is sorted by length and cut into batches (on the demo's data,
-    2.7% padding, against 8.1% with pools of 16)."""
+    """Shuffled batches of similar-length examples, in shuffled order: each pool of
+    `SORT_POOL_BATCHES` batches' worth of shuffled examples is sorted by length and cut into
+    batches. On the demo's data pools of 16 pad 8.1%, of 50 2.7%; but larger pools make each
+    batch one kind of demonstration (all short guesses, or all multi-hop), and the demo's SFT
+    model came out at 6.8% held-out pass@1 with 50 against 12.4% with 16."""
     order = list(range(len(examples)))
     rng.shuffle(order)
     pool = batch_size * SORT_POOL_BATCHES
