@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("demo", type=Path, help="a finished `aepo demo --out` directory")
     ap.add_argument("out", type=Path, help="where the RL run, the evals and the table go")
     ap.add_argument("--every", type=int, default=10, help="RL steps between evaluated checkpoints")
+    ap.add_argument("--steps", type=int, default=0, help="RL steps (default: the demo's)")
     args = ap.parse_args()
 
     from aepo.demo.stages import DemoPlan, build_tools, demo_config, stage_eval, stage_rl, world_tasks
@@ -58,7 +59,8 @@ def main() -> None:
         if not (args.demo / need).exists():
             raise SystemExit(f"{args.demo / need} is missing: give the directory of a finished `aepo demo`")
     plan = DemoPlan()
-    cfg = demo_config(plan, "aepo", 0, ["trainer.keep_last=0", f"trainer.save_every={args.every}"])
+    cfg = demo_config(plan, "aepo", 0, ["trainer.keep_last=0", f"trainer.save_every={args.every}"]
+                      + ([f"trainer.total_steps={args.steps}"] if args.steps else []))
     set_threads(cfg.trainer.threads, cap=4)
     world = World.load(args.demo / "world")
     runner = build_tools(world, cfg.tools)

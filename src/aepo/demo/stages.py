@@ -34,15 +34,20 @@ class DemoPlan:
     world_size: str = "small"
     world_level: int = 2
     model_preset: str = "tiny"
-    n_demos: int = 26000
+    n_demos: int = 10400
     sft_epochs: int = 1
+    # Small batches: 12,800 examples in batches of 8 (1,600 steps) reach 24% held-out pass@1,
+    # 32,000 in batches of 32 (1,000 steps) 12%; the tiny model learns to copy from search
+    # results only after enough optimizer steps (benchmarks/RESULTS.md, "SFT batch size").
+    sft_batch_size: int = 8
+    sft_lr: float = 2e-3
     eval_questions: int = 200
     eval_n: int = 4
-    rl_steps: int = 80
+    rl_steps: int = 60
     vocab_size: int = 2400
     demo_worlds: int = 40
     tokenizer_worlds: int = 4
-    recall_drills: int = 6000  # name -> number recall drills mixed into SFT (see `recall_drills`)
+    recall_drills: int = 2400  # name -> number recall drills mixed into SFT (see `recall_drills`)
 
     @classmethod
     def quick(cls) -> "DemoPlan":
@@ -164,7 +169,8 @@ def stage_sft(out: Path, init_dir: Path, demos: list[dict], plan: DemoPlan, seed
     # copy out of a search result within the budget: drill "name -> number" recall alongside.
     names = {w for p in sample_world(plan, seed, 10_000, 0).people for w in p.name.split()}
     examples += recall_drills(tok, sorted(names), number_words(), plan.recall_drills, seed=seed)
-    history = sft_train(model, tok, examples, SFTConfig(epochs=plan.sft_epochs, seed=seed), progress=progress)
+    sft_cfg = SFTConfig(epochs=plan.sft_epochs, seed=seed, batch_size=plan.sft_batch_size, lr=plan.sft_lr)
+    history = sft_train(model, tok, examples, sft_cfg, progress=progress)
     return save_model_dir(sdir, model, tok, jsonl_files={"sft_history.jsonl": history})
 
 
