@@ -154,21 +154,28 @@ def stage_model(out: Path, plan: DemoPlan, seed: int) -> tuple[Path, list[dict]]
     return mdir, demos
 
 
+def sft_examples(demos: list[dict], tokenizer: Any, plan: DemoPlan, seed: int) -> list[Any]:
+    """The SFT stage's examples: the demonstrations, then `plan.recall_drills` recall drills."""
+    from aepo.demo.world import number_words
+    from aepo.train.sft import encode_demonstration, recall_drills
+
+    examples = [encode_demonstration(d["prompt"], [tuple(s) for s in d["segments"]], tokenizer) for d in demos]
+    # Years and other numbers are rare tokens that the tiny model would otherwise not learn to
+    # copy out of a search result within the budget: drill "name -> number" recall alongside.
+    names = {w for p in sample_world(plan, seed, 10_000, 0).people for w in p.name.split()}
+    return examples + recall_drills(tokenizer, sorted(names), number_words(), plan.recall_drills, seed=seed)
+
+
 def stage_sft(out: Path, init_dir: Path, demos: list[dict], plan: DemoPlan, seed: int,
               progress: bool) -> Path:
-    from aepo.demo.world import number_words
     from aepo.models.loading import load_model, save_model_dir
-    from aepo.train.sft import SFTConfig, encode_demonstration, recall_drills, sft_train
+    from aepo.train.sft import SFTConfig, sft_train
 
     sdir = out / "sft"
     if (sdir / "config.json").exists():
         return sdir
     model, tok = load_model(init_dir, device="cpu")
-    examples = [encode_demonstration(d["prompt"], [tuple(s) for s in d["segments"]], tok) for d in demos]
-    # Years and other numbers are rare tokens that the tiny model would otherwise not learn to
-    # copy out of a search result within the budget: drill "name -> number" recall alongside.
-    names = {w for p in sample_world(plan, seed, 10_000, 0).people for w in p.name.split()}
-    examples += recall_drills(tok, sorted(names), number_words(), plan.recall_drills, seed=seed)
+    examples = sft_examples(demos, tok, plan, seed)
     sft_cfg = SFTConfig(epochs=plan.sft_epochs, seed=seed, batch_size=plan.sft_batch_size, lr=plan.sft_lr)
     history = sft_train(model, tok, examples, sft_cfg, progress=progress)
     return save_model_dir(sdir, model, tok, jsonl_files={"sft_history.jsonl": history})

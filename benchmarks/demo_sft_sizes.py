@@ -1,0 +1,58 @@
+"""The demo's SFT stage alone, with other data sizes, batch sizes and learning rates.
+
+    .venv/bin/python benchmarks/demo_sft_sizes.py runs/sft_b8 --demos 10400 --drills 2400 --batch 8 --lr 2e-3
+
+Builds the demo's world, demonstrations and initial model into the directory (as `aepo demo`
+does), trains SFT with the given sizes, evaluates it on the demo's held-out questions as the
+demo does, and prints one JSON line: steps, SFT seconds, final loss, pass@1, pass@4. The
+directory then has the layout `benchmarks/demo_accuracy_vs_time.py` reads, for the RL stage
+from that SFT model. Results go to benchmarks/RESULTS.md ("SFT batch size").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--demos", type=int, default=10400, help="expert demonstrations")
+    ap.add_argument("--drills", type=int, default=2400, help="recall drills")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    args = ap.parse_args()
+
+    from aepo.demo.stages import (DemoPlan, build_tools, demo_config, sft_examples, stage_eval, stage_model,
+                                  stage_world, world_tasks)
+    from aepo.models.loading import load_model, save_model_dir
+    from aepo.runtime import set_threads
+    from aepo.train.sft import SFTConfig, sft_train
+
+    plan = DemoPlan(n_demos=args.demos, recall_drills=args.drills, sft_batch_size=args.batch, sft_lr=args.lr)
+    cfg = demo_config(plan, "aepo", 0)
+    set_threads(cfg.trainer.threads, cap=4)
+    args.out.mkdir(parents=True, exist_ok=True)
+    world = stage_world(args.out, plan, 0)
+    init_dir, demos = stage_model(args.out, plan, 0)
+    model, tok = load_model(init_dir, device="cpu")
+    examples = sft_examples(demos, tok, plan, 0)
+    t0 = time.time()
+    history = sft_train(model, tok, examples, SFTConfig(epochs=1, seed=0, batch_size=args.batch, lr=args.lr))
+    seconds = time.time() - t0
+    sft_dir = save_model_dir(args.out / "sft", model, tok, jsonl_files={"sft_history.jsonl": history})
+    runner = build_tools(world, cfg.tools)
+    try:
+        test = world_tasks(world.test)[: plan.eval_questions]
+        ev = stage_eval(args.out, "sft", sft_dir, test, runner, cfg, plan, 0, progress=True)
+    finally:
+        runner.close()
+    print(json.dumps({"demos": args.demos, "drills": args.drills, "batch": args.batch, "lr": args.lr,
+                      "steps": len(history), "sft_seconds": round(seconds), "loss": round(history[-1]["loss"], 3),
+                      "pass@1": ev["pass@1"], "pass@4": ev["pass@4"]}))
+
+
+if __name__ == "__main__":
+    main()
