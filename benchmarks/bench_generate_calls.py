@@ -23,8 +23,8 @@ import torch
 
 
 def record(demo: Path, path: Path) -> None:
-    from aepo.demo.stages import DEMO_CONFIG, build_tools, world_tasks
     from aepo.config import load_config
+    from aepo.demo.stages import DEMO_CONFIG, build_tools, world_tasks
     from aepo.demo.world import World
     from aepo.models.loading import load_model
     from aepo.rollout.sampler import torch_sampler

@@ -25,8 +25,16 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     args = ap.parse_args()
 
-    from aepo.demo.stages import (DemoPlan, build_tools, demo_config, sft_examples, stage_eval, stage_model,
-                                  stage_world, world_tasks)
+    from aepo.demo.stages import (
+        DemoPlan,
+        build_tools,
+        demo_config,
+        sft_examples,
+        stage_eval,
+        stage_model,
+        stage_world,
+        world_tasks,
+    )
     from aepo.models.loading import load_model, save_model_dir
     from aepo.runtime import set_threads
     from aepo.train.sft import SFTConfig, sft_train

@@ -6,6 +6,7 @@ A row's cache is a list of immutable chunks, each (keys, values) shaped
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,7 +71,7 @@ def padded_ranges(lengths: Sequence[int], overhead: int) -> list[tuple[int, int]
     n = len(lengths)
     if n == 0:
         return []
-    if any(a < b for a, b in zip(lengths, lengths[1:])):
+    if any(a < b for a, b in itertools.pairwise(lengths)):
         return [(0, n)]
     bounds = [0] + [i for i in range(1, n) if lengths[i] != lengths[i - 1]] + [n]
     runs = len(bounds) - 1
