@@ -77,4 +77,4 @@ def build_tool_runner(cfg: Any, **context: Any) -> Any:
     if bad:
         raise ConfigError(f"tools.enabled: unknown tool(s) {bad}; registered: {', '.join(_TOOLS)}")
     return ToolRunner([get_tool_spec(name).build(cfg, **context) for name in cfg.enabled], timeout=cfg.timeout,
-                      max_workers=getattr(cfg, "max_workers", 8))
+                      max_workers=cfg.max_workers)

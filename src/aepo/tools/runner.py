@@ -11,8 +11,9 @@ Each call runs on its own daemon thread. `max_workers` bounds the calls in fligh
 `run` of one runner, however many threads call it at once (the verl agent loop runs many trees
 per process on one runner, so this is a per-process bound on sandboxes and searches). A thread
 that hangs is abandoned when its timeout passes: it no longer counts against `max_workers`, and
-as a daemon it cannot keep the interpreter from exiting. (Python threads cannot be killed; tools that run foreign code, like
-the Python sandbox, should enforce their own limits in a child process.)
+as a daemon it cannot keep the interpreter from exiting. (Python threads cannot be killed;
+tools that run foreign code, like the Python sandbox, should enforce their own limits in a
+child process.)
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from typing import Protocol, runtime_checkable
 from aepo.types import ToolCall
 
 TRUNCATION_MARK = " ...[truncated]"
+_SLOT_POLL_S = 0.02  # how often a `run` waiting for workers looks for slots freed by other `run`s
 # The runner's own timeout text ("Error: search timed out after 5s") and the Python sandbox's
 # ("Error: timed out after 5s", after any output the program printed first).
-_SLOT_POLL_S = 0.02  # how often a `run` waiting for workers looks for slots freed by other `run`s
 _TIMEOUT_TEXT = re.compile(r"^Error: (?:\S+ )?timed out after \d", re.MULTILINE)
 
 

@@ -76,6 +76,12 @@ class _StopSpec:
     window: int  # tokens decoded to look for a text stop
 
 
+def _usable_cache(state: Row) -> int:
+    """Cached positions a generate call reuses: at least one token per row must be fed to get
+    its next-token logits."""
+    return min(state.n_cached, len(state.ids) - 1)
+
+
 class TorchSampler(RowTable):
     """KV-cached batched sampler over a HF causal LM; see the module docstring.
 
@@ -374,10 +380,7 @@ class TorchSampler(RowTable):
         in the callers' order."""
         if not (self.lean and self.device.type == "cpu") or len(handles) < 2:
             return self._generate_rows(handles, budgets, spec)
-        pending = []
-        for h in handles:
-            state = self._rows[h]
-            pending.append(len(state.ids) - min(state.n_cached, len(state.ids) - 1))
+        pending = [len(s.ids) - _usable_cache(s) for s in (self._rows[h] for h in handles)]
         order = sorted(range(len(handles)), key=lambda i: -pending[i])
         outs = self._generate_rows([handles[i] for i in order], [budgets[i] for i in order], spec)
         results: list[Generation] = [None] * len(order)  # type: ignore[list-item]
@@ -387,8 +390,7 @@ class TorchSampler(RowTable):
 
     def _generate_rows(self, handles: list[int], budgets: list[int], spec: _StopSpec) -> list[Generation]:
         states = [self._rows[h] for h in handles]
-        # At least one token per row must be fed to get next-token logits.
-        use_cached = [min(s.n_cached, len(s.ids) - 1) for s in states]
+        use_cached = [_usable_cache(s) for s in states]
         max_budget = max(budgets)
         layout = self._layout(states, use_cached, max_budget)
         c_len, p_len = layout.cache_len, layout.pending_len
