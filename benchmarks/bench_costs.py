@@ -61,7 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     world = World.load(args.world)
-    runner = build_tools(world)
+    runner = build_tools(world, load_config(DEMO_CONFIG).tools)  # the demo's search settings
     tmp = Path(tempfile.mkdtemp(prefix="bench_costs_"))
     print("| point | s / step | rollout s | response tokens / step | tool calls / row | "
           "tokens a branch shares with its parent |")

@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--drills", type=int, default=2400, help="recall drills")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--preset", default=None, help="model size (aepo.models.factory.PRESETS); default: the demo's")
     args = ap.parse_args()
 
     from aepo.demo.stages import (
@@ -39,12 +40,13 @@ def main() -> None:
     from aepo.runtime import set_threads
     from aepo.train.sft import SFTConfig, sft_train
 
-    plan = DemoPlan(n_demos=args.demos, recall_drills=args.drills, sft_batch_size=args.batch, sft_lr=args.lr)
+    plan = DemoPlan(n_demos=args.demos, recall_drills=args.drills, sft_batch_size=args.batch, sft_lr=args.lr,
+                    **({"model_preset": args.preset} if args.preset else {}))
     cfg = demo_config(plan, "aepo", 0)
     set_threads(cfg.trainer.threads, cap=4)
     args.out.mkdir(parents=True, exist_ok=True)
     world = stage_world(args.out, plan, 0)
-    init_dir, demos = stage_model(args.out, plan, 0)
+    init_dir, demos = stage_model(args.out, plan, 0, cfg.tools)
     model, tok = load_model(init_dir, device="cpu")
     examples = sft_examples(demos, tok, plan, 0)
     t0 = time.time()
@@ -57,7 +59,7 @@ def main() -> None:
         ev = stage_eval(args.out, "sft", sft_dir, test, runner, cfg, plan, 0, progress=True)
     finally:
         runner.close()
-    print(json.dumps({"demos": args.demos, "drills": args.drills, "batch": args.batch, "lr": args.lr,
+    print(json.dumps({"preset": plan.model_preset, "demos": args.demos, "drills": args.drills, "batch": args.batch, "lr": args.lr,
                       "steps": len(history), "sft_seconds": round(seconds), "loss": round(history[-1]["loss"], 3),
                       "pass@1": ev["pass@1"], "pass@4": ev["pass@4"]}))
 

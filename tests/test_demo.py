@@ -56,6 +56,30 @@ def test_demo_sft_data_comes_from_other_worlds(monkeypatch):
     assert all(s != 5 and name_seed == 5 for s, name_seed in seeds)
 
 
+def _pages_per_search(demos: list[dict]) -> list[int]:
+    return [text.count("Page ") for d in demos for role, text in d["segments"]
+            if role == "tool" and text.startswith("Page 1:")]
+
+
+def test_demo_demonstrations_search_with_the_runs_tools_settings():
+    """SFT sees search results rendered as RL and evaluation render them (`tools.search_topk`)."""
+    from aepo.config import ToolsConfig
+    from aepo.demo.stages import DemoPlan, expert_demonstrations
+
+    plan = DemoPlan(n_demos=30, demo_worlds=3)
+    two = _pages_per_search(expert_demonstrations(plan, seed=5, tools=ToolsConfig(search_topk=2)))
+    three = _pages_per_search(expert_demonstrations(plan, seed=5, tools=ToolsConfig(search_topk=3)))
+    assert two and max(two) == 2
+    assert max(three) == 3
+
+
+def test_demo_run_uses_its_config_for_the_demonstrations(demo_dir):
+    from aepo.io import read_jsonl
+
+    pages = _pages_per_search(read_jsonl(demo_dir / "sft_data.jsonl"))
+    assert pages and max(pages) == 2  # demo.yaml: tools.search_topk 2
+
+
 def test_demo_tokenizer_keeps_numbers_whole(demo_dir):
     from transformers import AutoTokenizer
 

@@ -161,7 +161,10 @@ def test_presets_have_the_documented_sizes(tok):
     small = model_config(tok, "small")
     per_layer = 4 * small.hidden_size**2 * 3 // 4 + 3 * small.hidden_size * small.intermediate_size
     assert 4e6 < per_layer * small.num_hidden_layers < 6e6
-    assert set(PRESETS) == {"tiny", "small"}
+    micro = init_model(None, tok, preset="micro")
+    assert micro.config.num_hidden_layers == 2 and micro.config.hidden_size == 128
+    assert 0.35e6 < count_parameters(micro) - micro.get_input_embeddings().weight.numel() < 0.45e6
+    assert set(PRESETS) == {"micro", "tiny", "small"}
 
 
 def test_same_seed_same_weights_and_global_rng_untouched(tok):
@@ -194,7 +197,7 @@ def test_saved_model_reloads_with_same_logits(tok, model_dir):
 
 
 def test_factory_rejects_unknown_names(tok):
-    with pytest.raises(ValueError, match="unknown model preset 'huge'.*small.*tiny"):
+    with pytest.raises(ValueError, match="unknown model preset 'huge'.*micro.*small.*tiny"):
         init_model(None, tok, preset="huge")
     with pytest.raises(ValueError, match="unknown model arch 'gpt9'"):
         init_model(None, tok, arch="gpt9")

@@ -217,7 +217,7 @@ def run_compare(algos: Sequence[str], seeds: int | Sequence[int], out: str | Pat
     world = stage_world(base, plan, 0)
     runner = build_tools(world, next(iter(configs.values())).tools)
     try:
-        init_dir, demos = stage_model(base, plan, 0)
+        init_dir, demos = stage_model(base, plan, 0, next(iter(configs.values())).tools)
         sft_dir = stage_sft(base, init_dir, demos, plan, 0, progress)
         test = world_tasks(world.test)[: plan.eval_questions]
         train = world_tasks(world.train)

@@ -33,17 +33,19 @@ class DemoPlan:
 
     world_size: str = "small"
     world_level: int = 2
-    model_preset: str = "tiny"
+    # Two layers: SFT steps 2.2x cheaper than "tiny"'s four, and a better SFT model after the same
+    # 1,600 steps (29% held-out pass@1 against 24%; benchmarks/RESULTS.md, "Demo: learning status").
+    model_preset: str = "micro"
     n_demos: int = 10400
     sft_epochs: int = 1
-    # Small batches: 12,800 examples in batches of 8 (1,600 steps) reach 24% held-out pass@1,
-    # 32,000 in batches of 32 (1,000 steps) 12%; the tiny model learns to copy from search
-    # results only after enough optimizer steps (benchmarks/RESULTS.md, "SFT batch size").
+    # Small batches: 12,800 examples in batches of 8 (1,600 steps) reach 24% held-out pass@1 with
+    # the "tiny" model, 32,000 in batches of 32 (1,000 steps) 12%; a small model learns to copy
+    # from search results only after enough optimizer steps (benchmarks/RESULTS.md, "SFT batch size").
     sft_batch_size: int = 8
     sft_lr: float = 2e-3
     eval_questions: int = 200
     eval_n: int = 4
-    rl_steps: int = 60
+    rl_steps: int = 40
     vocab_size: int = 2400
     demo_worlds: int = 40
     tokenizer_worlds: int = 4
@@ -112,9 +114,10 @@ def tokenizer_texts(seed: int, plan: DemoPlan) -> list[str]:
     return texts + [" ".join(numbers), "\n".join(numbers)] * 2
 
 
-def expert_demonstrations(plan: DemoPlan, seed: int) -> list[dict]:
+def expert_demonstrations(plan: DemoPlan, seed: int, tools: Any = None) -> list[dict]:
     """Noisy expert demonstrations from `plan.demo_worlds` sample worlds other than the demo
-    world. Their entities and facts differ from the demo world's (only the name pool is
+    world, searched with the run's `tools` settings (`build_tools`), so that SFT sees search
+    results as RL and evaluation render them (`tools.search_topk` pages). Their entities and facts differ from the demo world's (only the name pool is
     shared), so the model cannot memorise answers: it has to copy names and facts out of the
     question and the search results. The demo world itself is new to the SFT model, on its
     train split (where RL trains) as on its test split (where both are evaluated)."""
@@ -124,10 +127,13 @@ def expert_demonstrations(plan: DemoPlan, seed: int) -> list[dict]:
     demos: list[dict] = []
     for i in range(1, plan.demo_worlds + 1):
         w = sample_world(plan, seed, 20_000, i)
-        r = build_tools(w)
+        r = build_tools(w, tools)
         try:
-            def tool_fn(name: str, arg: str, r: Any = r) -> str:
-                return r.run_one(name, arg).result
+            # The expert calls the built-in search and calc with well-formed arguments, so it calls
+            # them in this thread: the runner's worker thread per call (for its timeout) was half
+            # of this stage's time.
+            def tool_fn(name: str, arg: str, tools: Any = r.tools) -> str:
+                return tools[name](arg)
 
             demos += demonstrations(w, "train", tool_fn, n=per, seed=seed + i)
         finally:
@@ -136,14 +142,15 @@ def expert_demonstrations(plan: DemoPlan, seed: int) -> list[dict]:
     return demos
 
 
-def stage_model(out: Path, plan: DemoPlan, seed: int) -> tuple[Path, list[dict]]:
-    """Demonstrations, tokenizer and the randomly initialised model (cached)."""
+def stage_model(out: Path, plan: DemoPlan, seed: int, tools: Any = None) -> tuple[Path, list[dict]]:
+    """Demonstrations (searched with `tools`, see `expert_demonstrations`), tokenizer and the
+    randomly initialised model (cached)."""
     from aepo.models.factory import init_model
     from aepo.models.tokenizer import build_tokenizer
 
     demo_file = out / "sft_data.jsonl"
     if not demo_file.exists():
-        write_jsonl(demo_file, expert_demonstrations(plan, seed))
+        write_jsonl(demo_file, expert_demonstrations(plan, seed, tools))
     demos = read_jsonl(demo_file)
     mdir = out / "model_init"
     if not (mdir / "config.json").exists():
@@ -324,7 +331,8 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, algo: str = 
     runner = build_tools(world, cfg.tools)
     try:
         console.print(f"world: {len(world.corpus)} documents, {len(world.train)} train / {len(world.test)} test questions")
-        init_dir, demos = timed("demonstrations", out / "model_init" / "config.json", stage_model, out, plan, seed)
+        init_dir, demos = timed("demonstrations", out / "model_init" / "config.json", stage_model, out, plan, seed,
+                                 cfg.tools)
         sft_dir = timed("SFT", out / "sft" / "config.json", stage_sft, out, init_dir, demos, plan, seed, progress)
         test = world_tasks(world.test)[: plan.eval_questions]
         train = world_tasks(world.train)

@@ -996,13 +996,14 @@ def _candidates(
     orgs = [o for o in world.orgs if o.split == split]
     if not people or not orgs:
         return
+    subjects = template.subject_vars
     for _ in range(100_000):
         b: dict = {}
-        if "o" in template.subject_vars:
+        if "o" in subjects:
             b["o"] = rng.choice(orgs).id
-        if "p" in template.subject_vars:
+        if "p" in subjects:
             b["p"] = rng.choice(people).id
-        if "q" in template.subject_vars:
+        if "q" in subjects:
             b["q"] = rng.choice(people).id
             if (
                 b["q"] == b["p"]

@@ -23,7 +23,7 @@ def _fail(message: str) -> None:
 @app.command("init")
 def init_command(
     out: Path = typer.Argument(..., help="Directory to write the model and tokenizer to."),
-    preset: str = typer.Option("tiny", "--preset", help="Model size: tiny (~1 M parameters) or small (~5 M)"),
+    preset: str = typer.Option("tiny", "--preset", help="Model size: micro (~0.6 M parameters), tiny (~1 M) or small (~5 M)"),
     corpus: Optional[Path] = typer.Option(
         None,
         "--corpus",
