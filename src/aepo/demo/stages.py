@@ -45,7 +45,7 @@ class DemoPlan:
     sft_lr: float = 2e-3
     eval_questions: int = 200
     eval_n: int = 4
-    rl_steps: int = 40
+    rl_steps: int = 30  # of 24 prompts x 8 rows (demo.yaml)
     vocab_size: int = 2400
     demo_worlds: int = 40
     tokenizer_worlds: int = 4
