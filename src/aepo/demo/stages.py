@@ -117,10 +117,11 @@ def tokenizer_texts(seed: int, plan: DemoPlan) -> list[str]:
 def expert_demonstrations(plan: DemoPlan, seed: int, tools: Any = None) -> list[dict]:
     """Noisy expert demonstrations from `plan.demo_worlds` sample worlds other than the demo
     world, searched with the run's `tools` settings (`build_tools`), so that SFT sees search
-    results as RL and evaluation render them (`tools.search_topk` pages). Their entities and facts differ from the demo world's (only the name pool is
-    shared), so the model cannot memorise answers: it has to copy names and facts out of the
-    question and the search results. The demo world itself is new to the SFT model, on its
-    train split (where RL trains) as on its test split (where both are evaluated)."""
+    results as RL and evaluation render them (`tools.search_topk` pages). Their entities and
+    facts differ from the demo world's (only the name pool is shared), so the model cannot
+    memorise answers: it has to copy names and facts out of the question and the search
+    results. The demo world itself is new to the SFT model, on its train split (where RL
+    trains) as on its test split (where both are evaluated)."""
     from aepo.demo.expert import demonstrations
 
     per = max(1, plan.n_demos // plan.demo_worlds)
