@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_costs.py --model runs/demo/sft [--steps 3] [--threads 2]
 
-Every point trains `--steps` AEPO-preset steps (16 prompts, the demo config) from the same SFT
+Every point trains `--steps` AEPO-preset steps (the demo config: 24 prompts) from the same SFT
 model on the demo world (`aepo demo` makes both), varying one setting from the demo's
 (k = 8, 512 response tokens, 5 tool calls, AEPO's tree) and reports the median step, its
 rollout part, tokens per step, and for tree strategies the response tokens a branch shares
