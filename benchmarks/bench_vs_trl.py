@@ -4,11 +4,11 @@
     .venv/bin/python benchmarks/bench_vs_trl.py [--steps 6] [--threads 2]
 
 Work per step, for both: a tiny Qwen3 (d = 128, 4 layers, vocabulary of about 500 from the
-built-in tokenizer, random weights; `--preset small` for d = 256, 6 layers), 16 prompts x 8 completions of up to 128 tokens sampled
-at T = 1 (no stop strings, no tools), a GRPO advantage, one optimizer step over the 128 rows,
-no KL term, no reference model. The reward is the completion's length modulo 3 (for both):
-a random model never earns a task reward, and equal rewards would make every advantage zero
-and let either side skip its update.
+built-in tokenizer, random weights; `--preset small` for d = 256, 6 layers), 16 prompts x 8
+completions of up to 128 tokens sampled at T = 1 (no stop strings, no tools), a GRPO
+advantage, one optimizer step over the 128 rows, no KL term, no reference model. The reward is
+the completion's length modulo 3 (for both): a random model never earns a task reward, and
+equal rewards would make every advantage zero and let either side skip its update.
 
 Steps alternate: TRL's `train()` runs its own loop, and a callback runs one aepo step after
 each TRL step, outside TRL's timing, so machine load hits both alike. Printed: per-step

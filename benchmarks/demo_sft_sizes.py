@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 
@@ -30,15 +29,14 @@ def main() -> None:
         DemoPlan,
         build_tools,
         demo_config,
-        sft_examples,
         stage_eval,
         stage_model,
+        stage_sft,
         stage_world,
         world_tasks,
     )
-    from aepo.models.loading import load_model, save_model_dir
+    from aepo.io import read_jsonl
     from aepo.runtime import set_threads
-    from aepo.train.sft import SFTConfig, sft_train
 
     plan = DemoPlan(n_demos=args.demos, recall_drills=args.drills, sft_batch_size=args.batch, sft_lr=args.lr,
                     **({"model_preset": args.preset} if args.preset else {}))
@@ -47,22 +45,18 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     world = stage_world(args.out, plan, 0)
     init_dir, demos = stage_model(args.out, plan, 0, cfg.tools)
-    model, tok = load_model(init_dir, device="cpu")
-    examples = sft_examples(demos, tok, plan, 0)
-    t0 = time.time()
-    history = sft_train(model, tok, examples, SFTConfig(epochs=1, seed=0, batch_size=args.batch, lr=args.lr))
-    seconds = time.time() - t0
-    sft_dir = save_model_dir(args.out / "sft", model, tok, jsonl_files={"sft_history.jsonl": history})
+    sft_dir = stage_sft(args.out, init_dir, demos, plan, 0, progress=True)  # the demo's own SFT stage
+    history = list(read_jsonl(sft_dir / "sft_history.jsonl"))
     runner = build_tools(world, cfg.tools)
     try:
         test = world_tasks(world.test)[: plan.eval_questions]
         ev = stage_eval(args.out, "sft", sft_dir, test, runner, cfg, plan, 0, progress=True)
     finally:
         runner.close()
-    print(json.dumps({"preset": plan.model_preset, "demos": args.demos, "drills": args.drills, "batch": args.batch, "lr": args.lr,
-                      "steps": len(history), "sft_seconds": round(seconds), "loss": round(history[-1]["loss"], 3),
+    print(json.dumps({"preset": plan.model_preset, "demos": args.demos, "drills": args.drills,
+                      "batch": args.batch, "lr": args.lr, "steps": len(history),
+                      "sft_seconds": round(history[-1]["seconds"]), "loss": round(history[-1]["loss"], 3),
                       "pass@1": ev["pass@1"], "pass@4": ev["pass@4"]}))
-
 
 if __name__ == "__main__":
     main()

@@ -161,6 +161,7 @@ def run_compare(algos: Sequence[str], seeds: int | Sequence[int], out: str | Pat
     pairs at once, each in its own process with (usable cores / jobs) threads, logging to
     `out/runs/<algo>_seed<seed>.log`; the results are the same as one at a time."""
     from aepo.demo.stages import (
+        RL_DONE,
         DemoPlan,
         build_tools,
         demo_config,
@@ -203,7 +204,7 @@ def run_compare(algos: Sequence[str], seeds: int | Sequence[int], out: str | Pat
                          f"(e.g. runs/demo), or leave --from out to build the world and SFT model in {out / 'base'}")
     for (algo, seed), cfg in configs.items():
         rd = out / "runs" / f"{algo}_seed{seed}"
-        if run_summary(rd) is None and not (rd / "rl" / "final" / "config.json").exists():
+        if run_summary(rd) is None and not (rd / RL_DONE).exists():
             try:  # an unfinished run resumes from its checkpoint: with the same config only
                 check_run_dir(rd / "rl", cfg, resume=True)
             except RunDirError as e:
@@ -215,9 +216,10 @@ def run_compare(algos: Sequence[str], seeds: int | Sequence[int], out: str | Pat
     set_threads(next(iter(configs.values())).trainer.threads, cap=4)
     base.mkdir(parents=True, exist_ok=True)
     world = stage_world(base, plan, 0)
-    runner = build_tools(world, next(iter(configs.values())).tools)
+    tools = next(iter(configs.values())).tools  # one world and SFT model for every run
+    runner = build_tools(world, tools)
     try:
-        init_dir, demos = stage_model(base, plan, 0, next(iter(configs.values())).tools)
+        init_dir, demos = stage_model(base, plan, 0, tools)
         sft_dir = stage_sft(base, init_dir, demos, plan, 0, progress)
         test = world_tasks(world.test)[: plan.eval_questions]
         train = world_tasks(world.train)

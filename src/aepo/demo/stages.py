@@ -26,6 +26,18 @@ from aepo.runtime import set_threads
 
 DEMO_CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"
 
+# The file whose presence marks a stage done in a run directory: the stage is then skipped
+# (and reported as cached).
+WORLD_DONE = Path("world/world.json")
+MODEL_DONE = Path("model_init/config.json")
+SFT_DONE = Path("sft/config.json")
+RL_DONE = Path("rl/final/config.json")
+
+
+def eval_done(name: str) -> Path:
+    """The summary file of evaluation `name` ("sft", "rl", ...), which marks it done."""
+    return Path(f"eval_{name}.json")
+
 
 @dataclass
 class DemoPlan:
@@ -82,8 +94,8 @@ def world_tasks(rows: list[dict]) -> list[Any]:
 def stage_world(out: Path, plan: DemoPlan, seed: int) -> Any:
     from aepo.demo.world import World, demo_world
 
-    wdir = out / "world"
-    if not (wdir / "world.json").exists():
+    wdir = (out / WORLD_DONE).parent
+    if not (out / WORLD_DONE).exists():
         demo_world(seed, size=plan.world_size, level=plan.world_level).save(wdir)
     return World.load(wdir)
 
@@ -153,8 +165,8 @@ def stage_model(out: Path, plan: DemoPlan, seed: int, tools: Any = None) -> tupl
     if not demo_file.exists():
         write_jsonl(demo_file, expert_demonstrations(plan, seed, tools))
     demos = read_jsonl(demo_file)
-    mdir = out / "model_init"
-    if not (mdir / "config.json").exists():
+    mdir = (out / MODEL_DONE).parent
+    if not (out / MODEL_DONE).exists():
         with atomic_dir(mdir) as tmp:
             tok = build_tokenizer(tokenizer_texts(seed, plan), tmp, max_vocab=plan.vocab_size,
                                   split_digits=False)
@@ -179,8 +191,8 @@ def stage_sft(out: Path, init_dir: Path, demos: list[dict], plan: DemoPlan, seed
     from aepo.models.loading import load_model, save_model_dir
     from aepo.train.sft import SFTConfig, sft_train
 
-    sdir = out / "sft"
-    if (sdir / "config.json").exists():
+    sdir = (out / SFT_DONE).parent
+    if (out / SFT_DONE).exists():
         return sdir
     model, tok = load_model(init_dir, device="cpu")
     examples = sft_examples(demos, tok, plan, seed)
@@ -193,7 +205,7 @@ def stage_eval(out: Path, name: str, model_dir: Path, tasks: list[Any], runner: 
                plan: DemoPlan, seed: int, progress: bool) -> dict[str, Any]:
     from aepo.models.loading import load_model
 
-    path = out / f"eval_{name}.json"
+    path = out / eval_done(name)
     if path.exists():
         return json.loads(path.read_text())
     model, tok = load_model(model_dir, device="cpu")
@@ -209,9 +221,9 @@ def stage_rl(out: Path, sft_dir: Path, tasks: list[Any], runner: Any, cfg: Confi
     from aepo.models.loading import load_model, save_model_dir
     from aepo.train.rl import RLTrainer
 
-    rdir = out / "rl"
-    final = rdir / "final"
-    if (final / "config.json").exists():
+    final = (out / RL_DONE).parent
+    rdir = final.parent
+    if (out / RL_DONE).exists():
         return final
     from aepo.rollout.sampler import build_backend
 
@@ -308,7 +320,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, algo: str = 
     cfg = demo_config(plan, algo, seed, overrides)
     set_threads(cfg.trainer.threads, cap=4)  # the tiny model gains nothing from more than 4
     check_output_dir(out, "--out")
-    if not (out / "rl" / "final" / "config.json").exists():
+    if not (out / RL_DONE).exists():
         try:  # a re-run resumes RL from its checkpoint: with the same config only
             check_run_dir(out / "rl", cfg, resume=True)
         except RunDirError as e:
@@ -322,27 +334,25 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, algo: str = 
     stages: dict[str, float | None] = {}
 
     def timed(name: str, done: Path, fn: Any, *args: Any) -> Any:
-        cached = done.exists()
+        cached = (out / done).exists()
         t = time.time()
         result = fn(*args)
         stages[name] = None if cached else time.time() - t
         return result
 
-    world = timed("world", out / "world" / "world.json", stage_world, out, plan, seed)
+    world = timed("world", WORLD_DONE, stage_world, out, plan, seed)
     runner = build_tools(world, cfg.tools)
     try:
         console.print(f"world: {len(world.corpus)} documents, {len(world.train)} train / {len(world.test)} test questions")
-        init_dir, demos = timed("demonstrations", out / "model_init" / "config.json", stage_model, out, plan, seed,
-                                 cfg.tools)
-        sft_dir = timed("SFT", out / "sft" / "config.json", stage_sft, out, init_dir, demos, plan, seed, progress)
+        init_dir, demos = timed("demonstrations", MODEL_DONE, stage_model, out, plan, seed, cfg.tools)
+        sft_dir = timed("SFT", SFT_DONE, stage_sft, out, init_dir, demos, plan, seed, progress)
         test = world_tasks(world.test)[: plan.eval_questions]
         train = world_tasks(world.train)
-        sft = timed("SFT eval", out / "eval_sft.json", stage_eval, out, "sft", sft_dir, test, runner, cfg, plan,
+        sft = timed("SFT eval", eval_done("sft"), stage_eval, out, "sft", sft_dir, test, runner, cfg, plan,
                     seed, progress)
         console.print(f"SFT held-out pass@1: {100 * sft['pass@1']:.1f}%")
-        rl_dir = timed("RL", out / "rl" / "final" / "config.json", stage_rl, out, sft_dir, train, runner, cfg,
-                       progress)
-        rl = timed("RL eval", out / "eval_rl.json", stage_eval, out, "rl", rl_dir, test, runner, cfg, plan, seed,
+        rl_dir = timed("RL", RL_DONE, stage_rl, out, sft_dir, train, runner, cfg, progress)
+        rl = timed("RL eval", eval_done("rl"), stage_eval, out, "rl", rl_dir, test, runner, cfg, plan, seed,
                    progress)
         console.print(f"RL  held-out pass@1: {100 * rl['pass@1']:.1f}%")
     finally:
