@@ -7,7 +7,8 @@ The model has Qwen3-0.6B's shapes (hidden 1024, 28 layers, 16 query / 8 kv heads
 128, intermediate 3072, vocab 151,936, tied embeddings), built with transformers'
 Qwen3Config / Qwen3ForCausalLM and random weights (no download), cast to bf16 on the GPU.
 
-1. Sampler: `aepo.rollout.TorchSampler` versus HF `model.generate`, at each `--batch-sizes`
+1. Sampler: `aepo.rollout.TorchSampler` (default: decode steps as CUDA graphs; and eager, with
+   `decode_graphs=False`) versus HF `model.generate`, at each `--batch-sizes`
    (64 and 256 rows), `--prompt-len` random prompt tokens (128), `--new-tokens` sampled tokens
    per row (256), temperature 1, no top-k/top-p, no EOS (every row runs to the budget, and
    both generators produce exactly the same number of tokens). One warm-up each, then
@@ -167,10 +168,11 @@ def n_parameters(model: torch.nn.Module) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------ 1. sampler
 
 
-def run_torch_sampler(sampler_cls, model, tok, prompts: list[list[int]], n: int, info: dict) -> None:
+def run_torch_sampler(sampler_cls, model, tok, prompts: list[list[int]], n: int, info: dict,
+                      decode_graphs: bool | None = None) -> None:
     """One TorchSampler call: every prompt a row, `n` tokens each (no EOS, so exactly `n`)."""
     s = sampler_cls(model, tok, temperature=1.0, seed=0, eos_token_ids=[],
-                    max_batch_rows=max(256, len(prompts)))
+                    max_batch_rows=max(256, len(prompts)), decode_graphs=decode_graphs)
     rows = [s.new_row(p) for p in prompts]
     outs = s.generate(rows, n)
     info["lean"] = bool(s.lean)  # the compact Llama-family forward (else the HF forward)
@@ -218,6 +220,9 @@ def bench_sampler(model, tok, args, device, result: dict, save: Callable[[], Non
         runners: dict[str, Callable[[], None]] = {
             "torch_sampler": functools.partial(run_torch_sampler, sampler_cls, model, tok,
                                                prompts.tolist(), n, info)}
+        if device.type == "cuda":  # the default replays decode steps as CUDA graphs
+            runners["torch_sampler_eager"] = functools.partial(
+                run_torch_sampler, sampler_cls, model, tok, prompts.tolist(), n, {}, decode_graphs=False)
         if not args.skip_hf:
             runners["hf_generate"] = functools.partial(run_hf_generate, model, prompts, n, hf_kwargs)
         entry: dict[str, Any] = {"rows": batch}
@@ -371,6 +376,17 @@ def measure_update(parts: dict, model, tok, overrides: list[str], trajs: list, t
 
 
 def bench_update(model, tok, args, device, result: dict, save: Callable[[], None], n_params: int) -> None:
+    from aepo.train import vocab_head
+
+    defaults = vocab_head.CHUNK_ELEMENTS, vocab_head.CUDA_CHUNK_ELEMENTS
+    try:
+        _bench_update(model, tok, args, device, result, save, n_params, vocab_head)
+    finally:
+        vocab_head.CHUNK_ELEMENTS, vocab_head.CUDA_CHUNK_ELEMENTS = defaults
+
+
+def _bench_update(model, tok, args, device, result: dict, save: Callable[[], None], n_params: int,
+                  vocab_head) -> None:
     parts = _rl_parts()
     vocab = model.get_output_embeddings().weight.shape[0]
     section = result.setdefault("update", {})
@@ -388,8 +404,8 @@ def bench_update(model, tok, args, device, result: dict, save: Callable[[], None
     with tempfile.TemporaryDirectory() as tmp:
         for rows in args.update_rows:
             trajs = synthetic_trajectories(parts, rows, args.prompt_len, args.new_tokens, vocab, args.group, rows)
-            for micro in args.micro:
-                key = f"{rows}x{micro}"
+            for micro, chunk in [(m, c) for m in args.micro for c in args.head_chunk_elements]:
+                key = f"{rows}x{micro}" + (f" head chunks {chunk}" if len(args.head_chunk_elements) > 1 else "")
                 if elapsed() > args.budget_s * 0.75:
                     section[key] = {"skipped": f"time budget ({elapsed():.0f} s elapsed)"}
                     continue
@@ -399,6 +415,9 @@ def bench_update(model, tok, args, device, result: dict, save: Callable[[], None
                              f"trainer.ppo_micro_batch_size={micro}", "trainer.total_steps=1000",
                              "trainer.ppo_epochs=1"]
                 entry: dict[str, Any] = {"rows": rows, "micro_batch": micro}
+                if chunk is not None:  # 0: the direct head (full [N, V] logits) at any size
+                    vocab_head.CHUNK_ELEMENTS = vocab_head.CUDA_CHUNK_ELEMENTS = chunk or 1 << 62
+                    entry["head_chunk_elements"] = chunk
                 try:
                     entry.update(measure_update(parts, model, tok, overrides, trajs, tmp, args, device,
                                                 n_params))
@@ -510,6 +529,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--update-rows", type=ints, default=None, help="rows per update (default 64,256)")
     p.add_argument("--micro", type=ints, default=None, help="micro-batch sizes to try (default 16,32,64)")
     p.add_argument("--update-repeats", type=int, default=2)
+    p.add_argument("--head-chunk-elements", type=ints, default=None,
+                   help="LM-head chunk sizes to compare (aepo.train.vocab_head's; 0 = direct "
+                        "head); default: the library's own")
     p.add_argument("--group", type=int, default=8, help="rows per prompt in the synthetic update batch")
     p.add_argument("--algo", default="aepo", help="algorithm preset for the update and the RL step")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
@@ -536,6 +558,8 @@ def parse_args() -> argparse.Namespace:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.head_chunk_elements is None:
+        args.head_chunk_elements = [None]
     if tiny and args.group > 2:
         args.group = 2
     if args.device is None:
@@ -563,7 +587,7 @@ def summary(result: dict) -> None:
             if "skipped" in e:
                 print(f"| {key} | skipped: {e['skipped']} | | | | |")
                 continue
-            for name in ("torch_sampler", "hf_generate"):
+            for name in ("torch_sampler", "torch_sampler_eager", "hf_generate"):
                 r = e.get(name)
                 if r is None:
                     continue

@@ -118,6 +118,9 @@ def prompts(tok) -> list[list[int]]:
     "arch,path,block",
     [
         ("qwen3", "packed", 128),
+        ("qwen3", "packed-graphs", 128),
+        ("qwen3", "modules-graphs", 2),
+        ("llama", "modules-graphs", 128),
         ("qwen3", "packed", 2),
         ("qwen3", "packed", -1),
         ("qwen3", "modules", 128),
@@ -132,6 +135,11 @@ def prompts(tok) -> list[list[int]]:
     ],
 )
 def test_cached_sampling_equals_full_recomputation(tok, models, monkeypatch, arch, path, block):
+    """`-graphs`: decode steps through `DecodeGraphs`' static-shape step (run without capture on
+    the CPU), in windows of 4 columns so the calls cross several windows."""
+    graphs = path.endswith("-graphs")
+    path = path.removesuffix("-graphs")
+    monkeypatch.setattr(lean, "GRAPH_COLUMNS", 4)
     if block < 0:  # each run of equal pending lengths prefilled in a pass of its own
         monkeypatch.setattr(lean, "PREFILL_PASS_OVERHEAD_TOKENS", 0)
         block = 128
@@ -139,7 +147,10 @@ def test_cached_sampling_equals_full_recomputation(tok, models, monkeypatch, arc
     model = models[arch]
     temperature = 0.7
     # top-k/top-p only restrict what is sampled; logprobs are those of the plain tempered softmax
-    s = sampler(model, tok, path, temperature=temperature, top_k=50, top_p=0.95, seed=3)
+    s = sampler(model, tok, path, temperature=temperature, top_k=50, top_p=0.95, seed=3, decode_graphs=graphs)
+    static_steps = []
+    run_static = lean.DecodeGraphs._run
+    monkeypatch.setattr(lean.DecodeGraphs, "_run", lambda self: static_steps.append(self.key) or run_static(self))
     ps = prompts(tok)
     rows = [s.new_row(p) for p in ps]
     spans: dict[int, list[tuple[int, Generation]]] = {r: [] for r in rows}
@@ -159,6 +170,8 @@ def test_cached_sampling_equals_full_recomputation(tok, models, monkeypatch, arc
     run(rows + [fork_mid, fork_all], [5, 6, 7, 4, 5, 6, 8, 3])
     run([rows[1], fork_mid], 4)  # a third turn: multi-chunk caches
     assert (s._packed is not None) == (path == "packed")
+    # every decode step went through the static step when asked, in several windows
+    assert len(static_steps) == (0 if not graphs else 8 + 7 + 3)  # max budget - 1 per call and len(set(static_steps)) > (3 if graphs else -1)
 
     for handle, items in spans.items():
         ids = s.tokens(handle)
@@ -471,3 +484,25 @@ def test_cuda_bfloat16_greedy_matches_hf_generate(tok):
         )
     assert gen.token_ids == out[0, len(prompt) :].tolist()
     assert all(torch.isfinite(torch.tensor(gen.logprobs)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_equals_eager_decode(tok, monkeypatch):
+    """Decode steps replayed as CUDA graphs give the eager steps' tokens and scores (float32),
+    across several column windows, a cache grow and a batch compaction."""
+    model = make_model("qwen3", len(tok)).cuda()
+    captures = []
+    capture = lean.DecodeGraphs._capture
+    monkeypatch.setattr(lean.DecodeGraphs, "_capture", lambda self: captures.append(self.key) or capture(self))
+    budgets = [150, 90, 4, 4, 4, 4, 4, 4]
+    outs = {}
+    for graphs in (True, False):
+        s = TorchSampler(model, tok, temperature=0.0, eos_token_ids=[], decode_graphs=graphs)
+        rows = [s.new_row(p) for p in prompts(tok) + prompts(tok)[:2]]
+        outs[graphs] = s.generate(rows, budgets)
+    assert len(captures) >= 4 and len({key[0] for key in captures}) >= 2  # windows; grow/compaction
+    for with_graph, eager in zip(outs[True], outs[False]):
+        assert with_graph.token_ids == eager.token_ids
+        torch.testing.assert_close(torch.tensor(with_graph.logprobs), torch.tensor(eager.logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(with_graph.entropies), torch.tensor(eager.entropies), atol=1e-4, rtol=0)

@@ -79,20 +79,30 @@ def test_gradient_of_one_output_alone(which):
     assert torch.allclose(weight.grad.double(), weight64.grad, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_bfloat16_on_cuda_matches_float64():
-    """The GPU path users train with: bfloat16 weights and hidden states, float32 outputs."""
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_bfloat16_matches_float64(device):
+    """The GPU path users train with: bfloat16 weights and hidden states, float32 outputs; the
+    weight gradient's product in bfloat16, summed over 6 chunks."""
     gen = torch.Generator().manual_seed(7)
-    hidden = torch.randn(300, 64, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
-    weight = (torch.randn(5000, 64, generator=gen) / 8).to("cuda", torch.bfloat16).requires_grad_()
-    targets = torch.randint(0, 5000, (300,), generator=gen).cuda()
-    lp, h = head_logprobs_and_entropy(hidden, weight, targets, 0.7, chunk_elements=50_000)
+    hidden = torch.randn(300, 64, generator=gen).to(device, torch.bfloat16).requires_grad_()
+    weight = (torch.randn(5000, 64, generator=gen) / 8).to(device, torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 5000, (300,), generator=gen).to(device)
+    lp, h = head_logprobs_and_entropy(hidden, weight, targets, 0.7, chunk_elements=250_000)
     (lp.sum() + h.sum()).backward()
     hidden64 = hidden.detach().double().requires_grad_()
     weight64 = weight.detach().double().requires_grad_()
     ref_lp, ref_h = direct(hidden64, weight64, targets, 0.7)
     (ref_lp.sum() + ref_h.sum()).backward()
-    assert lp.dtype == torch.float32 and hidden.grad.dtype == torch.bfloat16
+    assert lp.dtype == torch.float32 and hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
     assert torch.allclose(lp.double(), ref_lp, atol=0.05) and torch.allclose(h.double(), ref_h, atol=0.05)
     assert torch.allclose(hidden.grad.double(), hidden64.grad, rtol=0.05, atol=0.05)
     assert torch.allclose(weight.grad.double(), weight64.grad, rtol=0.05, atol=0.05)
+
+
+def test_default_chunk_size_follows_the_device():
+    from aepo.train import vocab_head
+
+    assert vocab_head.default_chunk_elements(torch.device("cpu")) == vocab_head.CHUNK_ELEMENTS
+    assert vocab_head.default_chunk_elements(torch.device("cuda")) == vocab_head.CUDA_CHUNK_ELEMENTS
+    assert vocab_head.CUDA_CHUNK_ELEMENTS > vocab_head.CHUNK_ELEMENTS

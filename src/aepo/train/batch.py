@@ -131,7 +131,7 @@ def selected_logprobs(
     float32 [N], at the positions j where `select[:, j]` ([B, L-1]) is set, in row-major order.
 
     For plain-head models the head runs only at those positions; when their logits would exceed
-    `vocab_head.CHUNK_ELEMENTS` (large vocabularies) it runs in row chunks without [N, V]
+    `vocab_head.default_chunk_elements` (large vocabularies) it runs in row chunks without [N, V]
     activations (`aepo.train.vocab_head`; below that the direct computation is faster). Rows here
     are right-padded, so under causal attention no real token sees a pad: `attention_mask=None`
     gives the same values, faster."""
@@ -141,7 +141,7 @@ def selected_logprobs(
     if head is not None:
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                   use_cache=False).last_hidden_state[:, :-1][sel]
-        if hidden.shape[0] * head.weight.shape[0] > vocab_head.CHUNK_ELEMENTS:
+        if hidden.shape[0] * head.weight.shape[0] > vocab_head.default_chunk_elements(hidden.device):
             lp, h = vocab_head.head_logprobs_and_entropy(hidden, head.weight, targets, temperature)
             return lp, (h if with_entropy else None)
         logits = head(hidden).float()

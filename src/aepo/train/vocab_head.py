@@ -14,18 +14,24 @@ but EPO's regulariser and the entropy metrics differentiate it):
     dlp/dz = onehot(y) - p,    dH/dz = -p (log p + H)
 
 so the extra cost is one more head matmul per chunk, and the peak is one chunk of [rows, V].
+The weight gradient's product runs in the weights' dtype (bf16 on a GPU, as autograd through
+the direct head computes it), summed over the chunks in float32.
 """
 from __future__ import annotations
 
 import torch
 
-# Rows per chunk are chosen so one chunk's float32 logits hold about this many elements (64 MiB);
+# Rows per chunk are chosen so one chunk's float32 logits hold about this many elements: 64 MiB
+# on a CPU, 1 GiB on a GPU (where small chunks run skinny matmuls and many launches: an H100
+# update of a 0.6B Qwen3 took 3.6 s at 64 MiB chunks, 3.2 s at 2 GiB; benchmarks/RESULTS.md).
 # `aepo.train.batch.selected_logprobs` uses the chunked head when all logits would be more.
 CHUNK_ELEMENTS = 1 << 24
+CUDA_CHUNK_ELEMENTS = 1 << 28
 
 
-def _chunk_rows(n_vocab: int, chunk_elements: int | None) -> int:
-    return max(1, (CHUNK_ELEMENTS if chunk_elements is None else chunk_elements) // max(n_vocab, 1))
+def default_chunk_elements(device: torch.device) -> int:
+    """Logits per chunk on `device` (`CUDA_CHUNK_ELEMENTS` on CUDA, else `CHUNK_ELEMENTS`)."""
+    return CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -75,11 +81,14 @@ class _HeadLogprobEntropy(torch.autograd.Function):
                 dz = p.mul_(-grad_logp[s : s + rows, None].float())
             if grad_logp is not None:
                 dz.scatter_add_(-1, targets[s : s + rows, None], grad_logp[s : s + rows, None].float())
-            dz.div_(t)
+            dz = dz.div_(t).to(weight.dtype)
             if need_h:
-                grad_h[s : s + rows] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_h[s : s + rows] = (dz @ weight).to(hidden.dtype)
             if need_w:
-                grad_w.addmm_(dz.t(), h.float())
+                if weight.dtype == torch.float32:
+                    grad_w.addmm_(dz.t(), h.float())
+                else:  # a low-precision product, as autograd's; float32 only for the sum
+                    grad_w.add_(dz.t() @ h.to(weight.dtype))
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
 
 
@@ -87,7 +96,8 @@ def head_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, target
                               temperature: float = 1.0, *, chunk_elements: int | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(targets) and the entropy H of softmax(hidden W^T / T) per row, both float32 [N],
-    differentiable in `hidden` and `weight`, computed `CHUNK_ELEMENTS` logits at a time."""
+    differentiable in `hidden` and `weight`, computed `chunk_elements` logits at a time
+    (default: `default_chunk_elements(hidden.device)`)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"head_logprobs_and_entropy: hidden must be [N, d] and weight [V, d], got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -96,5 +106,7 @@ def head_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, target
                          f"got {tuple(targets.shape)}")
     if not temperature > 0:
         raise ValueError(f"head_logprobs_and_entropy: temperature must be > 0, got {temperature}")
-    return _HeadLogprobEntropy.apply(hidden, weight, targets.long(), float(temperature),
-                                     _chunk_rows(weight.shape[0], chunk_elements))
+    if chunk_elements is None:
+        chunk_elements = default_chunk_elements(hidden.device)
+    rows = max(1, chunk_elements // max(weight.shape[0], 1))
+    return _HeadLogprobEntropy.apply(hidden, weight, targets.long(), float(temperature), rows)

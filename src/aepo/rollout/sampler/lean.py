@@ -9,6 +9,7 @@ step) and fuses the residual adds, so a CPU decode step runs about half as many 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,24 @@ def supports_lean_forward(model: torch.nn.Module) -> bool:
         if not all(hasattr(layer, name) for name in ("input_layernorm", "post_attention_layernorm", "mlp")):
             return False
     return True
+
+
+def _write(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    col0: int,
+    write_col: torch.Tensor | None,
+) -> None:
+    """Store one layer's new keys and values [b, kv_heads, Q, hd] at columns col0.. (or at the
+    column held by the tensor `write_col`) of its cache [b, kv_heads, S, hd]."""
+    if write_col is None:
+        keys[:, :, col0 : col0 + k.shape[2]] = k
+        values[:, :, col0 : col0 + v.shape[2]] = v
+    else:
+        keys.index_copy_(2, write_col, k)
+        values.index_copy_(2, write_col, v)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -207,6 +226,13 @@ class LeanBatch:
         self.keys = keys
         self.values = values
         self.rope_table = self._rope_table(layout, keys)
+        self.graphs: DecodeGraphs | None = None
+        self.cache_version = 0  # bumped when `keys`/`values` are replaced (grow, keep)
+
+    def use_decode_graphs(self, capture: bool = True) -> None:
+        """Replay decode steps as CUDA graphs (`DecodeGraphs`); `capture=False` runs the same
+        static-shape steps eagerly (any device; what the CPU tests check)."""
+        self.graphs = DecodeGraphs(self, capture)
 
     def _rope_table(self, layout: Layout, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """cos/sin for every position this batch reaches, when they do not depend on length."""
@@ -233,10 +259,12 @@ class LeanBatch:
         keys: torch.Tensor,
         values: torch.Tensor,
         k0: int = 0,
+        write_col: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run tokens [b, Q] at columns col0.. of the (row-sliced) cache, attending to columns
         k0..kv_len (`mask` [b, 1, Q, kv_len - k0]; earlier ones are padding for every row);
-        logits of the last column."""
+        logits of the last column. `write_col` (a [1] tensor, Q = 1) gives the column to write
+        as a tensor instead of `col0`, so the step's shapes do not depend on it (CUDA graphs)."""
         b, q_len = tokens.shape
         hd, n_kv, g = self.head_dim, self.n_kv, self.groups
         x = self.embed(tokens)
@@ -245,7 +273,7 @@ class LeanBatch:
         else:
             cos, sin = self.rotary(x, positions)
         if self.packed is not None:
-            return self._forward_packed(x, cos, sin, col0, kv_len, mask, keys, values, k0)
+            return self._forward_packed(x, cos, sin, col0, kv_len, mask, keys, values, k0, write_col)
         cos, sin = cos[:, None], sin[:, None]  # [b, 1, Q, hd]
         additive_mask = None
         if q_len == 1:
@@ -269,8 +297,7 @@ class LeanBatch:
             k = k.transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            keys[index, :, :, col0 : col0 + q_len] = k
-            values[index, :, :, col0 : col0 + q_len] = v.transpose(1, 2)
+            _write(keys[index], values[index], k, v.transpose(1, 2), col0, write_col)
             # GQA: the G query heads of one kv head become G*Q queries against that kv head.
             qg = q.reshape(b, n_kv, g * q_len, hd)
             layer_keys, layer_values = keys[index, :, :, k0:kv_len], values[index, :, :, k0:kv_len]
@@ -298,6 +325,7 @@ class LeanBatch:
         keys: torch.Tensor,
         values: torch.Tensor,
         k0: int = 0,
+        write_col: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`_forward` on packed weights: one matmul for q/k/v, one for gate/up, residual adds
         fused into the output matmuls, one norm and one RoPE for q and k together."""
@@ -324,8 +352,7 @@ class LeanBatch:
                 qk = F.rms_norm(qk, (hd,), None, layer.qk_norm_eps) * layer.qk_norm
             qk = qk * cos + _rotate_half(qk) * sin
             q, k = qk[:, :, :n_q], qk[:, :, n_q:]
-            keys[index, :, :, col0 : col0 + q_len] = k.transpose(1, 2)
-            values[index, :, :, col0 : col0 + q_len] = v.transpose(1, 2)
+            _write(keys[index], values[index], k.transpose(1, 2), v.transpose(1, 2), col0, write_col)
             layer_keys, layer_values = keys[index, :, :, k0:kv_len], values[index, :, :, k0:kv_len]
             if decode:
                 scores = torch.baddbmm(
@@ -385,8 +412,28 @@ class LeanBatch:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, col: int) -> torch.Tensor:
         if col >= self.keys.shape[3]:
             self._grow(col)
+        if self.graphs is not None:
+            return self.graphs.step(tokens, positions, col)
         mask = self.layout.key_valid[:, None, None, : col + 1]
         return self._forward(tokens[:, None], positions[:, None], col, col + 1, mask, self.keys, self.values)
+
+    def decode_static(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        col: torch.Tensor,
+        valid: torch.Tensor,
+        columns: int,
+    ) -> torch.Tensor:
+        """`decode` with shapes fixed by `columns` alone: the step attends to the cache's first
+        `columns` columns, masked to `valid` [b, >= columns] and to those at or before `col`
+        (a [1] tensor, the column written). Every input is a tensor that can be refilled in
+        place, so one CUDA graph replays any step whose column is below `columns`."""
+        seen = torch.arange(columns, device=col.device) <= col
+        mask = (valid[:, :columns] & seen)[:, None, None]
+        return self._forward(
+            tokens[:, None], positions[:, None], 0, columns, mask, self.keys, self.values, write_col=col
+        )
 
     def _grow(self, col: int) -> None:
         """Double the decode columns (rows usually stop at a tag long before their budget)."""
@@ -398,6 +445,7 @@ class LeanBatch:
             grown = current.new_zeros(*current.shape[:3], size, current.shape[4])
             grown[:, :, :, :old] = current
             setattr(self, name, grown)
+        self.cache_version += 1
 
     def take(self, slot: int, start: int, end: int) -> Chunk:
         return (self.keys[:, slot, :, start:end].clone(), self.values[:, slot, :, start:end].clone())
@@ -405,3 +453,79 @@ class LeanBatch:
     def keep(self, slots: torch.Tensor) -> None:
         self.keys = self.keys.index_select(1, slots)
         self.values = self.values.index_select(1, slots)
+        self.cache_version += 1
+
+
+GRAPH_COLUMNS = 64  # a decode graph covers the columns up to the next multiple of this
+
+
+class DecodeGraphs:
+    """A CUDA LeanBatch's decode steps, each replayed as one CUDA graph.
+
+    At real model sizes an eager GPU decode step is bound by kernel launches: a 0.6B Qwen3's 28
+    layers run hundreds of small kernels, 22-25 ms a step at 64 or 256 rows on an H100, 7.7 and
+    13 ms as graphs (benchmarks/RESULTS.md, "GPU, second session"). A graph replays them in one
+    launch. One graph is captured per (cache tensors, column window): the
+    step attends to the columns up to the next multiple of `GRAPH_COLUMNS` (masked beyond the
+    current one), so a call of T decode steps captures about T / 64 graphs, plus one after
+    each cache grow or batch compaction. Inputs are copied into static buffers before each
+    replay; the logits returned are the graph's own output buffer, valid until the next step.
+    Sampling stays outside the graph (it draws from the sampler's generator).
+    """
+
+    def __init__(self, batch: LeanBatch, capture: bool = True) -> None:
+        self.batch = batch
+        self.capture = capture
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+        self.key: tuple[int, int] | None = None
+        self.captures = 0
+        self.replays = 0
+
+    def _buffers(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        self.tokens = tokens.clone()
+        self.positions = positions.clone()
+        self.col = torch.zeros(1, dtype=torch.long, device=tokens.device)
+        self.valid = self.batch.layout.key_valid.clone()
+
+    def _run(self) -> torch.Tensor:
+        return self.batch.decode_static(self.tokens, self.positions, self.col, self.valid, self.key[1])
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, col: int) -> torch.Tensor:
+        batch = self.batch
+        columns = min(batch.keys.shape[3], (col // GRAPH_COLUMNS + 1) * GRAPH_COLUMNS)
+        key = (batch.cache_version, columns)
+        if key != self.key:
+            self.graph = self.out = None  # frees the old graph before the new one is captured
+            self.key = key
+            self._buffers(tokens, positions)
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.col.fill_(col)
+        if not self.capture:
+            return self._run()
+        if self.graph is None:
+            try:
+                self.graph, self.out = self._capture()
+            except RuntimeError as error:  # an op this torch build cannot capture: run eagerly
+                warnings.warn(f"CUDA graph capture of the decode step failed ({error}); decoding "
+                              "eagerly (TorchSampler(decode_graphs=False) skips the attempt)", stacklevel=2)
+                self.capture = False
+                return self._run()
+            self.captures += 1
+        self.graph.replay()
+        self.replays += 1
+        return self.out
+
+    def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream (allocator and library handles), then capture. The warm-up
+        and the capture write this step's keys and values, which the replay writes again."""
+        stream = torch.cuda.Stream(self.tokens.device)
+        stream.wait_stream(torch.cuda.current_stream(self.tokens.device))
+        with torch.cuda.stream(stream):
+            self._run()
+        torch.cuda.current_stream(self.tokens.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()  # its own memory pool, freed with it
+        with torch.cuda.graph(graph):
+            out = self._run()
+        return graph, out

@@ -28,6 +28,8 @@ Three forward paths compute the same thing (the tests check each against a plain
   (the built-in demo models), also stacks the q/k/v and gate/up weights (copies rebuilt when a
   parameter's version changes, i.e. after an optimizer step) and fuses the residual adds, so a
   CPU decode step runs about half as many kernels;
+- on CUDA, the lean path's decode steps are replayed as CUDA graphs (`DecodeGraphs`): at real
+  model sizes an eager step is bound by its hundreds of kernel launches;
 - the *HF* path, for any other architecture with a standard full-attention cache, calls the
   model's forward with a `DynamicCache` and an explicit 4-D mask.
 
@@ -89,7 +91,9 @@ class TorchSampler(RowTable):
     `eos_token_ids` defaults to the tokenizer's and the generation config's EOS ids;
     `lean` forces (True) or forbids (False) the compact Llama-family forward (default: use it
     when the architecture supports it); `pack_weights` allows (default) or forbids its packed
-    variant for small float32 models.
+    variant for small float32 models; `decode_graphs` replays each lean decode step as a CUDA
+    graph (default: on for CUDA; `True` on a CPU runs the same static-shape steps without
+    capture, which the tests use to check them).
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class TorchSampler(RowTable):
         eos_token_ids: Sequence[int] | None = None,
         lean: bool | None = None,
         pack_weights: bool | None = None,
+        decode_graphs: bool | None = None,
     ) -> None:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -134,6 +139,9 @@ class TorchSampler(RowTable):
         # small float32 models: stacked weight copies, fewer kernels per step (CPU decode is
         # dominated by per-kernel overhead at that size)
         self.pack_weights = self.lean if pack_weights is None else bool(pack_weights and self.lean)
+        if decode_graphs is None:
+            decode_graphs = self.device.type == "cuda"
+        self.decode_graphs = bool(decode_graphs and self.lean)
         self.eos_token_ids = set(
             self._default_eos(model, tokenizer) if eos_token_ids is None else eos_token_ids
         )
@@ -401,6 +409,8 @@ class TorchSampler(RowTable):
             engine: LeanBatch | HFBatch = LeanBatch(
                 self.model, layout, *cache, packed=self._packed_weights()
             )
+            if self.decode_graphs:
+                engine.use_decode_graphs(capture=self.device.type == "cuda")
         else:
             cache = self._gather_cache(states, use_cached, c_len, c_len) if c_len > 0 else None
             engine = HFBatch(self.model, layout, *(cache or (None, None)))
