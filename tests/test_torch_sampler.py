@@ -444,6 +444,32 @@ def test_bad_input_raises_clear_errors(tok, models):
     assert supports_lean_forward(models["qwen2"]) and not supports_lean_forward(models["gpt2"])
 
 
+def test_failed_graph_capture_falls_back_to_eager_decoding(tok, models, monkeypatch):
+    """A torch build that cannot capture the step warns once per batch and decodes eagerly."""
+    def refuse(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(lean.DecodeGraphs, "_capture", refuse)
+    model = models["qwen3"]
+    expected = greedy_run(tok, model, tok.encode("The capital of"), 12)
+    s = TorchSampler(model, tok, temperature=0.0, eos_token_ids=[], decode_graphs=True)
+    original = lean.LeanBatch.use_decode_graphs
+    monkeypatch.setattr(lean.LeanBatch, "use_decode_graphs", lambda self, capture=True: original(self, True))
+    with pytest.warns(UserWarning, match="CUDA graph capture of the decode step failed"):
+        gen = s.generate([s.new_row(tok.encode("The capital of"))], 12)[0]
+    assert gen.token_ids == expected.token_ids
+
+
+def test_rollout_decode_graphs_setting_reaches_the_sampler(tok, models):
+    """rollout.decode_graphs=true means "on CUDA" (the CPU decodes eagerly); false is off."""
+    from aepo.rollout.config import RolloutConfig
+    from aepo.rollout.sampler.backend import TorchBackend
+
+    on = TorchBackend(models["qwen3"], tok, RolloutConfig()).sampler(0)
+    off = TorchBackend(models["qwen3"], tok, RolloutConfig(decode_graphs=False)).sampler(0)
+    assert on.decode_graphs == (on.device.type == "cuda") and off.decode_graphs is False
+
+
 # ---------------------------------------------------------------------------- CUDA
 
 

@@ -12,6 +12,9 @@ class RolloutConfig:
     # the engine behind the sampler (`aepo.rollout.sampler.backend`): "torch" (built in) or "vllm"
     # (in-process vLLM, the `vllm` extra; pi_old is then always re-scored by the trainer)
     backend: Literal["torch", "vllm"] = "torch"
+    # torch backend on CUDA: replay each decode step as a CUDA graph (`DecodeGraphs`); false
+    # decodes eagerly (the same tokens, slower at real model sizes)
+    decode_graphs: bool = True
     strategy: str = "aepo"  # a registered strategy (`aepo.rollout.strategies`): independent | arpo | aepo
     n: int = 8  # k: rows per prompt, one group
     temperature: float = 1.0

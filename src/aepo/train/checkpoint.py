@@ -196,7 +196,7 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
 
 # config keys that may change between a run and its resumption without changing what it trains
 RESUME_IGNORED_KEYS = ("out_dir", "model.device", "trainer.logger", "trainer.save_every", "trainer.keep_last",
-                      "trainer.threads", "rollout.engine_options")
+                      "trainer.threads", "rollout.engine_options", "rollout.decode_graphs")
 
 
 class RunDirError(ValueError):

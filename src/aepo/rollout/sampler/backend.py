@@ -54,7 +54,8 @@ class TorchBackend:
     def sampler(self, seed: int) -> TorchSampler:
         c = self.cfg
         return TorchSampler(self.model, self.tokenizer, temperature=c.temperature, top_p=c.top_p,
-                            top_k=c.top_k, seed=seed)
+                            top_k=c.top_k, seed=seed,
+                            decode_graphs=None if c.decode_graphs else False)  # None: on CUDA only
 
     def sync(self, model: torch.nn.Module) -> None:
         self.model = model

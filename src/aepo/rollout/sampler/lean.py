@@ -509,7 +509,7 @@ class DecodeGraphs:
                 self.graph, self.out = self._capture()
             except RuntimeError as error:  # an op this torch build cannot capture: run eagerly
                 warnings.warn(f"CUDA graph capture of the decode step failed ({error}); decoding "
-                              "eagerly (TorchSampler(decode_graphs=False) skips the attempt)", stacklevel=2)
+                              "eagerly (rollout.decode_graphs=false skips the attempt)", stacklevel=2)
                 self.capture = False
                 return self._run()
             self.captures += 1
@@ -520,12 +520,15 @@ class DecodeGraphs:
     def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (allocator and library handles), then capture. The warm-up
         and the capture write this step's keys and values, which the replay writes again."""
-        stream = torch.cuda.Stream(self.tokens.device)
-        stream.wait_stream(torch.cuda.current_stream(self.tokens.device))
-        with torch.cuda.stream(stream):
-            self._run()
-        torch.cuda.current_stream(self.tokens.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()  # its own memory pool, freed with it
-        with torch.cuda.graph(graph):
-            out = self._run()
+        device = self.tokens.device
+        with torch.cuda.device(device):  # the model's GPU, whichever is current
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                self._run()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()  # its own memory pool, freed with it
+            # other threads (tool workers, a server's other requests) may use CUDA meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                out = self._run()
         return graph, out
