@@ -11,6 +11,10 @@ advantage, one optimizer step over the 128 rows, no KL term, no reference model.
 the sum of the completion's token ids modulo 3 (for both): a random model never earns a task
 reward, and equal rewards would make every advantage zero and let either side skip its update.
 
+TRL's GRPOConfig turns gradient checkpointing on by default (recomputing activations in the
+backward pass); aepo does not, so the script turns it off for TRL (`--trl-gradient-checkpointing`
+keeps TRL's default).
+
 Steps alternate: TRL's `train()` runs its own loop, and a callback runs one aepo step after
 each TRL step, outside TRL's timing, so machine load hits both alike. Printed: per-step
 seconds of each, the median ratio aepo / TRL, and the share of the machine's FLOP limit each
@@ -99,6 +103,8 @@ def main() -> None:
                     help="model: a preset of aepo.models.factory.PRESETS (tiny, small, ...) or qwen3-0.6b")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda runs both models in bf16)")
     ap.add_argument("--micro", type=int, default=None, help="rows per micro-batch (default: all rows)")
+    ap.add_argument("--trl-gradient-checkpointing", action="store_true",
+                    help="TRL's own default (GRPOConfig turns it on); off here so both do the same work")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -186,7 +192,7 @@ def main() -> None:
         num_generations=args.n, max_completion_length=args.max_tokens, temperature=1.0, beta=0.0,
         learning_rate=1e-4, max_steps=args.steps + 1, logging_steps=1, save_strategy="no", report_to=[],
         use_cpu=device.type == "cpu", bf16=device.type == "cuda", dataloader_num_workers=0, seed=0,
-        disable_tqdm=True,
+        disable_tqdm=True, gradient_checkpointing=args.trl_gradient_checkpointing,
     )
     trl_times: list[float] = []
     trl_peak: list[int] = []
