@@ -465,12 +465,12 @@ class DecodeGraphs:
     At real model sizes an eager GPU decode step is bound by kernel launches: a 0.6B Qwen3's 28
     layers run hundreds of small kernels, 22-25 ms a step at 64 or 256 rows on an H100, 7.7 and
     13 ms as graphs (benchmarks/RESULTS.md, "GPU, second session"). A graph replays them in one
-    launch. One graph is captured per (cache tensors, column window): the
-    step attends to the columns up to the next multiple of `GRAPH_COLUMNS` (masked beyond the
-    current one), so a call of T decode steps captures about T / 64 graphs, plus one after
-    each cache grow or batch compaction. Inputs are copied into static buffers before each
-    replay; the logits returned are the graph's own output buffer, valid until the next step.
-    Sampling stays outside the graph (it draws from the sampler's generator).
+    launch. One graph is captured per (cache tensors, column window): the step attends to the
+    columns up to the next multiple of `GRAPH_COLUMNS` (masked beyond the current one), so a
+    call of T decode steps captures about T / 64 graphs, plus one after each cache grow or
+    batch compaction. Inputs are copied into static buffers before each replay; the logits
+    returned are the graph's own output buffer, valid until the next step. Sampling stays
+    outside the graph (it draws from the sampler's generator).
     """
 
     def __init__(self, batch: LeanBatch, capture: bool = True) -> None:
