@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any
 
 import typer
 
@@ -37,7 +38,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Optional[bool] = typer.Option(
+    version: bool | None = typer.Option(
         None, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
@@ -63,7 +64,7 @@ def _warn(msg: str) -> None:
     typer.secho(f"warning: {msg}", fg="yellow", err=True)
 
 
-def _check_min(option: str, value: Optional[float], low: float, what: str, hint: str = "") -> None:
+def _check_min(option: str, value: float | None, low: float, what: str, hint: str = "") -> None:
     """ValueError when an option is below its minimum, naming the option, the value and the range."""
     if value is not None and value < low:
         raise ValueError(f"{option} must be >= {low:g} ({what}), got {value:g}"
@@ -171,7 +172,7 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="About a minute: tiny sizes, for smoke tests."),
     algo: str = typer.Option("aepo", "--algo", help="Algorithm preset for the RL stage."),
     seed: int = typer.Option(0, "--seed"),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted config overrides, e.g. trainer.lr=1e-4"),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted config overrides, e.g. trainer.lr=1e-4"),
 ) -> None:
     """Build the demo world, train a tiny agent (SFT, then RL), evaluate both and write a report."""
     from aepo.config import ConfigError
@@ -188,7 +189,7 @@ def demo(
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML config (see src/aepo/configs/)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides: algo=grpo rollout.n=8 ..."),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides: algo=grpo rollout.n=8 ..."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in out_dir "
                                 "(with none there, say so and start at step 0)."),
     force: bool = typer.Option(False, "--force", help="With --resume: resume even though the config differs "
@@ -285,21 +286,21 @@ def sft(
 @app.command("eval")
 def eval_cmd(
     model: Path = typer.Argument(..., help="Local HF model directory."),
-    data: List[Path] = typer.Option(..., "--data", help="Dataset file(s): JSONL or parquet. Repeatable."),
+    data: list[Path] = typer.Option(..., "--data", help="Dataset file(s): JSONL or parquet. Repeatable."),
     n: int = typer.Option(1, "--n", help="Samples per question (pass@k for k <= n)."),
     out: Path = typer.Option(Path("runs/eval"), "--out"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="First N questions of each file."),
+    limit: int | None = typer.Option(None, "--limit", help="First N questions of each file."),
     temperature: float = typer.Option(1.0, "--temperature"),
     max_response_tokens: int = typer.Option(512, "--max-response-tokens"),
     max_tool_calls: int = typer.Option(6, "--max-tool-calls"),
     backend: str = typer.Option("torch", "--backend", help="Sampler engine: torch | vllm (the vllm extra)."),
-    search_cache: Optional[Path] = typer.Option(None, "--search-cache", help="JSON cache of search results."),
-    search_corpus: Optional[Path] = typer.Option(None, "--search-corpus", help="JSONL corpus for BM25 search."),
-    search_url: Optional[str] = typer.Option(None, "--search-url", help="Search-R1 style /retrieve endpoint."),
+    search_cache: Path | None = typer.Option(None, "--search-cache", help="JSON cache of search results."),
+    search_corpus: Path | None = typer.Option(None, "--search-corpus", help="JSONL corpus for BM25 search."),
+    search_url: str | None = typer.Option(None, "--search-url", help="Search-R1 style /retrieve endpoint."),
     chat_template: bool = typer.Option(False, "--chat-template"),
     device: str = typer.Option("auto", "--device"),
     seed: int = typer.Option(0, "--seed"),
-    judge: Optional[str] = typer.Option(None, "--judge", help="OpenAI-compatible endpoint of an LLM judge "
+    judge: str | None = typer.Option(None, "--judge", help="OpenAI-compatible endpoint of an LLM judge "
                                         "(e.g. http://127.0.0.1:8000): also grade each answer with it."),
     judge_model: str = typer.Option("", "--judge-model", help="Model name served at --judge."),
     judge_key_env: str = typer.Option("AEPO_JUDGE_API_KEY", "--judge-key-env",
@@ -376,12 +377,12 @@ def rollout_cmd(
     strategy: str = typer.Option("aepo", "--strategy", help="independent | arpo | aepo"),
     k: int = typer.Option(8, "--k", help="Rows per prompt (one group)."),
     out: Path = typer.Option(Path("rollouts.jsonl"), "--out"),
-    limit: Optional[int] = typer.Option(8, "--limit", help="First N questions."),
+    limit: int | None = typer.Option(8, "--limit", help="First N questions."),
     temperature: float = typer.Option(1.0, "--temperature"),
     max_response_tokens: int = typer.Option(512, "--max-response-tokens"),
-    search_corpus: Optional[Path] = typer.Option(None, "--search-corpus"),
-    search_cache: Optional[Path] = typer.Option(None, "--search-cache"),
-    search_url: Optional[str] = typer.Option(None, "--search-url"),
+    search_corpus: Path | None = typer.Option(None, "--search-corpus"),
+    search_cache: Path | None = typer.Option(None, "--search-cache"),
+    search_url: str | None = typer.Option(None, "--search-url"),
     chat_template: bool = typer.Option(False, "--chat-template"),
     device: str = typer.Option("auto", "--device"),
     backend: str = typer.Option("torch", "--backend", help="Sampler engine: torch | vllm (the vllm extra)."),
@@ -476,10 +477,10 @@ def compare(
     seeds: int = typer.Option(3, "--seeds", help="Seeds per algorithm (0..N-1)."),
     out: Path = typer.Option(Path("runs/compare"), "--out"),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes, for smoke tests."),
-    base: Optional[Path] = typer.Option(None, "--from", help="Reuse the world and SFT model of this run "
+    base: Path | None = typer.Option(None, "--from", help="Reuse the world and SFT model of this run "
                                         "directory (e.g. runs/demo) instead of building them in OUT/base."),
     jobs: int = typer.Option(1, "--jobs", help="Runs at once, each in its own process with cores/jobs threads."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides applied to every run."),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides applied to every run."),
 ) -> None:
     """Train each algorithm on the demo world from one SFT model, evaluate, and write compare.md."""
     from aepo.demo.compare import run_compare
@@ -506,7 +507,7 @@ def data_to_verl(
     tools: str = typer.Option("search,calc,python", "--tools", help="Tools the system prompt describes."),
     max_tool_calls: int = typer.Option(6, "--max-tool-calls"),
     split: str = typer.Option("train", "--split", help="Stored in extra_info.split."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="First N questions."),
+    limit: int | None = typer.Option(None, "--limit", help="First N questions."),
 ) -> None:
     """Benchmark rows as verl's RL parquet (data_source, prompt, ability, reward_model,
     extra_info), with the system prompt the local trainer uses; reward them in verl with

@@ -40,7 +40,7 @@ class StepProgress:
         self._progress: Progress | None = None
         self._last_print = 0.0
 
-    def __enter__(self) -> "StepProgress":
+    def __enter__(self) -> StepProgress:
         if self.enabled and self.tty:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -61,6 +61,6 @@ class StepProgress:
             self._last_print = time.time()
             print(f"[{self.title}] step {self.done}/{self.total} {info}", file=sys.stderr, flush=True)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)

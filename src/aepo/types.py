@@ -9,8 +9,9 @@ written once. What comes out is one
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, Sequence
+from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "eos", "length"]
 

@@ -22,8 +22,8 @@ import torch
 
 __all__ = [
     "ADVANTAGE_REGISTRY",
-    "AdvantageInputs",
     "ADVANTAGE_SPECS",
+    "AdvantageInputs",
     "AdvantageSpec",
     "advantage_config",
     "advantage_names",

@@ -6,7 +6,8 @@ describes the tools and the tag protocol of docs/algorithms.md section 2.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from aepo.tools import tool_names, tool_usage
 

@@ -64,7 +64,7 @@ class DemoPlan:
     recall_drills: int = 2400  # name -> number recall drills mixed into SFT (see `recall_drills`)
 
     @classmethod
-    def quick(cls) -> "DemoPlan":
+    def quick(cls) -> DemoPlan:
         return cls(n_demos=200, sft_epochs=1, eval_questions=16, eval_n=2, rl_steps=2, tokenizer_worlds=2, demo_worlds=2,
                    recall_drills=50)
 
@@ -362,4 +362,4 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, algo: str = 
     return json.loads((out / "summary.json").read_text())
 
 
-__all__ = ["DemoPlan", "run_demo", "build_tools", "world_tasks"]
+__all__ = ["DemoPlan", "build_tools", "run_demo", "world_tasks"]

@@ -636,7 +636,7 @@ def number_words() -> list[str]:
     differences (0-299) and years (1780-2069: founders' births at 1850-60 = 1790 up to
     1999+60 = 2059 for "turn N" answers, with a margin of 10). A tokenizer that keeps digit
     runs whole can make each of them one token."""
-    return [str(n) for n in [*range(0, 300), *range(1780, 2070)]]
+    return [str(n) for n in [*range(300), *range(1780, 2070)]]
 
 
 def word_split(text: str) -> list[str]:

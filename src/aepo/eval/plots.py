@@ -1,14 +1,14 @@
 """PNG plots of training curves: one run, or several runs overlaid (one line per algorithm)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 PANELS = [
     ("reward/mean", "reward (mean)"),

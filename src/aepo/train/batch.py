@@ -7,8 +7,8 @@ policy generated (never the prompt, never tool results).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ class TokenBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, idx: torch.Tensor | Sequence[int]) -> "TokenBatch":
+    def select(self, idx: torch.Tensor | Sequence[int]) -> TokenBatch:
         idx = torch.as_tensor(idx, dtype=torch.long)
         kw = {}
         for f in fields(self):
@@ -42,7 +42,7 @@ class TokenBatch:
         out = TokenBatch(**kw)
         return out.trim()
 
-    def trim(self) -> "TokenBatch":
+    def trim(self) -> TokenBatch:
         """Drop trailing columns that are padding in every row (saves compute on micro-batches)."""
         length = int(self.attention_mask.sum(-1).max().item()) if len(self) else 1
         length = max(length, 2)
@@ -57,7 +57,7 @@ class TokenBatch:
                 kw[f.name] = v[:, : length - 1]
         return TokenBatch(**kw)
 
-    def to(self, device: torch.device | str) -> "TokenBatch":
+    def to(self, device: torch.device | str) -> TokenBatch:
         return TokenBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
                              for f in fields(self)})
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -20,7 +21,6 @@ from aepo.console import StepProgress
 from aepo.data.prompting import encode_prompt
 from aepo.protocol import format_result
 from aepo.train.batch import selected_logprobs
-
 
 SORT_POOL_BATCHES = 16  # batches' worth of examples sorted by length together (`_length_bucketed_batches`)
 
