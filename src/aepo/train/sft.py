@@ -267,7 +267,7 @@ def sft_train(model: torch.nn.Module, tokenizer: Any, examples: Sequence[SFTExam
         for _ in range(cfg.epochs):
             for idx in _length_bucketed_batches(examples, cfg.batch_size, rng):
                 batch = [examples[j] for j in idx]
-                ids, attn, mask = (x.to(device) for x in _collate(batch, pad, cfg.max_len))
+                ids, _attn, mask = (x.to(device) for x in _collate(batch, pad, cfg.max_len))
                 loss = sft_loss(model, ids, None, mask)  # right-padded rows
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
