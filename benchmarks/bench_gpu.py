@@ -432,17 +432,18 @@ def _bench_update(model, tok, args, device, result: dict, save: Callable[[], Non
 # ------------------------------------------------------------------------------------ 3. RL step
 
 
-def bench_rl_step(model, tok, args, device, result: dict, save: Callable[[], None]) -> None:
+def bench_rl_step(model, tok, args, device, result: dict, save: Callable[[], None], pause: float = 0.0,
+                  name: str = "rl_step") -> None:
     parts = _rl_parts()
     rl_mod = importlib.import_module(parts["RLTrainer"].__module__)
     rollout_metrics = getattr(rl_mod, "rollout_metrics", None)
-    section = result.setdefault("rl_step", {})
+    section = result.setdefault(name, {})
     rows = args.rl_prompts * args.rl_n
     overrides = [
         f"algo={args.algo}", f"rollout.n={args.rl_n}", f"trainer.prompts_per_step={args.rl_prompts}",
         f"rollout.max_response_tokens={args.rl_response_tokens}",
         f"trainer.ppo_mini_batch_size={rows}", f"trainer.ppo_micro_batch_size={min(args.rl_micro, rows)}",
-        "trainer.total_steps=1000",
+        "trainer.total_steps=1000", f"rollout.pause_below={pause}",
     ]
     section["settings"] = {
         "driver": "RLTrainer.collect + rollout_metrics + make_batch + update (train_step's sequence)",
@@ -490,6 +491,7 @@ def bench_rl_step(model, tok, args, device, result: dict, save: Callable[[], Non
                     "train_tokens": int(batch.attention_mask.sum()),
                     "branches": metrics.get("branches"),
                     "tool_calls_per_row": metrics.get("tool_calls"),
+                    "generate_calls": rstats.get("generate_calls"),
                     "advantages_forced": forced,
                     "max_memory_allocated": peak_bytes(device),
                 })
@@ -512,6 +514,10 @@ def bench_rl_step(model, tok, args, device, result: dict, save: Callable[[], Non
 
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
 
 
 def parse_args() -> argparse.Namespace:
@@ -540,6 +546,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rl-n", type=int, default=None)
     p.add_argument("--rl-response-tokens", type=int, default=None)
     p.add_argument("--rl-micro", type=int, default=16)
+    p.add_argument("--rl-pause-below", type=floats, default=[0.0],
+                   help="rollout.pause_below values of the RL step, one step each (0: off; e.g. 0,0.25)")
     p.add_argument("--budget-s", type=float, default=270.0,
                    help="wall-clock budget: later measurements are skipped once it is mostly spent")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 with --tiny)")
@@ -613,17 +621,18 @@ def summary(result: dict) -> None:
             else:
                 print(f"| {key} | {e['seconds']:.3f} | {e['tokens_per_s']:,.0f} | {e['tflops']:.1f} | "
                       f"{100 * e['mfu']:.1f}% | {100 * e['mfu_detailed']:.1f}% | {gib(e['max_memory_allocated'])} |")
-    r = result.get("rl_step", {})
-    if r:
+    for key in [k for k in result if k.startswith("rl_step")]:
+        r = result[key]
         if "timed" in r:
             t = r["timed"]
-            print(f"\nRL step ({t['rows']} rows, {t['response_tokens']} response tokens): "
+            print(f"\n{key} ({t['rows']} rows, {t['response_tokens']} response tokens, "
+                  f"{t.get('generate_calls')} generate calls): "
                   f"rollout {t['rollout_s']:.2f} s, batch {t['batch_s']:.2f} s, update {t['update_s']:.2f} s, "
                   f"total {t['total_s']:.2f} s (rollout {100 * r['rollout_fraction']:.0f}%)")
         elif "error" in r:
-            print(f"\nRL step: {r['error']}: {r['message'][:200]}")
+            print(f"\n{key}: {r['error']}: {r['message'][:200]}")
         elif "skipped" in r:
-            print(f"\nRL step skipped: {r['skipped']}")
+            print(f"\n{key} skipped: {r['skipped']}")
     errors = result.get("errors")
     if errors:
         print("\nErrors:", json.dumps(errors, indent=1)[:2000])
@@ -687,10 +696,13 @@ def main() -> None:
         ("update", lambda: bench_update(model, tok, args, device, result, save, total)),
     ]
     if not args.skip_rl_step:
-        sections.append(("rl_step", lambda: bench_rl_step(model, tok, args, device, result, save)))
+        for pause in args.rl_pause_below:
+            key = "rl_step" if pause == 0 else f"rl_step pause_below={pause}"
+            sections.append((key, functools.partial(bench_rl_step, model, tok, args, device, result, save,
+                                                    pause, key)))
     for name, fn in sections:
-        if name == "rl_step" and elapsed() > args.budget_s * 0.7:
-            result["rl_step"] = {"skipped": f"time budget ({elapsed():.0f} s elapsed of {args.budget_s:.0f})"}
+        if name.startswith("rl_step") and elapsed() > args.budget_s * 0.7:
+            result[name] = {"skipped": f"time budget ({elapsed():.0f} s elapsed of {args.budget_s:.0f})"}
             save()
             continue
         t = time.perf_counter()

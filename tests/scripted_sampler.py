@@ -188,3 +188,49 @@ class FakeTools:
     def __call__(self, calls: list[tuple[str, str]]) -> list[ToolCall]:
         self.batches.append(list(calls))
         return [ToolCall(name=n, argument=a, result=self.result_fn(n, a)) for n, a in calls]
+
+
+class PausingSampler(ScriptedSampler):
+    """A ScriptedSampler that can pause (`can_pause`): called with `pause` > 0, it returns at
+    most `every` tokens of a row's reply per call, with finish "paused" until the reply ends;
+    the next call continues the same reply. Tokens, log-probs and entropies are those of the
+    reply in one piece, so a rollout must come out as with `ScriptedSampler`."""
+
+    can_pause = True
+
+    def __init__(self, tokenizer: CharTokenizer, script: Script, every: int = 2) -> None:
+        super().__init__(tokenizer, script)
+        self.every = every
+        self.open: dict[int, Generation] = {}  # row -> the rest of a paused reply
+        self.pauses = 0
+
+    def generate(
+        self, rows: Sequence[int], max_new_tokens: int | Sequence[int], stop: Sequence[str] = (),
+        pause: float = 0.0,
+    ) -> list[Generation]:
+        if not pause:
+            assert not any(r in self.open for r in rows), "a paused row continued without pause"
+            return super().generate(rows, max_new_tokens, stop)
+        budgets = [max_new_tokens] * len(rows) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        self.generate_calls.append(list(zip(rows, budgets)))
+        self.log.append(("generate", list(rows), list(budgets), tuple(stop)))
+        outs = []
+        for row, budget in zip(rows, budgets):
+            full = self.open.pop(row, None)
+            if full is None:
+                full = self._generate_one(row, budget, stop)
+                del self._get(row)[len(self._get(row)) - len(full.token_ids):]  # emitted below
+            k = self.every
+            self._get(row).extend(full.token_ids[:k])
+            if len(full.token_ids) > k:
+                self.open[row] = Generation(full.token_ids[k:], full.logprobs[k:], full.entropies[k:],
+                                            full.finish, full.stop)
+                outs.append(Generation(full.token_ids[:k], full.logprobs[:k], full.entropies[:k], "paused"))
+                self.pauses += 1
+            else:
+                outs.append(full)
+        return outs
+
+    def release(self, row: int) -> None:
+        assert row not in self.open, "a paused row was released"
+        super().release(row)

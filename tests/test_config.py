@@ -61,6 +61,7 @@ def test_ablation_component_switch():
     (["trainer.lr"], ["key=value"]),
     (["actor.epo=maybe"], ["actor.epo", "true/false"]),
     (["tools.max_workers=0"], ["tools.max_workers", ">= 1"]),
+    (["rollout.pause_below=1.0"], ["rollout.pause_below", "in [0, 1)"]),
 ])
 def test_bad_values_name_the_key(override, words):
     with pytest.raises((ConfigError, ValueError)) as e:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
 import pytest
-from scripted_sampler import CharTokenizer, FakeTools, Reply, ScriptedSampler, nats
+from scripted_sampler import CharTokenizer, FakeTools, PausingSampler, Reply, ScriptedSampler, nats
 
 from aepo.config import RolloutConfig
 from aepo.rollout import rollout
@@ -675,3 +676,51 @@ def test_independent_rows_have_m_n_and_no_decisions():
     trajs, stats, sampler = run("independent", tool_chain(2), prompts_of("A", "B"), n=3)
     assert [t.m for t in trajs] == [3] * 6 and all(t.decisions == [] for t in trajs)
     check_invariants(trajs, stats, sampler, prompts_of("A", "B"), 3)
+
+
+# ----------------------------------------------------------------------------- paused segments
+
+
+def run_paused(strategy, script, prompts, every=2, **cfg_kw):
+    sampler = PausingSampler(TOK, script, every=every)
+    cfg = RolloutConfig(pause_below=0.25, **cfg_kw)
+    trajs, stats = rollout(strategy, prompts, sampler, TOK, FakeTools(), cfg, random.Random(0))
+    return trajs, stats, sampler
+
+
+def trajectory_fields(t):
+    return (t.prompt_id, t.row_id, t.response_ids, t.response_mask, t.logprobs, t.entropies,
+            [(s.role, s.start, s.end, s.entropy, s.text) for s in t.segments],
+            [(c.name, c.argument, c.result) for c in t.tool_calls], t.finish_reason)
+
+
+@pytest.mark.parametrize("every", [1, 2, 5])
+def test_paused_segments_give_the_same_independent_rollout(every):
+    """A segment split over several generate calls is recorded as the one segment it is: the
+    same tokens, scores, segment entropies and texts, actions and tool calls."""
+    prompts = prompts_of("A?", "B?", "C?")
+    plain, plain_stats, _ = run("independent", mixed_script, prompts, n=4)
+    paused, stats, sampler = run_paused("independent", mixed_script, prompts, every=every, n=4)
+    assert sampler.pauses > 0 and not sampler.open
+    assert stats["generate_calls"] > plain_stats["generate_calls"]
+    assert [trajectory_fields(t) for t in paused] == [trajectory_fields(t) for t in plain]
+
+
+REPLY = re.compile(r"(<search>[^<]*</search>|<answer>[^<]*</answer>|<eos>)")
+
+
+@pytest.mark.parametrize("strategy, extra", BRANCHING)
+def test_paused_segments_keep_trees_and_decisions_whole(strategy, extra):
+    """Branching strategies over a sampler that pauses every 2 tokens: the invariants hold, every
+    model segment is one whole scripted reply, and each decision is measured on a whole one."""
+    prompts = prompts_of("A?", "B?", "C?")
+    knobs = {"branch_alpha": 1.0, "branch_beta": 0.0, "branch_gamma": 0.0, "branch_penalty": 0.0}
+    trajs, stats, sampler = run_paused(strategy, mixed_script, prompts, n=5, **knobs, **extra)
+    assert sampler.pauses > 0
+    check_invariants(trajs, stats, sampler, prompts, 5)
+    for t in trajs:
+        for s in t.segments:
+            if s.role == "model":
+                assert REPLY.fullmatch(s.text), s.text
+                ents = t.entropies[s.start:s.end]
+                assert s.entropy == pytest.approx(segment_entropy_value(ents, 20, len(TOK), False))

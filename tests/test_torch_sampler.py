@@ -444,6 +444,68 @@ def test_bad_input_raises_clear_errors(tok, models):
     assert supports_lean_forward(models["qwen2"]) and not supports_lean_forward(models["gpt2"])
 
 
+def test_pause_splits_a_call_without_changing_the_generation(tok, models):
+    """generate(..., pause) ends the still-running rows "paused" once a row stopped; continuing
+    them gives the generation of one unpaused call: the same greedy tokens and scores, and a
+    multi-token stop string spanning the pause is still found."""
+    model, budget = models["qwen3"], 20
+    ps = prompts(tok)
+
+    def fresh():
+        s = TorchSampler(model, tok, temperature=0.0, eos_token_ids=[])
+        return s, [s.new_row(p) for p in ps]
+
+    s, rows = fresh()
+    greedy = [g.token_ids for g in s.generate(rows, budget)]
+    spec = s._stop_spec
+    found = None
+    for pos in range(1, 4):  # a one-token stop that ends row 0 early
+        t0 = greedy[0][pos]
+        stop0 = tok.decode([t0])
+        if not spec((stop0,)).token_stops:
+            continue
+        p = min(g.index(t0) if t0 in g else budget for g in greedy) + 1  # where the call pauses
+        for r in range(1, len(ps)):
+            g = greedy[r]
+            if t0 in g[: p + 1] or p + 1 > len(g):
+                continue
+            stop1 = tok.decode(g[p - 1 : p + 1])  # the last paused token and the next one
+            if stop1 and not spec((stop1,)).token_stops and stop1 not in tok.decode(g[:p]):
+                found = (stop0, stop1, p, r)
+                break
+        if found:
+            break
+    assert found, "no stop strings to build the test from"
+    stop0, stop1, p, r = found
+
+    s, rows = fresh()
+    expected = s.generate(rows, budget, stop=(stop0, stop1))
+    s, rows = fresh()
+    first = s.generate(rows, budget, stop=(stop0, stop1), pause=0.99)
+    paused = [i for i, g in enumerate(first) if g.finish == "paused"]
+    assert paused and r in paused and all(len(first[i].token_ids) == p for i in paused)
+    paused_row = s._rows[rows[r]]
+    assert paused_row.open == first[r].token_ids  # kept for stops across the pause
+    assert s._rows[s.fork(rows[r])].open == paused_row.open
+    assert s._rows[s.fork(rows[r], len(paused_row.ids) - 1)].open == paused_row.open[:-1]
+    second = s.generate([rows[i] for i in paused], [budget - p] * len(paused), stop=(stop0, stop1))
+    assert all(not s._rows[rows[i]].open for i in range(len(rows)))  # cleared once a row finished
+    assert second[paused.index(r)].finish == "stop" and second[paused.index(r)].stop == stop1
+    assert len(second[paused.index(r)].token_ids) == 1  # found across the pause
+    rest = dict(zip(paused, second))
+    for i, (one, want) in enumerate(zip(first, expected)):
+        tail = rest.get(i)
+        tokens = one.token_ids + (tail.token_ids if tail else [])
+        assert tokens == want.token_ids and (tail or one).finish == want.finish
+        assert (tail or one).stop == want.stop
+        got_lp = one.logprobs + (tail.logprobs if tail else [])
+        torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(want.logprobs), atol=1e-5, rtol=0)
+        check_against_full(model, s.tokens(rows[i]), len(ps[i]), Generation(tokens, got_lp, one.entropies + (
+            tail.entropies if tail else []), want.finish, want.stop), 1.0)
+    with pytest.raises(ValueError, match="pause must be in"):
+        s.generate(rows, 2, pause=1.0)
+
+
 def test_failed_graph_capture_falls_back_to_eager_decoding(tok, models, monkeypatch):
     """A torch build that cannot capture the step warns once per batch and decodes eagerly."""
     def refuse(self):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-FinishReason = Literal["stop", "eos", "length"]
+FinishReason = Literal["stop", "eos", "length", "paused"]
 
 
 @dataclass
@@ -23,7 +23,9 @@ class Generation:
     token_ids: list[int]
     logprobs: list[float]  # log pi(token) under softmax(logits / temperature), no top-p/top-k
     entropies: list[float]  # full-vocabulary entropy of softmax(logits / temperature), nats
-    finish: FinishReason  # "stop": a stop string ended it; "eos": EOS token; "length": budget
+    # "stop": a stop string ended it; "eos": EOS token; "length": budget; "paused": the call
+    # stopped early (only with `generate(..., pause=...)`), the row's segment goes on next call
+    finish: FinishReason
     stop: str | None = None  # the stop string that matched, when finish == "stop"
 
 

@@ -122,6 +122,7 @@ _SAMPLER_KEYS = {
     "entropy_top_k": "nothing: verl's server returns only the sampled token's log-prob",
     "engine_options": "actor_rollout_ref.rollout.* (verl's engine settings)",
     "decode_graphs": "actor_rollout_ref.rollout.enforce_eager",
+    "pause_below": "nothing: verl's server schedules requests itself",
 }
 _SPIN_PASSES = 8  # event-loop passes a leader yields before it starts polling on a timer
 

@@ -65,6 +65,8 @@ class RowState:
     parent: int | None = None  # row_id of the parent chain, None for a global row
     awaiting_decision: bool = False
     probe: bool = False  # AEPO pre-monitoring probe: never branches
+    # response offset where the model segment a paused `generate` call left open began
+    open_start: int | None = None
     finished: bool = False
     released: bool = False
 
@@ -168,10 +170,14 @@ class Agent:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def generate(self, rows: Sequence[int], max_new_tokens: int | Sequence[int]) -> list[Generation]:
-        """One sampler.generate call with the protocol's stop strings (counted)."""
+    def generate(
+        self, rows: Sequence[int], max_new_tokens: int | Sequence[int], pause: float = 0.0
+    ) -> list[Generation]:
+        """One sampler.generate call with the protocol's stop strings (counted); `pause` is
+        passed to a sampler that can pause (`can_pause`, e.g. `TorchSampler.generate`)."""
         self.generate_calls += 1
-        gens = self.sampler.generate(list(rows), max_new_tokens=max_new_tokens, stop=stop_strings())
+        extra = {"pause": pause} if pause and getattr(self.sampler, "can_pause", False) else {}
+        gens = self.sampler.generate(list(rows), max_new_tokens=max_new_tokens, stop=stop_strings(), **extra)
         if len(gens) != len(rows):
             raise ValueError(f"sampler.generate returned {len(gens)} generations for {len(rows)} rows")
         return gens
@@ -208,11 +214,17 @@ class Agent:
                 live.append(s)
         if not live:
             return []
-        gens = self.generate([s.row for s in live], [budget - s.response_len for s in live])
+        gens = self.generate([s.row for s in live], [budget - s.response_len for s in live],
+                             pause=self.cfg.pause_below)
 
         outcomes: list[TurnOutcome] = []
         pending: list[tuple[RowState, Action]] = []  # rows whose segment asks for a tool
         for s, gen in zip(live, gens):
+            if gen.finish == "paused":  # the segment goes on in the next turn's batch
+                self._record_tokens(s, gen)
+                if s.open_start is None:
+                    s.open_start = s.response_len - len(gen.token_ids)
+                continue
             outcome = self._record_segment(s, gen)
             outcomes.append(outcome)
             action = outcome.action
@@ -233,7 +245,8 @@ class Agent:
                 self._append_result(s, call)
         return outcomes
 
-    def _record_segment(self, s: RowState, gen: Generation) -> TurnOutcome:
+    def _record_tokens(self, s: RowState, gen: Generation) -> None:
+        """Append a generation's tokens, log-probs and entropies to the row's trajectory."""
         n = len(gen.token_ids)
         if len(gen.logprobs) != n or len(gen.entropies) != n:
             raise ValueError(
@@ -241,14 +254,24 @@ class Agent:
                 f"{len(gen.entropies)} entropies; they must match"
             )
         t = s.traj
-        start = len(t.response_ids)
         t.response_ids.extend(gen.token_ids)
         t.response_mask.extend([1] * n)
         t.logprobs.extend(float(x) for x in gen.logprobs)
         t.entropies.extend(float(x) for x in gen.entropies)
+
+    def _record_segment(self, s: RowState, gen: Generation) -> TurnOutcome:
+        """Record a finished model segment: with the tokens of the calls that paused it, if
+        any, as one segment (its entropy, text and action are the whole segment's)."""
+        t = s.traj
+        start = len(t.response_ids) if s.open_start is None else s.open_start
+        self._record_tokens(s, gen)
+        if s.open_start is not None:
+            gen = Generation(token_ids=t.response_ids[start:], logprobs=t.logprobs[start:],
+                             entropies=t.entropies[start:], finish=gen.finish, stop=gen.stop)
+            s.open_start = None
         text = self.decode(gen.token_ids)
         entropy = self.segment_entropy(gen.entropies)
-        t.segments.append(SegmentRecord("model", start, start + n, entropy, text))
+        t.segments.append(SegmentRecord("model", start, len(t.response_ids), entropy, text))
         if s.h_init is None:
             s.h_init = entropy
         follows_tool = s.awaiting_decision

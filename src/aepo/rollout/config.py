@@ -15,6 +15,12 @@ class RolloutConfig:
     # torch backend on CUDA: replay each decode step as a CUDA graph (`DecodeGraphs`); false
     # decodes eagerly (the same tokens, slower at real model sizes)
     decode_graphs: bool = True
+    # torch backend: once a turn's generate call is down to this fraction of its rows and some
+    # row stopped for a tool, the others pause and continue in the next turn's batch, so rows
+    # waiting on a tool result need not wait for the turn's longest row (0 = off). Try 0.25 on
+    # a GPU, where a decode step costs about the same at 8 rows as at 64; on the CPU demo it
+    # saves nothing (benchmarks/RESULTS.md, "The agent loop's turn barrier")
+    pause_below: float = 0.0
     strategy: str = "aepo"  # a registered strategy (`aepo.rollout.strategies`): independent | arpo | aepo
     n: int = 8  # k: rows per prompt, one group
     temperature: float = 1.0

@@ -196,7 +196,8 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
 
 # config keys that may change between a run and its resumption without changing what it trains
 RESUME_IGNORED_KEYS = ("out_dir", "model.device", "trainer.logger", "trainer.save_every", "trainer.keep_last",
-                      "trainer.threads", "rollout.engine_options", "rollout.decode_graphs")
+                      "trainer.threads", "rollout.engine_options", "rollout.decode_graphs",
+                      "rollout.pause_below")
 
 
 class RunDirError(ValueError):

@@ -16,6 +16,9 @@ class Row:
     ids: list[int]
     chunks: list[Any] = field(default_factory=list)
     n_cached: int = 0
+    # the last tokens of `ids` when a `generate` call paused the row mid-segment: the next call
+    # matches stop strings over them too, so a stop spanning the pause is found
+    open: list[int] = field(default_factory=list)
 
 
 class RowTable:
@@ -55,7 +58,9 @@ class RowTable:
 
     def append(self, row: int, token_ids: Sequence[int]) -> None:
         """Append external tokens (a tool result); they are not sampled."""
-        self._row(row).ids.extend(self._check_ids(token_ids, "append"))
+        state = self._row(row)
+        state.ids.extend(self._check_ids(token_ids, "append"))
+        state.open = []
 
     def _fork_length(self, row: int, position: int | None) -> tuple[Row, int]:
         state = self._row(row)

@@ -68,6 +68,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 _TOKENIZER_CACHE: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
+# `generate(..., pause=...)` leaves rows this close to their budget running: a new call's
+# prefill and cache gather cost about as much as a few decode steps
+PAUSE_MIN_TOKENS = 8
 
 
 @dataclass
@@ -172,7 +175,9 @@ class TorchSampler(RowTable):
         state, n = self._fork_length(row, position)
         n_cached = min(state.n_cached, n)
         chunks = truncate_chunks(state.chunks, n_cached)
-        return self._add(Row(ids=state.ids[:n], chunks=chunks, n_cached=n_cached))
+        open_kept = len(state.open) - (len(state.ids) - n)  # of a paused segment, before `position`
+        return self._add(Row(ids=state.ids[:n], chunks=chunks, n_cached=n_cached,
+                             open=state.open[:open_kept] if open_kept > 0 else []))
 
     def cached_length(self, row: int) -> int:
         """How many of the row's tokens already have keys/values in its cache."""
@@ -299,10 +304,24 @@ class TorchSampler(RowTable):
                 self.pack_weights = False
         return self._packed
 
+    can_pause = True  # `generate` takes `pause`
+
     def generate(
-        self, rows: Sequence[int], max_new_tokens: int | Sequence[int], stop: Sequence[str] = ()
+        self,
+        rows: Sequence[int],
+        max_new_tokens: int | Sequence[int],
+        stop: Sequence[str] = (),
+        pause: float = 0.0,
     ) -> list[Generation]:
-        """Continue each row until a stop string, EOS or its token budget; one Generation per row."""
+        """Continue each row until a stop string, EOS or its token budget; one Generation per row.
+
+        `pause` > 0: once at most that fraction of a batch's rows is still going and some row
+        ended on a stop string, the rest end with finish "paused" (their segment continues at
+        their next call, stop strings matched across the pause). An agent loop passes it so
+        that the rows waiting on a tool result do not wait for a turn's longest row: they and
+        the paused rows decode together in the next turn's batch."""
+        if not 0.0 <= pause < 1.0:
+            raise ValueError(f"pause must be in [0, 1) (a fraction of a batch's rows; 0 = off), got {pause}")
         handles, budgets = self._budgets(rows, max_new_tokens)
         spec = self._stop_spec(tuple(stop))
         results: list[Generation | None] = [None] * len(handles)
@@ -315,10 +334,24 @@ class TorchSampler(RowTable):
         with torch.inference_mode():
             for start in range(0, len(todo), self.max_batch_rows):
                 group = todo[start : start + self.max_batch_rows]
-                outs = self._generate_batch([handles[i] for i in group], [budgets[i] for i in group], spec)
+                outs = self._generate_batch(
+                    [handles[i] for i in group], [budgets[i] for i in group], spec, pause
+                )
                 for i, out in zip(group, outs):
                     results[i] = out
         return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _should_pause(
+        active: list[int],
+        finish: list[tuple[str, str | None] | None],
+        generated: list[list[int]],
+        budgets: list[int],
+    ) -> bool:
+        """Pause the `active` rows: some row ended on a stop string (a tool call, whose row goes
+        on next turn) and the active rows still have more than `PAUSE_MIN_TOKENS` to go."""
+        stopped = any(f is not None and f[0] == "stop" for f in finish)
+        return stopped and max(budgets[i] - len(generated[i]) for i in active) > PAUSE_MIN_TOKENS
 
     def _layout(self, states: list[Row], use_cached: list[int], budget: int) -> Layout:
         device = self.device
@@ -382,21 +415,25 @@ class TorchSampler(RowTable):
                 offset += n
         return keys, values
 
-    def _generate_batch(self, handles: list[int], budgets: list[int], spec: _StopSpec) -> list[Generation]:
+    def _generate_batch(
+        self, handles: list[int], budgets: list[int], spec: _StopSpec, pause: float = 0.0
+    ) -> list[Generation]:
         """`_generate_rows`, with the rows of a CPU lean batch ordered by pending length, longest
         first, so its prefill runs in passes of similar lengths (`LeanBatch.prefill`); results
         in the callers' order."""
         if not (self.lean and self.device.type == "cpu") or len(handles) < 2:
-            return self._generate_rows(handles, budgets, spec)
+            return self._generate_rows(handles, budgets, spec, pause)
         pending = [len(s.ids) - _usable_cache(s) for s in (self._rows[h] for h in handles)]
         order = sorted(range(len(handles)), key=lambda i: -pending[i])
-        outs = self._generate_rows([handles[i] for i in order], [budgets[i] for i in order], spec)
+        outs = self._generate_rows([handles[i] for i in order], [budgets[i] for i in order], spec, pause)
         results: list[Generation] = [None] * len(order)  # type: ignore[list-item]
         for k, i in enumerate(order):
             results[i] = outs[k]
         return results
 
-    def _generate_rows(self, handles: list[int], budgets: list[int], spec: _StopSpec) -> list[Generation]:
+    def _generate_rows(
+        self, handles: list[int], budgets: list[int], spec: _StopSpec, pause: float = 0.0
+    ) -> list[Generation]:
         states = [self._rows[h] for h in handles]
         use_cached = [_usable_cache(s) for s in states]
         max_budget = max(budgets)
@@ -457,13 +494,19 @@ class TorchSampler(RowTable):
                 elif (
                     spec.candidates is not None
                     and spec.candidates[token]
-                    and (matched := self._text_stop(generated[i], spec)) is not None
+                    and (matched := self._text_stop(states[i].open + generated[i], spec)) is not None
                 ):
                     finish[i] = ("stop", matched)
                 elif len(generated[i]) >= budgets[i]:
                     finish[i] = ("length", None)
             active = [k for k, i in enumerate(slots) if finish[i] is None]
             if not active:
+                break
+            if pause and len(active) <= pause * batch and self._should_pause(
+                [slots[k] for k in active], finish, generated, budgets
+            ):
+                for k in active:
+                    finish[slots[k]] = ("paused", None)
                 break
             if len(active) <= len(slots) // 2 and len(slots) >= 8:
                 for k, i in enumerate(slots):
@@ -481,6 +524,8 @@ class TorchSampler(RowTable):
 
         for k, i in enumerate(slots):
             close(i, k)
+        for i, state in enumerate(states):
+            state.open = state.open + generated[i] if finish[i][0] == "paused" else []  # type: ignore[index]
         logprobs = torch.stack(logprob_cols, 1).tolist()
         entropies = torch.stack(entropy_cols, 1).tolist()
         outs = []
