@@ -39,6 +39,25 @@ def test_demo_writes_report_and_summary(demo_dir):
     assert [r["step"] for r in rows] == [1, 2]
 
 
+def test_report_seconds_agree_with_the_summary(demo_dir, tmp_path):
+    """summary.md prints the stage seconds summary.json holds, also at a rounding edge (2.54 s
+    is 2.5 in the JSON, which prints as 2 s, not the 3 s the raw value would)."""
+    import shutil
+
+    from aepo.demo.stages import DemoPlan, demo_config, write_report
+
+    out = tmp_path / "demo"
+    shutil.copytree(demo_dir, out)
+    sft = json.loads((out / "eval_sft.json").read_text())
+    rl = json.loads((out / "eval_rl.json").read_text())
+    stages = {"world": None, "demonstrations": 0.26, "SFT": 2.54, "SFT eval": 1.45, "RL": 10.5, "RL eval": 0.04}
+    write_report(out, demo_config(DemoPlan(), "aepo", 0), sft, rl, 20.0, stages)
+    summary = json.loads((out / "summary.json").read_text())
+    md = (out / "summary.md").read_text()
+    assert summary["stage_seconds"]["SFT"] == 2.5
+    assert "world cached, demonstrations 0 s, SFT 2 s, SFT eval 1 s, RL 10 s, RL eval 0 s" in md
+
+
 def test_demo_sft_data_comes_from_other_worlds(monkeypatch):
     """SFT never sees the demo world (seed S): its train and test entities are both new."""
     import aepo.demo.world as world_mod

@@ -278,7 +278,9 @@ def write_report(out: Path, cfg: Config, sft: dict, rl: dict, wall: float,
         f"Held-out accuracy (pass@1) went from **{pct(summary['sft_accuracy'])}** after SFT to "
         f"**{pct(summary['rl_accuracy'])}** after {cfg.trainer.total_steps} RL steps "
         f"({summary['gain_points']:+.1f} points). Wall time {wall / 60:.1f} min"
-        + (" (" + ", ".join(f"{k} {'cached' if v is None else f'{v:.0f} s'}" for k, v in stage_seconds.items()) + ")"
+        # from the summary's rounded seconds, so the report and summary.json never disagree
+        + (" (" + ", ".join(f"{k} {'cached' if v is None else f'{v:.0f} s'}"
+                            for k, v in summary["stage_seconds"].items()) + ")"
            if stage_seconds else "") + ".", "",
         "| model | " + " | ".join(ks_sorted) + " | F1 | tool calls | length | diversity |",
         "|---|" + "---|" * (len(ks_sorted) + 4),
