@@ -50,7 +50,11 @@ class Sampler(Protocol):
     def generate(
         self, rows: Sequence[int], max_new_tokens: int | Sequence[int], stop: Sequence[str] = ()
     ) -> list[Generation]:
-        """Continue each row until a stop string, EOS or its token budget; one Generation per row."""
+        """Continue each row until a stop string, EOS or its token budget; one Generation per row.
+
+        A sampler that sets `can_pause = True` also takes `pause` (a fraction of a call's rows,
+        `TorchSampler.generate`): the agent loop then lets a turn's last rows pause (finish
+        "paused") and continue at their next call (`rollout.pause_below`)."""
 
 
 @dataclass
