@@ -31,7 +31,13 @@ __all__ = ["PURE_NUMBER_RE", "math_equal"]
 
 _TEXT_CMDS = ("text", "textbf", "textit", "textrm", "mathrm", "mathbf", "mathit", "mbox", "operatorname")
 _UNITS = frozenset(
-    ["m", "cm", "mm", "km", "nm", "meter", "meters", "metre", "metres", "kilometer", "kilometers", "centimeter", "centimeters", "millimeter", "millimeters", "inch", "inches", "in", "ft", "foot", "feet", "yd", "yard", "yards", "mi", "mile", "miles", "g", "kg", "mg", "gram", "grams", "kilogram", "kilograms", "lb", "lbs", "pound", "pounds", "oz", "ounce", "ounces", "ton", "tons", "tonne", "tonnes", "l", "ml", "liter", "liters", "litre", "litres", "gallon", "gallons", "quart", "quarts", "pint", "pints", "cup", "cups", "s", "sec", "secs", "second", "seconds", "min", "mins", "minute", "minutes", "h", "hr", "hrs", "hour", "hours", "day", "days", "week", "weeks", "month", "months", "year", "years", "mph", "kph", "kmh", "km/h", "m/s", "dollar", "dollars", "cent", "cents", "usd", "eur", "euro", "euros", "pound", "sterling", "degree", "degrees", "deg", "percent", "sq", "square", "cubic", "units", "unit"]
+    """m cm mm km nm meter meters metre metres kilometer kilometers centimeter centimeters
+    millimeter millimeters inch inches in ft foot feet yd yard yards mi mile miles g kg mg gram
+    grams kilogram kilograms lb lbs pound pounds oz ounce ounces ton tons tonne tonnes l ml
+    liter liters litre litres gallon gallons quart quarts pint pints cup cups s sec secs second
+    seconds min mins minute minutes h hr hrs hour hours day days week weeks month months year
+    years mph kph kmh km/h m/s dollar dollars cent cents usd eur euro euros pound sterling degree
+    degrees deg percent sq square cubic units unit""".split()
 )
 PURE_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
 _THOUSANDS_RE = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?!\d|,\d)")

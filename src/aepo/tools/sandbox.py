@@ -121,7 +121,7 @@ class Isolation:
 
     def describe(self) -> str:
         """What is and is not in force, for logs and `aepo tools python --verbose`."""
-        yes = lambda flag: "yes" if flag else "NO"
+        yes = lambda flag: "yes" if flag else "NO"  # noqa: E731
         return (
             f"sandbox mode={self.mode}; namespaces (user, mount, pid, net, ipc, uts)={yes(self.namespaces)}; "
             f"minimal root (host files hidden)={yes(self.minimal_root)}; "

@@ -124,7 +124,7 @@ def die_with_parent(parent_pid: int | None) -> None:
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    enc = lambda s: None if s is None else s.encode()
+    enc = lambda s: None if s is None else s.encode()  # noqa: E731
     if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
         raise SetupError(f"mount {source or fstype or ''} on {target}: {_errno_text()}")
 
