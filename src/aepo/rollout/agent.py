@@ -221,9 +221,9 @@ class Agent:
         pending: list[tuple[RowState, Action]] = []  # rows whose segment asks for a tool
         for s, gen in zip(live, gens):
             if gen.finish == "paused":  # the segment goes on in the next turn's batch
-                self._record_tokens(s, gen)
                 if s.open_start is None:
-                    s.open_start = s.response_len - len(gen.token_ids)
+                    s.open_start = s.response_len
+                self._record_tokens(s, gen)
                 continue
             outcome = self._record_segment(s, gen)
             outcomes.append(outcome)

@@ -479,12 +479,11 @@ class DecodeGraphs:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
         self.key: tuple[int, int] | None = None
-        self.captures = 0
-        self.replays = 0
 
     def _buffers(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
-        self.tokens = tokens.clone()
-        self.positions = positions.clone()
+        """Static inputs for this key's graph; `step` fills tokens, positions and col each call."""
+        self.tokens = torch.empty_like(tokens)
+        self.positions = torch.empty_like(positions)
         self.col = torch.zeros(1, dtype=torch.long, device=tokens.device)
         self.valid = self.batch.layout.key_valid.clone()
 
@@ -512,9 +511,7 @@ class DecodeGraphs:
                               "eagerly (rollout.decode_graphs=false skips the attempt)", stacklevel=2)
                 self.capture = False
                 return self._run()
-            self.captures += 1
         self.graph.replay()
-        self.replays += 1
         return self.out
 
     def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
