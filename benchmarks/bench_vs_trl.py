@@ -39,12 +39,8 @@ import time
 from pathlib import Path
 
 import torch
+from bench_gpu import sync
 from bench_sampler import synthetic_tokenizer  # the same seeded tokenizer as the sampler benchmark
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_gflops(threads: int, device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
