@@ -26,6 +26,7 @@ import pytest
 from typer.testing import CliRunner
 
 import aepo
+import sandbox_hostile  # the hostile programs, shared with the ordinary-user run
 from aepo.cli import app
 from aepo.config import ConfigError, ToolsConfig
 from aepo.tools import build_tool_runner, sandbox_child
@@ -314,6 +315,130 @@ def test_background_process_is_ended_with_the_program():
         assert not result.ok and "BlockingIOError" in result.error  # no new process at all
     else:
         assert result.ok and result.stdout == "parent done\n"
+
+
+# ----------------------------------------------------------------------------- the trainer as root
+# Each case of tests/sandbox_hostile.py aims at one wall (host sysctls, threads past the process
+# limit, root-only /proc files, non-IP sockets such as the hypervisor's vsock, shared memory
+# outside the memory limit, signals to the supervisor, the setup process's group, the host
+# user's inotify instances). Here they run as whoever runs the tests (root in CI); below, the
+# same cases as an ordinary host user.
+
+
+@pytest.fixture(scope="module")
+def hostile_box():
+    return sandbox_hostile.make_box()
+
+
+@pytest.mark.parametrize("case", sandbox_hostile.ALL_CASES)
+def test_hostile_program_is_held(hostile_box, case):
+    assert sandbox_hostile.run_case(hostile_box, case) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the trainer is not root here")
+def test_a_root_trainers_program_runs_as_an_unprivileged_host_uid(hostile_box):
+    code = "import os\nprint(os.getuid(), open('/proc/self/uid_map').read().split())"
+    out = hostile_box(code).split(maxsplit=1)
+    assert out[0] == str(sandbox_child.PROGRAM_UID)
+    uid_map = eval(out[1], {})
+    host_uid = int(uid_map[uid_map.index(str(sandbox_child.PROGRAM_UID)) + 1])
+    assert sandbox_module.PROGRAM_UID_BASE <= host_uid < sandbox_module.PROGRAM_UID_BASE + 256
+    # fork works again (RLIMIT_NPROC binds a non-root uid), unlike under the no-fork fallback
+    assert hostile_box(sandbox_hostile.FORK_STILL_WORKS) == "7\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the trainer is not root here")
+def test_concurrent_runs_hold_different_host_uids():
+    with sandbox_module._UidSlot() as first, sandbox_module._UidSlot() as second:
+        assert first != second
+    done = subprocess.run(  # another process sees the slot as taken while this one holds it
+        [sys.executable, "-c", "from aepo.tools.sandbox import _UidSlot\nwith _UidSlot() as u: print(u)"],
+        capture_output=True, text=True, timeout=60)
+    with sandbox_module._UidSlot() as held:
+        other = subprocess.run(
+            [sys.executable, "-c", "from aepo.tools.sandbox import _UidSlot\nwith _UidSlot() as u: print(u)"],
+            capture_output=True, text=True, timeout=60)
+        assert int(other.stdout) != held, other.stderr
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_dead_supervisor_is_one_line_for_the_model_and_the_details_go_to_the_log(caplog):
+    box = PythonSandbox()
+    traceback_text = ('Traceback (most recent call last):\n  File "/home/me/aepo/src/aepo/tools/sandbox_child.py", '
+                      'line 9, in supervise\nKeyboardInterrupt\n')
+    launch = sandbox_module._Launch(stdout="partial\n", stderr=traceback_text, status="", exit_code=1,
+                                    timed_out=False)
+    with caplog.at_level("WARNING", logger="aepo.tools.sandbox"):
+        result = box._result(launch)
+    assert not result.ok and result.error == "Error: the sandbox stopped before the program finished"
+    text = box.format(result)
+    assert "/home/me" not in text and "Traceback" not in text
+    assert "sandbox_child.py" in caplog.text  # the operator still sees what happened
+
+
+def test_a_tool_exception_reaches_the_model_as_one_line(caplog):
+    from aepo.tools.runner import ToolRunner
+
+    def broken(argument: str) -> str:
+        raise SandboxError("cannot start the sandbox process '/root/secret/venv/bin/python': boom\n"
+                           "Traceback (most recent call last):\n  File \"/root/secret/x.py\"")
+
+    broken.name = "python"
+    with caplog.at_level("WARNING", logger="aepo.tools.runner"):
+        [call] = ToolRunner([broken], timeout=5).run([("python", "1")])
+    assert not call.ok and "\n" not in call.result and "x.py" not in call.result
+    assert call.result.startswith("Error: SandboxError: cannot start the sandbox process")
+    assert "x.py" in caplog.text
+
+
+def test_cli_escapes_terminal_control_characters():
+    from aepo.console import printable
+
+    hostile = "a\x1b]52;c;aGk=\x07b\x1b[2Jc\x9bd\re\u202ef\x00g\tok\nline2"
+    assert printable(hostile) == "a\\x1b]52;c;aGk=\\x07b\\x1b[2Jc\\x9bd\\x0de\\u202ef\\x00g\tok\nline2"
+    assert printable("plain text, ümlaut, 中文\n") == "plain text, ümlaut, 中文\n"
+    code = "print('\\x1b]52;c;aGk=\\x07 title \\x1b]0;owned\\x07 clear \\x1b[2J c1 \\x9b end')"
+    done = CliRunner().invoke(app, ["tools", "python", code])
+    assert done.exit_code == 0, done.output
+    assert not any(ch in done.output for ch in "\x1b\x07\x9b")
+    assert "\\x1b]52;c;aGk=\\x07" in done.output and done.output.rstrip().endswith("end")
+    calc = CliRunner().invoke(app, ["tools", "calc", "1 +\x1b[2J 1"])
+    assert "\x1b" not in calc.output
+
+
+def _ordinary_user_python() -> list[str] | None:
+    """A command that runs this test environment's code as an ordinary host user (nobody): the
+    system interpreter of the same version (the venv's own may sit under root's home) with this
+    environment's packages on its path. None where that cannot be arranged."""
+    import sysconfig
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return None
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    paths = [sysconfig.get_paths()["purelib"], str(Path(aepo.__file__).resolve().parents[1])]
+    env = ["env", "-i", f"PYTHONPATH={os.pathsep.join(paths)}"]
+    for candidate in (f"/usr/bin/{version}", f"/usr/local/bin/{version}", shutil.which(version) or ""):
+        if not candidate:
+            continue
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", *env, candidate]
+        check = subprocess.run([*command, "-c", "import aepo.tools.sandbox"], capture_output=True, cwd="/tmp")
+        if check.returncode == 0:
+            return command
+    return None
+
+
+def test_hostile_programs_are_held_for_an_ordinary_user_too():
+    command = _ordinary_user_python()
+    if command is None:
+        pytest.skip("needs root (to become nobody), setpriv, and a system Python of this version that "
+                    "nobody can run with this environment's packages")
+    script = Path(__file__).with_name("sandbox_hostile.py")
+    done = subprocess.run([*command, str(script)], capture_output=True, text=True, timeout=300, cwd="/tmp")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report.pop("uid") == 65534
+    assert "program runs as the trainer's uid; process limit=rlimit" in report.pop("describe")
+    assert report == {case: None for case in sandbox_hostile.ALL_CASES}
 
 
 # ----------------------------------------------------------------------------- other users, kernels

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+import unicodedata
 from typing import Any
 
 from rich.console import Console
@@ -20,6 +21,24 @@ SHOWN = [("loss", "loss"), ("accuracy", "acc"), ("reward/mean", "R"), ("reward/a
          ("actor/grad_norm", "|g|")]
 
 console = Console(stderr=True)
+
+
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: str) -> str:
+    """`text` safe for the operator's terminal: control characters other than newline and tab
+    (escape sequences, C1 controls, carriage return, bidirectional overrides) are shown as
+    escapes (`\\x1b`, `\\u202e`), so model- or tool-written text cannot drive the terminal."""
+    out = []
+    for ch in text:
+        if ch in "\n\t" or (unicodedata.category(ch) != "Cc" and ch not in _BIDI_CONTROLS):
+            out.append(ch)
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}")
+    return "".join(out)
 
 
 def format_metrics(m: dict[str, Any]) -> str:

@@ -11,18 +11,20 @@ from pathlib import Path
 
 import typer
 
+from aepo.console import printable
+
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 
 def _fail(message: str) -> None:
     """A usage error: one line on stderr, exit status 2."""
-    typer.secho(f"error: {message}", fg="red", err=True)
+    typer.secho(printable(f"error: {message}"), fg="red", err=True)
     raise typer.Exit(code=2)
 
 
 def _tool_error(message: str) -> None:
     """The tool answered with an error: print it as the tool's result, exit status 1."""
-    typer.echo(f"Error: {message}")
+    typer.echo(printable(f"Error: {message}"))
     raise typer.Exit(code=1)
 
 
@@ -50,7 +52,7 @@ def search_command(
         _fail(f"{exc}; check the --cache / --corpus file")
         return
     try:
-        typer.echo(tool(query))
+        typer.echo(printable(tool(query)))
     except SearchBackendError as exc:
         _tool_error(str(exc))
 
@@ -84,7 +86,7 @@ def python_command(
     except SandboxError as exc:
         _fail(str(exc))
         return
-    typer.echo(sandbox.format(result).rstrip("\n"))
+    typer.echo(printable(sandbox.format(result).rstrip("\n")))
     if not result.ok:
         raise typer.Exit(code=1)
 
@@ -97,6 +99,6 @@ def calc_command(
     from aepo.tools.calc import CalcError, Calculator, format_number
 
     try:
-        typer.echo(format_number(Calculator().evaluate(expression)))
+        typer.echo(printable(format_number(Calculator().evaluate(expression))))
     except CalcError as exc:
         _tool_error(str(exc))

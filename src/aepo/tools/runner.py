@@ -18,6 +18,7 @@ child process.)
 
 from __future__ import annotations
 
+import logging
 import queue
 import re
 import threading
@@ -30,6 +31,8 @@ from aepo.types import ToolCall
 
 TRUNCATION_MARK = " ...[truncated]"
 _SLOT_POLL_S = 0.02  # how often a `run` waiting for workers looks for slots freed by other `run`s
+logger = logging.getLogger(__name__)
+_ERROR_CHARS = 300  # a tool's exception, as the model sees it: its first line, cut here
 # The runner's own timeout text ("Error: search timed out after 5s") and the Python sandbox's
 # ("Error: timed out after 5s", after any output the program printed first).
 _TIMEOUT_TEXT = re.compile(r"^Error: (?:\S+ )?timed out after \d", re.MULTILINE)
@@ -203,7 +206,10 @@ class ToolRunner:
             else:
                 text, ok = f"Error: tool returned {type(value).__name__}, expected str", False
         except BaseException as exc:  # noqa: BLE001 - a tool may even call sys.exit
-            message = str(exc)
+            # One line for the model; the whole story (host paths, traceback) only in the log.
+            logger.warning("tool %r raised %s", tool, type(exc).__name__, exc_info=True)
+            lines = str(exc).strip().splitlines()
+            message = lines[0][:_ERROR_CHARS] if lines else ""
             text = f"Error: {type(exc).__name__}: {message}" if message else f"Error: {type(exc).__name__}"
             ok = False
         finished.put((index, text, ok, time.monotonic() - start))

@@ -105,7 +105,10 @@ class Isolation:
     namespaces: bool  # user, mount, PID, network, IPC, UTS namespaces
     minimal_root: bool  # the program sees only its own root: no host file outside the binds
     process_filter: bool  # the seccomp filter is installed
-    process_limit: str  # "rlimit" (RLIMIT_NPROC) or "seccomp" (no new processes at all)
+    process_limit: str  # "rlimit" (RLIMIT_NPROC, threads included) or "seccomp" (no new processes at all)
+    program_uid: str = "the trainer's uid"  # who the program is on the host
+    proc_sealed: bool = False  # /proc/sys read-only, root-only /proc files masked
+    memory_walls: bool = False  # memfd refused, System V / POSIX IPC limits 0 in its own namespace
 
     @property
     def network_isolated(self) -> bool:
@@ -126,8 +129,14 @@ class Isolation:
             f"sandbox mode={self.mode}; namespaces (user, mount, pid, net, ipc, uts)={yes(self.namespaces)}; "
             f"minimal root (host files hidden)={yes(self.minimal_root)}; "
             f"network isolated={yes(self.network_isolated)}; "
-            f"system-call filter (no namespaces, mount, ptrace, bpf, keyctl, perf, io_uring, "
-            f"unix sockets)={yes(self.process_filter)}; process limit={self.process_limit}"
+            f"system-call filter (no namespaces, mount, ptrace, bpf, keyctl, perf, io_uring, memfd; "
+            f"sockets: IPv4/IPv6 only; no signal or limit aimed at the supervisor)={yes(self.process_filter)}; "
+            f"program runs as {self.program_uid}; process limit={self.process_limit}; "
+            f"/proc/sys read-only and root-only /proc files masked={yes(self.proc_sealed)}; "
+            f"shared memory bounded (no memfd, System V / POSIX IPC off; /dev/shm in the scratch "
+            f"tmpfs)={yes(self.memory_walls)}; own session, supervisor unsignalable={yes(self.namespaces)}; "
+            f"inotify instances per run={8 if self.namespaces else 'host user limit'}; "
+            f"memory limit=address space per program (no memory cgroup)"
         )
 
 
@@ -162,7 +171,15 @@ def _limits(cpu_seconds: int, memory_mb: int, max_processes: int, max_file_mb: i
         "RLIMIT_FSIZE": [max_file_mb * 1024 * 1024] * 2,
         "RLIMIT_CORE": [0, 0],
         "RLIMIT_NOFILE": [256, 256],
+        "RLIMIT_MSGQUEUE": [0, 0],  # POSIX message queues: kernel memory no other limit counts
+        "RLIMIT_MEMLOCK": [0, 0],
     }
+
+
+def _host_root() -> bool:
+    """True when this process is the host's root (uid 0 mapped to uid 0 of the first namespace):
+    then the sandbox can map its program to an unprivileged host uid."""
+    return os.geteuid() == 0 and _nproc_does_not_bind()
 
 
 def _nproc_does_not_bind() -> bool:
@@ -298,6 +315,59 @@ class _ScratchDir:
     def __exit__(self, *exc: object) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
         os.close(self._fd)
+
+
+# ----------------------------------------------------------------------------- program uids
+
+PROGRAM_UID_BASE = int(os.environ.get("AEPO_SANDBOX_UID_BASE", "1900000000"))
+"""Under a root trainer, run k's program runs as host uid PROGRAM_UID_BASE + slot (and the same
+gid), a uid no account or file of the host has; AEPO_SANDBOX_UID_BASE moves the range."""
+PROGRAM_UID_SLOTS = 256
+_SLOT_DIR = Path("/run/aepo-sandbox-slots")
+
+
+class _UidSlot:
+    """An unprivileged host uid held by one sandbox run at a time across every process of the
+    host (an flock on a slot file), so no two concurrent programs share one process budget."""
+
+    def __init__(self) -> None:
+        self.uid: int | None = None
+        self._fd: int | None = None
+
+    def __enter__(self) -> int:
+        directory = _SLOT_DIR if os.access("/run", os.W_OK) else Path(tempfile.gettempdir(), "aepo-sandbox-slots")
+        directory.mkdir(mode=0o700, exist_ok=True)
+        start = (os.getpid() * 31 + threading.get_ident()) % PROGRAM_UID_SLOTS
+        order = [(start + i) % PROGRAM_UID_SLOTS for i in range(PROGRAM_UID_SLOTS)]
+        for i, slot in enumerate(order):
+            fd = os.open(directory / f"{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if i == len(order) - 1 else fcntl.LOCK_NB))
+            except OSError:
+                os.close(fd)
+                continue
+            self._fd, self.uid = fd, PROGRAM_UID_BASE + slot
+            return self.uid
+        raise SandboxError("no sandbox uid slot could be locked")  # pragma: no cover - the last one blocks
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+
+class _NoSlot:
+    """An ordinary user's sandbox: the program keeps the user's own uid (the only one it may map)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _uid_slot() -> _UidSlot | _NoSlot:
+    return _UidSlot() if _host_root() else _NoSlot()
 
 
 # ----------------------------------------------------------------------------- one launch
@@ -451,15 +521,18 @@ def _runner_source() -> str:
 
 
 def _settings(mode: str, python: str, root: Path, scratch_mb: int, limits: dict, *, probe: bool,
-              canary: str = "", tag: str = "") -> dict:
+              host_uid: int | None, canary: str = "", tag: str = "") -> dict:
     strict = mode == "strict"
+    host_uid = host_uid if strict else None
     return {
         "namespaces": strict,
         "binds": python_binds(python) if strict else [],
         "root": str(root),
         "scratch_mb": scratch_mb,
         "limits": limits,
-        "deny_fork": _nproc_does_not_bind(),
+        "host_uid": host_uid,
+        # where RLIMIT_NPROC cannot bind (the program would be the host's root), no new processes
+        "deny_fork": _nproc_does_not_bind() and host_uid is None,
         "require_filter": strict,
         "probe": probe,
         "canary": canary,
@@ -474,11 +547,13 @@ def _probe(python: str, mode: str) -> Isolation:
     """Run the child in probe mode and check, from inside, every wall the mode promises."""
     remove_stale_scratch_dirs()
     strict = mode == "strict"
-    with _ScratchDir() as root, tempfile.TemporaryDirectory(prefix="aepo-probe-canary-") as outside:
+    with _ScratchDir() as root, tempfile.TemporaryDirectory(prefix="aepo-probe-canary-") as outside, \
+            _uid_slot() as host_uid:
         os.chmod(outside, 0o777)  # only the sandbox, not file permissions, may stop the write
         canary = Path(outside, "canary")
         canary.write_text("host file")
-        settings = _settings(mode, python, root, 1, _limits(10, 1024, 64, 1), probe=True, canary=str(canary))
+        settings = _settings(mode, python, root, 1, _limits(10, 1024, 64, 1), probe=True, host_uid=host_uid,
+                             canary=str(canary))
         launch = _launch(python, settings, "", root, _PROBE_TIMEOUT_S, 65536)
         returncode, _, failure = _parse_status(launch.status)
         try:
@@ -498,18 +573,27 @@ def _probe(python: str, mode: str) -> Isolation:
             ("root_writable", True, "the sandbox root is writable"),
             ("unshare_blocked", False, "new namespaces are not refused"),
             ("unix_socket_blocked", False, "unix sockets are not refused"),
+            ("vsock_blocked", False, "vsock sockets are not refused"),
+            ("memfd_blocked", False, "memfd_create is not refused"),
+            ("proc_sys_writable", True, "/proc/sys is writable"),
             ("filter", False, "the system-call filter is not installed"),
         ):
             if report.get(key, bad) == bad:
                 problems.append(what)
-    if report.get("filter") and _nproc_does_not_bind() and report.get("can_fork", True):
+    deny_fork = _nproc_does_not_bind() and (host_uid is None or not strict)
+    if report.get("filter") and deny_fork and report.get("can_fork", True):
         problems.append("the process filter did not stop fork")
     if problems:
         raise SandboxError(f"the {mode} Python sandbox is not holding on this machine: {'; '.join(problems)}. "
                            + (_UNAVAILABLE_HINT if strict else ""))
+    if strict and host_uid is not None:
+        who = f"an unprivileged host uid ({PROGRAM_UID_BASE}+slot, one per concurrent run)"
+    else:
+        who = "the trainer's uid" + (" (the host's root: no new processes)" if deny_fork else "")
     return Isolation(
         mode=mode, namespaces=strict, minimal_root=strict, process_filter=bool(report.get("filter")),
-        process_limit="seccomp" if report.get("filter") and _nproc_does_not_bind() else "rlimit",
+        process_limit="seccomp" if report.get("filter") and deny_fork else "rlimit",
+        program_uid=who, proc_sealed=strict, memory_walls=strict and bool(report.get("memfd_blocked")),
     )
 
 
@@ -602,7 +686,7 @@ class PythonSandbox:
         self.max_file_mb = max_file_mb
         self.scratch_mb = scratch_mb
         self.mode = _check_mode(mode)
-        self.python = python or sys.executable
+        self.python = os.path.normpath(os.path.abspath(python or sys.executable))
 
     @property
     def isolation(self) -> Isolation:
@@ -615,9 +699,9 @@ class PythonSandbox:
             raise ValueError(f"code must be a string, got {type(code).__name__}")
         isolation = self.isolation
         limits = _limits(self.cpu_seconds, self.memory_mb, self.max_processes, self.max_file_mb)
-        with _ScratchDir() as root:
+        with _ScratchDir() as root, _uid_slot() as host_uid:
             settings = _settings(isolation.mode, self.python, root, self.scratch_mb, limits, probe=False,
-                                 tag=root.name)
+                                 host_uid=host_uid, tag=root.name)
             cap = self.max_output_chars * 4 + 1024  # bytes; utf-8 needs at most 4 per character
             launch = _launch(self.python, settings, code, root, self.timeout, cap)
         return self._result(launch)
@@ -632,9 +716,10 @@ class PythonSandbox:
             error = f"Error: timed out after {self.timeout:g}s"
         elif failure is not None:
             raise SandboxError(f"sandbox {failure}")
-        elif returncode is None:  # the supervisor itself died (cannot happen to a sane host)
-            tail = _stderr_tail(launch.stderr)
-            raise SandboxError(f"sandbox supervisor exited with status {launch.exit_code}: {tail}")
+        elif returncode is None:  # the supervisor died: one line for the model, the rest for the log
+            logger.warning("python sandbox: the supervisor exited with status %s before reporting; stderr "
+                           "tail: %s", launch.exit_code, _stderr_tail(launch.stderr))
+            error = "Error: the sandbox stopped before the program finished"
         elif returncode < 0:
             error = _signal_error(-returncode, self.cpu_seconds)
         elif returncode != 0:

@@ -6,9 +6,14 @@ on standard input and a private status pipe. Standard library only: it runs befo
 
     parent (trainer)
       └─ setup      new user, mount, PID, network, IPC, UTS and cgroup namespaces; waits
+          │         (as the host's root, a short-lived "mapper" child maps the namespace's
+          │         uids from outside: inside 0 -> host 0 for setup, PROGRAM_UID -> the run's
+          │         unprivileged host uid)
           └─ init   PID 1 of the new PID namespace: builds the minimal root, pivots into it,
-              │     drops every capability, supervises (wall-clock watchdog) and reports
-              └─ program   rlimits + seccomp filter, then `python -I -c <runner>`
+              │     sets the namespace's limits, drops every capability, supervises
+              │     (wall-clock watchdog on a pidfd, no signal handler) and reports
+              └─ program   own session, rlimits, then (host root) PROGRAM_UID, seccomp filter,
+                           then `python -I -c <runner>`
 
 Every link dies with the one above it (`PR_SET_PDEATHSIG`), and when init dies the kernel
 kills everything left in its PID namespace: a killed trainer leaves no process behind. In
@@ -27,10 +32,12 @@ import json
 import os
 import platform
 import resource
+import select
 import signal
 import socket
 import struct
 import sys
+import time
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -46,9 +53,26 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 1024, 2048, 4096, 0x4000
 MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 1 << 18, 1 << 21, 1 << 24
 MNT_DETACH = 2
+PROC_MASKED = ("kcore", "kpageflags", "kpagecount", "kpagecgroup", "slabinfo", "pagetypeinfo", "key-users",
+               "vmallocinfo", "sysrq-trigger", "timer_list", "sched_debug", "kmsg", "config.gz")
+"""/proc files hidden behind /dev/null (with every other top-level /proc file that only root may
+read): kernel memory maps, allocator state and key accounting of the whole host."""
+NAMESPACE_SYSCTLS = {
+    # the user namespace's own counters: each is also charged to the host user that made it
+    "user/max_inotify_instances": "8", "user/max_inotify_watches": "1024",
+    "user/max_fanotify_groups": "0", "user/max_fanotify_marks": "0",
+    "user/max_user_namespaces": "0", "user/max_mnt_namespaces": "0", "user/max_pid_namespaces": "0",
+    "user/max_net_namespaces": "0", "user/max_ipc_namespaces": "0", "user/max_uts_namespaces": "0",
+    "user/max_cgroup_namespaces": "0", "user/max_time_namespaces": "0",
+    # the IPC namespace's System V and POSIX IPC: shared memory that no rlimit counts
+    "kernel/shmmax": "0", "kernel/shmall": "0", "kernel/shmmni": "0", "kernel/msgmni": "0",
+    "kernel/sem": "0 0 0 0", "fs/mqueue/queues_max": "0",
+}
+"""Limits of the sandbox's own namespaces, written before the program starts; /proc/sys is then
+read-only."""
 OPTION_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
                 "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
-PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 24, 38, 22
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 4, 24, 38, 22
 SECCOMP_MODE_FILTER = 2
 
 WRITABLE_DIRS = ("/tmp", "/run", "/var", "/home", "/root", "/dev/shm")
@@ -56,9 +80,13 @@ WRITABLE_DIRS = ("/tmp", "/run", "/var", "/home", "/root", "/dev/shm")
 working directory: the first of WORKDIRS that holds none of the read-only binds."""
 WORKDIRS = ("/work", "/sandbox", "/aepo-work")
 DEVICES = ("null", "zero", "full", "random", "urandom")
+PROGRAM_UID = 1000
+"""Inside uid the program switches to when the trainer is the host's root (mapped to the run's
+own unprivileged host uid, so the kernel's checks against host uid 0 never see the program)."""
 ETC_FILES = {
-    "passwd": "root:x:0:0:sandbox:/root:/sbin/nologin\n",
-    "group": "root:x:0:\n",
+    "passwd": f"root:x:0:0:sandbox:/root:/sbin/nologin\nsandbox:x:{PROGRAM_UID}:{PROGRAM_UID}:sandbox:/root:"
+              "/sbin/nologin\n",
+    "group": f"root:x:0:\nsandbox:x:{PROGRAM_UID}:\n",
     "hosts": "127.0.0.1 localhost\n::1 localhost\n",
 }
 
@@ -73,7 +101,8 @@ _ARCH = {
         "add_key": 248, "request_key": 249, "keyctl": 250, "unshare": 272, "perf_event_open": 298,
         "name_to_handle_at": 303, "open_by_handle_at": 304, "setns": 308, "process_vm_readv": 310,
         "process_vm_writev": 311, "finit_module": 313, "kexec_file_load": 320, "bpf": 321,
-        "userfaultfd": 323,
+        "userfaultfd": 323, "memfd_create": 319, "prlimit64": 302, "kill": 62, "tkill": 200,
+        "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
     }),
     "aarch64": (0xC00000B7, {
         "socket": 198, "clone": 220, "lookup_dcookie": 18, "umount2": 39, "mount": 40,
@@ -82,13 +111,15 @@ _ARCH = {
         "add_key": 217, "request_key": 218, "keyctl": 219, "swapon": 224, "swapoff": 225,
         "perf_event_open": 241, "name_to_handle_at": 264, "open_by_handle_at": 265, "setns": 268,
         "process_vm_readv": 270, "process_vm_writev": 271, "finit_module": 273, "bpf": 280,
-        "userfaultfd": 282, "kexec_file_load": 294,
+        "userfaultfd": 282, "kexec_file_load": 294, "memfd_create": 279, "prlimit64": 261, "kill": 129,
+        "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240,
     }),
 }
 # Numbered alike on every architecture (added after the tables were unified).
 _COMMON = {"io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428,
            "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
-           "clone3": 435, "mount_setattr": 442}
+           "pidfd_send_signal": 424, "pidfd_open": 434, "clone3": 435, "mount_setattr": 442,
+           "memfd_secret": 447}
 DENIED = (
     "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "open_tree", "move_mount",
     "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr", "ptrace", "process_vm_readv",
@@ -96,11 +127,17 @@ DENIED = (
     "io_uring_setup", "io_uring_enter", "io_uring_register", "userfaultfd", "kexec_load",
     "kexec_file_load", "init_module", "finit_module", "delete_module", "name_to_handle_at",
     "open_by_handle_at", "swapon", "swapoff", "reboot", "acct", "quotactl", "syslog",
-    "lookup_dcookie", "iopl", "ioperm",
+    "lookup_dcookie", "iopl", "ioperm", "memfd_create", "memfd_secret",
 )
 """Refused with EPERM: namespaces, mounts, tracing, kernel keyrings, BPF, perf, io_uring,
-modules and other administration (the usual kernel-exploit surface)."""
-AF_UNIX = 1
+modules and other administration (the usual kernel-exploit surface), and anonymous memory
+files (memfd: shared memory that the address-space limit does not count)."""
+SOCKET_FAMILIES = (2, 10)
+"""The only socket families allowed: AF_INET and AF_INET6 (in an empty network namespace). Unix,
+netlink, packet, vsock (the hypervisor's, shared with the host) and every other family: EPERM."""
+PID_TARGETED = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open", "prlimit64")
+"""Calls refused when their first argument is PID 1 (the sandbox's supervisor); prlimit64 is
+also refused for any process but the caller (pid 0)."""
 
 
 class SetupError(RuntimeError):
@@ -133,8 +170,9 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int, data:
 
 
 def _filter_program(deny_fork: bool) -> list[tuple[int, int, int, int]]:
-    """Classic BPF for seccomp: deny DENIED, clone3 and namespace flags in clone, AF_UNIX
-    sockets, and (`deny_fork`) every new process; allow the rest of the native ABI."""
+    """Classic BPF for seccomp: deny DENIED, clone3 and namespace flags in clone, sockets of any
+    family but SOCKET_FAMILIES, signals and limits aimed at the supervisor (PID_TARGETED), and
+    (`deny_fork`) every new process; allow the rest of the native ABI."""
     machine = platform.machine()
     if machine not in _ARCH:
         raise SetupError(f"no system-call filter for architecture {machine}")
@@ -163,18 +201,32 @@ def _filter_program(deny_fork: bool) -> list[tuple[int, int, int, int]]:
                 jump_if(JEQ, nr[name], "eagain")
     jump_if(JEQ, nr["socket"], "socket")
     jump_if(JEQ, nr["clone"], "clone")
+    jump_if(JEQ, nr["prlimit64"], "prlimit")
+    for name in PID_TARGETED:
+        if name != "prlimit64":
+            jump_if(JEQ, nr[name], "pid_arg")
     code += [(RET, 0, 0, ALLOW)]
     labels = {"socket": len(code)}
     code += [(LD, 0, 0, 16)]  # args[0] (low half): the address family
-    jump_if(JEQ, AF_UNIX, "eperm")
-    code += [(RET, 0, 0, ALLOW)]
+    for family in SOCKET_FAMILIES:
+        jump_if(JEQ, family, "allow")
+    code += [(RET, 0, 0, EPERM)]
     labels["clone"] = len(code)
     code += [(LD, 0, 0, 16)]  # args[0]: clone flags
     jump_if(JSET, NAMESPACE_FLAGS, "eperm")
     if deny_fork:
         code += [(JSET, 1, 0, CLONE_THREAD), (RET, 0, 0, EAGAIN)]  # a thread is fine
     code += [(RET, 0, 0, ALLOW)]
-    for name, value in (("eperm", EPERM), ("eagain", EAGAIN), ("enosys", ENOSYS)):
+    # A pid is an int: the kernel reads only the low half of the argument, and so does the filter.
+    labels["prlimit"] = len(code)  # only the caller's own limits (pid 0)
+    code += [(LD, 0, 0, 16)]
+    jump_if(JEQ, 0, "allow")
+    code += [(RET, 0, 0, EPERM)]
+    labels["pid_arg"] = len(code)  # pid 1: the supervisor
+    code += [(LD, 0, 0, 16)]
+    jump_if(JEQ, 1, "eperm")
+    code += [(RET, 0, 0, ALLOW)]
+    for name, value in (("eperm", EPERM), ("eagain", EAGAIN), ("enosys", ENOSYS), ("allow", ALLOW)):
         labels[name] = len(code)
         code.append((RET, 0, 0, value))
     resolved = []
@@ -204,15 +256,64 @@ def install_filter(deny_fork: bool) -> None:
 # --------------------------------------------------------------------------- namespaces, root
 
 
-def enter_namespaces() -> None:
-    """New user (mapped to root inside), mount, PID, network, IPC, UTS and cgroup namespaces."""
+def _map_from_outside(child_pid: int, host_uid: int, host_gid: int) -> None:
+    """As the host's root, outside the new user namespace: inside 0 -> host 0 (setup binds
+    root-only paths) and PROGRAM_UID -> the run's unprivileged host uid."""
+    for name, text in (("uid_map", f"0 0 1\n{PROGRAM_UID} {host_uid} 1\n"),
+                       ("gid_map", f"0 0 1\n{PROGRAM_UID} {host_gid} 1\n")):
+        with open(f"/proc/{child_pid}/{name}", "w") as f:
+            f.write(text)
+
+
+def enter_namespaces(host_uid: int | None) -> None:
+    """New user, mount, PID, network, IPC, UTS and cgroup namespaces.
+
+    An ordinary user maps its own uid to root inside (the only map it may write). The host's
+    root (`host_uid` given) maps from outside, through a child that stays in the host's
+    namespace, so that the program can later switch to PROGRAM_UID, an unprivileged host uid.
+    """
     uid, gid = os.geteuid(), os.getegid()
     flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
-    if libc.unshare(flags | CLONE_NEWCGROUP) != 0 and libc.unshare(flags) != 0:
-        raise SetupError("unshare (user namespaces): " + _errno_text())
-    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as f:
-            f.write(text)
+    mapper = None
+    if host_uid is not None:
+        go_read, go_write = os.pipe()
+        done_read, done_write = os.pipe()
+        me = os.getpid()
+        mapper = os.fork()
+        if mapper == 0:
+            os.close(go_write)
+            os.close(done_read)
+            code = 1
+            try:
+                if os.read(go_read, 1) == b"1":
+                    _map_from_outside(me, host_uid, host_uid)
+                    code = 0
+            except BaseException as exc:  # noqa: BLE001 - reported through the pipe, then exit
+                os.write(done_write, str(exc).encode()[:400])
+            os._exit(code)
+        os.close(go_read)
+        os.close(done_write)
+    try:
+        if libc.unshare(flags | CLONE_NEWCGROUP) != 0 and libc.unshare(flags) != 0:
+            raise SetupError("unshare (user namespaces): " + _errno_text())
+        if mapper is None:
+            for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
+            return
+        os.write(go_write, b"1")
+        why = os.read(done_read, 512).decode(errors="replace")
+        _, status = os.waitpid(mapper, 0)
+        mapper = None
+        if status != 0:
+            raise SetupError(f"map the sandbox's uids from outside: {why or 'mapper failed'}")
+    finally:
+        if mapper is not None:  # unshare failed: release the mapper
+            os.write(go_write, b"0")
+            os.waitpid(mapper, 0)
+        if host_uid is not None:
+            os.close(go_write)
+            os.close(done_read)
 
 
 def _unescape(path: str) -> str:
@@ -267,26 +368,29 @@ def build_root(cfg: dict) -> None:
     mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV, "size=%dk,mode=0755" % (cfg["scratch_mb"] * 1024))
     workdir = next(w for w in WORKDIRS if not any((b + "/").startswith(w + "/") for b in cfg["binds"]))
     writable = set()
+    owner = PROGRAM_UID if cfg["host_uid"] is not None else 0
     for d in (*WRITABLE_DIRS, workdir):
         source = scratch + "/" + d.strip("/").replace("/", "_")
         os.mkdir(source)
         os.chmod(source, 0o1777 if d in ("/tmp", "/dev/shm") else 0o755)
+        os.chown(source, owner, owner)
         os.makedirs(root + d, exist_ok=True)
         mount(source, root + d, None, MS_BIND)
         writable.add(root + d)
     for path in cfg["binds"]:
         _bind_readonly_source(path, root)
     os.makedirs(root + "/proc", exist_ok=True)
-    try:  # a fresh procfs shows only this PID namespace; without it, there is no /proc at all
-        mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        writable.add(root + "/proc")
-    except SetupError:
-        pass
     for name in DEVICES:
         device = root + "/dev/" + name
         open(device, "w").close()
         mount("/dev/" + name, device, None, MS_BIND)
         writable.add(device)
+    try:  # a fresh procfs shows only this PID namespace; without it, there is no /proc at all
+        mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except SetupError:
+        pass
+    else:
+        writable.update(_seal_proc(root + "/proc"))
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, root + "/dev/" + name)
@@ -310,6 +414,32 @@ def build_root(cfg: dict) -> None:
     os.rmdir("/.old")
     mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.chdir(workdir)
+
+
+def set_namespace_limits(proc: str) -> None:
+    """Write NAMESPACE_SYSCTLS (the sandbox's own namespaces; the host's are never touched)."""
+    for key, value in NAMESPACE_SYSCTLS.items():
+        path = f"{proc}/sys/{key}"
+        if not os.path.exists(path):
+            continue  # a kernel without this counter
+        with open(path, "w") as f:
+            f.write(value)
+
+
+def _seal_proc(proc: str) -> list[str]:
+    """Set the namespace limits, then make `proc`/sys read-only and mask root-only files.
+    Returns the /proc mounts that stay as they are (not remounted read-only by the caller)."""
+    set_namespace_limits(proc)
+    mount(proc + "/sys", proc + "/sys", None, MS_BIND | MS_REC)
+    for name in sorted(os.listdir(proc)):
+        path = f"{proc}/{name}"
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if os.path.isfile(path) and not os.path.islink(path) and (name in PROC_MASKED or not st.st_mode & 0o004):
+            mount("/dev/null", path, None, MS_BIND)
+    return [proc]  # the rest (sys, the masks) is remounted read-only with the root's binds
 
 
 _ARCH_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(platform.machine(), -1)
@@ -338,11 +468,24 @@ def probe_report(cfg: dict) -> dict:
         except OSError:
             report[key] = False
     report["unshare_blocked"] = libc.unshare(CLONE_NEWUSER) != 0
-    try:
-        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close()
-        report["unix_socket_blocked"] = False
+    for key, family in (("unix_socket_blocked", socket.AF_UNIX), ("vsock_blocked", 40)):
+        try:
+            socket.socket(family, socket.SOCK_STREAM).close()
+            report[key] = False
+        except OSError:
+            report[key] = True
+    report["memfd_blocked"] = not hasattr(os, "memfd_create")
+    if hasattr(os, "memfd_create"):
+        try:
+            os.close(os.memfd_create("probe"))
+        except OSError:
+            report["memfd_blocked"] = True
+    try:  # opened for writing only: nothing is written
+        with open("/proc/sys/kernel/hostname", "w"):
+            pass
+        report["proc_sys_writable"] = True
     except OSError:
-        report["unix_socket_blocked"] = True
+        report["proc_sys_writable"] = False
     try:
         pid = os.fork()
         if pid == 0:
@@ -354,14 +497,24 @@ def probe_report(cfg: dict) -> dict:
     return report
 
 
+def become_program_user() -> None:
+    """Switch to PROGRAM_UID (mapped to the run's unprivileged host uid): host-root checks
+    (/proc/sys, root-only files) no longer match, RLIMIT_NPROC binds threads and processes, and
+    the supervisor (another uid) cannot be signalled. Every capability is gone afterwards."""
+    os.setgroups([])
+    os.setresgid(PROGRAM_UID, PROGRAM_UID, PROGRAM_UID)
+    os.setresuid(PROGRAM_UID, PROGRAM_UID, PROGRAM_UID)
+
+
 def run_program(cfg: dict, status_fd: int) -> None:
-    """In the program's process: limits and filter, then exec the runner (never returns)."""
+    """In the program's process: own session, limits, uid, filter, then exec the runner (never returns)."""
     try:
         die_with_parent(None)
-        if not cfg["namespaces"]:
-            os.setpgid(0, 0)  # its own group, so the watchdog can end what it started
+        os.setsid()  # its own session and group: it can signal nothing of the setup's
         for name, value in cfg["limits"].items():
             resource.setrlimit(getattr(resource, name), tuple(value))
+        if cfg["namespaces"] and cfg["host_uid"] is not None:
+            become_program_user()
         filtered = True
         try:
             install_filter(cfg["deny_fork"])
@@ -379,12 +532,52 @@ def run_program(cfg: dict, status_fd: int) -> None:
         os._exit(125)
 
 
+def _quiet() -> None:
+    """Point this process's standard streams at /dev/null: nothing of the supervisor's (a
+    traceback with host paths) can reach the program's output, which the model reads."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _wait_until(child: int, deadline: float) -> int | None:
+    """The child's wait status, or None at the deadline. Waits on a pidfd, so no signal
+    (the program's or anyone's) can cut the wait short or fake a timeout."""
+    try:
+        pidfd = os.pidfd_open(child)
+    except (AttributeError, OSError):
+        pidfd = None
+    try:
+        while True:
+            done, status = os.waitpid(child, os.WNOHANG)
+            if done:
+                return status
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            if pidfd is not None:
+                select.select([pidfd], [], [], remaining)
+            else:
+                time.sleep(min(remaining, 0.01))
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
 def supervise(cfg: dict, status_fd: int) -> None:
-    """Start the program, stop it at the wall-clock limit, end its leftovers, report (never returns)."""
+    """Start the program, stop it at the wall-clock limit, end its leftovers, report (never returns).
+
+    As PID 1 of the namespace with no signal handler, the kernel drops every signal the
+    program sends it; it is also not dumpable, so the program cannot read or write its memory."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_DFL)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    deadline = time.monotonic() + cfg["timeout"]
     child = os.fork()
     if child == 0:
         run_program(cfg, status_fd)
-    timed_out = False
+    _quiet()
 
     def end_all() -> None:
         try:
@@ -395,16 +588,11 @@ def supervise(cfg: dict, status_fd: int) -> None:
         except OSError:
             pass
 
-    def on_alarm(signum: int, frame: object) -> None:
-        nonlocal timed_out
-        timed_out = True
-        end_all()
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, cfg["timeout"])
-    _, wait_status = os.waitpid(child, 0)
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    end_all()  # background processes the program left running
+    wait_status = _wait_until(child, deadline)
+    timed_out = wait_status is None
+    end_all()  # the program at the deadline, or the background processes it left running
+    if timed_out:
+        _, wait_status = os.waitpid(child, 0)
     status = {"returncode": os.waitstatus_to_exitcode(wait_status), "timed_out": timed_out}
     os.write(status_fd, (json.dumps(status) + "\n").encode())
     os._exit(0)
@@ -417,10 +605,11 @@ def main() -> None:
     try:
         die_with_parent(cfg["parent_pid"])
         if cfg["namespaces"]:
-            enter_namespaces()
+            enter_namespaces(cfg["host_uid"])
             die_with_parent(cfg["parent_pid"])
             init = os.fork()  # the first child is PID 1 of the new PID namespace
             if init:
+                _quiet()
                 _, wait_status = os.waitpid(init, 0)
                 code = os.waitstatus_to_exitcode(wait_status)
                 os._exit(code if code >= 0 else 128 - code)
