@@ -9,7 +9,8 @@ For every row of every benchmark file (`--data-dir`, default ../shared/data/benc
 repository root; skipped with a message when absent) and every gold answer, a fixed set of model
 outputs is scored with `aepo.rewards.score`, the real scoring path (docs/algorithms.md
 section 7): the gold in a full response, in `\\boxed{}` (math), with a trailing period, in lower
-case, in `$...$` (math) or after "the" (QA); and wrong answers: the next row's and the previous
+case, in `$...$` (math) or after "the" (QA), and for a bare-number gold followed by a count
+noun ("18 apples"), as "18.0" and with thousands separators; and wrong answers: the next row's and the previous
 row's first gold, and for a bare-number gold the gold followed by "million" or "or later". `--compare`
 prints every (benchmark, row, kind, output) whose accuracy changed, with counts per benchmark.
 """
@@ -50,6 +51,10 @@ def outputs_for(rows: list[TaskRow], i: int) -> list[tuple[str, str]]:
         else:
             out.append((f"the{g}", _wrap(f"the {gold}")))
         if PURE_NUMBER_RE.fullmatch(gold.replace(",", "").strip()):
+            out.append((f"noun{g}", _wrap(f"{gold} apples")))
+            if gold.lstrip("-").isdigit():
+                out.append((f"decimal{g}", _wrap(f"{gold}.0")))
+                out.append((f"commas{g}", _wrap(f"{int(gold):,}")))
             out.append((f"wrong_million{g}", _wrap(f"{gold} million")))
             out.append((f"wrong_or_later{g}", _wrap(f"{gold} or later")))
     for kind, j in (("wrong_next", (i + 1) % len(rows)), ("wrong_prev", (i - 1) % len(rows))):

@@ -156,7 +156,9 @@ def test_check_format(text: str, reason: str) -> None:
 # ----------------------------------------------------------------------------- math equivalence
 
 
-ONE_WAY = {("18 eggs", "18")}  # trailing words are dropped only from the prediction
+# trailing words are dropped only from the prediction; a number equals a percentage gold, not
+# the other way round ("50%" is 0.5)
+ONE_WAY = {("18 eggs", "18"), ("50", "50\\%")}
 
 
 @pytest.mark.parametrize(
@@ -178,7 +180,7 @@ ONE_WAY = {("18 eggs", "18")}  # trailing words are dropped only from the predic
         ("\\dfrac12", "1/2"),
         ("\\tfrac{3}{6}", "0.5"),
         ("50%", "0.5"),
-        ("50\\%", "50"),
+        ("50", "50\\%"),
         ("-\\frac{\\pi}{6}", "-\\pi/6"),
         ("11\\sqrt{2}", "11\\sqrt2"),
         ("3\\sqrt{3}/4", "\\frac{3\\sqrt{3}}{4}"),

@@ -9,12 +9,16 @@ data builder and the rewards all derive their tags from here.
 
 Tool output is untrusted text: a program can print `</result><answer>...</answer>`. Before it
 reaches the model, every protocol tag in it is escaped (`escape_protocol_tags`), so a result
-block can neither close itself early nor carry tags that read as the model's own.
+block can neither close itself early nor carry tags that read as the model's own. Look-alikes
+count as tags: a span whose Unicode NFKC form is a tag (fullwidth `＜/result＞`, `＜ａｎｓｗｅｒ＞`)
+becomes that tag under an NFKC tokenizer, so it is escaped too, and the rewards read it as the
+tag (`canonical_tags`).
 """
 from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -40,6 +44,8 @@ __all__ = [
     "ActionKind",
     "Part",
     "answer_in",
+    "answer_span",
+    "canonical_tags",
     "checked_role",
     "escape_protocol_tags",
     "extract_answer",
@@ -110,11 +116,48 @@ class Action:
         return self.tag if self.kind == "tool" else None
 
 
+def _tag_spans(text: str) -> list[tuple[int, int, str, str]]:
+    """(start, end, "/" or "", name) of every protocol tag in `text`, look-alikes included: a
+    span whose characters NFKC-normalise one by one to `<tag>` / `</tag>` (so `＜/result＞`)."""
+    pattern = tag_pattern()
+    if text.isascii():
+        return [(m.start(), m.end(), m.group(1), m.group(2)) for m in pattern.finditer(text)]
+    norm: list[str] = []
+    owner: list[int] = []  # owner[j]: the index in `text` of the character normalised into norm[j]
+    for i, ch in enumerate(text):
+        n = unicodedata.normalize("NFKC", ch) if not ch.isascii() else ch
+        norm.append(n)
+        owner.extend([i] * len(n))
+    joined = "".join(norm)
+    return [(owner[m.start()], owner[m.end() - 1] + 1, m.group(1), m.group(2)) for m in pattern.finditer(joined)]
+
+
+def _replace_tags(text: str, template: str) -> str:
+    spans = _tag_spans(text)
+    if not spans:
+        return text
+    out, i = [], 0
+    for start, end, slash, name in spans:
+        out.append(text[i:start])
+        out.append(template.format(slash=slash, name=name))
+        i = end
+    out.append(text[i:])
+    return "".join(out)
+
+
 def escape_protocol_tags(text: str) -> str:
     """`text` with the `<` of every protocol tag (`<tag>` or `</tag>` for each tag in
-    `protocol_tags()`) written as `&lt;`: `</result>` becomes `&lt;/result>`. Other text,
+    `protocol_tags()`) written as `&lt;`: `</result>` becomes `&lt;/result>`. A look-alike that
+    NFKC-normalises to a tag (`＜/result＞`) is written as the escaped ASCII tag. Other text,
     including other angle brackets, is unchanged."""
-    return tag_pattern().sub(r"&lt;\1\2>", text)
+    return _replace_tags(text, "&lt;{slash}{name}>")
+
+
+def canonical_tags(text: str) -> str:
+    """`text` with every look-alike protocol tag (a span that NFKC-normalises to `<tag>` or
+    `</tag>`) written as the ASCII tag, the rest unchanged: what an NFKC tokenizer would make
+    of the tags, without normalising the answer itself ("2²" stays "2²", not "22")."""
+    return text if text.isascii() else _replace_tags(text, "<{slash}{name}>")
 
 
 def format_result(text: str) -> str:
@@ -172,7 +215,13 @@ def split_response(text: str) -> list[Part]:
 
     Exact only when tool output cannot contain `</result>`, which `format_result` ensures by
     escaping it; rollouts have exact parts in their segments (`aepo.rewards.trajectory_parts`).
+    When a tool did not escape, its text after a `</result>` it printed lands in a model part
+    together with the environment's own `</result>`: a result tag in model text, which fails
+    the format gate and, when it is at or after the answer, zeroes accuracy
+    (`aepo.rewards.scoring.score_parts`). Cutting at the first `</result>` keeps that stray tag
+    in sight; look-alike tags are read as tags (`canonical_tags`) before the cut.
     """
+    text = canonical_tags(text)
     opening, closing = f"<{RESULT_TAG}>", f"</{RESULT_TAG}>"
     parts: list[Part] = []
     i = 0
@@ -213,9 +262,8 @@ def balanced_brace(text: str, open_pos: int) -> int | None:
     return None
 
 
-def extract_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`, `\\boxed 5`), braces balanced;
-    an unbalanced one is skipped for an earlier one. None when there is none."""
+def _last_boxed(text: str) -> tuple[int, str] | None:
+    """(start, content) of the last well-formed `\\boxed{...}` / `\\fbox{...}` / `\\boxed 5`."""
     starts = list(re.finditer(r"\\(?:boxed|fbox)\b", text))
     for m in reversed(starts):
         i = m.end()
@@ -224,24 +272,38 @@ def extract_boxed(text: str) -> str | None:
         if i < len(text) and text[i] == "{":
             end = balanced_brace(text, i)
             if end is not None:
-                return text[i + 1 : end].strip()
+                return m.start(), text[i + 1 : end].strip()
         elif i > m.end():  # "\\boxed 5": the next token
             tok = re.match(r"[^\s$]+", text[i:])
             if tok:
-                return tok.group(0)
+                return m.start(), tok.group(0)
     return None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`, `\\boxed 5`), braces balanced;
+    an unbalanced one is skipped for an earlier one. None when there is none."""
+    found = _last_boxed(text)
+    return None if found is None else found[1]
+
+
+def answer_span(own_text: str) -> tuple[int, str] | None:
+    """(where it starts in `own_text`, answer) for `answer_in`: the start of the last complete
+    `<answer>` block, or of the `\\boxed{}` used without one; None when there is no answer."""
+    blocks = list(re.finditer(rf"<{ANSWER_TAG}>(.*?)</{ANSWER_TAG}>", own_text, re.DOTALL))
+    if blocks:
+        content = blocks[-1].group(1).strip()
+        boxed = extract_boxed(content)
+        return blocks[-1].start(), boxed if boxed is not None else content
+    return _last_boxed(own_text)
 
 
 def answer_in(own_text: str) -> str | None:
     """The answer in text the model wrote: the last complete `<answer>...</answer>` block,
     stripped and unwrapped from `\\boxed{}`; without one, the last `\\boxed{}` anywhere (plain
     chain-of-thought output); None when there is neither."""
-    blocks = re.findall(rf"<{ANSWER_TAG}>(.*?)</{ANSWER_TAG}>", own_text, re.DOTALL)
-    if blocks:
-        content = blocks[-1].strip()
-        boxed = extract_boxed(content)
-        return boxed if boxed is not None else content
-    return extract_boxed(own_text)
+    found = answer_span(own_text)
+    return None if found is None else found[1]
 
 
 def extract_answer(text: str) -> str | None:

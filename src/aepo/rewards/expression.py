@@ -1,10 +1,16 @@
 """A small, safe expression evaluator (no `eval`): LaTeX-ish text -> a complex function.
 
-`expressions_equal(a, b)` compiles both sides and compares them numerically (complex
-arithmetic, relative tolerance 1e-6), at fixed random points when they have single-letter
-variables. Supported: `+ - * / ^`, implicit multiplication, `\\sqrt`, `\\sqrt[n]`, `\\pi`, `i`,
-`\\sin`/`\\cos`/`\\tan`/`\\cot`/`\\sec`/`\\csc`/`\\log`/`\\ln`/`\\exp`. Inputs longer than 200
-characters, unknown commands and words are not expressions (not equal).
+`expressions_equal(pred, gold)` compiles both sides and compares them at fixed random points
+when they have single-letter variables (rational points), once otherwise:
+  * exactly (fractions) when both sides are rational: numbers, `+ - * /`, integer powers,
+    roots of perfect powers. "1000001" is not "1000000", "0.3333333" is not `\\frac13`;
+  * else in complex floating point within rounding noise (relative 1e-9), or within relative
+    1e-6 when the gold is irrational and the prediction a rational constant: a decimal
+    approximation ("1.41421356" for `\\sqrt2`) is accepted, a near miss of a rational gold is not.
+Supported: `+ - * / ^`, implicit multiplication (`3x`, `2\\sqrt{2}`, but two numbers side by
+side are not a product: "1 5" is not 5), mixed numbers (`1\\frac{4}{5}` is 9/5), `\\sqrt`,
+`\\sqrt[n]`, `\\pi`, `i`, `\\sin`/`\\cos`/`\\tan`/`\\cot`/`\\sec`/`\\csc`/`\\log`/`\\ln`/`\\exp`. Inputs
+longer than 200 characters, unknown commands and words are not expressions (not equal).
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import math
 import random
 import re
 from collections.abc import Callable
+from fractions import Fraction
 
 from aepo.protocol import balanced_brace
 
@@ -40,13 +47,23 @@ _KNOWN_NAMES_RE = re.compile(r"sqrt|sin|cos|tan|cot|sec|csc|log|ln|exp|pi")
 _WORD_RE = re.compile(r"[A-Za-z]{3,}")
 
 
+_NOISE_TOL = (1e-9, 1e-12)  # (relative, absolute): floating-point rounding only
+_APPROX_TOL = (1e-6, 1e-9)  # a decimal approximation of an irrational gold
+_MIXED_RE = re.compile(r"(?<![\w.}^_])(\d+)\s*\\frac\s*(?:\{(\d+)\}\s*\{(\d+)\}|(\d)(\d))")
+
+
 class _ParseError(ValueError):
     pass
+
+
+class _NotExact(ValueError):
+    """The expression is not a rational number at rational points (pi, i, sqrt(2), ...)."""
 
 
 def _latex_to_plain(s: str) -> str:
     """Rewrite the LaTeX the evaluator knows into plain infix text; unknown commands fail."""
     s = s.replace("\\cdot", "*").replace("\\times", "*").replace("\\div", "/")
+    s = _MIXED_RE.sub(lambda m: f"({m.group(1)}+({m.group(2) or m.group(4)})/({m.group(3) or m.group(5)}))", s)
     for _ in range(50):
         m = re.search(r"\\frac\s*", s)
         if not m:
@@ -139,7 +156,9 @@ class _Parser:
             if tok in (("op", "*"), ("op", "/")):
                 self.take()
                 node = (tok[1], node, self.unary())
-            elif tok[0] in ("num", "name", "var") or tok == ("op", "("):
+            elif tok[0] == "num":
+                raise _ParseError("two numbers side by side")  # "1 5" is not 5
+            elif tok[0] in ("name", "var") or tok == ("op", "("):
                 node = ("*", node, self.power())  # implicit multiplication: 3x, 2\sqrt{2}
             else:
                 break
@@ -163,12 +182,12 @@ class _Parser:
     def atom(self) -> tuple:
         kind, text = self.take()
         if kind == "num":
-            return ("num", complex(float(text)))
+            return ("num", complex(float(text)), Fraction(text))
         if kind == "var":
-            return ("num", 1j) if text == "i" else ("var", text)
+            return ("const", 1j) if text == "i" else ("var", text)
         if kind == "name":
             if text in _CONSTS:
-                return ("num", complex(_CONSTS[text]))
+                return ("const", complex(_CONSTS[text]))
             return ("call", text, self.power())
         if text == "(":
             node = self.expr()
@@ -180,7 +199,7 @@ class _Parser:
 
 def _eval(node: tuple, env: dict[str, complex]) -> complex:
     op = node[0]
-    if op == "num":
+    if op in ("num", "const"):
         return node[1]
     if op == "var":
         return env[node[1]]
@@ -204,6 +223,63 @@ def _eval(node: tuple, env: dict[str, complex]) -> complex:
     return x**y
 
 
+def _exact(node: tuple, env: dict[str, Fraction]) -> Fraction:
+    """The exact rational value of `node` at rational `env`; _NotExact when it is not one."""
+    op = node[0]
+    if op == "num":
+        return node[2]
+    if op == "var":
+        return env[node[1]]
+    if op == "const":
+        raise _NotExact(op)
+    if op == "neg":
+        return -_exact(node[1], env)
+    if op == "call":
+        if node[1] != "sqrt":
+            raise _NotExact(node[1])
+        return _root(_exact(node[2], env), 2)
+    x, y = _exact(node[1], env), _exact(node[2], env)
+    if op == "+":
+        return x + y
+    if op == "-":
+        return x - y
+    if op == "*":
+        return x * y
+    if op == "/":
+        return x / y
+    if abs(y) > 1000 or abs(x) > 10**100:  # "^": refuse huge powers instead of hanging
+        raise OverflowError("power too large")
+    if y.denominator > 1:  # a root: "8^(1/3)"
+        x, y = _root(x, y.denominator), Fraction(y.numerator)
+    return x ** int(y)
+
+
+def _root(x: Fraction, n: int) -> Fraction:
+    """The exact n-th root of `x` when it is rational, else _NotExact."""
+    if n > 12 or (x < 0 and n % 2 == 0):
+        raise _NotExact("root")
+    sign = -1 if x < 0 else 1
+    num, den = _int_root(abs(x.numerator), n), _int_root(x.denominator, n)
+    return sign * Fraction(num, den)
+
+
+def _int_root(v: int, n: int) -> int:
+    r = round(v ** (1 / n)) if v < 2**1000 else None
+    if r is None:
+        raise _NotExact("root")
+    for c in (r - 1, r, r + 1):
+        if c >= 0 and c**n == v:
+            return c
+    raise _NotExact("root")
+
+
+def _try_exact(node: tuple, env: dict[str, Fraction]) -> Fraction | None:
+    try:
+        return _exact(node, env)
+    except _NotExact:
+        return None
+
+
 def _variables(node: tuple) -> set[str]:
     if node[0] == "var":
         return {node[1]}
@@ -222,13 +298,16 @@ def _compile(s: str) -> tuple | None:
         return None
 
 
-def _close(x: complex, y: complex) -> bool:
+def _close(x: complex, y: complex, tol: tuple[float, float]) -> bool:
     if not (cmath.isfinite(x) and cmath.isfinite(y)):
         return False
-    return abs(x - y) <= 1e-6 * max(abs(x), abs(y)) + 1e-9
+    rel, absolute = tol
+    return abs(x - y) <= rel * max(abs(x), abs(y)) + absolute
 
 
 def expressions_equal(a: str, b: str) -> bool:
+    """Whether the prediction `a` and the gold `b` are the same expression (see the module
+    docstring for when the comparison is exact and which tolerance applies otherwise)."""
     ta, tb = _compile(a), _compile(b)
     if ta is None or tb is None:
         return False
@@ -236,12 +315,20 @@ def expressions_equal(a: str, b: str) -> bool:
     rng = random.Random(20251015)
     agreed = 0
     for _ in range(4 if names else 1):
-        env = {n: complex(rng.uniform(0.5, 2.5)) for n in names}
+        point = {n: Fraction(rng.randint(500, 2500), 1000) for n in names}
         try:
+            xa, xb = _try_exact(ta, point), _try_exact(tb, point)
+            if xa is not None and xb is not None:
+                if xa != xb:
+                    return False
+                agreed += 1
+                continue
+            env = {n: complex(v) for n, v in point.items()}
             x, y = _eval(ta, env), _eval(tb, env)
         except (ZeroDivisionError, OverflowError, ValueError):
             continue
-        if not _close(x, y):
+        approx = xb is None and xa is not None and not names
+        if not _close(x, y, _APPROX_TOL if approx else _NOISE_TOL):
             return False
         agreed += 1
     return agreed > 0

@@ -5,12 +5,18 @@ already accept the pair. The built-in checker covers:
   * wrappers: `$...$`, `\\(...\\)`, `\\boxed{}`, `\\text{}`/`\\mathrm{}`/`\\mbox{}`,
     `\\left`/`\\right`, `\\dfrac`/`\\tfrac`, LaTeX spacing, `\\displaystyle`, a trailing period;
   * currency signs ($, \\$, EUR/GBP/YEN signs), degree marks (`^\\circ`), a leading `x =`;
-  * numbers: thousands separators ("1,000"), leading zeros ("025"), decimals, fractions
-    (`\\frac{1}{2}`, `\\frac12`, `1/2`), percentages ("50%" equals both 50 and 0.5);
-  * unit words after a number ("1.95 m", "5 cm^2", "3 hours"), and any trailing words when
-    the gold answer is a bare number ("18 eggs" vs "18");
-  * expressions (`aepo.rewards.expression`): evaluated numerically, with single-letter
-    variables compared at fixed random points (so "p - q" equals "-q + p");
+  * numbers: thousands separators ("1,000", "1 000"), leading zeros ("025"), decimals,
+    fractions (`\\frac{1}{2}`, `\\frac12`, `1/2`), mixed numbers (`1\\frac{4}{5}`), percentages
+    ("50%" and "50 percent" equal 0.5; they equal 50 only when the gold is "50%");
+  * unit words after a number ("1.95 m", "5 cm^2", "3 square feet"), dropped only when the
+    other side has the same unit ("5 km" vs "5 kilometers") or none ("5 km" vs "5"): "3 days"
+    is not "3 hours";
+  * count nouns after a number when the gold answer is a bare number ("18 eggs" vs "18"): one
+    or two lower-case words, never one that changes or hedges the number (magnitudes "5
+    million", "3 dozen"; operators "5 squared"; eras "1990 BC"; "1837 or later", "5 is not");
+  * expressions (`aepo.rewards.expression`): numbers and rational expressions exactly, others
+    numerically, with single-letter variables compared at fixed random points (so "p - q"
+    equals "-q + p"); two bare numbers are not a product ("1 5" is not 5);
   * tuples and intervals element by element with the same brackets; bare comma-separated
     lists ("1, -2") as unordered collections;
   * anything else (e.g. "52_8", "\\text{Evelyn}") by whitespace-free string comparison.
@@ -30,14 +36,36 @@ __all__ = ["PURE_NUMBER_RE", "math_equal"]
 
 
 _TEXT_CMDS = ("text", "textbf", "textit", "textrm", "mathrm", "mathbf", "mathit", "mbox", "operatorname")
-_UNITS = frozenset(
-    """m cm mm km nm meter meters metre metres kilometer kilometers centimeter centimeters
-    millimeter millimeters inch inches in ft foot feet yd yard yards mi mile miles g kg mg gram
-    grams kilogram kilograms lb lbs pound pounds oz ounce ounces ton tons tonne tonnes l ml
-    liter liters litre litres gallon gallons quart quarts pint pints cup cups s sec secs second
-    seconds min mins minute minutes h hr hrs hour hours day days week weeks month months year
-    years mph kph kmh km/h m/s dollar dollars cent cents usd eur euro euros pound sterling degree
-    degrees deg percent sq square cubic units unit""".split()
+# unit words and their canonical name: "5 km" equals "5 kilometers", not "5 cm"
+_UNIT_GROUPS = (
+    "m meter meters metre metres", "cm centimeter centimeters centimetre centimetres",
+    "mm millimeter millimeters millimetre millimetres", "km kilometer kilometers kilometre kilometres",
+    "nm nanometer nanometers", "in inch inches", "ft foot feet", "yd yard yards", "mi mile miles",
+    "g gram grams", "kg kilogram kilograms", "mg milligram milligrams", "lb lbs pound pounds",
+    "oz ounce ounces", "ton tons tonne tonnes", "l liter liters litre litres",
+    "ml milliliter milliliters millilitre millilitres", "gallon gallons", "quart quarts", "pint pints",
+    "cup cups", "s sec secs second seconds", "min mins minute minutes", "h hr hrs hour hours",
+    "day days", "week weeks", "month months", "year years", "mph", "kph kmh km/h", "m/s",
+    "dollar dollars usd", "cent cents", "eur euro euros", "sterling", "deg degree degrees",
+    "unit units",
+)
+_UNITS = {w: g.split()[0] for g in _UNIT_GROUPS for w in g.split()}
+_ONE_LETTER_UNITS = frozenset("mglLsh")  # as written: "5 M" is not 5 meters
+_UNIT_MODIFIERS = frozenset({"sq", "square", "cubic", "per"})  # only before a unit: "square feet"
+# words that change or hedge the number before them: never dropped as units or count nouns
+_NOT_NOUNS = frozenset(
+    """million millions billion billions trillion trillions thousand thousands hundred hundreds
+    dozen dozens score scores gross lakh lakhs crore crores myriad myriads k mn bn mio mln bil
+    grand pair pairs couple couples half halves third thirds quarter quarters fifth tenth tenths
+    percent pct squared cubed square cube cubes factorial plus minus times over divided root
+    roots power powers inverse reciprocal negative positive exponent
+    bc ad bce ce bp ybp
+    or and nor not no is are was were isnt arent wasnt be but than then to till until through
+    thru less more fewer extra least most maybe perhaps possibly probably likely approximately
+    approx about around roughly nearly almost circa ish some several few many later earlier
+    before after since ago above below under from of in on at by the an a
+    zero one two three four five six seven eight nine ten eleven twelve twenty thirty forty
+    fifty sixty seventy eighty ninety""".split()
 )
 PURE_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
 _THOUSANDS_RE = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?!\d|,\d)")
@@ -75,21 +103,52 @@ def _canon_math(text: str) -> str:
     if s.count("=") == 1 and re.match(r"^[A-Za-z]\s*=(?!=)", s):
         s = s.split("=", 1)[1].strip()
     s = _THOUSANDS_RE.sub(lambda m: m.group(0).replace(",", ""), s)
-    return _strip_units(s)
+    s = re.sub(r"(?<=\d) (?=\d{3}(?!\d))", "", s)  # "1 000 000": a space as thousands separator
+    return re.sub(r"(\d)\s*(?:percent|per cent|pct)\b", r"\1%", s, flags=re.IGNORECASE)
 
 
-def _strip_units(s: str) -> str:
-    """Drop unit words after a number: "1.95 m" -> "1.95", "5 cm^2" -> "5", "12km" -> "12"."""
+def _split_unit(s: str) -> tuple[str, str | None]:
+    """(number, canonical unit) when `s` is a number followed by unit words ("1.95 m",
+    "5 cm^2", "12km", "3 square feet"), else (s, None). A single letter glued to the number
+    ("2m") may be a variable and is kept."""
     m = re.fullmatch(r"([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?%?)\s*([A-Za-z][A-Za-z/ ^\d.]*)", s)
     if not m:
-        return s
-    words = re.sub(r"\^\d|\^|\.", " ", m.group(2)).replace(" per ", " ").split()
-    if not words:
-        return s
+        return s, None
     glued = s[len(m.group(1))] != " "
-    if all(w.lower() in _UNITS and not w.isdigit() for w in words) and not (glued and len(m.group(2)) < 2):
-        return m.group(1)
-    return s
+    if glued and len(m.group(2)) < 2:
+        return s, None
+    unit = _unit_name(m.group(2))
+    return (m.group(1), unit) if unit is not None else (s, None)
+
+
+def _unit_name(text: str) -> str | None:
+    """The canonical name of a unit phrase ("km^2" -> "km^2", "square feet" -> "square ft"),
+    None when a word is not a unit or a modifier is not followed by one."""
+    raw = re.sub(r"\^\s*(\d)", r" ^\1", text.replace(".", " ")).split()
+    if any(len(w) == 1 and w not in _ONE_LETTER_UNITS for w in raw):
+        return None  # "5 M", "5 K", "5 B": magnitudes or variables, not units
+    words = [w.lower() for w in raw]
+    out: list[str] = []
+    for i, w in enumerate(words):
+        if w.startswith("^") and out and out[-1] not in _UNIT_MODIFIERS:
+            out[-1] += w  # "cm^2": a power belongs to its unit
+        elif w in _UNIT_MODIFIERS and i + 1 < len(words) and words[i + 1] in _UNITS:
+            out.append(w.replace("sq", "square") if w == "sq" else w)
+        elif w in _UNITS:
+            out.append(_UNITS[w])
+        else:
+            return None
+    return " ".join(out) if out else None
+
+
+def _count_noun(s: str) -> str | None:
+    """The number of "18 eggs" / "3 red apples": a number followed by one or two plain words
+    (three or more letters, lower-case) none of which changes or hedges it (`_NOT_NOUNS`:
+    "5 million", "5 squared", "1990 BC", "1837 or later", "5 is not ..."); else None."""
+    m = re.fullmatch(r"([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s+([a-z]{3,}(?: [a-z]{3,})?)", s)
+    if not m or any(w in _NOT_NOUNS for w in m.group(2).split()):
+        return None
+    return m.group(1)
 
 
 def _split_top_level(s: str) -> list[str]:
@@ -145,15 +204,22 @@ def _builtin_math_equal(pred: str, gold: str) -> bool:
     a, b = _canon_math(pred), _canon_math(gold)
     if not a or not b:
         return False
-    if PURE_NUMBER_RE.fullmatch(b.replace(" ", "")):  # bare-number gold: drop trailing words
-        m = re.fullmatch(r"([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s+[A-Za-z][A-Za-z\s]*", a)
-        if m:
-            a = m.group(1)
+    (a, unit_a), (b, unit_b) = _split_unit(a), _split_unit(b)
+    if unit_a is not None and unit_b is not None and unit_a != unit_b:
+        return False  # "3 days" is not "3 hours", "5 km" not "5 cm"
+    if unit_a is None and PURE_NUMBER_RE.fullmatch(_squash(b)):  # bare-number gold: "18 eggs"
+        a = _count_noun(a) or a
     return _structured_equal(a, b)
 
 
+def _squash(s: str) -> str:
+    """`s` without spaces, except one between two digits ("1 5" is not "15")."""
+    return re.sub(r"(?<!\d)\s+|\s+(?!\d)", "", s)
+
+
 def _structured_equal(a: str, b: str) -> bool:
-    if a.replace(" ", "") == b.replace(" ", ""):
+    """`a` (the prediction) equals `b` (the gold) as a tuple, interval, list or scalar."""
+    if _squash(a) == _squash(b):
         return True
     oa, ob = _outer_brackets(a), _outer_brackets(b)
     if oa or ob:
@@ -183,15 +249,21 @@ def _structured_equal(a: str, b: str) -> bool:
 
 
 def _scalar_equal(a: str, b: str) -> bool:
-    if a.replace(" ", "") == b.replace(" ", ""):
+    """`a` (the prediction) equals the scalar `b` (the gold). A percentage is its value over 100
+    ("50%" equals 0.5, not 50); a number equals a percentage gold with the same number ("50"
+    equals "50%"), since the % is then the question's unit."""
+    if _squash(a) == _squash(b):
         return True
-    va, vb = _percent_variants(a), _percent_variants(b)
-    return any(expressions_equal(x, y) for x in va for y in vb)
+    va, vb = _percent_core(a), _percent_core(b)
+    if va is not None and vb is not None:
+        return expressions_equal(va, vb)
+    if va is not None:
+        return expressions_equal(f"({va})/100", b)
+    if vb is not None:
+        return expressions_equal(a, vb) or expressions_equal(a, f"({vb})/100")
+    return expressions_equal(a, b)
 
 
-def _percent_variants(s: str) -> list[str]:
+def _percent_core(s: str) -> str | None:
     s = s.strip()
-    if s.endswith("%"):
-        core = s[:-1].strip()
-        return [core, f"({core})/100"]
-    return [s]
+    return s[:-1].strip() if s.endswith("%") else None

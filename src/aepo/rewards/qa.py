@@ -1,10 +1,14 @@
 """QA answer matching: SQuAD/HotpotQA normalisation, token F1 and exact match.
 
 `normalize_answer` is the SQuAD/HotpotQA one (lower-case, drop punctuation and the articles
-a/an/the, collapse whitespace) with three additions that only ever make two spellings of the
-same answer agree: accents are stripped (NFKD), unicode punctuation and quotes count as
-punctuation, and a decimal point between two digits is kept ("1.5" is not "15"). Exact match
-also accepts two spellings of the same calendar date.
+a/an/the, collapse whitespace) with these changes: accents are stripped (NFKD), unicode
+punctuation and quotes count as punctuation, a decimal point between two digits is kept ("1.5"
+is not "15"), a percent sign after a number is kept ("50%" is not "50"), and the articles are
+kept when removing them would leave nothing (a gold "The" is "the", not ""), and so are
+symbols when nothing else is left (a flag emoji is itself). Exact match also
+accepts two spellings of the same calendar date. An empty normalised string matches nothing,
+so "-" or "." never equals a gold; empty gold answers are dropped (docs/algorithms.md
+section 7).
 """
 from __future__ import annotations
 
@@ -18,35 +22,47 @@ __all__ = ["em", "f1", "normalize_answer"]
 
 
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
+_PERCENT_RE = re.compile(r"(\d)\s*[%\uff05\ufe6a]")  # "50 %", fullwidth and small percent signs
 _YES_NO = ("yes", "no", "noanswer")
 
 
-def _is_punct(ch: str) -> bool:
-    return unicodedata.category(ch)[0] in ("P", "S")
-
-
 def normalize_answer(text: Any) -> str:
-    """Lower-case, strip accents, punctuation and articles, collapse whitespace (SQuAD style)."""
+    """Lower-case, strip accents, punctuation and articles, collapse whitespace (SQuAD style);
+    decimal points and percent signs after a number are kept, articles too when they are all
+    there is, and symbols when nothing else is left (a flag emoji gold is itself, not "")."""
     s = unicodedata.normalize("NFKD", str(text))
     s = "".join(ch for ch in s if not unicodedata.combining(ch)).lower()
+    s = _PERCENT_RE.sub(r"\1%", s)
+    for categories in ("PS", "P"):  # symbols only when nothing else is left
+        words = _ARTICLES_RE.sub(" ", _strip_punct(s, categories)).split()
+        if words:
+            return " ".join(words)
+    return " ".join(_strip_punct(s, "PS").split())  # "The" alone: the article is the answer
+
+
+def _strip_punct(s: str, categories: str) -> str:
+    """`s` without the characters of these unicode categories (P: punctuation, S: symbols),
+    except a decimal point between digits and a percent sign after a digit."""
     out = []
     for i, ch in enumerate(s):
-        if _is_punct(ch):
+        if unicodedata.category(ch)[0] in categories:
             between_digits = 0 < i < len(s) - 1 and s[i - 1].isdigit() and s[i + 1].isdigit()
             if ch == "." and between_digits:
                 out.append(ch)  # keep decimal points: "1.5" is not "15"
+            elif ch == "%" and i > 0 and s[i - 1].isdigit():
+                out.append(ch)  # keep percent signs: "50%" is not "50"
             continue
         out.append(ch)
-    s = _ARTICLES_RE.sub(" ", "".join(out))
-    return " ".join(s.split())
+    return "".join(out)
 
 
 def _as_gold_list(golds: Any) -> list[str]:
+    """The gold answers as strings; None and empty (or all-whitespace) ones dropped."""
     if golds is None:
         return []
     if isinstance(golds, (str, int, float)):
-        return [str(golds)]
-    return [str(g) for g in golds if g is not None]
+        golds = [golds]
+    return [str(g) for g in golds if g is not None and str(g).strip()]
 
 
 def _token_f1(pred: str, gold: str) -> float:
@@ -55,7 +71,7 @@ def _token_f1(pred: str, gold: str) -> float:
         return 0.0  # HotpotQA rule: a yes/no answer is all or nothing
     p_toks, g_toks = p.split(), g.split()
     if not p_toks or not g_toks:
-        return float(p_toks == g_toks)
+        return 0.0  # nothing left to compare: "-" is not an answer to anything
     same = sum((Counter(p_toks) & Counter(g_toks)).values())
     if same == 0:
         return 0.0
@@ -116,7 +132,8 @@ def _parse_date(text: str) -> tuple[int, int, int] | None:
 
 
 def _exact(pred: str, gold: str) -> bool:
-    if normalize_answer(pred) == normalize_answer(gold):
+    p = normalize_answer(pred)
+    if p and p == normalize_answer(gold):
         return True
     date = _parse_date(pred)
     return date is not None and date == _parse_date(gold)
