@@ -34,8 +34,8 @@ def _expect_ok(result: SandboxResult) -> str | None:
     return None if result.ok else f"the program failed: {result.error}"
 
 
-# Every file under /proc/sys: opened for writing, and written back with its own value (so even a
-# wall that failed changes nothing on the host).
+# Every file under /proc/sys, opened for writing. The kernel checks the permission at open;
+# nothing is written, so even a wall that failed changes nothing on the host.
 SYSCTL = textwrap.dedent("""
     import os
     writable = []
@@ -43,13 +43,7 @@ SYSCTL = textwrap.dedent("""
         for f in files:
             p = os.path.join(d, f)
             try:
-                value = open(p).read()
-            except OSError:
-                value = None
-            try:
-                with open(p, 'w') as fh:
-                    if value is not None:
-                        fh.write(value)
+                os.close(os.open(p, os.O_WRONLY))
                 writable.append(p)
             except OSError:
                 pass

@@ -6,18 +6,31 @@ as hostile. In the default mode, "strict", every run gets (`aepo.tools.sandbox_c
 - **Its own file system.** A minimal root on a tmpfs: read-only binds of what Python needs (the
   interpreter, its standard library, the installed packages of its environment and the
   system's shared libraries), fresh empty /tmp, /run, /var, /home, /root, /dev/shm and the
-  working directory /work (one size-limited tmpfs, `scratch_mb`), a new /proc, /dev/null and
-  friends, and a three-file /etc. No other host file exists inside: not the user's home, not
-  the training data or its gold answers, not other runs' scratch, not a socket file.
-- **Namespaces**: user (mapped to an unprivileged root inside, every capability dropped), mount,
-  PID (the program sees only its own processes), network (empty: not even loopback), IPC, UTS.
+  working directory /work (one size-limited tmpfs, `scratch_mb`), a new /proc with /proc/sys
+  read-only and root-only files masked, /dev/null and friends, and a small /etc. No other host
+  file exists inside: not the user's home, not the training data or its gold answers, not
+  other runs' scratch, not a socket file.
+- **Namespaces**: user, mount, PID (the program sees only its own processes), network (empty:
+  not even loopback), IPC (System V and POSIX IPC limits set to 0), UTS. The user namespace
+  allows 8 inotify instances and no further namespaces.
+- **Not the host's root**: under a root trainer the program runs as an unprivileged host uid of
+  its own (`PROGRAM_UID_BASE` + a slot held by one run at a time, `_UidSlot`), so the kernel's
+  checks against host uid 0 (sysctls, root-only files) never match it, RLIMIT_NPROC binds its
+  threads and processes, and it cannot signal its supervisor. Under an ordinary user it keeps
+  that user's uid (the only one an unprivileged process may map).
 - **A system-call filter** (seccomp), for every user: no new namespaces (`unshare`, `setns`,
   `clone` with namespace flags, `clone3`), no `mount`/`pivot_root`/`chroot`, no `ptrace` or
-  `process_vm_*`, no `bpf`, `keyctl`, `perf_event_open`, `io_uring_*`, `userfaultfd`, kernel
-  modules, and no `socket(AF_UNIX)`. Where RLIMIT_NPROC does not bind (the host's root user),
-  the filter also refuses new processes; threads still work.
-- **Limits**: wall clock (a watchdog inside, and the parent as a backstop), CPU seconds,
-  address space, file size, open files, processes.
+  `process_vm_*`, no `bpf`, `keyctl`, `perf_event_open`, `io_uring_*`, `userfaultfd`,
+  `memfd_create`, kernel modules; sockets only of the IPv4/IPv6 families (no unix, netlink,
+  packet, vsock, ...); no signal or `prlimit` aimed at PID 1. Where RLIMIT_NPROC cannot bind
+  (the program would be the host's root, e.g. limits-only under root), the filter also refuses
+  new processes; threads still work.
+- **Limits**: wall clock (a watchdog inside that waits on a pidfd, so no signal can cut it short,
+  and the parent as a backstop), CPU seconds, address space, file size, open files, processes,
+  POSIX message queues, locked memory.
+- **Its own session**: the program cannot signal the setup process's group; the supervisor has
+  no signal handler (PID 1 of its namespace, so the kernel drops the program's signals) and is
+  not dumpable. Should it die anyway, the model reads one line and the log gets the details.
 - **No leftovers**: each link of the process chain dies with its parent, so a killed trainer
   (even `kill -9`) leaves no process; host-side scratch directories of dead runs are removed
   when the next sandbox starts.
@@ -337,6 +350,10 @@ class _UidSlot:
     def __enter__(self) -> int:
         directory = _SLOT_DIR if os.access("/run", os.W_OK) else Path(tempfile.gettempdir(), "aepo-sandbox-slots")
         directory.mkdir(mode=0o700, exist_ok=True)
+        st = directory.lstat()
+        if not directory.is_dir() or directory.is_symlink() or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise SandboxError(f"{directory} must be a directory of this user that no one else can write; "
+                               "remove it and run again")
         start = (os.getpid() * 31 + threading.get_ident()) % PROGRAM_UID_SLOTS
         order = [(start + i) % PROGRAM_UID_SLOTS for i in range(PROGRAM_UID_SLOTS)]
         for i, slot in enumerate(order):
