@@ -114,6 +114,9 @@ class DataConfig:
 class RewardConfig:
     multi_tool_bonus: float = 0.0
     format_penalty: float = -1.0
+    # QA reward: token F1 (the paper's; pays 0.67 for "Paris London" against gold "Paris") or
+    # exact match (em: 1 only for a committed correct answer); docs/algorithms.md section 7
+    qa_metric: Literal["f1", "em"] = "f1"
 
 
 @dataclass

@@ -211,7 +211,7 @@ def stage_eval(out: Path, name: str, model_dir: Path, tasks: list[Any], runner: 
     model, tok = load_model(model_dir, device="cpu")
     recs = evaluate_tasks(model, tok, tasks, runner.run, n=plan.eval_n, rollout_cfg=cfg.rollout, seed=seed,
                           samples_path=out / f"eval_{name}_samples.jsonl", progress=progress,
-                          title=f"eval {name}")
+                          title=f"eval {name}", reward_cfg=cfg.reward)
     summary = summarize(recs)
     atomic_write_json(path, summary)
     return summary

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aepo.config import RolloutConfig
+from aepo.config import RewardConfig, RolloutConfig
 from aepo.console import StepProgress
 from aepo.data.datasets import TaskRow
 from aepo.data.prompting import encode_prompt
@@ -38,14 +38,16 @@ def evaluate_tasks(
     model: torch.nn.Module | None, tokenizer: Any, tasks: Sequence[TaskRow], tool_fn: Callable, *,
     n: int = 1, rollout_cfg: RolloutConfig | None = None, batch_prompts: int = 32, seed: int = 0,
     samples_path: str | Path | None = None, chat_template: bool = False, progress: bool = True,
-    title: str = "eval", backend: SamplerBackend | None = None,
+    title: str = "eval", backend: SamplerBackend | None = None, reward_cfg: RewardConfig | None = None,
 ) -> list[dict[str, Any]]:
     """Roll out `n` independent samples per task and score them; returns one record per task.
 
-    `backend` supplies the samplers (default: the torch sampler over `model`)."""
+    `backend` supplies the samplers (default: the torch sampler over `model`); `reward_cfg`
+    the reward settings of each sample's `reward` (default: `RewardConfig()`)."""
     if n < 1:
         raise ValueError(f"n (samples per question) must be >= 1, got {n}")
     cfg = dataclasses.replace(rollout_cfg or RolloutConfig(), strategy="independent", n=n)
+    rw = reward_cfg or RewardConfig()
     done: dict[str, dict] = {}
     if samples_path is not None and Path(samples_path).exists():
         for line in Path(samples_path).read_text().splitlines():
@@ -77,7 +79,8 @@ def evaluate_tasks(
             for t in chunk:
                 samples = []
                 for tr in by.get(t.id, []):
-                    s = score_trajectory(tr, t.answers, t.data_source)
+                    s = score_trajectory(tr, t.answers, t.data_source, multi_tool_bonus=rw.multi_tool_bonus,
+                                         format_penalty=rw.format_penalty, qa_metric=rw.qa_metric)
                     samples.append({
                         "answer": s.get("answer"), "acc": float(s.get("acc", 0.0)), "em": float(s.get("em", 0.0)),
                         "f1": float(s.get("f1", 0.0)), "reward": float(s.get("reward", 0.0)),

@@ -14,7 +14,10 @@ and reward managers read:
 format gate, then F1 / exact match / math equivalence; docs/algorithms.md section 7) in the
 signature of verl's `custom_reward_function`; tool output inside `<result>` blocks never
 counts as the model's answer. Point verl at it with
-`custom_reward_function.path=<this file> custom_reward_function.name=compute_score`.
+`reward.custom_reward_function.path=<this file> reward.custom_reward_function.name=compute_score`
+(examples/verl/run.sh); aepo's `reward.*` settings go in `reward.custom_reward_function.reward_kwargs`,
+which verl passes to it as keywords: `+reward.custom_reward_function.reward_kwargs.qa_metric=em`
+(exact match instead of token F1 as the QA reward), `...reward_kwargs.multi_tool_bonus=0.1`.
 """
 from __future__ import annotations
 
@@ -64,13 +67,19 @@ def write_verl_parquet(tasks: Sequence[TaskRow], out: str | Path, *, tools: Sequ
 
 
 def compute_score(data_source: str, solution_str: str, ground_truth: Any,
-                  extra_info: dict[str, Any] | None = None, **_: Any) -> dict[str, float]:
+                  extra_info: dict[str, Any] | None = None, *, qa_metric: str = "f1",
+                  multi_tool_bonus: float = 0.0, format_penalty: float = -1.0, **_: Any) -> dict[str, float]:
     """aepo's reward for one verl response: `score` is the format-gated reward, and acc / f1 /
     em / format_ok go to verl's reward metrics. `ground_truth` may be a string, a list or
-    numpy array of answers (from parquet), or a Search-R1 style {"target": [...]}."""
-    golds = gold_answers(ground_truth)
+    numpy array of answers (from parquet), or a Search-R1 style {"target": [...]}; empty
+    answers are dropped, and a row with none left is a ValueError. `qa_metric`,
+    `multi_tool_bonus` and `format_penalty` are aepo's `reward.*` settings (verl passes them
+    from `reward.custom_reward_function.reward_kwargs`)."""
+    golds = [g for g in gold_answers(ground_truth) if g.strip()]
     if not golds:
-        raise ValueError(f"compute_score: no gold answer in ground_truth {ground_truth!r} ({data_source})")
-    s = score(solution_str if isinstance(solution_str, str) else str(solution_str), golds, data_source)
+        raise ValueError(f"compute_score: no gold answer in ground_truth {ground_truth!r} ({data_source}); "
+                         "empty answers do not count")
+    s = score(solution_str if isinstance(solution_str, str) else str(solution_str), golds, data_source,
+              qa_metric=qa_metric, multi_tool_bonus=float(multi_tool_bonus), format_penalty=float(format_penalty))
     return {"score": float(s["reward"]), "acc": float(s["acc"]), "f1": float(s["f1"]), "em": float(s["em"]),
             "format_ok": float(bool(s["format_ok"]))}

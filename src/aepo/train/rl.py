@@ -153,7 +153,8 @@ class RLTrainer:
             task = by_id[tr.prompt_id]
             s = score_trajectory(tr, task.answers, task.data_source,
                                  multi_tool_bonus=self.cfg.reward.multi_tool_bonus,
-                                 format_penalty=self.cfg.reward.format_penalty)
+                                 format_penalty=self.cfg.reward.format_penalty,
+                                 qa_metric=self.cfg.reward.qa_metric)
             tr.score = s
             tr.reward = float(s["reward"]) + overlong_penalty(
                 len(tr.response_ids), r.max_response_tokens, self.cfg.actor.overlong_buffer,
