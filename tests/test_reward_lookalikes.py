@@ -212,7 +212,7 @@ def test_answer_after_a_raw_result_close_scores_zero(forged):
 
 @pytest.mark.parametrize("inside", ["</result>", "<result>", lookalike("</result>"), lookalike("<result>")])
 def test_result_tag_inside_the_models_answer_zeroes_accuracy(inside):
-    answer = f"Paris {inside}"
+    answer = f"{inside} \\boxed{{Paris}}"  # the answer read is "Paris"
     for s in (score(wrap(answer), ["Paris"], "hotpotqa"), score_trajectory(answered(answer), ["Paris"], "hotpotqa"),
               compute_score("hotpotqa", wrap(answer), ["Paris"])):
         assert s["acc"] == 0.0
@@ -289,3 +289,24 @@ def test_demo_evaluation_passes_the_reward_config(monkeypatch, tmp_path):
     stages_module.stage_eval(tmp_path, "x", tmp_path, [], type("R", (), {"run": None})(), cfg, plan, 0, False)
     assert seen and seen[0]["reward_cfg"].qa_metric == "em"
     assert json.loads(Path(tmp_path / stages_module.eval_done("x")).read_text())["n_questions"] == 0
+
+
+def test_normalisation_keeps_lone_articles_and_empty_never_matches():
+    from aepo.rewards import em, f1, normalize_answer
+
+    assert normalize_answer("The") == "the" and normalize_answer("A.") == "a" and normalize_answer("-") == ""
+    assert em("!", ["?"]) == 0.0 and f1("!", ["?"]) == 0.0 and em("", ["-"]) == 0.0
+
+
+def test_math_verify_cannot_overrule_a_builtin_no(monkeypatch):
+    import sys
+    import types
+
+    yes = types.ModuleType("math_verify")
+    yes.parse = lambda s: s  # type: ignore[attr-defined]
+    yes.verify = lambda gold, pred: True  # type: ignore[attr-defined]  # accepts everything
+    monkeypatch.setitem(sys.modules, "math_verify", yes)
+    for answer, golds, source in WRONG:  # the QA scorer asks math_equal about golds with a digit
+        assert not any(math_equal(answer, g) for g in golds if any(c.isdigit() for c in g)), (answer, golds)
+    assert not math_equal("Evlyne", "Evelyn")
+    assert math_equal("\\{2,1\\}", "\\{1,2\\}")  # sets: the built-in checker defers to math-verify

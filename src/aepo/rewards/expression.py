@@ -23,7 +23,7 @@ from fractions import Fraction
 
 from aepo.protocol import balanced_brace
 
-__all__ = ["expressions_equal"]
+__all__ = ["expressions_equal", "is_expression"]
 
 
 _FUNCS: dict[str, Callable[[complex], complex]] = {
@@ -296,6 +296,11 @@ def _compile(s: str) -> tuple | None:
         return _Parser(_tokenize(plain)).parse()
     except (_ParseError, ValueError, IndexError, RecursionError):
         return None
+
+
+def is_expression(s: str) -> bool:
+    """Whether `s` is an expression this evaluator reads."""
+    return _compile(s) is not None
 
 
 def _close(x: complex, y: complex, tol: tuple[float, float]) -> bool:

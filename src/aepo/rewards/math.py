@@ -1,7 +1,8 @@
 """Math answer equivalence (`math_equal`).
 
-Uses the `math-verify` package when it is installed and the built-in checker below does not
-already accept the pair. The built-in checker covers:
+Uses the `math-verify` package when it is installed and the built-in checker below cannot read
+the pair (sets, matrices, ...); where the built-in checker reads both sides, its verdict is
+final, so math-verify's tolerance or unit handling cannot accept a look-alike. It covers:
   * wrappers: `$...$`, `\\(...\\)`, `\\boxed{}`, `\\text{}`/`\\mathrm{}`/`\\mbox{}`,
     `\\left`/`\\right`, `\\dfrac`/`\\tfrac`, LaTeX spacing, `\\displaystyle`, a trailing period;
   * currency signs ($, \\$, EUR/GBP/YEN signs), degree marks (`^\\circ`), a leading `x =`;
@@ -30,7 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aepo.protocol import balanced_brace, extract_boxed
-from aepo.rewards.expression import expressions_equal
+from aepo.rewards.expression import expressions_equal, is_expression
 
 __all__ = ["PURE_NUMBER_RE", "math_equal"]
 
@@ -68,6 +69,8 @@ _NOT_NOUNS = frozenset(
     fifty sixty seventy eighty ninety""".split()
 )
 PURE_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
+_NUMBER_THEN_WORD_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)\s*[A-Za-z]{2,}")
+_TWO_NUMBERS_RE = re.compile(r"\d\s+[-+]?\.?\d")
 _THOUSANDS_RE = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?!\d|,\d)")
 
 
@@ -184,8 +187,9 @@ def math_equal(pred: Any, gold: Any) -> bool:
     """Whether `pred` and `gold` are the same mathematical answer (see the module docstring)."""
     if pred is None or gold is None:
         return False
-    if _builtin_math_equal(str(pred), str(gold)):
-        return True
+    verdict = _builtin_verdict(str(pred), str(gold))
+    if verdict is not None:
+        return verdict
     return _math_verify_equal(str(pred), str(gold))
 
 
@@ -201,6 +205,14 @@ def _math_verify_equal(pred: str, gold: str) -> bool:
 
 
 def _builtin_math_equal(pred: str, gold: str) -> bool:
+    return bool(_builtin_verdict(pred, gold))
+
+
+def _builtin_verdict(pred: str, gold: str) -> bool | None:
+    """True / False when the built-in checker decides the pair, None when it cannot read one
+    side (sets, matrices, ...: math-verify's turn). A "no" on numbers, units, percentages or
+    words is final, so math-verify's own tolerance and unit or percent handling cannot turn a
+    look-alike ("3 days" for "3 hours", "0.3333333" for 1/3) into a match."""
     a, b = _canon_math(pred), _canon_math(gold)
     if not a or not b:
         return False
@@ -209,7 +221,25 @@ def _builtin_math_equal(pred: str, gold: str) -> bool:
         return False  # "3 days" is not "3 hours", "5 km" not "5 cm"
     if unit_a is None and PURE_NUMBER_RE.fullmatch(_squash(b)):  # bare-number gold: "18 eggs"
         a = _count_noun(a) or a
-    return _structured_equal(a, b)
+    if _structured_equal(a, b):
+        return True
+    decided = (unit_a or unit_b or "%" in a + b or _NUMBER_THEN_WORD_RE.match(a) or _NUMBER_THEN_WORD_RE.match(b)
+               or _has_word(a) or _has_word(b)  # math-verify reads "Evlyne" as E*v*l*y*n*e = "Evelyn"
+               or _TWO_NUMBERS_RE.search(a) or _TWO_NUMBERS_RE.search(b))  # ... and "1 5" as 1*5
+    if _squash(a).lower() == _squash(b).lower():
+        return None  # "\\text{(c)}" for "(C)", "3r^2" for "3R^2": math-verify's call, as before
+    return False if decided or (_readable(a) and _readable(b)) else None
+
+
+def _has_word(s: str) -> bool:
+    """Whether `s` has a run of 3+ letters outside LaTeX commands and function names."""
+    return bool(re.search(r"[A-Za-z]{3,}", re.sub(r"\\[A-Za-z]+|sqrt|sin|cos|tan|cot|sec|csc|log|exp", " ", s)))
+
+
+def _readable(s: str) -> bool:
+    """Whether the built-in checker reads every element of `s` as an expression."""
+    outer = _outer_brackets(s)
+    return all(is_expression(e) for e in _split_top_level(outer[2] if outer else s))
 
 
 def _squash(s: str) -> str:
