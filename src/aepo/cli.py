@@ -79,7 +79,7 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
-def _load_for_sampling(model: Path, device: str, rcfg: Any) -> tuple[Any, Any, Any]:
+def _load_for_sampling(model: Path, device: str, rcfg: Any, dtype: str = "float32") -> tuple[Any, Any, Any]:
     """(torch model or None, tokenizer, sampler backend) for `rcfg.backend`: the vLLM engine
     loads the directory itself, so no torch copy of the weights is made for it."""
     from aepo.models.loading import load_model, load_tokenizer
@@ -90,7 +90,7 @@ def _load_for_sampling(model: Path, device: str, rcfg: Any) -> tuple[Any, Any, A
     if rcfg.backend == "vllm":
         tok = load_tokenizer(model)
         return None, tok, build_backend(rcfg, None, tok, model)
-    m, tok = load_model(model, device=device)
+    m, tok = load_model(model, device=device, dtype=dtype)
     return m, tok, build_backend(rcfg, m, tok)
 
 
@@ -241,7 +241,9 @@ def train(
         _fail(str(e))
     finally:
         runner.close()
-    save_model_dir(Path(cfg.out_dir) / "final", model, tok)
+    from aepo.config import run_config_files
+
+    save_model_dir(Path(cfg.out_dir) / "final", model, tok, text_files=run_config_files(cfg))
     typer.echo(f"done: model in {Path(cfg.out_dir) / 'final'}, metrics in {Path(cfg.out_dir) / 'metrics.jsonl'}")
 
 
@@ -279,40 +281,107 @@ def sft(
     except BAD_INPUT as e:
         _fail(str(e))
     hist = sft_train(m, tok, examples, SFTConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed))
-    save_model_dir(out, m, tok, jsonl_files={"sft_history.jsonl": hist})
+    # the settings of the model it started from (or the defaults) travel on, with its chat template
+    from aepo.config import model_config, run_config_files
+
+    run_cfg, _ = model_config(model, [f"model.chat_template={str(chat_template).lower()}"])
+    save_model_dir(out, m, tok, jsonl_files={"sft_history.jsonl": hist}, text_files=run_config_files(run_cfg))
     typer.echo(f"saved {out} (final loss {hist[-1]['loss']:.4f})")
+
+
+def _flag_overrides(flags: dict[str, Any]) -> list[str]:
+    """Dotted overrides from the flags that were given ({config key: value or None})."""
+    import json as _json
+
+    return [f"{key}={_json.dumps(value) if isinstance(value, (list, bool)) else value}"
+            for key, value in flags.items() if value is not None]
+
+
+def _search_overrides(cache: Path | None, corpus: Path | None, url: str | None) -> list[str]:
+    """--search-cache / --search-corpus / --search-url as tools.* overrides."""
+    return _flag_overrides({"tools.search_cache": cache, "tools.search_corpus": corpus, "tools.search_url": url})
+
+
+def _run_settings(model: Path, flags: list[str], overrides: list[str] | None) -> tuple[Any, str]:
+    """The model's own settings (its aepo_run.yaml, else the defaults), then the flags, then the
+    dotted overrides; search is dropped from the tools when no search source is known."""
+    import dataclasses
+
+    from aepo.config import model_config
+
+    cfg, line = model_config(model, [*flags, *(overrides or [])])
+    t = cfg.tools
+    has_source = bool(t.search_cache or t.search_corpus or t.search_url)
+    if has_source and "search" not in t.enabled:
+        cfg.tools = dataclasses.replace(t, enabled=[*t.enabled, "search"])
+    elif not has_source and "search" in t.enabled:
+        cfg.tools = dataclasses.replace(t, enabled=[x for x in t.enabled if x != "search"])
+    return cfg, line
+
+
+def _default_out(model: Path, base: str) -> Path:
+    """runs/<base>/<the model's path, joined>: each model gets its own results directory."""
+    parts = [p for p in model.parts if p not in ("", ".", "..", "runs", "/")] or ["model"]
+    return Path("runs") / base / "-".join(parts[-3:])
+
+
+def _eval_key(model: Path, data_file: Path, cfg: Any, *, n: int, seed: int, limit: int | None) -> dict[str, Any]:
+    """What decides an evaluation's samples: the model's identity, the dataset, n, seed and
+    every setting of EVAL_KEYS. A samples file is reused only under exactly this key."""
+    import hashlib
+
+    from aepo.config import EVAL_KEYS, config_value
+    from aepo.models.loading import model_identity
+
+    return {"model": model_identity(model), "data": hashlib.sha256(data_file.read_bytes()).hexdigest()[:16],
+            "limit": limit, "n": n, "seed": seed, "backend": cfg.rollout.backend,
+            "settings": {k: config_value(cfg, k) for k in EVAL_KEYS}}
 
 
 @app.command("eval")
 def eval_cmd(
     model: Path = typer.Argument(..., help="Local HF model directory."),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides of the model's own settings "
+                                                 "(its aepo_run.yaml), e.g. rollout.temperature=1.0 tools.search_topk=3"),
     data: list[Path] = typer.Option(..., "--data", help="Dataset file(s): JSONL or parquet. Repeatable."),
-    n: int = typer.Option(1, "--n", help="Samples per question (pass@k for k <= n)."),
-    out: Path = typer.Option(Path("runs/eval"), "--out"),
+    n: int = typer.Option(1, "--n", help="Samples per question, rollout.n (pass@k for k <= n)."),
+    out: Path | None = typer.Option(None, "--out", help="Results directory (default: runs/eval/<model path>)."),
     limit: int | None = typer.Option(None, "--limit", help="First N questions of each file."),
-    temperature: float = typer.Option(1.0, "--temperature"),
-    max_response_tokens: int = typer.Option(512, "--max-response-tokens"),
-    max_tool_calls: int = typer.Option(6, "--max-tool-calls"),
-    backend: str = typer.Option("torch", "--backend", help="Sampler engine: torch | vllm (the vllm extra)."),
-    search_cache: Path | None = typer.Option(None, "--search-cache", help="JSON cache of search results."),
-    search_corpus: Path | None = typer.Option(None, "--search-corpus", help="JSONL corpus for BM25 search."),
-    search_url: str | None = typer.Option(None, "--search-url", help="Search-R1 style /retrieve endpoint."),
-    chat_template: bool = typer.Option(False, "--chat-template"),
+    temperature: float | None = typer.Option(None, "--temperature", help="rollout.temperature (default: the "
+                                             "model's own)."),
+    max_response_tokens: int | None = typer.Option(None, "--max-response-tokens",
+                                                   help="rollout.max_response_tokens (default: the model's own)."),
+    max_tool_calls: int | None = typer.Option(None, "--max-tool-calls", help="rollout.max_tool_calls (default: "
+                                              "the model's own)."),
+    backend: str | None = typer.Option(None, "--backend", help="rollout.backend: torch | vllm (the vllm extra)."),
+    search_cache: Path | None = typer.Option(None, "--search-cache", help="tools.search_cache: JSON cache of "
+                                             "search results."),
+    search_corpus: Path | None = typer.Option(None, "--search-corpus", help="tools.search_corpus: JSONL corpus "
+                                              "for BM25 search."),
+    search_url: str | None = typer.Option(None, "--search-url", help="tools.search_url: Search-R1 style "
+                                          "/retrieve endpoint."),
+    chat_template: bool | None = typer.Option(None, "--chat-template/--no-chat-template",
+                                              help="model.chat_template (default: the model's own)."),
     device: str = typer.Option("auto", "--device"),
     seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Replace samples in --out that were made with other "
+                               "settings or another model (without it, such samples are refused)."),
     judge: str | None = typer.Option(None, "--judge", help="OpenAI-compatible endpoint of an LLM judge "
                                         "(e.g. http://127.0.0.1:8000): also grade each answer with it."),
     judge_model: str = typer.Option("", "--judge-model", help="Model name served at --judge."),
     judge_key_env: str = typer.Option("AEPO_JUDGE_API_KEY", "--judge-key-env",
                                       help="Environment variable holding the judge's API key, if any."),
 ) -> None:
-    """Answer every question N times with tools; report pass@k, EM/F1, tool calls per dataset
-    (and the LLM judge's accuracy with --judge)."""
-    from aepo.config import Config, ConfigError, RolloutConfig, validate
+    """Answer every question N times with tools, as the model was trained (its aepo_run.yaml:
+    prompt, tools, sampling, reward; flags and overrides change them); report pass@k, EM/F1,
+    tool calls per dataset (and the LLM judge's accuracy with --judge)."""
+    import dataclasses
+
+    from aepo.config import ConfigError
     from aepo.eval.runner import evaluate_tasks, judge_records, rewrite_samples, summarize, write_summary
-    from aepo.io import check_output_dir, check_output_file
+    from aepo.io import check_output_dir, check_output_file, claim_keyed_output
     from aepo.models.loading import check_model_dir, resolve_device
-    from aepo.runtime import load_tasks, search_tools_config
+    from aepo.runtime import load_tasks
     from aepo.tools import build_tool_runner
 
     try:
@@ -320,7 +389,10 @@ def eval_cmd(
         _check_min("--limit", limit, 1, "questions per file", "leave --limit out to use every question")
         _check_min("--max-response-tokens", max_response_tokens, 1, "tokens per answer")
         _check_min("--max-tool-calls", max_tool_calls, 0, "tool calls per answer")
-        _check_temperature(temperature)
+        if temperature is not None:
+            _check_temperature(temperature)
+        if backend is not None:
+            _check_backend(backend)
         grader = None
         if judge is not None:
             from aepo.data.judge import LLMJudge
@@ -330,31 +402,39 @@ def eval_cmd(
             grader = LLMJudge(judge, judge_model, api_key=os.environ.get(judge_key_env) or None, retries=2)
         elif judge_model:
             raise ValueError("--judge-model without --judge; give the judge's endpoint with --judge URL")
-        tcfg = search_tools_config(search_cache, search_corpus, search_url)
-        rcfg = RolloutConfig(strategy="independent", n=n, temperature=temperature,
-                             max_response_tokens=max_response_tokens, max_tool_calls=max_tool_calls,
-                             backend=_check_backend(backend))
-        validate(Config(rollout=rcfg))
         files = _check_datasets(data)
         check_model_dir(model)
+        flags = _flag_overrides({"rollout.temperature": temperature, "rollout.max_response_tokens": max_response_tokens,
+                                 "rollout.max_tool_calls": max_tool_calls, "rollout.backend": backend,
+                                 "model.chat_template": chat_template}) + _search_overrides(search_cache,
+                                                                                             search_corpus, search_url)
+        cfg, settings_line = _run_settings(model, flags, overrides)
+        rcfg = dataclasses.replace(cfg.rollout, strategy="independent", n=n)
         resolve_device(device)
+        out = out or _default_out(model, "eval")
         check_output_dir(out, "--out")
         for name in files:
             check_output_file(out / f"{name}.samples.jsonl", "--out")
         for name in ("summary.json", "summary.md"):
             check_output_file(out / name, "--out")
         sets = {name: load_tasks(p, limit=limit) for name, p in files.items()}
-        _warn_without_search(sets, bool(search_cache or search_corpus or search_url))
-        runner = build_tool_runner(tcfg)
-        m, tok, engine = _load_for_sampling(model, device, rcfg)
+        for name, p in files.items():
+            claim_keyed_output(out / f"{name}.samples.jsonl", _eval_key(model, p, cfg, n=n, seed=seed, limit=limit),
+                               force=force, what=f"--out holds {name} samples, but",
+                               hint=f"give another --out (the default is one directory per model)")
+        typer.echo(settings_line, err=True)
+        _warn_without_search(sets, "search" in cfg.tools.enabled)
+        runner = build_tool_runner(cfg.tools)
+        m, tok, engine = _load_for_sampling(model, device, rcfg, dtype=cfg.model.dtype)
     except (ConfigError, *BAD_INPUT) as e:
         _fail(str(e))
     summary = {}
     try:
         for name, tasks in sets.items():
             recs = evaluate_tasks(m, tok, tasks, runner.run, n=n, rollout_cfg=rcfg, seed=seed,
-                                  samples_path=out / f"{name}.samples.jsonl", chat_template=chat_template,
-                                  title=f"eval {name}", backend=engine)
+                                  samples_path=out / f"{name}.samples.jsonl", chat_template=cfg.model.chat_template,
+                                  tools=cfg.tools.enabled, title=f"eval {name}", backend=engine,
+                                  reward_cfg=cfg.reward)
             if grader is not None:
                 counts = judge_records(recs, grader)
                 rewrite_samples(out / f"{name}.samples.jsonl", recs)
@@ -374,63 +454,80 @@ def eval_cmd(
 def rollout_cmd(
     model: Path = typer.Option(..., "--model", help="Local HF model directory."),
     data: Path = typer.Option(..., "--data", help="Questions: JSONL or parquet."),
-    strategy: str = typer.Option("aepo", "--strategy", help="independent | arpo | aepo"),
-    k: int = typer.Option(8, "--k", help="Rows per prompt (one group)."),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides of the model's own settings "
+                                                 "(its aepo_run.yaml), e.g. rollout.branch_tau=0.3"),
+    strategy: str = typer.Option("aepo", "--strategy", help="rollout.strategy: independent | arpo | aepo"),
+    n: int = typer.Option(8, "--n", "--k", help="rollout.n: rows per prompt (one group)."),
     out: Path = typer.Option(Path("rollouts.jsonl"), "--out"),
-    limit: int | None = typer.Option(8, "--limit", help="First N questions."),
-    temperature: float = typer.Option(1.0, "--temperature"),
-    max_response_tokens: int = typer.Option(512, "--max-response-tokens"),
-    search_corpus: Path | None = typer.Option(None, "--search-corpus"),
-    search_cache: Path | None = typer.Option(None, "--search-cache"),
-    search_url: str | None = typer.Option(None, "--search-url"),
-    chat_template: bool = typer.Option(False, "--chat-template"),
+    limit: int | None = typer.Option(8, "--limit", help="First N questions (default 8)."),
+    temperature: float | None = typer.Option(None, "--temperature", help="rollout.temperature (default: the "
+                                             "model's own)."),
+    max_response_tokens: int | None = typer.Option(None, "--max-response-tokens",
+                                                   help="rollout.max_response_tokens (default: the model's own)."),
+    search_corpus: Path | None = typer.Option(None, "--search-corpus", help="tools.search_corpus"),
+    search_cache: Path | None = typer.Option(None, "--search-cache", help="tools.search_cache"),
+    search_url: str | None = typer.Option(None, "--search-url", help="tools.search_url"),
+    chat_template: bool | None = typer.Option(None, "--chat-template/--no-chat-template",
+                                              help="model.chat_template (default: the model's own)."),
     device: str = typer.Option("auto", "--device"),
-    backend: str = typer.Option("torch", "--backend", help="Sampler engine: torch | vllm (the vllm extra)."),
+    backend: str | None = typer.Option(None, "--backend", help="rollout.backend: torch | vllm (the vllm extra)."),
     seed: int = typer.Option(0, "--seed"),
     batch_prompts: int = typer.Option(32, "--batch-prompts", help="Prompts rolled out together (one step "
                                       "of the progress bar)."),
 ) -> None:
-    """Roll out a strategy and write one JSON object per row, to see what the agent did."""
+    """Roll out a strategy as the model was trained (its aepo_run.yaml) and write one JSON object
+    per row, to see what the agent did."""
+    import dataclasses
     import random
 
     import torch
 
-    from aepo.config import Config, ConfigError, RolloutConfig, validate
+    from aepo.config import ConfigError
     from aepo.console import StepProgress
     from aepo.data.prompting import encode_prompt
     from aepo.io import check_output_file, write_jsonl
     from aepo.models.loading import check_model_dir, resolve_device
     from aepo.rollout.strategies import rollout, strategy_names
-    from aepo.runtime import load_tasks, search_tools_config
+    from aepo.runtime import load_tasks
     from aepo.tools import build_tool_runner
 
     try:
         if strategy not in strategy_names():
             raise ValueError(f"--strategy {strategy!r} is not one of {', '.join(strategy_names())}; pick one of those")
-        _check_min("--k", k, 1, "rows per prompt")
+        _check_min("--n", n, 1, "rows per prompt")
         _check_min("--limit", limit, 1, "questions")
         _check_min("--max-response-tokens", max_response_tokens, 1, "tokens per row")
         _check_min("--batch-prompts", batch_prompts, 1, "prompts rolled out together")
-        _check_temperature(temperature)
-        tcfg = search_tools_config(search_cache, search_corpus, search_url)
-        rcfg = RolloutConfig(strategy=strategy, n=k, temperature=temperature, max_response_tokens=max_response_tokens,
-                             backend=_check_backend(backend))
-        validate(Config(rollout=rcfg))
+        if temperature is not None:
+            _check_temperature(temperature)
+        if backend is not None:
+            _check_backend(backend)
         _check_data_file(data)
         check_model_dir(model)
+        flags = _flag_overrides({"rollout.temperature": temperature, "rollout.max_response_tokens": max_response_tokens,
+                                 "rollout.backend": backend, "model.chat_template": chat_template}) + \
+            _search_overrides(search_cache, search_corpus, search_url)
+        cfg, settings_line = _run_settings(model, flags, overrides)
+        rcfg = dataclasses.replace(cfg.rollout, strategy=strategy, n=n)
         resolve_device(device)
         check_output_file(out, "--out")
+        if out.resolve() == data.resolve():
+            raise ValueError(f"--out {out} is the --data file; writing rows there would replace the questions. "
+                             f"Give another --out")
         check_output_file(out.with_name(out.stem + ".stats.json"), "--out")
         tasks = load_tasks(data, limit=limit)
         if not tasks:
             raise ValueError(f"--data {data} holds no questions; give a file with at least one row")
-        _warn_without_search({data.stem: tasks}, bool(search_cache or search_corpus or search_url))
-        runner = build_tool_runner(tcfg)
-        _, tok, engine = _load_for_sampling(model, device, rcfg)
+        typer.echo(settings_line, err=True)
+        _warn_without_search({data.stem: tasks}, "search" in cfg.tools.enabled)
+        runner = build_tool_runner(cfg.tools)
+        _, tok, engine = _load_for_sampling(model, device, rcfg, dtype=cfg.model.dtype)
     except (ConfigError, *BAD_INPUT) as e:
         _fail(str(e))
+    chat_template = cfg.model.chat_template
     sampler = engine.sampler(seed)
-    prompts = [(t.id, encode_prompt(t.question, tok, chat_template=chat_template)) for t in tasks]
+    prompts = [(t.id, encode_prompt(t.question, tok, chat_template=chat_template, max_tool_calls=rcfg.max_tool_calls,
+                                    tools=cfg.tools.enabled)) for t in tasks]
     batches = [prompts[i : i + batch_prompts] for i in range(0, len(prompts), batch_prompts)]
     rng = random.Random(seed)
     trajs, parts = [], []
@@ -468,7 +565,9 @@ def rollout_cmd(
     typer.echo(f"{len(rows)} rows of {len(set(tr.prompt_id for tr in trajs))} prompts; "
                + (f"m {min(m)}..{max(m)}; " if m else "") + f"branches {stats.get('branches', 0)}; "
                f"tool calls per row {stats.get('tool_calls_per_row', 0):.2f}; finish {stats.get('finish_reasons')}")
-    typer.echo(f"wrote {out} (rows) and {stats_path} (batch statistics: m, l, H_root/H_tool, every decision)")
+    limited = f" (the first {limit} questions of {data}; --limit N for more)" if limit and len(tasks) == limit else ""
+    typer.echo(f"wrote {out} (rows{limited}) and {stats_path} (batch statistics: m, l, H_root/H_tool, every "
+               f"decision)")
 
 
 @app.command()

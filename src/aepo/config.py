@@ -22,9 +22,10 @@ from aepo.errors import ConfigError
 from aepo.rollout.config import RolloutConfig
 from aepo.tools.config import ToolsConfig
 
-__all__ = ["AlgoConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "RewardConfig", "RolloutConfig",
-           "ToolsConfig", "TrainerConfig", "apply_preset", "import_plugins", "load_config", "parse_override", "save_config",
-           "to_dict", "validate"]
+__all__ = ["EVAL_KEYS", "RUN_CONFIG_FILE", "AlgoConfig", "Config", "ConfigError", "DataConfig", "ModelConfig",
+           "RewardConfig", "RolloutConfig", "ToolsConfig", "TrainerConfig", "apply_preset", "config_value",
+           "config_yaml", "import_plugins", "load_config", "model_config", "parse_override", "run_config_files",
+           "save_config", "to_dict", "validate"]
 
 
 @dataclass
@@ -386,9 +387,81 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The YAML text of `cfg`, loadable by `load_config`."""
+    d = to_dict(cfg)
+    d["trainer"]["betas"] = list(d["trainer"]["betas"])
+    return yaml.safe_dump(d, sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     from aepo.io import atomic_write_text
 
-    d = to_dict(cfg)
-    d["trainer"]["betas"] = list(d["trainer"]["betas"])
-    atomic_write_text(path, yaml.safe_dump(d, sort_keys=False))
+    atomic_write_text(path, config_yaml(cfg))
+
+
+# ----------------------------------------------------------------------------- a model's own settings
+
+RUN_CONFIG_FILE = "aepo_run.yaml"
+"""The run config a model directory was made with, written beside its config.json by every
+command that saves a model (sft, train, demo, checkpoints)."""
+
+EVAL_KEYS = (
+    "model.chat_template", "model.dtype",
+    "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_response_tokens",
+    "rollout.max_tool_calls", "rollout.max_result_tokens",
+    "tools.enabled", "tools.search_cache", "tools.search_corpus", "tools.search_url", "tools.search_topk",
+    "tools.search_max_chars", "tools.timeout", "tools.python_timeout", "tools.python_memory_mb",
+    "reward.multi_tool_bonus", "reward.format_penalty", "reward.qa_metric",
+)
+"""The settings that decide what a model's answers and their scores are: `aepo eval` and
+`aepo rollout` take them from the model's RUN_CONFIG_FILE unless told otherwise."""
+
+
+def run_config_files(cfg: Config) -> dict[str, str]:
+    """{RUN_CONFIG_FILE: YAML} for `save_model_dir(..., text_files=...)`. Relative search paths
+    are made absolute, so the model's settings still find them from another directory."""
+    cfg = dataclasses.replace(cfg, tools=dataclasses.replace(cfg.tools))
+    for name in ("search_cache", "search_corpus"):
+        value = getattr(cfg.tools, name)
+        if value:
+            setattr(cfg.tools, name, str(Path(value).resolve()))
+    return {RUN_CONFIG_FILE: config_yaml(cfg)}
+
+
+def config_value(cfg: Any, key: str) -> Any:
+    """The value of dotted `key` ("rollout.temperature") in `cfg`."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def model_config(model_dir: str | Path, overrides: list[str] | None = None) -> tuple[Config, str]:
+    """The settings to run `model_dir` with: its RUN_CONFIG_FILE (a model aepo did not make:
+    the defaults of this schema), then `overrides`. Returns the config and one line saying
+    which EVAL_KEYS came from the model and which were overridden."""
+    path = Path(model_dir) / RUN_CONFIG_FILE
+    own = path.is_file()
+    try:
+        cfg = load_config(path if own else None, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in {path} or the command line)" if own else str(e)) from None
+    given = {parse_override(o)[0] for o in overrides or []}
+
+    def show(key: str) -> str:
+        value = config_value(cfg, key)
+        return f"{key}={','.join(map(str, value)) if isinstance(value, list) else value}"
+
+    source = f"from {path}" if own else "the defaults (the model has no " + RUN_CONFIG_FILE + ")"
+    line = f"settings {source}: " + " ".join(show(k) for k in EVAL_KEYS if k not in given)
+    if given:
+        line += "; overridden: " + " ".join(show(k) if _has_key(cfg, k) else k for k in sorted(given))
+    return cfg, line
+
+
+def _has_key(cfg: Any, key: str) -> bool:
+    try:
+        config_value(cfg, key)
+        return True
+    except AttributeError:
+        return False

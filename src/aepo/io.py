@@ -254,3 +254,67 @@ def check_output_file(path: str | Path, what: str = "--out") -> Path:
                               f"give a file path (e.g. {p / 'rollouts.jsonl'}) or choose another {what}")
     _check_creatable(p.parent if str(p.parent) else Path("."), p, what)
     return p
+
+
+# ----------------------------------------------------------------------------- keyed outputs
+
+
+class StaleOutputError(ValueError):
+    """An output on disk was made with other settings or another model than the ones asked for."""
+
+    def __init__(self, message: str, differences: list[str]) -> None:
+        super().__init__(message)
+        self.differences = differences
+
+
+def key_file(output: str | Path) -> Path:
+    """Where the key of `output` (a file or directory) is kept: beside it, `NAME.key.json`."""
+    output = Path(output)
+    return output.with_name(output.name + ".key.json")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def key_differences(stored: Any, wanted: dict[str, Any]) -> list[str]:
+    """`key: stored -> wanted` for each dotted key whose value differs."""
+    a, b = _flatten(stored if isinstance(stored, dict) else {}), _flatten(wanted)
+    return [f"{k}: {a.get(k, '(none)')!r} -> {b.get(k, '(none)')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, "(none)") != b.get(k, "(none)")]
+
+
+def claim_keyed_output(output: str | Path, key: dict[str, Any], *, force: bool = False, what: str = "output",
+                       hint: str = "") -> bool:
+    """Make `output` belong to `key` (the settings and model identity that produce it) before
+    any of it is reused. Returns True when an existing `output` was made with exactly `key`
+    (reuse it), False when there is none yet (its key is now recorded). An `output` made with
+    another key raises StaleOutputError naming the differences, or with `force` is removed
+    and started afresh. So a result is never reported under settings that did not make it."""
+    output = Path(output)
+    kf = key_file(output)
+    if output.exists() or kf.exists():
+        try:
+            stored = json.loads(kf.read_text())
+        except (OSError, ValueError):
+            stored = None
+        if stored == key and output.exists():
+            return True
+        if stored != key:
+            diffs = key_differences(stored, key) if stored is not None else ["(made by an earlier version: no key)"]
+            if not force:
+                shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+                raise StaleOutputError(f"{what} {output} was made with other settings ({shown}); "
+                                       f"{hint or 'use another output path'}, or pass --force to replace it",
+                                       diffs)
+        if output.is_dir():
+            shutil.rmtree(output)
+        elif output.exists():
+            output.unlink()
+    atomic_write_json(kf, key)
+    return False

@@ -39,11 +39,15 @@ def evaluate_tasks(
     n: int = 1, rollout_cfg: RolloutConfig | None = None, batch_prompts: int = 32, seed: int = 0,
     samples_path: str | Path | None = None, chat_template: bool = False, progress: bool = True,
     title: str = "eval", backend: SamplerBackend | None = None, reward_cfg: RewardConfig | None = None,
+    tools: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Roll out `n` independent samples per task and score them; returns one record per task.
 
     `backend` supplies the samplers (default: the torch sampler over `model`); `reward_cfg`
-    the reward settings of each sample's `reward` (default: `RewardConfig()`)."""
+    the reward settings of each sample's `reward` (default: `RewardConfig()`); `tools` the
+    tools a chat prompt describes (the run's `tools.enabled`; default: every registered one).
+    Records already in `samples_path` are reused: the caller makes sure they were made with
+    these settings (`aepo.io.claim_keyed_output`)."""
     if n < 1:
         raise ValueError(f"n (samples per question) must be >= 1, got {n}")
     cfg = dataclasses.replace(rollout_cfg or RolloutConfig(), strategy="independent", n=n)
@@ -68,7 +72,7 @@ def evaluate_tasks(
             chunk = todo[b * batch_prompts : (b + 1) * batch_prompts]
             sampler = backend.sampler(seed * 7919 + b)
             prompts = [(t.id, encode_prompt(t.question, tokenizer, chat_template=chat_template,
-                                            max_tool_calls=cfg.max_tool_calls)) for t in chunk]
+                                            max_tool_calls=cfg.max_tool_calls, tools=tools)) for t in chunk]
             with torch.no_grad():
                 trajs, _ = rollout("independent", prompts, sampler, tokenizer, tool_fn, cfg,
                                    random.Random(seed * 31 + b))

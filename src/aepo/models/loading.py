@@ -265,21 +265,51 @@ def load_model(
     return model, tokenizer
 
 
+MODEL_ID_FILE = "aepo_model_id.json"
+"""A random id written with every model directory aepo saves: with the weights' sizes and
+times (`model_identity`) it names these weights, so a cached result is reused only for them."""
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
 def write_model_files(directory: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Write `model` (safetensors) and `tokenizer` into an existing directory."""
+    """Write `model` (safetensors), `tokenizer` and a fresh MODEL_ID_FILE into an existing directory."""
+    import uuid
+
     silence_transformers_progress()
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(str(directory))
+    Path(directory, MODEL_ID_FILE).write_text(json.dumps({"id": uuid.uuid4().hex}) + "\n")
+
+
+def model_identity(model_dir: str | Path) -> str:
+    """A short hash naming the weights in `model_dir`: its MODEL_ID_FILE (any model aepo saved),
+    config.json, and every weight file's name, size and modification time (so weights replaced
+    by hand, or a model aepo did not write, get another identity)."""
+    import hashlib
+
+    d = Path(model_dir)
+    h = hashlib.sha256()
+    for name in (MODEL_ID_FILE, "config.json"):
+        if (d / name).is_file():
+            h.update(name.encode() + b"\0" + (d / name).read_bytes())
+    for f in sorted(p for p in d.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def save_model_dir(out_dir: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                   *, jsonl_files: dict[str, list[dict]] | None = None) -> Path:
+                   *, jsonl_files: dict[str, list[dict]] | None = None,
+                   text_files: dict[str, str] | None = None) -> Path:
     """Save a loadable HF directory atomically (a kill never leaves half of one), with optional
-    JSONL side files such as a training history."""
+    side files: JSONL rows such as a training history, and text such as the run config the
+    model was trained with (`aepo.config.RUN_CONFIG_FILE`)."""
     from aepo.io import atomic_dir, write_jsonl
 
     with atomic_dir(out_dir) as tmp:
         write_model_files(tmp, model, tokenizer)
         for name, rows in (jsonl_files or {}).items():
             write_jsonl(tmp / name, rows)
+        for name, text in (text_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return Path(out_dir)

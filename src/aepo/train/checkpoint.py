@@ -135,7 +135,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(
     root: str | Path, step: int, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
-    scheduler: Any, extra: dict[str, Any], keep_last: int = 2,
+    scheduler: Any, extra: dict[str, Any], keep_last: int = 2, text_files: dict[str, str] | None = None,
 ) -> Path:
     """Write `root/step_{step}` atomically and prune all but the newest `keep_last` (0: keep all).
 
@@ -146,6 +146,8 @@ def save_checkpoint(
     final = root / f"step_{step}"
     with atomic_dir(final, disk_full_hint=_disk_full_hint(root, keep_last)) as tmp:
         write_model_files(tmp, model, tokenizer)
+        for name, text in (text_files or {}).items():  # the run config, so eval runs it as trained
+            (tmp / name).write_text(text, encoding="utf-8")
         state = {
             "step": step,
             "optimizer": optimizer.state_dict(),

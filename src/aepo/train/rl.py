@@ -30,7 +30,7 @@ import torch
 
 from aepo import algos
 from aepo.algos.losses import clipped_token_mask
-from aepo.config import Config, save_config
+from aepo.config import Config, run_config_files, save_config
 from aepo.data.datasets import TaskRow
 from aepo.data.prompting import encode_prompt
 from aepo.rewards import score_trajectory
@@ -423,7 +423,8 @@ class RLTrainer:
                 if t.save_every and ((step + 1) % t.save_every == 0 or step + 1 == t.total_steps):
                     save_checkpoint(self.out_dir / "checkpoints", step + 1, self.model, self.tokenizer,
                                     self.optimizer, self.scheduler,
-                                    {"entropy_history": self.entropy_history.state_dict()}, t.keep_last)
+                                    {"entropy_history": self.entropy_history.state_dict()}, t.keep_last,
+                                    text_files=run_config_files(self.cfg))
         logger.close()
         return history
 
