@@ -102,7 +102,7 @@ def evaluate_tasks(
                     for rec in new:
                         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             acc = np.mean([s["acc"] for r in new for s in r["samples"]]) if new else 0.0
-            bar.advance({"accuracy": float(acc)})
+            bar.advance({"accuracy": float(acc)}, weight=sum(len(r["samples"]) for r in new))
     return [done[t.id] for t in tasks if t.id in done]
 
 
