@@ -282,7 +282,7 @@ def test_demo_evaluation_passes_the_reward_config(monkeypatch, tmp_path):
     import aepo.models.loading as loading
 
     seen: list[dict] = []
-    monkeypatch.setattr(loading, "load_model", lambda path, device="cpu": (None, None))
+    monkeypatch.setattr(loading, "load_model", lambda path, **kw: (None, None))
     monkeypatch.setattr(stages_module, "evaluate_tasks", lambda *a, **kw: seen.append(kw) or [])
     cfg = load_config(None, ["reward.qa_metric=em"])
     plan = type("Plan", (), {"eval_n": 1})()
