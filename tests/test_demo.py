@@ -51,11 +51,11 @@ def test_report_seconds_agree_with_the_summary(demo_dir, tmp_path):
     sft = json.loads((out / "eval_sft.json").read_text())
     rl = json.loads((out / "eval_rl.json").read_text())
     stages = {"world": None, "demonstrations": 0.26, "SFT": 2.54, "SFT eval": 1.45, "RL": 10.5, "RL eval": 0.04}
-    write_report(out, demo_config(DemoPlan(), "aepo", 0), sft, rl, 20.0, stages)
+    write_report(out, demo_config(DemoPlan(), "aepo", 0), sft, rl, 20.0, stages, {"world", "SFT"})
     summary = json.loads((out / "summary.json").read_text())
     md = (out / "summary.md").read_text()
     assert summary["stage_seconds"]["SFT"] == 2.5
-    assert "world cached, demonstrations 0 s, SFT 2 s, SFT eval 1 s, RL 10 s, RL eval 0 s" in md
+    assert "world - cached, demonstrations 0 s, SFT 2 s cached, SFT eval 1 s, RL 10 s, RL eval 0 s" in md
 
 
 def test_demo_sft_data_comes_from_other_worlds(monkeypatch):
@@ -111,14 +111,97 @@ def test_demo_tokenizer_keeps_numbers_whole(demo_dir):
         assert tok.encode(f"\n{number}\n", add_special_tokens=False)[1] == ids[0]
 
 
-def test_demo_rerun_reuses_finished_stages(demo_dir):
+def test_demo_rerun_reuses_finished_stages_and_keeps_their_times(demo_dir):
     before = (demo_dir / "sft" / "model.safetensors").stat().st_mtime_ns
+    first = json.loads((demo_dir / "summary.json").read_text())
     res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(demo_dir)])
     assert res.exit_code == 0, res.output
     assert (demo_dir / "sft" / "model.safetensors").stat().st_mtime_ns == before
-    stages = json.loads((demo_dir / "summary.json").read_text())["stage_seconds"]
-    assert set(stages.values()) == {None}  # every stage cached: none is reported as having run
-    assert "SFT cached" in (demo_dir / "summary.md").read_text()
+    again = json.loads((demo_dir / "summary.json").read_text())
+    assert again["cached"] == sorted(first["stage_seconds"])  # every stage reused ...
+    assert again["stage_seconds"] == first["stage_seconds"]  # ... and shown with the time it took when made
+    assert again["rl_accuracy"] == first["rl_accuracy"]
+    assert f"SFT {first['stage_seconds']['SFT']:.0f} s cached" in (demo_dir / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("options", [["--algo", "grpo"], ["--seed", "1"], [], ["rollout.temperature=0.9"]])
+def test_demo_never_reports_a_result_made_with_other_settings(demo_dir, options):
+    """Over a finished quick aepo run: another algo, another seed, the full-size plan (no
+    --quick) or another config value is refused before any work, naming what differs."""
+    args = ["demo", "--out", str(demo_dir), *options] + (["--quick"] if options else [])
+    summary = (demo_dir / "summary.json").read_bytes()
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert "made with other settings" in res.output and "--force" in res.output
+    assert (demo_dir / "summary.json").read_bytes() == summary  # nothing was rewritten
+
+
+def test_demo_force_redoes_only_what_the_change_touches(demo_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "demo"
+    shutil.copytree(demo_dir, out)
+    sft_before = (out / "sft" / "model.safetensors").stat().st_mtime_ns
+    res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--algo", "grpo", "--force"])
+    assert res.exit_code == 0, res.output
+    s = json.loads((out / "summary.json").read_text())
+    assert s["algo"] == "grpo" and set(s["cached"]) == {"world", "demonstrations", "SFT", "SFT eval"}
+    assert (out / "sft" / "model.safetensors").stat().st_mtime_ns == sft_before
+    assert "grpo" in (out / "rl" / "final" / "aepo_run.yaml").read_text()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_demo_asking_for_cuda_without_cuda_is_one_line_before_any_work(tmp_path):
+    res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "d"), "model.device=cuda"])
+    assert res.exit_code == 2
+    assert res.output.count("\n") == 1 and "CUDA is not available" in res.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_eval_of_a_demo_model_reproduces_the_demos_numbers(demo_dir, tmp_path):
+    """`aepo eval` of the demo's models, with only the data, n and limit, gives the demo's own
+    held-out numbers: the prompt, tools, sampling and reward come from the model directory."""
+    plan_n, questions = 2, 16  # DemoPlan.quick(): eval_n, eval_questions
+    for stage, model in (("sft", demo_dir / "sft"), ("rl", demo_dir / "rl" / "final")):
+        out = tmp_path / stage
+        res = CliRunner().invoke(app, ["eval", str(model), "--data", str(demo_dir / "world" / "test.jsonl"),
+                                       "--n", str(plan_n), "--limit", str(questions), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert "settings from" in res.output and "tools.search_topk=2" in res.output
+        got = json.loads((out / "summary.json").read_text())["test"]
+        want = json.loads((demo_dir / f"eval_{stage}.json").read_text())
+        for key in ("pass@1", "pass@2", "f1", "tool_calls", "response_length"):
+            assert got[key] == pytest.approx(want[key]), (stage, key)
+
+
+def test_eval_never_reuses_samples_of_another_model_or_other_settings(demo_dir, tmp_path):
+    data = ["--data", str(demo_dir / "world" / "test.jsonl"), "--limit", "2", "--out", str(tmp_path / "e")]
+    runner = CliRunner()
+    first = runner.invoke(app, ["eval", str(demo_dir / "sft"), *data])
+    assert first.exit_code == 0, first.output
+    other_model = runner.invoke(app, ["eval", str(demo_dir / "rl" / "final"), *data])
+    assert other_model.exit_code == 2 and "made with other settings" in other_model.output
+    assert "model:" in other_model.output
+    other_setting = runner.invoke(app, ["eval", str(demo_dir / "sft"), *data, "--temperature", "0.5"])
+    assert other_setting.exit_code == 2 and "rollout.temperature" in other_setting.output
+    same = runner.invoke(app, ["eval", str(demo_dir / "sft"), *data])
+    assert same.exit_code == 0, same.output  # the same model and settings: the samples are reused
+    forced = runner.invoke(app, ["eval", str(demo_dir / "rl" / "final"), *data, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert "Evaluation of " + str(demo_dir / "rl" / "final") in (tmp_path / "e" / "summary.md").read_text()
+
+
+def test_compare_refuses_runs_made_with_other_settings(demo_dir, tmp_path):
+    from aepo.io import StaleOutputError
+
+    run_compare(["grpo"], 1, tmp_path, quick=True, base=demo_dir, progress=False)
+    with pytest.raises(StaleOutputError, match="made with other settings"):
+        run_compare(["grpo"], 1, tmp_path, quick=True, base=demo_dir, progress=False,
+                    overrides=["trainer.lr=3e-4"])
+    with pytest.raises(ValueError, match="is not a finished demo run"):
+        run_compare(["grpo"], 1, tmp_path / "x", quick=True, base=tmp_path, progress=False)
+    with pytest.raises(StaleOutputError, match="--from"):  # the full-size plan over a quick demo's SFT
+        run_compare(["grpo"], 1, tmp_path / "y", quick=False, base=demo_dir, progress=False)
 
 
 def test_compare_quick_from_demo(demo_dir, tmp_path):

@@ -172,6 +172,8 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="About a minute: tiny sizes, for smoke tests."),
     algo: str = typer.Option("aepo", "--algo", help="Algorithm preset for the RL stage."),
     seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Redo the stages in --out that were made with other "
+                               "settings (without it they are refused, never reported as this run's)."),
     overrides: list[str] | None = typer.Argument(None, help="Dotted config overrides, e.g. trainer.lr=1e-4"),
 ) -> None:
     """Build the demo world, train a tiny agent (SFT, then RL), evaluate both and write a report."""
@@ -179,7 +181,7 @@ def demo(
     from aepo.demo.stages import run_demo
 
     try:
-        summary = run_demo(out, quick=quick, algo=algo, seed=seed, overrides=overrides)
+        summary = run_demo(out, quick=quick, algo=algo, seed=seed, overrides=overrides, force=force)
     except (ConfigError, *BAD_INPUT) as e:
         _fail(str(e))
     typer.echo(f"SFT accuracy {100 * summary['sft_accuracy']:.1f}%  ->  RL accuracy "
@@ -579,6 +581,8 @@ def compare(
     base: Path | None = typer.Option(None, "--from", help="Reuse the world and SFT model of this run "
                                         "directory (e.g. runs/demo) instead of building them in OUT/base."),
     jobs: int = typer.Option(1, "--jobs", help="Runs at once, each in its own process with cores/jobs threads."),
+    force: bool = typer.Option(False, "--force", help="Redo runs in --out that were made with other settings "
+                               "(without it they are refused, never reported as this command's)."),
     overrides: list[str] | None = typer.Argument(None, help="Dotted overrides applied to every run."),
 ) -> None:
     """Train each algorithm on the demo world from one SFT model, evaluate, and write compare.md."""
@@ -589,7 +593,8 @@ def compare(
     try:
         _check_min("--seeds", seeds, 1, "seeds per algorithm")
         _check_min("--jobs", jobs, 1, "runs at once")
-        report = run_compare(names, seeds, out, quick=quick, overrides=overrides, command=cmd, base=base, jobs=jobs)
+        report = run_compare(names, seeds, out, quick=quick, overrides=overrides, command=cmd, base=base, jobs=jobs,
+                             force=force)
     except BAD_INPUT as e:
         _fail(str(e))
     except RuntimeError as e:  # a run failed (its log is named); the others' results are kept

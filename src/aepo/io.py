@@ -297,6 +297,7 @@ def claim_keyed_output(output: str | Path, key: dict[str, Any], *, force: bool =
     another key raises StaleOutputError naming the differences, or with `force` is removed
     and started afresh. So a result is never reported under settings that did not make it."""
     output = Path(output)
+    key = json.loads(json.dumps(key, default=str))  # as it reads back from disk (tuples are lists)
     kf = key_file(output)
     if output.exists() or kf.exists():
         try:

@@ -152,29 +152,49 @@ def _run_in_processes(todo: list[tuple[str, int]], out: Path, base: Path, quick:
         raise RuntimeError("compare: run(s) failed: " + ", ".join(f"{a} seed {s} ({log})" for a, s, log in failed))
 
 
+def _run_key(plan: Any, cfg: Any, seed: int) -> dict[str, Any]:
+    """What one (algo, seed) run depends on: the shared world and SFT model (seed 0), its RL
+    config (trainer.seed = seed) and its evaluation (seed)."""
+    from aepo.demo.stages import stage_keys
+
+    return {"run": stage_keys(plan, cfg, 0)["RL eval"], "eval_seed": seed}
+
+
+def _check_base(base: Path) -> None:
+    """--from must be a finished demo run: compare never builds a world or SFT model inside it."""
+    from aepo.demo.stages import SFT_DONE, WORLD_DONE
+
+    if not base.is_dir() or not (base / WORLD_DONE).exists() or not (base / SFT_DONE).exists():
+        raise ValueError(f"--from {base} is not a finished demo run (no {WORLD_DONE} and {SFT_DONE}); give a run "
+                         f"directory made by `aepo demo` (e.g. runs/demo), or leave --from out to build the world "
+                         f"and SFT model in --out")
+
+
 def run_compare(algos: Sequence[str], seeds: int | Sequence[int], out: str | Path, *, quick: bool = False,
                 overrides: list[str] | None = None, progress: bool = True, command: str = "aepo compare",
-                base: str | Path | None = None, jobs: int = 1) -> Path:
+                base: str | Path | None = None, jobs: int = 1, force: bool = False) -> Path:
     """Train and evaluate every (algo, seed) from one shared SFT model; write compare.md.
 
     `base` reuses the world and SFT model of an earlier run directory (e.g. `runs/demo`);
     by default they are built (once) in `out/base`. `jobs` > 1 runs that many (algo, seed)
     pairs at once, each in its own process with (usable cores / jobs) threads, logging to
-    `out/runs/<algo>_seed<seed>.log`; the results are the same as one at a time."""
+    `out/runs/<algo>_seed<seed>.log`; the results are the same as one at a time. A finished
+    or started run in `out` made with other settings (overrides, plan, SFT start) is refused,
+    or with `force` redone: it is never reported as the result of this command."""
     from aepo.demo.stages import (
-        RL_DONE,
         DemoPlan,
+        StageRunner,
         build_tools,
         demo_config,
         stage_eval,
         stage_model,
         stage_rl,
+        stage_keys,
         stage_sft,
         stage_world,
         world_tasks,
     )
-    from aepo.io import check_output_dir
-    from aepo.train.checkpoint import RunDirError, check_run_dir, format_differences
+    from aepo.io import check_output_dir, claim_keyed_output
 
     # every argument is checked before anything is built or written
     algos = list(algos)
@@ -203,25 +223,31 @@ def run_compare(algos: Sequence[str], seeds: int | Sequence[int], out: str | Pat
     if base is not None and not Path(base).is_dir():
         raise ValueError(f"--from {base} is not a directory; give a run directory made by `aepo demo` "
                          f"(e.g. runs/demo), or leave --from out to build the world and SFT model in {out / 'base'}")
-    for (algo, seed), cfg in configs.items():
-        rd = out / "runs" / f"{algo}_seed{seed}"
-        if run_summary(rd) is None and not (rd / RL_DONE).exists():
-            try:  # an unfinished run resumes from its checkpoint: with the same config only
-                check_run_dir(rd / "rl", cfg, resume=True)
-            except RunDirError as e:
-                raise RunDirError(f"--out {out}: the unfinished run {rd.name} used another config: "
-                                  f"{format_differences(e.differences)}; rerun with the same overrides, "
-                                  f"or choose another --out", e.differences) from None
-    base = Path(base) if base is not None else out / "base"
+    base_dir = Path(base) if base is not None else out / "base"
+    if base is not None:
+        _check_base(base_dir)
+    first = next(iter(configs.values()))
+    # one world and SFT model for every run, reused only under the settings that made them;
+    # --force never redoes the stages of a --from directory
+    base_stages = StageRunner(base_dir, {k: v for k, v in stage_keys(plan, first, 0).items()
+                                         if k in ("world", "demonstrations", "SFT")},
+                              force=force and base is None, what="--from" if base is not None else "--out base",
+                              hint="give --from a demo run made with the same options (e.g. --quick or not), or "
+                                   "leave --from out" if base is not None else "pass --force to redo them")
+    for cfg in configs.values():  # the models' settings name the shared world's corpus
+        cfg.tools.search_corpus = str((base_dir / "world" / "corpus.jsonl").resolve())
+    for (algo, seed), cfg in configs.items():  # a run is reused only under the settings that made it
+        claim_keyed_output(out / "runs" / f"{algo}_seed{seed}", _run_key(plan, cfg, seed), force=force,
+                           what="--out holds a run that", hint="rerun with the same options, choose another --out")
+    base = base_dir
     # a child process of `--jobs N` reads its share of the cores from OMP_NUM_THREADS
     set_threads(next(iter(configs.values())).trainer.threads, cap=4)
     base.mkdir(parents=True, exist_ok=True)
-    world = stage_world(base, plan, 0)
-    tools = next(iter(configs.values())).tools  # one world and SFT model for every run
-    runner = build_tools(world, tools)
+    world = base_stages.run("world", stage_world, base, plan, 0)
+    runner = build_tools(world, first.tools)
     try:
-        init_dir, demos = stage_model(base, plan, 0, tools)
-        sft_dir = stage_sft(base, init_dir, demos, plan, 0, progress)
+        init_dir, demos = base_stages.run("demonstrations", stage_model, base, plan, 0, first.tools)
+        sft_dir = base_stages.run("SFT", stage_sft, base, init_dir, demos, plan, 0, progress, first)
         test = world_tasks(world.test)[: plan.eval_questions]
         train = world_tasks(world.train)
         todo = [(a, s) for s in seeds for a in algos if run_summary(out / "runs" / f"{a}_seed{s}") is None]

@@ -39,6 +39,20 @@ def eval_done(name: str) -> Path:
     return Path(f"eval_{name}.json")
 
 
+STAGES: dict[str, tuple[Path, tuple[str, ...]]] = {
+    "world": (WORLD_DONE, ("world",)),
+    "demonstrations": (MODEL_DONE, ("sft_data.jsonl", "model_init")),
+    "SFT": (SFT_DONE, ("sft",)),
+    "SFT eval": (eval_done("sft"), ("eval_sft.json", "eval_sft_samples.jsonl")),
+    "RL": (RL_DONE, ("rl",)),
+    "RL eval": (eval_done("rl"), ("eval_rl.json", "eval_rl_samples.jsonl")),
+}
+"""Each stage: the file that marks it done, and every output it owns (removed when it is redone)."""
+STAGES_FILE = "stages.json"
+"""{stage: {"key": what made it, "seconds": how long it took}}: a finished stage is reused only
+under the same key, and the report shows every stage's time, cached ones included."""
+
+
 @dataclass
 class DemoPlan:
     """Sizes of each stage; `quick()` is the about-a-minute variant used by tests."""
@@ -187,18 +201,21 @@ def sft_examples(demos: list[dict], tokenizer: Any, plan: DemoPlan, seed: int) -
 
 
 def stage_sft(out: Path, init_dir: Path, demos: list[dict], plan: DemoPlan, seed: int,
-              progress: bool) -> Path:
+              progress: bool, cfg: Config | None = None) -> Path:
+    from aepo.config import run_config_files
     from aepo.models.loading import load_model, save_model_dir
     from aepo.train.sft import SFTConfig, sft_train
 
+    cfg = cfg or Config()
     sdir = (out / SFT_DONE).parent
     if (out / SFT_DONE).exists():
         return sdir
-    model, tok = load_model(init_dir, device="cpu")
+    model, tok = load_model(init_dir, device=cfg.model.device, dtype=cfg.model.dtype)
     examples = sft_examples(demos, tok, plan, seed)
     sft_cfg = SFTConfig(epochs=plan.sft_epochs, seed=seed, batch_size=plan.sft_batch_size, lr=plan.sft_lr)
     history = sft_train(model, tok, examples, sft_cfg, progress=progress)
-    return save_model_dir(sdir, model, tok, jsonl_files={"sft_history.jsonl": history})
+    return save_model_dir(sdir, model, tok, jsonl_files={"sft_history.jsonl": history},
+                          text_files=run_config_files(cfg))
 
 
 def stage_eval(out: Path, name: str, model_dir: Path, tasks: list[Any], runner: Any, cfg: Config,
@@ -208,10 +225,11 @@ def stage_eval(out: Path, name: str, model_dir: Path, tasks: list[Any], runner: 
     path = out / eval_done(name)
     if path.exists():
         return json.loads(path.read_text())
-    model, tok = load_model(model_dir, device="cpu")
+    model, tok = load_model(model_dir, device=cfg.model.device, dtype=cfg.model.dtype)
+    samples = out / f"eval_{name}_samples.jsonl"  # a killed eval resumes (run_demo checked its key)
     recs = evaluate_tasks(model, tok, tasks, runner.run, n=plan.eval_n, rollout_cfg=cfg.rollout, seed=seed,
-                          samples_path=out / f"eval_{name}_samples.jsonl", progress=progress,
-                          title=f"eval {name}", reward_cfg=cfg.reward)
+                          samples_path=samples, progress=progress, title=f"eval {name}", reward_cfg=cfg.reward,
+                          chat_template=cfg.model.chat_template, tools=cfg.tools.enabled)
     summary = summarize(recs)
     atomic_write_json(path, summary)
     return summary
@@ -227,7 +245,7 @@ def stage_rl(out: Path, sft_dir: Path, tasks: list[Any], runner: Any, cfg: Confi
         return final
     from aepo.rollout.sampler import build_backend
 
-    model, tok = load_model(sft_dir, device="cpu")
+    model, tok = load_model(sft_dir, device=cfg.model.device, dtype=cfg.model.dtype)
     # the sampler engine is built from the SFT directory (a vLLM engine needs one)
     backend = build_backend(cfg.rollout, model, tok, sft_dir)
     try:
@@ -235,7 +253,108 @@ def stage_rl(out: Path, sft_dir: Path, tasks: list[Any], runner: Any, cfg: Confi
         trainer.fit(resume=True, progress=progress)
     finally:
         backend.close()
-    return save_model_dir(final, model, tok)
+    from aepo.config import run_config_files
+
+    return save_model_dir(final, model, tok, text_files=run_config_files(cfg))
+
+
+def _digest(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_keys(plan: DemoPlan, cfg: Config, seed: int) -> dict[str, dict[str, Any]]:
+    """What each stage's output depends on. A stage's key holds the digest of the stage it
+    starts from, so a change upstream makes every stage after it stale too."""
+    import dataclasses
+
+    from aepo.config import EVAL_KEYS, config_value, to_dict
+
+    p = dataclasses.asdict(plan)
+    tools = {k: v for k, v in to_dict(cfg.tools).items() if k not in ("search_cache", "search_corpus", "search_url")}
+    run = to_dict(cfg)
+    run["tools"] = tools
+    run["trainer"] = {k: v for k, v in run["trainer"].items() if k not in ("threads", "logger")}
+    run["model"] = {k: v for k, v in run["model"].items() if k != "path"}
+    run.pop("out_dir", None)
+    evals = {k: config_value(cfg, k) for k in EVAL_KEYS if not k.startswith("tools.search_")
+             or k in ("tools.search_topk", "tools.search_max_chars")}
+    keys: dict[str, dict[str, Any]] = {}
+    keys["world"] = {"seed": seed, "world_size": p["world_size"], "world_level": p["world_level"]}
+    keys["demonstrations"] = {"world": _digest(keys["world"]), "tools": tools, **{
+        k: p[k] for k in ("n_demos", "demo_worlds", "tokenizer_worlds", "vocab_size", "model_preset")}}
+    keys["SFT"] = {"start": _digest(keys["demonstrations"]), "device": cfg.model.device, "dtype": cfg.model.dtype,
+                   **{k: p[k] for k in ("sft_epochs", "sft_batch_size", "sft_lr", "recall_drills")}}
+    eval_plan = {"questions": p["eval_questions"], "n": p["eval_n"], "seed": seed, "settings": evals}
+    keys["SFT eval"] = {"model": _digest(keys["SFT"]), **eval_plan}
+    keys["RL"] = {"start": _digest(keys["SFT"]), "config": run}
+    keys["RL eval"] = {"model": _digest(keys["RL"]), **eval_plan}
+    return json.loads(json.dumps(keys, default=str))  # as they read back from STAGES_FILE
+
+
+def _stale_stages(out: Path, keys: dict[str, dict[str, Any]], record: dict[str, Any]) -> dict[str, list[str]]:
+    """{stage: differences} for stages with outputs in `out` made under another key."""
+    from aepo.io import key_differences
+
+    stale = {}
+    for name in keys:
+        if any((out / o).exists() for o in STAGES[name][1]):
+            stored = record.get(name, {}).get("key")
+            if stored != keys[name]:
+                stale[name] = (key_differences(stored, keys[name]) if stored is not None
+                               else ["(made by an earlier version of aepo: no key)"])
+    return stale
+
+
+class StageRunner:
+    """Runs the stages of a run directory, each reused only under the key that made it.
+
+    On creation every stage of `keys` whose outputs exist under another key is found: without
+    `force` that raises StaleOutputError (naming the stages and the first one's differences),
+    with `force` their outputs are removed so they run again. `run` times a stage that is not
+    done and records its key and seconds in STAGES_FILE."""
+
+    def __init__(self, out: Path, keys: dict[str, dict[str, Any]], *, force: bool = False,
+                 what: str = "--out", hint: str = "choose another --out, or pass --force to redo them") -> None:
+        import shutil
+
+        from aepo.io import StaleOutputError
+
+        self.out, self.keys, self.cached = out, keys, set()
+        self.path = out / STAGES_FILE
+        try:
+            self.record = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except ValueError:
+            self.record = {}
+        stale = _stale_stages(out, keys, self.record)
+        if stale and not force:
+            first = next(iter(stale))
+            diffs = stale[first]
+            shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+            raise StaleOutputError(f"{what} {out} holds stages made with other settings ({', '.join(stale)}; "
+                                   f"{first}: {shown}); {hint}", diffs)
+        for name in stale:
+            for o in STAGES[name][1]:
+                path = out / o
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+            self.record.pop(name, None)
+
+    def run(self, name: str, fn: Any, *args: Any) -> Any:
+        if (self.out / STAGES[name][0]).exists():
+            self.cached.add(name)
+            return fn(*args)
+        t = time.time()
+        result = fn(*args)
+        self.record[name] = {"key": self.keys[name], "seconds": round(time.time() - t, 1)}
+        atomic_write_json(self.path, self.record)
+        return result
+
+    def seconds(self) -> dict[str, float | None]:
+        return {name: self.record.get(name, {}).get("seconds") for name in self.keys}
 
 
 def demo_config(plan: DemoPlan, algo: str, seed: int, overrides: list[str] | None = None) -> Config:
@@ -244,7 +363,7 @@ def demo_config(plan: DemoPlan, algo: str, seed: int, overrides: list[str] | Non
 
 
 def write_report(out: Path, cfg: Config, sft: dict, rl: dict, wall: float,
-                 stage_seconds: dict[str, float | None] | None = None) -> Path:
+                 stage_seconds: dict[str, float | None] | None = None, cached: set[str] | None = None) -> Path:
     from aepo.train.records import read_metrics
 
     metrics = read_metrics(out / "rl" / "metrics.jsonl")
@@ -257,8 +376,10 @@ def write_report(out: Path, cfg: Config, sft: dict, rl: dict, wall: float,
                            out / "accuracy.png", title="held-out accuracy"))
     summary = {
         "algo": cfg.algo, "steps": cfg.trainer.total_steps, "wall_seconds": round(wall, 1),
-        # seconds of each stage in this invocation; None: cached by an earlier run
+        # seconds each stage took when it was made (this invocation or, for the stages in
+        # "cached", the earlier one that made them; None: made by an aepo that kept no time)
         "stage_seconds": {k: (None if v is None else round(v, 1)) for k, v in (stage_seconds or {}).items()},
+        "cached": sorted(cached or ()),
         "sft_accuracy": sft.get("pass@1", 0.0), "rl_accuracy": rl.get("pass@1", 0.0),
         "gain_points": round(100 * (rl.get("pass@1", 0.0) - sft.get("pass@1", 0.0)), 1),
         "sft": sft, "rl": rl,
@@ -279,7 +400,7 @@ def write_report(out: Path, cfg: Config, sft: dict, rl: dict, wall: float,
         f"**{pct(summary['rl_accuracy'])}** after {cfg.trainer.total_steps} RL steps "
         f"({summary['gain_points']:+.1f} points). Wall time {wall / 60:.1f} min"
         # from the summary's rounded seconds, so the report and summary.json never disagree
-        + (" (" + ", ".join(f"{k} {'cached' if v is None else f'{v:.0f} s'}"
+        + (" (" + ", ".join(f"{k} {'-' if v is None else f'{v:.0f} s'}{' cached' if k in summary['cached'] else ''}"
                             for k, v in summary["stage_seconds"].items()) + ")"
            if stage_seconds else "") + ".", "",
         "| model | " + " | ".join(ks_sorted) + " | F1 | tool calls | length | diversity |",
@@ -310,56 +431,45 @@ def write_report(out: Path, cfg: Config, sft: dict, rl: dict, wall: float,
 
 
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, algo: str = "aepo", seed: int = 0,
-             overrides: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run every stage (cached ones are skipped) and return the summary dict."""
+             overrides: list[str] | None = None, progress: bool = True, force: bool = False) -> dict[str, Any]:
+    """Run every stage (those finished under the same settings are reused) and return the
+    summary dict. A finished stage made with other settings (another algo, seed, size, config
+    value) is never reported as this run's: it raises StaleOutputError naming the differences,
+    or with `force` is removed and redone, with every stage after it."""
     from aepo.io import check_output_dir
-    from aepo.train.checkpoint import RunDirError, check_run_dir, format_differences
+    from aepo.models.loading import resolve_device
 
     t0 = time.time()
     out = Path(out)
     plan = DemoPlan.quick() if quick else DemoPlan()
     # every check before the run directory is created or any stage starts
     cfg = demo_config(plan, algo, seed, overrides)
+    resolve_device(cfg.model.device)  # model.device=cuda without CUDA: one line, before any work
+    # the models' settings name the world's corpus, so `aepo eval` of them searches it too
+    cfg.tools.search_corpus = str((out / WORLD_DONE).parent.resolve() / "corpus.jsonl")
     set_threads(cfg.trainer.threads, cap=4)  # the tiny model gains nothing from more than 4
     check_output_dir(out, "--out")
-    if not (out / RL_DONE).exists():
-        try:  # a re-run resumes RL from its checkpoint: with the same config only
-            check_run_dir(out / "rl", cfg, resume=True)
-        except RunDirError as e:
-            raise RunDirError(f"--out {out} holds an unfinished RL run with another config: "
-                              f"{format_differences(e.differences)}; rerun with that run's options, "
-                              f"or choose another --out", e.differences) from None
     out.mkdir(parents=True, exist_ok=True)
+    stages = StageRunner(out, stage_keys(plan, cfg, seed), force=force)
     random.seed(seed)
     torch.manual_seed(seed)
     console.print(f"[bold]aepo demo[/] -> {out}  (algo={algo}{', quick' if quick else ''})")
-    stages: dict[str, float | None] = {}
-
-    def timed(name: str, done: Path, fn: Any, *args: Any) -> Any:
-        cached = (out / done).exists()
-        t = time.time()
-        result = fn(*args)
-        stages[name] = None if cached else time.time() - t
-        return result
-
-    world = timed("world", WORLD_DONE, stage_world, out, plan, seed)
+    world = stages.run("world", stage_world, out, plan, seed)
     runner = build_tools(world, cfg.tools)
     try:
         console.print(f"world: {len(world.corpus)} documents, {len(world.train)} train / {len(world.test)} test questions")
-        init_dir, demos = timed("demonstrations", MODEL_DONE, stage_model, out, plan, seed, cfg.tools)
-        sft_dir = timed("SFT", SFT_DONE, stage_sft, out, init_dir, demos, plan, seed, progress)
+        init_dir, demos = stages.run("demonstrations", stage_model, out, plan, seed, cfg.tools)
+        sft_dir = stages.run("SFT", stage_sft, out, init_dir, demos, plan, seed, progress, cfg)
         test = world_tasks(world.test)[: plan.eval_questions]
         train = world_tasks(world.train)
-        sft = timed("SFT eval", eval_done("sft"), stage_eval, out, "sft", sft_dir, test, runner, cfg, plan,
-                    seed, progress)
+        sft = stages.run("SFT eval", stage_eval, out, "sft", sft_dir, test, runner, cfg, plan, seed, progress)
         console.print(f"SFT held-out pass@1: {100 * sft['pass@1']:.1f}%")
-        rl_dir = timed("RL", RL_DONE, stage_rl, out, sft_dir, train, runner, cfg, progress)
-        rl = timed("RL eval", eval_done("rl"), stage_eval, out, "rl", rl_dir, test, runner, cfg, plan, seed,
-                   progress)
+        rl_dir = stages.run("RL", stage_rl, out, sft_dir, train, runner, cfg, progress)
+        rl = stages.run("RL eval", stage_eval, out, "rl", rl_dir, test, runner, cfg, plan, seed, progress)
         console.print(f"RL  held-out pass@1: {100 * rl['pass@1']:.1f}%")
     finally:
         runner.close()
-    report = write_report(out, cfg, sft, rl, time.time() - t0, stages)
+    report = write_report(out, cfg, sft, rl, time.time() - t0, stages.seconds(), stages.cached)
     console.print(f"[bold green]report:[/] {report}")
     return json.loads((out / "summary.json").read_text())
 
