@@ -400,16 +400,27 @@ def test_demo_and_compare_rerun_with_another_config_is_refused(cmd, micro_dir, t
     from aepo.config import save_config
     from aepo.train.checkpoint import save_checkpoint
 
+    from aepo.demo.compare import _run_key
+    from aepo.io import atomic_write_json, claim_keyed_output
+
     out = tmp_path / "out"
     rl = out / "rl" if cmd == "demo" else out / "runs" / "aepo_seed0" / "rl"
     model, tok = loading.load_model(micro_dir, device="cpu")
+    plan = stages.DemoPlan.quick()
+    cfg = stages.demo_config(plan, "aepo", 0)
+    if cmd == "demo":  # an unfinished RL stage, keyed as `aepo demo --quick` keys it
+        out.mkdir()
+        atomic_write_json(out / stages.STAGES_FILE, {"RL": {"key": stages.stage_keys(plan, cfg, 0)["RL"]}})
+    else:
+        claim_keyed_output(rl.parent, _run_key(plan, cfg, 0))
     rl.mkdir(parents=True)
-    save_config(stages.demo_config(stages.DemoPlan.quick(), "aepo", 0), rl / "config.yaml")
+    save_config(cfg, rl / "config.yaml")
     save_checkpoint(rl / "checkpoints", 1, model, tok, torch.optim.AdamW(model.parameters()), None, {})
     monkeypatch.setattr(stages, "stage_world", lambda *a, **k: pytest.fail("the run started its work"))
     args = ["--algo", "aepo"] if cmd == "demo" else ["--algos", "aepo", "--seeds", "1"]
     res = runner.invoke(app, [cmd, "--quick", "--out", str(out), *args, "trainer.lr=0.5"])
-    error_line(res, str(out), "another config", "trainer.lr (", "0.5 now)", "another --out")
+    error_line(res, str(out), "made with other settings", "trainer.lr: 0.0001 -> 0.5", "another --out", "--force")
+    assert (rl / "checkpoints" / "step_1").exists()  # nothing was removed
 
 
 # --------------------------------------------------------------------------- 8. search QA without search

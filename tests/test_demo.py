@@ -174,6 +174,20 @@ def test_eval_of_a_demo_model_reproduces_the_demos_numbers(demo_dir, tmp_path):
             assert got[key] == pytest.approx(want[key]), (stage, key)
 
 
+def test_the_readme_sft_line_reproduces_the_demos_sft_model(demo_dir, tmp_path):
+    """`aepo sft` with its defaults on the demo's own SFT set trains the demo's SFT model."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "sft"
+    res = CliRunner().invoke(app, ["sft", "--model", str(demo_dir / "model_init"), "--data",
+                                   str(demo_dir / "sft_examples.jsonl"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    mine, demo = load_file(out / "model.safetensors"), load_file(demo_dir / "sft" / "model.safetensors")
+    assert mine.keys() == demo.keys()
+    assert all(torch.equal(mine[k], demo[k]) for k in demo)
+
+
 def test_eval_never_reuses_samples_of_another_model_or_other_settings(demo_dir, tmp_path):
     data = ["--data", str(demo_dir / "world" / "test.jsonl"), "--limit", "2", "--out", str(tmp_path / "e")]
     runner = CliRunner()

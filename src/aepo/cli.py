@@ -252,17 +252,20 @@ def train(
 @app.command()
 def sft(
     model: Path = typer.Option(..., "--model", help="Local HF model directory to start from."),
-    data: Path = typer.Option(..., "--data", help="JSONL demonstrations: {prompt, segments} or {messages}."),
+    data: Path = typer.Option(..., "--data", help="JSONL demonstrations: {prompt, segments}, {messages}, or token "
+                              "rows {input_ids, loss_mask} (the demo's sft_examples.jsonl)."),
     out: Path = typer.Option(..., "--out", help="Where to save the trained model."),
-    epochs: int = typer.Option(3, "--epochs"),
-    lr: float = typer.Option(2e-3, "--lr"),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    epochs: int = typer.Option(1, "--epochs", help="Passes over the data (the demo's: 1)."),
+    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (the demo's: 2e-3)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Examples per step (the demo's: 8)."),
     chat_template: bool = typer.Option(False, "--chat-template", help="Wrap prompts with the chat template."),
     device: str = typer.Option("auto", "--device"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Supervised cold start on tool-use demonstrations (tool results masked out of the loss)."""
+    from aepo.config import ConfigError, model_config, run_config_files
     from aepo.io import check_output_dir
+    from aepo.runtime import set_threads
     from aepo.models.loading import check_model_dir, load_model, resolve_device, save_model_dir
     from aepo.train.sft import SFTConfig, check_sft_rows, load_sft_jsonl, sft_train
 
@@ -278,15 +281,16 @@ def sft(
         if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
             raise ValueError(f"--out {out} is a directory that holds files but no model, and saving replaces the "
                              f"whole directory; give a new or empty directory (or a model directory to overwrite)")
-        m, tok = load_model(model, device=device)
-        examples = load_sft_jsonl(data, tok, chat_template=chat_template)
-    except BAD_INPUT as e:
+        # the settings of the model it starts from (or the defaults) travel on, with its chat template;
+        # the demonstrations' prompts are built with them, as RL and evaluation will build them
+        run_cfg, _ = model_config(model, [f"model.chat_template={str(chat_template).lower()}"])
+        set_threads(0, cap=4)  # as the demo's SFT stage: the same model from the same data
+        m, tok = load_model(model, device=device, dtype=run_cfg.model.dtype)
+        examples = load_sft_jsonl(data, tok, chat_template=chat_template, tools=run_cfg.tools.enabled,
+                                  max_tool_calls=run_cfg.rollout.max_tool_calls)
+    except (ConfigError, *BAD_INPUT) as e:
         _fail(str(e))
     hist = sft_train(m, tok, examples, SFTConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed))
-    # the settings of the model it started from (or the defaults) travel on, with its chat template
-    from aepo.config import model_config, run_config_files
-
-    run_cfg, _ = model_config(model, [f"model.chat_template={str(chat_template).lower()}"])
     save_model_dir(out, m, tok, jsonl_files={"sft_history.jsonl": hist}, text_files=run_config_files(run_cfg))
     typer.echo(f"saved {out} (final loss {hist[-1]['loss']:.4f})")
 

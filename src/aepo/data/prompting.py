@@ -28,22 +28,36 @@ def prompt_text(question: str) -> str:
     return f"question: {question.strip()}\n"
 
 
+def chat_messages(question: str, *, tools: Sequence[str] | None = None, max_tool_calls: int = 6) -> list[dict]:
+    """The chat messages of a chat model's prompt: the system prompt teaching `tools` (default:
+    every registered tool) and the question. `aepo data to-verl` writes exactly these."""
+    return [
+        {"role": "system", "content": system_prompt(tool_names() if tools is None else tools, max_tool_calls)},
+        {"role": "user", "content": question.strip()},
+    ]
+
+
+def run_prompt(question: str, tokenizer: Any, cfg: Any) -> list[int]:
+    """The prompt ids of `question` under run config `cfg` (its `model.chat_template`,
+    `tools.enabled` and `rollout.max_tool_calls`): the one builder sft, train, eval and rollout
+    use, so a model is prompted as it was trained."""
+    return encode_prompt(question, tokenizer, chat_template=cfg.model.chat_template,
+                         max_tool_calls=cfg.rollout.max_tool_calls, tools=cfg.tools.enabled)
+
+
 def encode_prompt(
     question: str, tokenizer: Any, *, chat_template: bool = False, max_tool_calls: int = 6,
     tools: Sequence[str] | None = None,
 ) -> list[int]:
-    """Token ids of the prompt for `question`; with `chat_template`, the system prompt teaches
-    `tools` (default: every registered tool)."""
+    """Token ids of the prompt for `question`; with `chat_template`, `chat_messages` through the
+    tokenizer's template (the system prompt teaches `tools`, default every registered tool)."""
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
                 "model.chat_template=true but the tokenizer has no chat template; "
                 "set model.chat_template=false for base models"
             )
-        messages = [
-            {"role": "system", "content": system_prompt(tool_names() if tools is None else tools, max_tool_calls)},
-            {"role": "user", "content": question.strip()},
-        ]
+        messages = chat_messages(question, tools=tools, max_tool_calls=max_tool_calls)
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]

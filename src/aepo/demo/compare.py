@@ -157,7 +157,8 @@ def _run_key(plan: Any, cfg: Any, seed: int) -> dict[str, Any]:
     config (trainer.seed = seed) and its evaluation (seed)."""
     from aepo.demo.stages import stage_keys
 
-    return {"run": stage_keys(plan, cfg, 0)["RL eval"], "eval_seed": seed}
+    keys = stage_keys(plan, cfg, 0)
+    return {"rl": keys["RL"], "eval": {k: v for k, v in keys["RL eval"].items() if k != "model"}, "eval_seed": seed}
 
 
 def _check_base(base: Path) -> None:

@@ -42,7 +42,7 @@ def eval_done(name: str) -> Path:
 STAGES: dict[str, tuple[Path, tuple[str, ...]]] = {
     "world": (WORLD_DONE, ("world",)),
     "demonstrations": (MODEL_DONE, ("sft_data.jsonl", "model_init")),
-    "SFT": (SFT_DONE, ("sft",)),
+    "SFT": (SFT_DONE, ("sft", "sft_examples.jsonl")),
     "SFT eval": (eval_done("sft"), ("eval_sft.json", "eval_sft_samples.jsonl")),
     "RL": (RL_DONE, ("rl",)),
     "RL eval": (eval_done("rl"), ("eval_rl.json", "eval_rl_samples.jsonl")),
@@ -212,6 +212,8 @@ def stage_sft(out: Path, init_dir: Path, demos: list[dict], plan: DemoPlan, seed
         return sdir
     model, tok = load_model(init_dir, device=cfg.model.device, dtype=cfg.model.dtype)
     examples = sft_examples(demos, tok, plan, seed)
+    # the whole SFT set as token rows: `aepo sft --data sft_examples.jsonl` trains the same model
+    write_jsonl(out / "sft_examples.jsonl", [{"input_ids": e.input_ids, "loss_mask": e.loss_mask} for e in examples])
     sft_cfg = SFTConfig(epochs=plan.sft_epochs, seed=seed, batch_size=plan.sft_batch_size, lr=plan.sft_lr)
     history = sft_train(model, tok, examples, sft_cfg, progress=progress)
     return save_model_dir(sdir, model, tok, jsonl_files={"sft_history.jsonl": history},

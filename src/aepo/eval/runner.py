@@ -101,8 +101,8 @@ def evaluate_tasks(
                 with open(samples_path, "a") as f:
                     for rec in new:
                         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            acc = np.mean([s["acc"] for r in new for s in r["samples"]]) if new else 0.0
-            bar.advance({"accuracy": float(acc)}, weight=sum(len(r["samples"]) for r in new))
+            accs = [s["acc"] for r in new for s in r["samples"]]
+            bar.advance({"accuracy": float(np.mean(accs)) if accs else 0.0}, weight=len(accs))
     return [done[t.id] for t in tasks if t.id in done]
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from aepo.data.datasets import TaskRow, gold_answers
-from aepo.data.prompting import system_prompt
+from aepo.data.prompting import chat_messages
 from aepo.io import atomic_write_bytes
 from aepo.rewards.scoring import get_scorer, math_scorer, score
 
@@ -36,13 +36,12 @@ __all__ = ["compute_score", "verl_rows", "write_verl_parquet"]
 def verl_rows(tasks: Sequence[TaskRow], *, tools: Sequence[str], max_tool_calls: int = 6,
               split: str = "train") -> list[dict[str, Any]]:
     """One verl RL row per task (see the module docstring)."""
-    system = system_prompt(list(tools), max_tool_calls)
     rows = []
     for i, t in enumerate(tasks):
         math = get_scorer(t.data_source, t.answers) is math_scorer
         rows.append({
             "data_source": t.data_source,
-            "prompt": [{"role": "system", "content": system}, {"role": "user", "content": t.question}],
+            "prompt": chat_messages(t.question, tools=list(tools), max_tool_calls=max_tool_calls),
             "ability": "math" if math else "fact-reasoning",
             "reward_model": {"style": "rule", "ground_truth": list(t.answers)},
             "extra_info": {"index": i, "id": t.id, "split": split, "question": t.question},

@@ -32,7 +32,7 @@ from aepo import algos
 from aepo.algos.losses import clipped_token_mask
 from aepo.config import Config, run_config_files, save_config
 from aepo.data.datasets import TaskRow
-from aepo.data.prompting import encode_prompt
+from aepo.data.prompting import run_prompt
 from aepo.rewards import score_trajectory
 from aepo.rollout.sampler import SamplerBackend, build_backend
 from aepo.rollout.strategies import rollout
@@ -127,10 +127,7 @@ class RLTrainer:
 
     def _prompt_ids(self, task: TaskRow) -> list[int]:
         if task.id not in self._prompt_cache:
-            self._prompt_cache[task.id] = encode_prompt(
-                task.question, self.tokenizer, chat_template=self.cfg.model.chat_template,
-                max_tool_calls=self.cfg.rollout.max_tool_calls, tools=self.cfg.tools.enabled,
-            )
+            self._prompt_cache[task.id] = run_prompt(task.question, self.tokenizer, self.cfg)
         return self._prompt_cache[task.id]
 
     # ------------------------------------------------------------------ rollout + reward

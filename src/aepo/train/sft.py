@@ -27,10 +27,12 @@ SORT_POOL_BATCHES = 16  # batches' worth of examples sorted by length together (
 
 @dataclass
 class SFTConfig:
-    epochs: int = 3
+    # the demo's: small batches, one pass (a small model learns to copy from search results only
+    # after enough optimizer steps; benchmarks/RESULTS.md, "SFT batch size")
+    epochs: int = 1
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
-    batch_size: int = 32
+    batch_size: int = 8
     warmup_steps: int = 20
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -45,9 +47,12 @@ class SFTExample:
 
 
 def encode_demonstration(prompt: str | list[int], segments: Sequence[tuple[str, str]], tokenizer: Any,
-                         *, chat_template: bool = False, eos: bool = False) -> SFTExample:
-    """Token ids and loss mask of one demonstration (prompt and tool results masked)."""
-    ids = list(prompt) if isinstance(prompt, list) else encode_prompt(prompt, tokenizer, chat_template=chat_template)
+                         *, chat_template: bool = False, eos: bool = False, tools: Sequence[str] | None = None,
+                         max_tool_calls: int = 6) -> SFTExample:
+    """Token ids and loss mask of one demonstration (prompt and tool results masked); a text
+    prompt is built as RL and evaluation build it (`encode_prompt` with `tools`, `max_tool_calls`)."""
+    ids = list(prompt) if isinstance(prompt, list) else encode_prompt(
+        prompt, tokenizer, chat_template=chat_template, tools=tools, max_tool_calls=max_tool_calls)
     mask = [0] * len(ids)
     for role, text in segments:
         if role == "model":
@@ -66,7 +71,8 @@ def encode_demonstration(prompt: str | list[int], segments: Sequence[tuple[str, 
     return SFTExample(ids, mask)
 
 
-_SFT_FORMATS = 'rows are {"prompt", "segments": [[role, text], ...]} or {"messages": [{"role", "content"}, ...]}'
+_SFT_FORMATS = ('rows are {"prompt", "segments": [[role, text], ...]}, {"messages": [{"role", "content"}, ...]} '
+                'or token rows {"input_ids": [...], "loss_mask": [...]}')
 
 
 def check_sft_rows(path: str | Path) -> list[tuple[int, dict]]:
@@ -108,6 +114,14 @@ def check_sft_rows(path: str | Path) -> list[tuple[int, dict]]:
                     raise bad(line, f"field 'segments[{j}]': text must be a string, got {type(text).__name__}")
             if not any(role == "model" for role, _ in segs):
                 raise bad(line, "field 'segments' has no 'model' segment to learn from")
+        elif "input_ids" in row:
+            ids, mask = row["input_ids"], row.get("loss_mask")
+            if not (isinstance(ids, list) and ids and all(isinstance(i, int) and i >= 0 for i in ids)):
+                raise bad(line, "field 'input_ids' must be a non-empty list of token ids (ints >= 0)")
+            if not (isinstance(mask, list) and len(mask) == len(ids) and all(m in (0, 1) for m in mask)):
+                raise bad(line, "field 'loss_mask' must be a list of 0/1, one per input id")
+            if not any(mask):
+                raise bad(line, "field 'loss_mask' marks no token to learn")
         elif "messages" in row:
             msgs = row["messages"]
             if not isinstance(msgs, list) or not msgs:
@@ -137,15 +151,22 @@ def check_sft_rows(path: str | Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def load_sft_jsonl(path: str | Path, tokenizer: Any, *, chat_template: bool = False) -> list[SFTExample]:
-    """Read demonstrations: rows {"prompt", "segments": [[role, text], ...]} or chat rows
-    {"messages": [{"role": system|user|assistant|tool, "content"}]} (assistant = model, tool = tool).
+def load_sft_jsonl(path: str | Path, tokenizer: Any, *, chat_template: bool = False,
+                   tools: Sequence[str] | None = None, max_tool_calls: int = 6) -> list[SFTExample]:
+    """Read demonstrations: rows {"prompt", "segments": [[role, text], ...]}, chat rows
+    {"messages": [{"role": system|user|assistant|tool, "content"}]} (assistant = model, tool = tool),
+    or token rows {"input_ids", "loss_mask"} made with this model's tokenizer (`aepo demo`
+    writes its whole SFT set so: `sft_examples.jsonl`).
+    A row's text prompt is built as RL and evaluation build it (`tools`, `max_tool_calls`).
     Every row is checked first (`check_sft_rows`): a bad one raises ValueError naming file:line."""
     out = []
     for _, row in check_sft_rows(path):
-        if "segments" in row:
+        if "input_ids" in row:  # already tokenized (by the model's own tokenizer), e.g. the demo's
+            out.append(SFTExample(list(row["input_ids"]), list(row["loss_mask"])))
+        elif "segments" in row:
             segs = [(str(r), str(t)) for r, t in row["segments"]]
-            out.append(encode_demonstration(str(row["prompt"]), segs, tokenizer, chat_template=chat_template))
+            out.append(encode_demonstration(str(row["prompt"]), segs, tokenizer, chat_template=chat_template,
+                                            tools=tools, max_tool_calls=max_tool_calls))
         else:
             msgs = row["messages"]
             first = next(j for j, m in enumerate(msgs) if m.get("role") == "assistant")
