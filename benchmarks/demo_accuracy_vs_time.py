@@ -53,7 +53,7 @@ def main() -> None:
     from aepo.demo.stages import DemoPlan, build_tools, demo_config, stage_eval, stage_rl, world_tasks
     from aepo.demo.world import World
     from aepo.io import atomic_write_json, read_jsonl
-    from aepo.runtime import set_threads
+    from aepo.train.threads import set_threads
 
     for need in ("world/world.json", "sft/config.json", "sft/sft_history.jsonl", "eval_sft.json"):
         if not (args.demo / need).exists():

@@ -36,7 +36,7 @@ def main() -> None:
         world_tasks,
     )
     from aepo.io import read_jsonl
-    from aepo.runtime import set_threads
+    from aepo.train.threads import set_threads
 
     plan = DemoPlan(n_demos=args.demos, recall_drills=args.drills, sft_batch_size=args.batch, sft_lr=args.lr,
                     **({"model_preset": args.preset} if args.preset else {}))

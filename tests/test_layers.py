@@ -16,7 +16,7 @@ LAYERS: list[set[str]] = [
     {"aepo.protocol", "aepo.algos"},
     {"aepo.models", "aepo.rewards", "aepo.data"},
     {"aepo.rollout"},
-    {"aepo.config", "aepo.runtime"},
+    {"aepo.config"},
     {"aepo.train"},
     {"aepo.eval", "aepo.integrations"},
     {"aepo.demo"},

@@ -20,7 +20,6 @@ from aepo.models.smollm2 import (
     dense_copy,
     extract_gguf,
     import_smollm2,
-    import_smollm2_command,
     installed_gguf,
     locate_gguf,
     missing_modules,
@@ -200,9 +199,9 @@ def test_import_smollm2_refuses_to_replace_a_non_empty_directory(tmp_path):
 
 
 def test_command_prints_a_clear_error(tmp_path):
-    app = typer.Typer()
-    app.command()(import_smollm2_command)
+    from aepo.cli import app
+
     (tmp_path / "keep.txt").write_text("mine")
-    result = CliRunner().invoke(app, [str(tmp_path)])
-    assert result.exit_code == 1
-    assert "Error: output directory" in result.output and "--force" in result.output
+    result = CliRunner().invoke(app, ["model", "import-smollm2", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "error: output directory" in result.output and "--force" in result.output

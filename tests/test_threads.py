@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from aepo.config import ConfigError, load_config
-from aepo.runtime import set_threads, usable_cores
+from aepo.train.threads import set_threads, usable_cores
 
 
 @pytest.fixture(autouse=True)

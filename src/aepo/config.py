@@ -97,7 +97,7 @@ class TrainerConfig:
     seed: int = 0
     save_every: int = 20
     keep_last: int = 2
-    # torch threads; 0: OMP_NUM_THREADS when set, else the cores this process may use (aepo.runtime.set_threads)
+    # torch threads; 0: OMP_NUM_THREADS when set, else the cores this process may use (aepo.train.threads.set_threads)
     threads: int = 0
     logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])
 

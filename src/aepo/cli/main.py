@@ -1,4 +1,4 @@
-"""`aepo` command line: demo, sft, train, eval, compare, rollout, model, tools, world."""
+"""`aepo` demo, train, sft, eval, rollout, compare and data to-verl; the sub-apps model, tools, world."""
 from __future__ import annotations
 
 import os
@@ -10,10 +10,10 @@ from typing import Any
 import typer
 
 import aepo
-from aepo.demo.cli import app as world_app
-from aepo.models.cli import app as model_app
-from aepo.models.smollm2 import import_smollm2_command
-from aepo.tools.cli import app as tools_app
+from aepo.cli.common import BAD_INPUT, check_min, fail, warn
+from aepo.cli.model import app as model_app
+from aepo.cli.tools import app as tools_app
+from aepo.cli.world import app as world_app
 
 app = typer.Typer(
     name="aepo",
@@ -22,7 +22,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-model_app.command("import-smollm2")(import_smollm2_command)
 app.add_typer(model_app, name="model", help="Create or import models.")
 app.add_typer(tools_app, name="tools", help="Run the agent's tools by hand.")
 app.add_typer(world_app, name="world", help="Build the synthetic demo world.")
@@ -48,29 +47,6 @@ def main(
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-# What the library raises for bad input: ConfigError, ModelDirError, OutputPathError and
-# RunDirError are ValueErrors; a missing input file is a FileNotFoundError. At the command line
-# each becomes one `error: ...` line and exit status 2, never a traceback.
-BAD_INPUT = (ValueError, FileNotFoundError)
-
-
-def _fail(msg: str) -> None:
-    """One line on stderr, `error: <what is wrong>; <what to do>`, and exit status 2."""
-    typer.secho(f"error: {msg}", fg="red", err=True)
-    raise typer.Exit(2)
-
-
-def _warn(msg: str) -> None:
-    typer.secho(f"warning: {msg}", fg="yellow", err=True)
-
-
-def _check_min(option: str, value: float | None, low: float, what: str, hint: str = "") -> None:
-    """ValueError when an option is below its minimum, naming the option, the value and the range."""
-    if value is not None and value < low:
-        raise ValueError(f"{option} must be >= {low:g} ({what}), got {value:g}"
-                         f"; {hint or f'pass {option} {low:g} or more'}")
-
-
 def _check_backend(backend: str) -> str:
     from aepo.rollout.sampler import BACKENDS
 
@@ -84,7 +60,7 @@ def _load_for_sampling(model: Path, device: str, rcfg: Any, dtype: str = "float3
     loads the directory itself, so no torch copy of the weights is made for it."""
     from aepo.models.loading import load_model, load_tokenizer
     from aepo.rollout.sampler import build_backend
-    from aepo.runtime import set_threads
+    from aepo.train.threads import set_threads
 
     set_threads(0)
     if rcfg.backend == "vllm":
@@ -128,7 +104,7 @@ def _warn_without_search(sets: dict[str, list[Any]], has_search: bool) -> None:
         return
     names = [name for name, tasks in sets.items() if search_qa_share(tasks) >= 0.5]
     if names:
-        _warn(f"no search tool is configured, but the rows of {', '.join(names)} look like search QA "
+        warn(f"no search tool is configured, but the rows of {', '.join(names)} look like search QA "
               f"(short factual answers); pass --search-cache, --search-corpus or --search-url so the agent "
               f"can search")
 
@@ -183,7 +159,7 @@ def demo(
     try:
         summary = run_demo(out, quick=quick, algo=algo, seed=seed, overrides=overrides, force=force)
     except (ConfigError, *BAD_INPUT) as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(f"SFT accuracy {100 * summary['sft_accuracy']:.1f}%  ->  RL accuracy "
                f"{100 * summary['rl_accuracy']:.1f}%   report: {Path(out) / 'summary.md'}")
 
@@ -203,7 +179,8 @@ def train(
     from aepo.demo.stages import world_tasks
     from aepo.io import check_output_dir
     from aepo.models.loading import check_model_dir, load_model, resolve_device, save_model_dir
-    from aepo.runtime import load_tasks, set_threads
+    from aepo.data.datasets import load_dataset
+    from aepo.train.threads import set_threads
     from aepo.tools import build_tool_runner
     from aepo.train.checkpoint import check_run_dir
     from aepo.train.rl import RLTrainer
@@ -220,7 +197,8 @@ def train(
         check_run_dir(out_dir, cfg, resume=resume, force=force)
         corpus = None
         if cfg.data.train:
-            tasks = load_tasks(cfg.data.train, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
+            tasks = load_dataset(cfg.data.train, prompt_key=cfg.data.prompt_key or None,
+                                 answer_key=cfg.data.answer_key or None)
             if not tasks:
                 raise ValueError(f"data.train {cfg.data.train} holds no rows; give a file with at least one question")
         else:
@@ -232,7 +210,7 @@ def train(
         set_threads(cfg.trainer.threads)
         model, tok = load_model(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype)
     except (ConfigError, *BAD_INPUT) as e:
-        _fail(str(e))
+        fail(str(e))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     from aepo.train.checkpoint import CheckpointError, RunDirError
@@ -240,7 +218,7 @@ def train(
     try:
         RLTrainer(cfg, model, tok, tasks, runner.run, cfg.out_dir).fit(resume=resume, force=force)
     except (CheckpointError, RunDirError) as e:
-        _fail(str(e))
+        fail(str(e))
     finally:
         runner.close()
     from aepo.config import run_config_files
@@ -265,13 +243,13 @@ def sft(
     """Supervised cold start on tool-use demonstrations (tool results masked out of the loss)."""
     from aepo.config import ConfigError, model_config, run_config_files
     from aepo.io import check_output_dir
-    from aepo.runtime import set_threads
+    from aepo.train.threads import set_threads
     from aepo.models.loading import check_model_dir, load_model, resolve_device, save_model_dir
     from aepo.train.sft import SFTConfig, check_sft_rows, load_sft_jsonl, sft_train
 
     try:
-        _check_min("--epochs", epochs, 1, "passes over the data")
-        _check_min("--batch-size", batch_size, 1, "demonstrations per step")
+        check_min("--epochs", epochs, 1, "passes over the data")
+        check_min("--batch-size", batch_size, 1, "demonstrations per step")
         if not lr > 0:
             raise ValueError(f"--lr must be > 0, got {lr:g}; pass a learning rate such as --lr 2e-3")
         check_sft_rows(data)
@@ -289,7 +267,7 @@ def sft(
         examples = load_sft_jsonl(data, tok, chat_template=chat_template, tools=run_cfg.tools.enabled,
                                   max_tool_calls=run_cfg.rollout.max_tool_calls)
     except (ConfigError, *BAD_INPUT) as e:
-        _fail(str(e))
+        fail(str(e))
     hist = sft_train(m, tok, examples, SFTConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed))
     save_model_dir(out, m, tok, jsonl_files={"sft_history.jsonl": hist}, text_files=run_config_files(run_cfg))
     typer.echo(f"saved {out} (final loss {hist[-1]['loss']:.4f})")
@@ -387,14 +365,14 @@ def eval_cmd(
     from aepo.eval.runner import evaluate_tasks, judge_records, rewrite_samples, summarize, write_summary
     from aepo.io import check_output_dir, check_output_file, claim_keyed_output
     from aepo.models.loading import check_model_dir, resolve_device
-    from aepo.runtime import load_tasks
+    from aepo.data.datasets import load_dataset
     from aepo.tools import build_tool_runner
 
     try:
-        _check_min("--n", n, 1, "samples per question")
-        _check_min("--limit", limit, 1, "questions per file", "leave --limit out to use every question")
-        _check_min("--max-response-tokens", max_response_tokens, 1, "tokens per answer")
-        _check_min("--max-tool-calls", max_tool_calls, 0, "tool calls per answer")
+        check_min("--n", n, 1, "samples per question")
+        check_min("--limit", limit, 1, "questions per file", "leave --limit out to use every question")
+        check_min("--max-response-tokens", max_response_tokens, 1, "tokens per answer")
+        check_min("--max-tool-calls", max_tool_calls, 0, "tool calls per answer")
         if temperature is not None:
             _check_temperature(temperature)
         if backend is not None:
@@ -423,7 +401,7 @@ def eval_cmd(
             check_output_file(out / f"{name}.samples.jsonl", "--out")
         for name in ("summary.json", "summary.md"):
             check_output_file(out / name, "--out")
-        sets = {name: load_tasks(p, limit=limit) for name, p in files.items()}
+        sets = {name: load_dataset(p, limit=limit) for name, p in files.items()}
         for name, p in files.items():
             claim_keyed_output(out / f"{name}.samples.jsonl", _eval_key(model, p, cfg, n=n, seed=seed, limit=limit),
                                force=force, what=f"--out holds {name} samples, but",
@@ -433,7 +411,7 @@ def eval_cmd(
         runner = build_tool_runner(cfg.tools)
         m, tok, engine = _load_for_sampling(model, device, rcfg, dtype=cfg.model.dtype)
     except (ConfigError, *BAD_INPUT) as e:
-        _fail(str(e))
+        fail(str(e))
     summary = {}
     try:
         for name, tasks in sets.items():
@@ -445,7 +423,7 @@ def eval_cmd(
                 counts = judge_records(recs, grader)
                 rewrite_samples(out / f"{name}.samples.jsonl", recs)
                 if counts["failed"]:
-                    _warn(f"the judge at {judge} gave no verdict for {counts['failed']} of {counts['judged']} "
+                    warn(f"the judge at {judge} gave no verdict for {counts['failed']} of {counts['judged']} "
                           f"answers in {name} (see 'judge_error' in {name}.samples.jsonl)")
             summary[name] = summarize(recs)
             write_summary(out, summary, title=f"Evaluation of {model}")
@@ -494,16 +472,16 @@ def rollout_cmd(
     from aepo.io import check_output_file, write_jsonl
     from aepo.models.loading import check_model_dir, resolve_device
     from aepo.rollout.strategies import rollout, strategy_names
-    from aepo.runtime import load_tasks
+    from aepo.data.datasets import load_dataset
     from aepo.tools import build_tool_runner
 
     try:
         if strategy not in strategy_names():
             raise ValueError(f"--strategy {strategy!r} is not one of {', '.join(strategy_names())}; pick one of those")
-        _check_min("--n", n, 1, "rows per prompt")
-        _check_min("--limit", limit, 1, "questions")
-        _check_min("--max-response-tokens", max_response_tokens, 1, "tokens per row")
-        _check_min("--batch-prompts", batch_prompts, 1, "prompts rolled out together")
+        check_min("--n", n, 1, "rows per prompt")
+        check_min("--limit", limit, 1, "questions")
+        check_min("--max-response-tokens", max_response_tokens, 1, "tokens per row")
+        check_min("--batch-prompts", batch_prompts, 1, "prompts rolled out together")
         if temperature is not None:
             _check_temperature(temperature)
         if backend is not None:
@@ -521,7 +499,7 @@ def rollout_cmd(
             raise ValueError(f"--out {out} is the --data file; writing rows there would replace the questions. "
                              f"Give another --out")
         check_output_file(out.with_name(out.stem + ".stats.json"), "--out")
-        tasks = load_tasks(data, limit=limit)
+        tasks = load_dataset(data, limit=limit)
         if not tasks:
             raise ValueError(f"--data {data} holds no questions; give a file with at least one row")
         typer.echo(settings_line, err=True)
@@ -529,7 +507,7 @@ def rollout_cmd(
         runner = build_tool_runner(cfg.tools)
         _, tok, engine = _load_for_sampling(model, device, rcfg, dtype=cfg.model.dtype)
     except (ConfigError, *BAD_INPUT) as e:
-        _fail(str(e))
+        fail(str(e))
     chat_template = cfg.model.chat_template
     sampler = engine.sampler(seed)
     prompts = [(t.id, encode_prompt(t.question, tok, chat_template=chat_template, max_tool_calls=rcfg.max_tool_calls,
@@ -595,12 +573,12 @@ def compare(
     names = [a.strip() for a in algos.split(",") if a.strip()]
     cmd = "aepo compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "aepo compare"
     try:
-        _check_min("--seeds", seeds, 1, "seeds per algorithm")
-        _check_min("--jobs", jobs, 1, "runs at once")
+        check_min("--seeds", seeds, 1, "seeds per algorithm")
+        check_min("--jobs", jobs, 1, "runs at once")
         report = run_compare(names, seeds, out, quick=quick, overrides=overrides, command=cmd, base=base, jobs=jobs,
                              force=force)
     except BAD_INPUT as e:
-        _fail(str(e))
+        fail(str(e))
     except RuntimeError as e:  # a run failed (its log is named); the others' results are kept
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(1)
@@ -622,7 +600,7 @@ def data_to_verl(
     aepo.integrations.verl_task.compute_score."""
     from aepo.integrations.verl_task import write_verl_parquet
     from aepo.io import check_output_file
-    from aepo.runtime import load_tasks
+    from aepo.data.datasets import load_dataset
     from aepo.tools import tool_names
 
     try:
@@ -631,21 +609,18 @@ def data_to_verl(
         if unknown:
             raise ValueError(f"--tools: {', '.join(unknown)} not among the registered tools "
                              f"({', '.join(tool_names())})")
-        _check_min("--max-tool-calls", max_tool_calls, 0, "tool calls per answer")
-        _check_min("--limit", limit, 1, "questions")
+        check_min("--max-tool-calls", max_tool_calls, 0, "tool calls per answer")
+        check_min("--limit", limit, 1, "questions")
         _check_data_file(data)
         if out.suffix != ".parquet":
             raise ValueError(f"OUT {out} must end in .parquet (verl reads parquet)")
         check_output_file(out, "OUT")
-        tasks = load_tasks(data, limit=limit)
+        tasks = load_dataset(data, limit=limit)
         if not tasks:
             raise ValueError(f"{data} holds no questions; give a file with at least one row")
     except BAD_INPUT as e:
-        _fail(str(e))
+        fail(str(e))
     write_verl_parquet(tasks, out, tools=names, max_tool_calls=max_tool_calls, split=split)
     typer.echo(f"wrote {out}: {len(tasks)} rows ({', '.join(sorted({t.data_source for t in tasks}))})")
 
-
-if __name__ == "__main__":
-    sys.exit(app())
 

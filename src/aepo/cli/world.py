@@ -8,16 +8,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from aepo.cli.common import fail
 from aepo.demo.world import KINDS, LEVELS, SIZES, World, demo_world
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
-
-
-def _fail(message: str) -> None:
-    """One line on stderr, `error: <what is wrong>; <what to do>`, and exit status 2 (as `aepo`'s
-    other commands)."""
-    typer.secho(f"error: {message}", fg="red", err=True)
-    raise typer.Exit(code=2)
 
 
 def world_table(world: World) -> Table:
@@ -58,7 +52,7 @@ def build(
         check_output_dir(out, "OUT")
         world = demo_world(seed, size=size, level=level)
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     world.save(out)
     console = Console()
     console.print(world_table(world))

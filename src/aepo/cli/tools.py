@@ -11,15 +11,10 @@ from pathlib import Path
 
 import typer
 
+from aepo.cli.common import fail
 from aepo.console import printable
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
-
-
-def _fail(message: str) -> None:
-    """A usage error: one line on stderr, exit status 2."""
-    typer.secho(printable(f"error: {message}"), fg="red", err=True)
-    raise typer.Exit(code=2)
 
 
 def _tool_error(message: str) -> None:
@@ -45,11 +40,11 @@ def search_command(
     from aepo.tools.search import SearchBackendError, build_search_tool
 
     if cache is None and corpus is None and url is None:
-        _fail("no search source: give at least one of --cache, --corpus or --url")
+        fail("no search source: give at least one of --cache, --corpus or --url")
     try:
         tool = build_search_tool(cache=cache, corpus=corpus, url=url, topk=topk, max_chars=max_chars)
     except (ValueError, OSError) as exc:
-        _fail(f"{exc}; check the --cache / --corpus file")
+        fail(f"{exc}; check the --cache / --corpus file")
         return
     try:
         typer.echo(printable(tool(query)))
@@ -77,14 +72,14 @@ def python_command(
         sandbox = PythonSandbox(timeout=timeout, cpu_seconds=max(1, int(timeout + 0.999)), memory_mb=memory_mb,
                                 mode=isolation)
     except ValueError as exc:
-        _fail(f"--isolation: {exc}")
+        fail(f"--isolation: {exc}")
         return
     try:
         if verbose:
             typer.echo(sandbox.isolation.describe(), err=True)
         result = sandbox.run(source)
     except SandboxError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     typer.echo(printable(sandbox.format(result).rstrip("\n")))
     if not result.ok:

@@ -1,18 +1,7 @@
-"""The CLI's shortcuts for a run's parts: its threads and its task rows.
-
-A run's tool runner is `aepo.tools.build_tool_runner(cfg.tools)`."""
+"""Torch's thread count for a run (`trainer.threads`): set once, never more threads than cores."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any
-
-
-def load_tasks(path: str | Path, *, prompt_key: str | None = None, answer_key: str | None = None,
-               limit: int | None = None) -> list[Any]:
-    from aepo.data.datasets import load_dataset
-
-    return load_dataset(path, prompt_key=prompt_key or None, answer_key=answer_key or None, limit=limit)
 
 
 def usable_cores() -> int:

