@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from aepo.types import Generation, ToolCall
+from aepo.types import Generation, SegmentRecord, ToolCall, Trajectory
 
 SPECIAL_TOKENS = [
     "<pad>", "<eos>", "<search>", "</search>", "<python>", "</python>", "<calc>", "</calc>",
@@ -234,3 +234,16 @@ class PausingSampler(ScriptedSampler):
     def release(self, row: int) -> None:
         assert row not in self.open, "a paused row was released"
         super().release(row)
+
+
+def hand_trajectory(*parts: tuple[str, str], finish: str = "answer") -> Trajectory:
+    """A trajectory whose segments are `parts` (CharTokenizer ids), as the agent records them."""
+    t = Trajectory(prompt_id="p", row_id=0, prompt_ids=[], finish_reason=finish)
+    for role, text in parts:
+        ids = CharTokenizer().encode(text)
+        start = len(t.response_ids)
+        t.response_ids += ids
+        t.response_mask += [int(role == "model")] * len(ids)
+        t.segments.append(SegmentRecord(role, start, start + len(ids), None, text))  # type: ignore[arg-type]
+    t.text = CharTokenizer().decode(t.response_ids)
+    return t

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from scripted_sampler import CharTokenizer, FakeTools, ScriptedSampler
+from scripted_sampler import CharTokenizer, FakeTools, ScriptedSampler, hand_trajectory
 
 from aepo.config import RolloutConfig, load_config
 from aepo.data.datasets import TaskRow
@@ -60,19 +60,6 @@ def run(script: Callable[[str, int], str], tool_output: str, **cfg_kw) -> Trajec
 
 def tool_segments(t: Trajectory) -> list[SegmentRecord]:
     return [s for s in t.segments if s.role == "tool"]
-
-
-def hand_trajectory(*parts: tuple[str, str], finish: str = "answer") -> Trajectory:
-    """A trajectory whose segments are `parts` (CharTokenizer ids), as the agent records them."""
-    t = Trajectory(prompt_id="p", row_id=0, prompt_ids=[], finish_reason=finish)
-    for role, text in parts:
-        ids = TOK.encode(text)
-        start = len(t.response_ids)
-        t.response_ids += ids
-        t.response_mask += [int(role == "model")] * len(ids)
-        t.segments.append(SegmentRecord(role, start, start + len(ids), None, text))  # type: ignore[arg-type]
-    t.text = TOK.decode(t.response_ids)
-    return t
 
 
 # ----------------------------------------------------------------------------- escaping

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from scripted_sampler import CharTokenizer, FakeTools, ScriptedSampler
+from scripted_sampler import CharTokenizer, FakeTools, ScriptedSampler, hand_trajectory
 
 from aepo.config import ConfigError, RewardConfig, RolloutConfig, load_config
 from aepo.data.datasets import TaskRow
@@ -26,26 +26,13 @@ from aepo.rewards.expression import expressions_equal
 from aepo.rollout import rollout
 from aepo.rollout.sampler import backend as sampler_backend
 from aepo.train import rl as rl_module
-from aepo.types import SegmentRecord, Trajectory
+from aepo.types import Trajectory
 
 TOK = CharTokenizer()
 
 
 def wrap(answer: str) -> str:
     return f"<think>looked it up</think><search>q</search><result>\nfound\n</result><answer>{answer}</answer>"
-
-
-def hand_trajectory(*parts: tuple[str, str], finish: str = "answer") -> Trajectory:
-    """A trajectory whose segments are `parts` (CharTokenizer ids), as the agent records them."""
-    t = Trajectory(prompt_id="p", row_id=0, prompt_ids=[], finish_reason=finish)
-    for role, text in parts:
-        ids = TOK.encode(text)
-        start = len(t.response_ids)
-        t.response_ids += ids
-        t.response_mask += [int(role == "model")] * len(ids)
-        t.segments.append(SegmentRecord(role, start, start + len(ids), None, text))  # type: ignore[arg-type]
-    t.text = TOK.decode(t.response_ids)
-    return t
 
 
 def answered(answer: str) -> Trajectory:
