@@ -1,4 +1,6 @@
 """The command line: help on every command, version, and clear errors for bad input."""
+import sys
+
 import pytest
 from typer.testing import CliRunner
 
@@ -194,3 +196,26 @@ def test_train_and_world_build_use_the_demo_world(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert [t.question for t in seen["tasks"]] == [r["question"] for r in demo_world(3).train]
     assert seen["tasks"][0].question == demo.train[0]["question"]
+
+
+def test_ctrl_c_in_train_says_how_to_resume(tmp_path, monkeypatch):
+    from aepo.models.factory import init_model
+    from aepo.models.tokenizer import build_tokenizer
+    from aepo.train import rl
+
+    def interrupted(self, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rl.RLTrainer, "fit", interrupted)
+    model_dir = tmp_path / "m"
+    init_model(model_dir, build_tokenizer(["a few words of text"]))
+    config = Path(__file__).resolve().parents[1] / "src" / "aepo" / "configs" / "demo.yaml"
+    monkeypatch.setattr("sys.argv", ["aepo", "train", str(config), f"model.path={model_dir}",
+                                     f"out_dir={tmp_path / 'run'}"])
+    res = runner.invoke(app, sys.argv[1:])
+    assert res.exit_code == 130
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.output
+    assert lines[0].startswith("interrupted: no checkpoint was written yet")
+    assert lines[0].endswith(f"continue with: aepo train {config} model.path={model_dir} "
+                             f"out_dir={tmp_path / 'run'} --resume")

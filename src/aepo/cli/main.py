@@ -160,8 +160,24 @@ def demo(
         summary = run_demo(out, quick=quick, algo=algo, seed=seed, overrides=overrides, force=force)
     except (ConfigError, *BAD_INPUT) as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted: finished stages are kept in {out} and RL resumes from its newest checkpoint; "
+                    f"continue with: aepo {' '.join(sys.argv[1:])}", fg="yellow", err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"SFT accuracy {100 * summary['sft_accuracy']:.1f}%  ->  RL accuracy "
                f"{100 * summary['rl_accuracy']:.1f}%   report: {Path(out) / 'summary.md'}")
+
+
+def _interrupted(checkpoints: Path, argv: list[str]) -> None:
+    """Ctrl-C: one line saying where the run stands and the command that continues it; exit 130."""
+    from aepo.train.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(checkpoints)
+    again = " ".join(argv) + ("" if "--resume" in argv else " --resume")
+    where = (f"the newest checkpoint is {last}" if last is not None
+             else "no checkpoint was written yet (trainer.save_every), so it starts over")
+    typer.secho(f"interrupted: {where}; continue with: {again}", fg="yellow", err=True)
+    raise typer.Exit(130)
 
 
 @app.command()
@@ -219,6 +235,8 @@ def train(
         RLTrainer(cfg, model, tok, tasks, runner.run, cfg.out_dir).fit(resume=resume, force=force)
     except (CheckpointError, RunDirError) as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        _interrupted(Path(cfg.out_dir) / "checkpoints", ["aepo", *sys.argv[1:]])
     finally:
         runner.close()
     from aepo.config import run_config_files
