@@ -31,7 +31,8 @@ def test_dapo_preset_is_clip_higher_with_dynamic_sampling():
     assert cfg.actor.dynamic_sampling and cfg.actor.kl_coef == 0
 
 
-def test_overrides_beat_yaml_and_preset(tmp_path):
+def test_overrides_beat_yaml_and_preset(tmp_path, monkeypatch):
+    monkeypatch.setattr("aepo.config.check_loggers", lambda names: None)  # tensorboard need not be installed
     p = tmp_path / "c.yaml"
     p.write_text("algo: grpo\nrollout:\n  n: 4\ntrainer:\n  lr: 0.001\n")
     cfg = load_config(p, ["rollout.n=6", "actor.clip_ratio_high=0.3", "trainer.logger=jsonl,tensorboard"])

@@ -22,9 +22,9 @@ from aepo.errors import ConfigError
 from aepo.rollout.config import RolloutConfig
 from aepo.tools.config import ToolsConfig
 
-__all__ = ["EVAL_KEYS", "RUN_CONFIG_FILE", "AlgoConfig", "Config", "ConfigError", "DataConfig", "ModelConfig",
-           "RewardConfig", "RolloutConfig", "ToolsConfig", "TrainerConfig", "apply_preset", "config_value",
-           "config_yaml", "import_plugins", "load_config", "model_config", "parse_override", "run_config_files",
+__all__ = ["EVAL_KEYS", "LOGGER_PACKAGES", "RUN_CONFIG_FILE", "AlgoConfig", "Config", "ConfigError", "DataConfig",
+           "ModelConfig", "RewardConfig", "RolloutConfig", "ToolsConfig", "TrainerConfig", "apply_preset",
+           "check_loggers", "config_value", "config_yaml", "import_plugins", "load_config", "model_config", "parse_override", "run_config_files",
            "save_config", "to_dict", "validate"]
 
 
@@ -248,15 +248,69 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a Config from defaults, then the preset named by `algo`, then YAML, then overrides."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping holding one key twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(f"holds the key {key!r} twice in one mapping (lines {seen[key]} "
+                                            f"and {line}); YAML would keep only the last, so delete one of them")
+                    seen[key] = line
+                except TypeError:  # an unhashable key: SafeLoader reports it
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def _config_text(p: Path) -> str:
+    """The text of a config file: UTF-8, or UTF-16/32 when a byte-order mark says so; any other
+    encoding is a ConfigError naming the file and the first byte that is not UTF-8."""
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read ({e.strerror or e}); check its permissions") from None
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(encoding).removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {str(p)!r} is not {encoding.upper()} text (byte {e.start} on line {line} "
+                          f"cannot be decoded: {e.reason}); save it as UTF-8") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                loggers: bool = True) -> Config:
+    """Build a Config from defaults, then the preset named by `algo`, then YAML, then overrides.
+
+    With `loggers` (a config to train with), the packages `trainer.logger` names must be
+    installed; a config read to evaluate a model (`model_config`) does not log, so does not check."""
     data: dict[str, Any] = {}
     if path:
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file {str(p)!r} does not exist")
+        if p.is_dir():
+            raise ConfigError(f"config file {str(p)!r} is a directory; give a YAML file (e.g. "
+                              "src/aepo/configs/demo.yaml)")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.load(_config_text(p), Loader=_UniqueKeyLoader) or {}  # a SafeLoader
+        except _DuplicateKey as e:
+            raise ConfigError(f"config file {str(p)!r} {e}") from None
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
@@ -273,7 +327,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     apply_preset(cfg, str(algo))
     _apply(cfg, data)
     validate(cfg)
+    if loggers:
+        check_loggers(cfg.trainer.logger)
     return cfg
+
+
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+"""The `trainer.logger` entries that need a package (the `tracking` extra): entry -> module."""
+
+
+def check_loggers(names: list[str] | tuple[str, ...]) -> None:
+    """ConfigError naming the package a `trainer.logger` entry needs when it is not installed,
+    so a run fails before it writes anything (checked by `load_config` and
+    `aepo.train.records.MetricsLogger`)."""
+    import importlib.util
+
+    for name in names:
+        module = LOGGER_PACKAGES.get(name)
+        if module is None:
+            continue
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(f"trainer.logger includes {name}, but the {module} package is not installed; "
+                              f"install it with: pip install 'aepo[tracking]' (or drop {name} from "
+                              f"trainer.logger, e.g. trainer.logger=console,jsonl)")
 
 
 def import_plugins(names: list[str]) -> None:
@@ -381,6 +461,17 @@ def validate(cfg: Config) -> None:
     _check(tl.python_timeout > 0, "tools.python_timeout", tl.python_timeout, "> 0")
     _check(tl.python_memory_mb >= 16, "tools.python_memory_mb", tl.python_memory_mb, ">= 16")
     _check(tl.search_topk >= 1, "tools.search_topk", tl.search_topk, ">= 1")
+    if r.backend == "vllm":
+        import importlib.util
+
+        try:
+            found = importlib.util.find_spec("vllm") is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError("rollout.backend=vllm, but vLLM is not installed in this environment; install it "
+                              "with `AEPO_EXTRAS=vllm python3 quickstart.py test` (README, 'vLLM backend'), or "
+                              "sample with the built-in engine: rollout.backend=torch (--backend torch)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -443,7 +534,7 @@ def model_config(model_dir: str | Path, overrides: list[str] | None = None) -> t
     path = Path(model_dir) / RUN_CONFIG_FILE
     own = path.is_file()
     try:
-        cfg = load_config(path if own else None, overrides)
+        cfg = load_config(path if own else None, overrides, loggers=False)
     except ConfigError as e:
         raise ConfigError(f"{e} (in {path} or the command line)" if own else str(e)) from None
     given = {parse_override(o)[0] for o in overrides or []}

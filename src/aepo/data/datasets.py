@@ -28,6 +28,7 @@ ID_KEYS: tuple[str, ...] = ("id", "idx", "qid", "_id", "uid")
 SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
 
 _GSM8K_FINAL = "####"
+_DIGITS_RE = re.compile(r"\d+$")  # the line or row number at the end of a row's place
 _THOUSANDS_RE = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 
 
@@ -255,6 +256,7 @@ def load_dataset(
     rows: list[TaskRow] = []
     if limit == 0:
         return rows
+    seen: dict[str, list[str]] = {}  # id -> where each row with it is
     for index, (where, raw) in enumerate(_READERS[suffix](p)):
         try:
             rows.append(
@@ -269,8 +271,24 @@ def load_dataset(
             )
         except _RowError as e:
             raise ValueError(f"{where}: {e}") from None
+        seen.setdefault(rows[-1].id, []).append(where)
         if limit is not None and len(rows) >= limit:
             break
     if not rows:
         raise ValueError(f"{p.name}: no rows")
+    _check_unique_ids(p, seen)
     return rows
+
+
+def _check_unique_ids(path: Path, seen: dict[str, list[str]]) -> None:
+    """ValueError naming the ids that several rows share (results are kept per id, so their
+    samples would mix), with where each of those rows is."""
+    dups = {k: v for k, v in seen.items() if len(v) > 1}
+    if not dups:
+        return
+    unit = "lines" if path.suffix.lower() == ".jsonl" else "rows"
+    shown = "; ".join(f"{k!r} on {unit} {', '.join(_DIGITS_RE.search(w).group() for w in v)}"
+                      for k, v in list(dups.items())[:5])
+    more = f" (and {len(dups) - 5} more ids)" if len(dups) > 5 else ""
+    raise ValueError(f"dataset file {str(path)!r}: rows share an id, so their results would mix: {shown}{more}; "
+                     f"give every row its own id (field {' / '.join(ID_KEYS)}), or remove the repeated rows")

@@ -30,6 +30,7 @@ __all__ = [
     "JudgeError",
     "JudgeVerdict",
     "LLMJudge",
+    "check_reachable",
     "parse_verdict",
 ]
 
@@ -93,6 +94,49 @@ def _endpoint(url: str) -> str:
     if base.endswith("/v1"):
         return base + "/chat/completions"
     return base + "/v1/chat/completions"
+
+
+def check_reachable(url: str, what: str = "--judge", *, model: str | None = None, api_key: str | None = None,
+                    timeout: float = 3.0) -> None:
+    """Preflight for a judge endpoint: one GET of its OpenAI-compatible model list
+    (`<base>/v1/models`, at most `timeout` seconds), no generation. Raises ValueError naming
+    `what` (the option that gave the URL), the URL, the error and what to do when nothing
+    answers, the key is refused (HTTP 401/403), or, given `model`, the list does not hold it.
+    Any other reply (a server without the list) counts as reachable."""
+    endpoint = _endpoint(url) if url.rstrip("/").startswith(("http://", "https://")) else None
+    if endpoint is None:
+        raise ValueError(f"{what} {url!r}: the judge URL must start with http:// or https://")
+    models_url = endpoint.removesuffix("/chat/completions") + "/models"
+    headers = {"Accept": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    fix = (f"start the judge server (an OpenAI-compatible endpoint, e.g. `vllm serve MODEL`), check the host and "
+           f"port, or leave out {what}")
+    try:
+        with urllib.request.urlopen(urllib.request.Request(models_url, headers=headers), timeout=timeout) as resp:
+            payload = resp.read(1 << 20)
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise ValueError(f"{what} {url}: the judge refused the API key (HTTP {e.code} from {models_url}); "
+                             f"set the key's environment variable (--judge-key-env)") from None
+        return  # it answers; a server without the model list still grades
+    except TimeoutError:
+        raise ValueError(f"{what} {url}: the judge did not answer {models_url} within {timeout:g} s; {fix}") from None
+    except urllib.error.URLError as e:
+        reason = e.reason
+        if isinstance(reason, TimeoutError):
+            reason = f"no answer within {timeout:g} s"
+        raise ValueError(f"{what} {url}: the judge is unreachable ({models_url}: {reason}); {fix}") from None
+    except OSError as e:
+        raise ValueError(f"{what} {url}: the judge is unreachable ({models_url}: {e}); {fix}") from None
+    if model:
+        try:
+            served = [str(m["id"]) for m in json.loads(payload)["data"]]
+        except (ValueError, KeyError, TypeError):
+            return  # no standard model list to check the name against
+        if served and model not in served:
+            raise ValueError(f"{what} {url} does not serve the model {model!r} (it serves "
+                             f"{', '.join(map(repr, served[:5]))}); give one of them with --judge-model")
 
 
 class LLMJudge:

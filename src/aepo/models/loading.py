@@ -162,6 +162,16 @@ def _check_shapes_match_config(root: Path, shapes: dict[str, tuple[int, ...]]) -
     except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device: not checked here
         return
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if not _renames_checkpoint_keys(model):  # else names in the file differ from the model's by design
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        have = {k if k in expected or f"{prefix}.{k}" not in expected else f"{prefix}.{k}" for k in shapes}
+        skip_missing = getattr(model, "_keys_to_ignore_on_load_missing", None)
+        skip_unexpected = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
+        missing = sorted(k for k in set(expected) - have if k not in _tied_keys(model) and not _ignored(k, skip_missing))
+        unexpected = sorted(k for k in shapes if k not in expected and f"{prefix}.{k}" not in expected
+                            and not _ignored(k, skip_unexpected))
+        if missing:
+            raise ModelDirError(_key_mismatch_message(root, type(model).__name__, missing, unexpected))
     bad = [(k, shapes[k], expected[k]) for k in sorted(shapes) if k in expected and shapes[k] != expected[k]]
     if bad:
         k, got, want = bad[0]
@@ -170,6 +180,41 @@ def _check_shapes_match_config(root: Path, shapes: dict[str, tuple[int, ...]]) -
             f"{_where(root)}: the weights do not match config.json: {k} is {list(got)} in the weights but "
             f"{list(want)} per config.json{more}; put the config.json that belongs to these weights in the "
             f"directory (or the weights that belong to this config)")
+
+
+def _renames_checkpoint_keys(model: torch.nn.Module) -> bool:
+    """Whether transformers renames or fuses this architecture's tensors while loading (MoE
+    experts, legacy names): then the file's names are not the model's and are not compared here."""
+    try:
+        from transformers.conversion_mapping import extract_weight_conversions_for_model
+
+        return bool(extract_weight_conversions_for_model(model))
+    except Exception:  # noqa: BLE001 - another transformers: assume renaming, leave it to load_model
+        return True
+
+
+def _tied_keys(model: torch.nn.Module) -> set[str]:
+    """Parameters tied to another (lm_head to the embeddings): absent from the weights by design."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return set(tied)
+
+
+def _ignored(key: str, patterns: list[str] | None) -> bool:
+    import re
+
+    return any(re.search(p, key) for p in patterns or [])
+
+
+def _key_mismatch_message(root: Path, arch: str, missing: list[str], unexpected: list[str]) -> str:
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    text = (f"{_where(root)} does not hold weights for this architecture ({arch}, per config.json): "
+            f"{len(missing)} of its tensors are not in the weights ({few(missing)})")
+    if unexpected:
+        text += f", and the weights hold {len(unexpected)} tensors it does not have ({few(unexpected)})"
+    return (text + "; loading them would leave those tensors randomly initialised. Put the weights that belong "
+            "to this config.json in the directory (or the config.json that belongs to these weights)")
 
 
 def check_model_dir(path: str | Path, *, deep: bool = True) -> Path:
@@ -254,12 +299,19 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     tokenizer = load_tokenizer(root, checked=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(root), dtype=torch_dtype, local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(str(root), dtype=torch_dtype, local_files_only=True,
+                                                           output_loading_info=True)
     except Exception as e:
         if not _is_load_error(e):
             raise
         raise ModelDirError(f"{_where(root)}: its weights cannot be loaded ({_first_line(e)}); check that "
                             f"config.json and the weights files are complete and belong together") from None
+    # transformers fills tensors the weights lack with random values and only warns: refuse instead
+    # (tied tensors, such as lm_head tied to the embeddings, are not reported missing)
+    missing = sorted(set(info.get("missing_keys") or ()) - _tied_keys(model))
+    if missing:
+        raise ModelDirError(_key_mismatch_message(root, type(model).__name__, missing,
+                                                  sorted(info.get("unexpected_keys") or ())))
     model.to(torch_device)
     model.eval()
     return model, tokenizer

@@ -253,6 +253,23 @@ class HttpBackend:
         return [_page_from_contents(c) for c in contents[:topk]]
 
 
+def check_reachable(url: str, what: str = "--search-url", *, timeout: float = 3.0) -> None:
+    """Preflight for a retriever server: one test query (topk 1, at most `timeout` seconds).
+    Raises ValueError naming `what` (the option or key that gave the URL), the URL, the error
+    and what to do when it is not an http(s) URL, nothing answers there, or the reply is not a
+    retriever's, so that a run whose every search would fail does not start."""
+    try:
+        backend = HttpBackend(url, timeout=timeout)
+    except ValueError as e:
+        raise ValueError(f"{what} {url!r}: {e}") from None
+    try:
+        backend.search("test", 1)
+    except SearchBackendError as e:
+        raise ValueError(f"{what} {url}: no retriever answers there ({e}; one test query, at most {timeout:g} s); start "
+                         f"the retriever server (a Search-R1 style server answering POST /retrieve), check the "
+                         f"host, port and path, or leave out {what}") from None
+
+
 def _page_from_contents(contents: str) -> str:
     """'"Title"\\nText' (the retriever's document format) -> "Title: Text"."""
     title, _, text = contents.partition("\n")

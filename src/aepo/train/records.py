@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from aepo.config import check_loggers
 from aepo.io import atomic_write_text
 
 
@@ -62,11 +63,12 @@ class MetricsLogger:
 
     def __init__(self, out_dir: str | Path, backends: list[str] | None = None, resume_step: int = 0,
                  run_name: str = "aepo", config: dict | None = None) -> None:
+        backends = backends or []
+        check_loggers(backends)
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        backends = backends or []
         self._tb = None
         self._wandb = None
         if "tensorboard" in backends:

@@ -30,7 +30,7 @@ import torch
 
 from aepo import algos
 from aepo.algos.losses import clipped_token_mask
-from aepo.config import Config, run_config_files, save_config
+from aepo.config import Config, check_loggers, run_config_files, save_config
 from aepo.data.datasets import TaskRow
 from aepo.data.prompting import run_prompt
 from aepo.rewards import score_trajectory
@@ -391,6 +391,7 @@ class RLTrainer:
         from aepo.train.checkpoint import check_run_dir, checkpoint_dirs, prune_checkpoint
 
         t = self.cfg.trainer
+        check_loggers(t.logger)  # a missing tracking package fails before anything is written or deleted
         plan = check_run_dir(self.out_dir, self.cfg, resume=resume, force=force)
         if resume:
             start = self.resume()
