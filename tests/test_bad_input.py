@@ -468,3 +468,19 @@ def test_model_info_shows_no_transformers_bar(micro_dir):
     res = runner.invoke(app, ["model", "info", str(micro_dir)])
     assert res.exit_code == 0, res.output
     assert "Loading weights" not in res.output
+
+
+def test_eval_with_a_retriever_or_judge_that_does_not_answer_stops_before_any_work(micro_dir, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    qa = write_rows(tmp_path / "trivia.jsonl", [QA_ROW])
+    out = tmp_path / "out"
+    base = ["eval", str(micro_dir), "--data", str(qa), "--out", str(out), "--device", "cpu"]
+    res = runner.invoke(app, [*base, "--search-url", f"http://127.0.0.1:{closed}/retrieve"])
+    error_line(res, "--search-url", f"127.0.0.1:{closed}", "Connection refused")
+    res = runner.invoke(app, [*base, "--judge", f"http://127.0.0.1:{closed}", "--judge-model", "j"])
+    error_line(res, "--judge", f"127.0.0.1:{closed}")
+    assert not out.exists()  # nothing left behind

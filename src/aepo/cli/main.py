@@ -321,6 +321,14 @@ def _run_settings(model: Path, flags: list[str], overrides: list[str] | None) ->
     return cfg, line
 
 
+def _check_search_url(cfg: Any) -> None:
+    """A retriever that does not answer fails now, not as a whole run of failed searches."""
+    if cfg.tools.search_url and "search" in cfg.tools.enabled:
+        from aepo.tools.search import check_reachable
+
+        check_reachable(cfg.tools.search_url, "--search-url (tools.search_url)")
+
+
 def _default_out(model: Path, base: str) -> Path:
     """runs/<base>/<the model's path, joined>: each model gets its own results directory."""
     parts = [p for p in model.parts if p not in ("", ".", "..", "runs", "/")] or ["model"]
@@ -401,7 +409,11 @@ def eval_cmd(
 
             if not judge_model:
                 raise ValueError("--judge needs --judge-model, the model name served at the endpoint")
-            grader = LLMJudge(judge, judge_model, api_key=os.environ.get(judge_key_env) or None, retries=2)
+            from aepo.data.judge import check_reachable as judge_reachable
+
+            api_key = os.environ.get(judge_key_env) or None
+            judge_reachable(judge, "--judge", model=judge_model, api_key=api_key)  # before a whole eval of failures
+            grader = LLMJudge(judge, judge_model, api_key=api_key, retries=2)
         elif judge_model:
             raise ValueError("--judge-model without --judge; give the judge's endpoint with --judge URL")
         files = _check_datasets(data)
@@ -411,6 +423,7 @@ def eval_cmd(
                                  "model.chat_template": chat_template}) + _search_overrides(search_cache,
                                                                                              search_corpus, search_url)
         cfg, settings_line = _run_settings(model, flags, overrides)
+        _check_search_url(cfg)
         rcfg = dataclasses.replace(cfg.rollout, strategy="independent", n=n)
         resolve_device(device)
         out = out or _default_out(model, "eval")
@@ -522,6 +535,7 @@ def rollout_cmd(
             raise ValueError(f"--data {data} holds no questions; give a file with at least one row")
         typer.echo(settings_line, err=True)
         _warn_without_search({data.stem: tasks}, "search" in cfg.tools.enabled)
+        _check_search_url(cfg)
         runner = build_tool_runner(cfg.tools)
         _, tok, engine = _load_for_sampling(model, device, rcfg, dtype=cfg.model.dtype)
     except (ConfigError, *BAD_INPUT) as e:
