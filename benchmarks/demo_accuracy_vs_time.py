@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="RL steps (default: the demo's)")
     args = ap.parse_args()
 
-    from aepo.demo.stages import DemoPlan, build_tools, demo_config, stage_eval, stage_rl, world_tasks
+    from aepo.demo.stages import build_tools, demo_config, stage_eval, stage_rl, world_tasks
     from aepo.demo.world import World
     from aepo.io import atomic_write_json, read_jsonl
     from aepo.train.threads import set_threads
@@ -58,13 +58,12 @@ def main() -> None:
     for need in ("world/world.json", "sft/config.json", "sft/sft_history.jsonl", "eval_sft.json"):
         if not (args.demo / need).exists():
             raise SystemExit(f"{args.demo / need} is missing: give the directory of a finished `aepo demo`")
-    plan = DemoPlan()
-    cfg = demo_config(plan, "aepo", 0, ["trainer.keep_last=0", f"trainer.save_every={args.every}"]
+    cfg = demo_config("aepo", 0, ["trainer.keep_last=0", f"trainer.save_every={args.every}"]
                       + ([f"trainer.total_steps={args.steps}"] if args.steps else []))
     set_threads(cfg.trainer.threads, cap=4)
     world = World.load(args.demo / "world")
     runner = build_tools(world, cfg.tools)
-    test = world_tasks(world.test)[: plan.eval_questions]
+    test = world_tasks(world.test)[: cfg.eval.limit or None]
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         stage_rl(args.out, args.demo / "sft", world_tasks(world.train), runner, cfg, progress=True)
@@ -77,7 +76,7 @@ def main() -> None:
         checkpoints = sorted((args.out / "rl" / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
         for ck in checkpoints:
             step = int(ck.name[5:])
-            ev = stage_eval(args.out, f"step{step}", ck, test, runner, cfg, plan, 0, progress=True)
+            ev = stage_eval(args.out, f"step{step}", ck, test, runner, cfg, progress=True)
             rows.append({"step": step, "seconds": sft_seconds + seconds[step], **ev})
     finally:
         runner.close()

@@ -26,7 +26,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from aepo.demo.stages import (
-        DemoPlan,
         build_tools,
         demo_config,
         stage_eval,
@@ -38,19 +37,20 @@ def main() -> None:
     from aepo.io import read_jsonl
     from aepo.train.threads import set_threads
 
-    plan = DemoPlan(n_demos=args.demos, recall_drills=args.drills, sft_batch_size=args.batch, sft_lr=args.lr,
-                    **({"model_preset": args.preset} if args.preset else {}))
-    cfg = demo_config(plan, "aepo", 0)
+    cfg = demo_config("aepo", 0, [f"demo.n_demos={args.demos}", f"demo.recall_drills={args.drills}",
+                                  f"sft.batch_size={args.batch}", f"sft.lr={args.lr}"]
+                      + ([f"demo.model_preset={args.preset}"] if args.preset else []))
+    plan = cfg.demo
     set_threads(cfg.trainer.threads, cap=4)
     args.out.mkdir(parents=True, exist_ok=True)
     world = stage_world(args.out, plan, 0)
     init_dir, demos = stage_model(args.out, plan, 0, cfg.tools)
-    sft_dir = stage_sft(args.out, init_dir, demos, plan, 0, progress=True)  # the demo's own SFT stage
+    sft_dir = stage_sft(args.out, init_dir, demos, cfg, 0, progress=True)  # the demo's own SFT stage
     history = list(read_jsonl(sft_dir / "sft_history.jsonl"))
     runner = build_tools(world, cfg.tools)
     try:
-        test = world_tasks(world.test)[: plan.eval_questions]
-        ev = stage_eval(args.out, "sft", sft_dir, test, runner, cfg, plan, 0, progress=True)
+        test = world_tasks(world.test)[: cfg.eval.limit or None]
+        ev = stage_eval(args.out, "sft", sft_dir, test, runner, cfg, progress=True)
     finally:
         runner.close()
     print(json.dumps({"preset": plan.model_preset, "demos": args.demos, "drills": args.drills,

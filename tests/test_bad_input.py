@@ -398,21 +398,19 @@ def test_demo_and_compare_rerun_with_another_config_is_refused(cmd, micro_dir, t
     """`aepo demo` and `aepo compare` resume an unfinished RL run on a re-run: only with its config."""
     import aepo.demo.stages as stages
     from aepo.config import save_config
-    from aepo.train.checkpoint import save_checkpoint
-
     from aepo.demo.compare import _run_key
     from aepo.io import atomic_write_json, claim_keyed_output
+    from aepo.train.checkpoint import save_checkpoint
 
     out = tmp_path / "out"
     rl = out / "rl" if cmd == "demo" else out / "runs" / "aepo_seed0" / "rl"
     model, tok = loading.load_model(micro_dir, device="cpu")
-    plan = stages.DemoPlan.quick()
-    cfg = stages.demo_config(plan, "aepo", 0)
+    cfg = stages.demo_config("aepo", 0, quick=True)
     if cmd == "demo":  # an unfinished RL stage, keyed as `aepo demo --quick` keys it
         out.mkdir()
-        atomic_write_json(out / stages.STAGES_FILE, {"RL": {"key": stages.stage_keys(plan, cfg, 0)["RL"]}})
+        atomic_write_json(out / stages.STAGES_FILE, {"RL": {"key": stages.stage_keys(cfg, 0)["RL"]}})
     else:
-        claim_keyed_output(rl.parent, _run_key(plan, cfg, 0))
+        claim_keyed_output(rl.parent, _run_key(cfg, cfg))
     rl.mkdir(parents=True)
     save_config(cfg, rl / "config.yaml")
     save_checkpoint(rl / "checkpoints", 1, model, tok, torch.optim.AdamW(model.parameters()), None, {})

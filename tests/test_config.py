@@ -92,3 +92,28 @@ def test_parse_override_types():
 def test_shipped_configs_load():
     for p in (ROOT / "src" / "aepo" / "configs").glob("*.yaml"):
         load_config(p)
+
+
+def test_the_config_reference_is_the_schema():
+    """docs/config.md is generated from the dataclasses: a new key without its doc line shows."""
+    from pathlib import Path
+
+    from aepo.config import config_reference
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == config_reference(), (
+        "docs/config.md is stale; regenerate it: python -c \"from aepo.config import config_reference; "
+        "print(config_reference(), end='')\" > docs/config.md")
+    assert "| `eval.n` | int | `1` | samples per question (pass@k for k <= n) |" in config_reference()
+
+
+def test_every_flag_is_an_alias_of_a_schema_key():
+    from aepo.cli.common import FLAGS, flag_overrides
+    from aepo.config import Config, config_value, load_config
+
+    for param, (key, _) in FLAGS.items():
+        config_value(Config(), key)  # AttributeError for a flag whose key is not in the schema
+    cfg = load_config(None, flag_overrides({"samples": 3, "chat_template": True, "search_corpus": "c.jsonl",
+                                            "temperature": None}))
+    assert (cfg.eval.n, cfg.model.chat_template, cfg.tools.search_corpus) == (3, True, "c.jsonl")
+    assert cfg.rollout.temperature == Config().rollout.temperature  # a flag not given changes nothing

@@ -44,18 +44,28 @@ def test_report_seconds_agree_with_the_summary(demo_dir, tmp_path):
     is 2.5 in the JSON, which prints as 2 s, not the 3 s the raw value would)."""
     import shutil
 
-    from aepo.demo.stages import DemoPlan, demo_config, write_report
+    from aepo.demo.stages import demo_config, write_report
 
     out = tmp_path / "demo"
     shutil.copytree(demo_dir, out)
     sft = json.loads((out / "eval_sft.json").read_text())
     rl = json.loads((out / "eval_rl.json").read_text())
     stages = {"world": None, "demonstrations": 0.26, "SFT": 2.54, "SFT eval": 1.45, "RL": 10.5, "RL eval": 0.04}
-    write_report(out, demo_config(DemoPlan(), "aepo", 0), sft, rl, 20.0, stages, {"world", "SFT"})
+    write_report(out, demo_config("aepo", 0), sft, rl, 20.0, stages, {"world", "SFT"})
     summary = json.loads((out / "summary.json").read_text())
     md = (out / "summary.md").read_text()
     assert summary["stage_seconds"]["SFT"] == 2.5
     assert "world - cached, demonstrations 0 s, SFT 2 s cached, SFT eval 1 s, RL 10 s, RL eval 0 s" in md
+
+
+def test_demo_sections_are_overridable_after_quick():
+    from aepo.demo.stages import demo_config
+
+    quick = demo_config("grpo", 3, ["demo.n_demos=30", "eval.n=5"], quick=True)
+    assert (quick.demo.n_demos, quick.demo.demo_worlds, quick.eval.n, quick.eval.limit) == (30, 2, 5, 16)
+    assert (quick.trainer.seed, quick.sft.seed, quick.eval.seed, quick.trainer.total_steps) == (3, 3, 3, 2)
+    full = demo_config()
+    assert (full.demo.n_demos, full.eval.n, full.eval.limit, full.trainer.total_steps) == (10400, 4, 200, 30)
 
 
 def test_demo_sft_data_comes_from_other_worlds(monkeypatch):
@@ -161,13 +171,14 @@ def test_demo_asking_for_cuda_without_cuda_is_one_line_before_any_work(tmp_path)
 def test_eval_of_a_demo_model_reproduces_the_demos_numbers(demo_dir, tmp_path):
     """`aepo eval` of the demo's models, with only the data, n and limit, gives the demo's own
     held-out numbers: the prompt, tools, sampling and reward come from the model directory."""
-    plan_n, questions = 2, 16  # DemoPlan.quick(): eval_n, eval_questions
     for stage, model in (("sft", demo_dir / "sft"), ("rl", demo_dir / "rl" / "final")):
         out = tmp_path / stage
+        # no --n / --limit: the model's own eval.n=2, eval.limit=16 (QUICK_DEMO)
         res = CliRunner().invoke(app, ["eval", str(model), "--data", str(demo_dir / "world" / "test.jsonl"),
-                                       "--n", str(plan_n), "--limit", str(questions), "--out", str(out)])
+                                       "--out", str(out)])
         assert res.exit_code == 0, res.output
         assert "settings from" in res.output and "tools.search_topk=2" in res.output
+        assert "eval.n=2 eval.limit=16" in res.output
         got = json.loads((out / "summary.json").read_text())["test"]
         want = json.loads((demo_dir / f"eval_{stage}.json").read_text())
         for key in ("pass@1", "pass@2", "f1", "tool_calls", "response_length"):

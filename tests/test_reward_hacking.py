@@ -31,8 +31,8 @@ from aepo.rewards import (
     trajectory_parts,
 )
 from aepo.rollout import rollout
-from aepo.train import rl as rl_module
 from aepo.rollout.sampler import backend as sampler_backend
+from aepo.train import rl as rl_module
 from aepo.types import SegmentRecord, Trajectory
 
 TOK = CharTokenizer()

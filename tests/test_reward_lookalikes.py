@@ -272,8 +272,7 @@ def test_demo_evaluation_passes_the_reward_config(monkeypatch, tmp_path):
     monkeypatch.setattr(loading, "load_model", lambda path, **kw: (None, None))
     monkeypatch.setattr(stages_module, "evaluate_tasks", lambda *a, **kw: seen.append(kw) or [])
     cfg = load_config(None, ["reward.qa_metric=em"])
-    plan = type("Plan", (), {"eval_n": 1})()
-    stages_module.stage_eval(tmp_path, "x", tmp_path, [], type("R", (), {"run": None})(), cfg, plan, 0, False)
+    stages_module.stage_eval(tmp_path, "x", tmp_path, [], type("R", (), {"run": None})(), cfg, False)
     assert seen and seen[0]["reward_cfg"].qa_metric == "em"
     assert json.loads(Path(tmp_path / stages_module.eval_done("x")).read_text())["n_questions"] == 0
 

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import pytest
+import sandbox_hostile  # the hostile programs, shared with the ordinary-user run
 from typer.testing import CliRunner
 
 import aepo
-import sandbox_hostile  # the hostile programs, shared with the ordinary-user run
 from aepo.cli import app
 from aepo.config import ConfigError, ToolsConfig
 from aepo.tools import build_tool_runner, sandbox_child

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 from aepo.models import smollm2

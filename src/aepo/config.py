@@ -10,6 +10,8 @@ and the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,18 +24,19 @@ from aepo.errors import ConfigError
 from aepo.rollout.config import RolloutConfig
 from aepo.tools.config import ToolsConfig
 
-__all__ = ["EVAL_KEYS", "LOGGER_PACKAGES", "RUN_CONFIG_FILE", "AlgoConfig", "Config", "ConfigError", "DataConfig",
-           "ModelConfig", "RewardConfig", "RolloutConfig", "ToolsConfig", "TrainerConfig", "apply_preset",
-           "check_loggers", "config_value", "config_yaml", "import_plugins", "load_config", "model_config", "parse_override", "run_config_files",
-           "save_config", "to_dict", "validate"]
+__all__ = ["EVAL_KEYS", "LOGGER_PACKAGES", "QUICK_DEMO", "RUN_CONFIG_FILE", "AlgoConfig", "Config", "ConfigError",
+           "DataConfig", "DemoConfig", "EvalConfig", "ModelConfig", "RewardConfig", "RolloutConfig", "SFTConfig",
+           "ToolsConfig", "TrainerConfig", "apply_mapping", "apply_preset", "check_loggers", "config_value", "config_yaml",
+           "import_plugins", "load_config", "model_config", "parse_override", "run_config_files", "save_config",
+           "to_dict", "validate"]
 
 
 @dataclass
 class ModelConfig:
     path: str = ""  # local HF directory; empty: the demo builds its own tiny model
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    gradient_checkpointing: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights and compute
+    device: str = "auto"  # auto (CUDA when there is one) | cpu | cuda | cuda:N
+    gradient_checkpointing: bool = False  # recompute activations in the update: less memory, more time
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template
 
 
@@ -121,8 +124,58 @@ class RewardConfig:
 
 
 @dataclass
+class SFTConfig:
+    """`aepo sft` and the demo's SFT stage. The defaults are the demo's: small batches, one pass
+    (a small model learns to copy from search results only after enough optimizer steps;
+    benchmarks/RESULTS.md, "SFT batch size")."""
+
+    epochs: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
+    batch_size: int = 8  # examples per optimizer step
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    max_len: int = 512  # tokens per example; longer ones are cut
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """`aepo eval` and the demo's evaluations: samples per question and which questions."""
+
+    n: int = 1  # samples per question (pass@k for k <= n)
+    limit: int = 0  # the first `limit` questions of each file; 0: all of them
+    seed: int = 0
+    batch_prompts: int = 32  # questions rolled out together
+
+
+@dataclass
+class DemoConfig:
+    """The demo's sizes (`aepo demo`, `aepo compare`); `aepo demo --quick` is the about-a-minute
+    variant (QUICK_DEMO). Its SFT, RL and evaluation settings are the `sft`, `trainer` and
+    `eval` sections."""
+
+    world_size: str = "small"
+    world_level: int = 2
+    # Two layers: SFT steps 2.2x cheaper than "tiny"'s four, and a better SFT model after the same
+    # 1,600 steps (29% held-out pass@1 against 24%; benchmarks/RESULTS.md, "Demo: learning status").
+    model_preset: str = "micro"
+    n_demos: int = 10400  # expert demonstrations, from `demo_worlds` sample worlds
+    vocab_size: int = 2400
+    demo_worlds: int = 40
+    tokenizer_worlds: int = 4
+    recall_drills: int = 2400  # name -> number recall drills mixed into SFT (aepo.train.sft.recall_drills)
+
+
+QUICK_DEMO = ["demo.n_demos=200", "demo.tokenizer_worlds=2", "demo.demo_worlds=2", "demo.recall_drills=50",
+              "trainer.total_steps=2", "eval.n=2", "eval.limit=16"]
+"""What `--quick` changes (before the command line's own overrides): about a minute in all."""
+
+
+@dataclass
 class Config:
-    algo: str = "aepo"
+    algo: str = "aepo"  # a preset (aepo.algos.presets) that fills rollout.strategy and the actor section first
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     actor: AlgoConfig = field(default_factory=AlgoConfig)
@@ -130,7 +183,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    out_dir: str = "runs/default"
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    out_dir: str = "runs/default"  # aepo train: checkpoints, metrics.jsonl, config.yaml and final/
     # modules (dotted names or .py paths) imported before the config is checked, so the losses,
     # estimators, tools and strategies they register can be named in it (examples/extend/)
     plugins: list[str] = field(default_factory=list)
@@ -203,7 +259,10 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+def apply_mapping(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    """Set the fields of dataclass `obj` (a section, or a whole Config) from a nested mapping,
+    each value converted to the field's type; ConfigError names an unknown key or a bad value
+    (`prefix` is how keys are named in it). The verl agent loop reads its settings with it."""
     hints = _hints(type(obj))
     for k, v in data.items():
         key = f"{prefix}{k}"
@@ -214,7 +273,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
         if dataclasses.is_dataclass(cur):
             if not isinstance(v, dict):
                 raise ConfigError(f"{key}: expected a mapping of {type(cur).__name__} fields, got {v!r}")
-            _apply(cur, v, key + ".")
+            apply_mapping(cur, v, key + ".")
         else:
             setattr(obj, k, _convert(v, hints[k], key))
 
@@ -325,7 +384,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     import_plugins(_convert(data.get("plugins") or [], list[str], "plugins"))
     algo = data.get("algo", cfg.algo)
     apply_preset(cfg, str(algo))
-    _apply(cfg, data)
+    apply_mapping(cfg, data)
     validate(cfg)
     if loggers:
         check_loggers(cfg.trainer.logger)
@@ -396,7 +455,7 @@ def apply_preset(cfg: Config, algo: str) -> None:
 
     preset = get_preset(algo)
     cfg.algo = algo
-    _apply(cfg, preset)
+    apply_mapping(cfg, preset)
 
 
 def _check(ok: bool, key: str, value: Any, want: str) -> None:
@@ -461,6 +520,21 @@ def validate(cfg: Config) -> None:
     _check(tl.python_timeout > 0, "tools.python_timeout", tl.python_timeout, "> 0")
     _check(tl.python_memory_mb >= 16, "tools.python_memory_mb", tl.python_memory_mb, ">= 16")
     _check(tl.search_topk >= 1, "tools.search_topk", tl.search_topk, ">= 1")
+    sf, ev, dm = cfg.sft, cfg.eval, cfg.demo
+    _check(sf.epochs >= 1, "sft.epochs", sf.epochs, ">= 1")
+    _check(sf.lr > 0, "sft.lr", sf.lr, "> 0")
+    _check(sf.batch_size >= 1, "sft.batch_size", sf.batch_size, ">= 1")
+    _check(sf.max_len >= 2, "sft.max_len", sf.max_len, ">= 2")
+    _check(ev.n >= 1, "eval.n", ev.n, ">= 1 (samples per question)")
+    _check(ev.limit >= 0, "eval.limit", ev.limit, ">= 0 (0: every question)")
+    _check(ev.batch_prompts >= 1, "eval.batch_prompts", ev.batch_prompts, ">= 1")
+    from aepo.models.factory import PRESETS
+
+    _check_name("demo.model_preset", dm.model_preset, PRESETS)
+    for key, value in (("demo.n_demos", dm.n_demos), ("demo.demo_worlds", dm.demo_worlds),
+                       ("demo.tokenizer_worlds", dm.tokenizer_worlds), ("demo.vocab_size", dm.vocab_size)):
+        _check(value >= 1, key, value, ">= 1")
+    _check(dm.recall_drills >= 0, "demo.recall_drills", dm.recall_drills, ">= 0")
     if r.backend == "vllm":
         import importlib.util
 
@@ -504,6 +578,7 @@ EVAL_KEYS = (
     "tools.enabled", "tools.search_cache", "tools.search_corpus", "tools.search_url", "tools.search_topk",
     "tools.search_max_chars", "tools.timeout", "tools.python_timeout", "tools.python_memory_mb",
     "reward.multi_tool_bonus", "reward.format_penalty", "reward.qa_metric",
+    "eval.n", "eval.limit", "eval.seed",
 )
 """The settings that decide what a model's answers and their scores are: `aepo eval` and
 `aepo rollout` take them from the model's RUN_CONFIG_FILE unless told otherwise."""
@@ -556,3 +631,67 @@ def _has_key(cfg: Any, key: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+# ----------------------------------------------------------------------------- reference
+
+_FIELD_RE = re.compile(r"^    (\w+): [^=]+?(?:= (.*?))?(?:\s+#\s?(.*))?$")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its comment} from the dataclass's source: the comment at the end of the field's
+    line, after the comment lines just above it (the schema documents itself in one place)."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("#").strip())
+            continue
+        m = _FIELD_RE.match(line)
+        if m and m.group(1) in {f.name for f in dataclasses.fields(cls)}:
+            docs[m.group(1)] = " ".join([*above, m.group(3) or ""]).strip()
+        above = []
+    return docs
+
+
+def config_reference() -> str:
+    """docs/config.md: every key of the schema with its type, default and description."""
+    lines = ["# Configuration reference", "",
+             "Every command reads this one schema (`aepo.config.Config`): YAML files and dotted",
+             "overrides (`rollout.n=8`) set its keys, and a command's flags are aliases of them",
+             "(`aepo.cli.common.FLAGS`). Generated from the dataclasses by",
+             "`python -c \"from aepo.config import config_reference; print(config_reference(), end='')\" > docs/config.md`.",
+             ""]
+    cfg = Config()
+    top = [f for f in dataclasses.fields(Config) if not dataclasses.is_dataclass(getattr(cfg, f.name))]
+    lines += ["## Top level", "", "| key | default | description |", "|---|---|---|"]
+    docs = field_docs(Config)
+    for f in top:
+        lines.append(f"| `{f.name}` | `{_default_text(getattr(cfg, f.name))}` | {docs.get(f.name, '')} |")
+    for f in dataclasses.fields(Config):
+        section = getattr(cfg, f.name)
+        if not dataclasses.is_dataclass(section):
+            continue
+        cls = type(section)
+        lines += ["", f"## `{f.name}` ({cls.__name__})", ""]
+        if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
+            lines += [" ".join(cls.__doc__.split()), ""]
+        lines += ["| key | type | default | description |", "|---|---|---|---|"]
+        docs = field_docs(cls)
+        hints = _hints(cls)
+        for sub in dataclasses.fields(cls):
+            kind = str(hints[sub.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            lines.append(f"| `{f.name}.{sub.name}` | {kind.replace('|', '&#124;')} | "
+                         f"`{_default_text(getattr(section, sub.name))}` | {docs.get(sub.name, '').replace('|', '&#124;')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, (list, dict, bool)) or value is None or value == "":
+        return json.dumps(value)
+    return str(value)

@@ -10,7 +10,7 @@ from typing import Any
 import typer
 
 import aepo
-from aepo.cli.common import BAD_INPUT, check_min, fail, warn
+from aepo.cli.common import BAD_INPUT, check_min, fail, flag, flag_overrides, warn
 from aepo.cli.model import app as model_app
 from aepo.cli.tools import app as tools_app
 from aepo.cli.world import app as world_app
@@ -192,14 +192,14 @@ def train(
 ) -> None:
     """RL-train a model (model.path) on a dataset (data.train) or the demo world."""
     from aepo.config import ConfigError, load_config
+    from aepo.data.datasets import load_dataset
     from aepo.demo.stages import world_tasks
     from aepo.io import check_output_dir
     from aepo.models.loading import check_model_dir, load_model, resolve_device, save_model_dir
-    from aepo.data.datasets import load_dataset
-    from aepo.train.threads import set_threads
     from aepo.tools import build_tool_runner
     from aepo.train.checkpoint import check_run_dir
     from aepo.train.rl import RLTrainer
+    from aepo.train.threads import set_threads
 
     try:
         cfg = load_config(config, overrides)
@@ -251,57 +251,47 @@ def sft(
     data: Path = typer.Option(..., "--data", help="JSONL demonstrations: {prompt, segments}, {messages}, or token "
                               "rows {input_ids, loss_mask} (the demo's sft_examples.jsonl)."),
     out: Path = typer.Option(..., "--out", help="Where to save the trained model."),
-    epochs: int = typer.Option(1, "--epochs", help="Passes over the data (the demo's: 1)."),
-    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (the demo's: 2e-3)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Examples per step (the demo's: 8)."),
-    chat_template: bool = typer.Option(False, "--chat-template", help="Wrap prompts with the chat template."),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. sft.warmup_steps=50 "
+                                                 "sft.max_len=1024 (the sft section of the config)."),
+    epochs: int | None = flag("epochs", "--epochs"),
+    lr: float | None = flag("lr", "--lr"),
+    batch_size: int | None = flag("batch_size", "--batch-size"),
+    chat_template: bool | None = flag("chat_template", "--chat-template/--no-chat-template"),
     device: str = typer.Option("auto", "--device"),
-    seed: int = typer.Option(0, "--seed"),
+    sft_seed: int | None = flag("sft_seed", "--seed"),
 ) -> None:
-    """Supervised cold start on tool-use demonstrations (tool results masked out of the loss)."""
+    """Supervised cold start on tool-use demonstrations (tool results masked out of the loss),
+    with the `sft` section of the config (its defaults are the demo's recipe). The model it
+    starts from passes its own settings on (its aepo_run.yaml, or the defaults)."""
     from aepo.config import ConfigError, model_config, run_config_files
     from aepo.io import check_output_dir
-    from aepo.train.threads import set_threads
     from aepo.models.loading import check_model_dir, load_model, resolve_device, save_model_dir
-    from aepo.train.sft import SFTConfig, check_sft_rows, load_sft_jsonl, sft_train
+    from aepo.train.sft import check_sft_rows, load_sft_jsonl, sft_train
+    from aepo.train.threads import set_threads
 
     try:
-        check_min("--epochs", epochs, 1, "passes over the data")
-        check_min("--batch-size", batch_size, 1, "demonstrations per step")
-        if not lr > 0:
-            raise ValueError(f"--lr must be > 0, got {lr:g}; pass a learning rate such as --lr 2e-3")
         check_sft_rows(data)
         check_model_dir(model)
+        flags = flag_overrides({"epochs": epochs, "lr": lr, "batch_size": batch_size, "chat_template": chat_template,
+                                "sft_seed": sft_seed})
+        # the demonstrations' prompts are built with these settings, as RL and evaluation will build them
+        run_cfg, settings_line = model_config(model, [*flags, *(overrides or [])])
         resolve_device(device)
         check_output_dir(out, "--out")
         if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
             raise ValueError(f"--out {out} is a directory that holds files but no model, and saving replaces the "
                              f"whole directory; give a new or empty directory (or a model directory to overwrite)")
-        # the settings of the model it starts from (or the defaults) travel on, with its chat template;
-        # the demonstrations' prompts are built with them, as RL and evaluation will build them
-        run_cfg, _ = model_config(model, [f"model.chat_template={str(chat_template).lower()}"])
         set_threads(0, cap=4)  # as the demo's SFT stage: the same model from the same data
         m, tok = load_model(model, device=device, dtype=run_cfg.model.dtype)
-        examples = load_sft_jsonl(data, tok, chat_template=chat_template, tools=run_cfg.tools.enabled,
+        examples = load_sft_jsonl(data, tok, chat_template=run_cfg.model.chat_template, tools=run_cfg.tools.enabled,
                                   max_tool_calls=run_cfg.rollout.max_tool_calls)
     except (ConfigError, *BAD_INPUT) as e:
         fail(str(e))
-    hist = sft_train(m, tok, examples, SFTConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed))
+    s = run_cfg.sft
+    typer.echo(f"sft: epochs={s.epochs} lr={s.lr:g} batch_size={s.batch_size} seed={s.seed}; {settings_line}", err=True)
+    hist = sft_train(m, tok, examples, run_cfg.sft)
     save_model_dir(out, m, tok, jsonl_files={"sft_history.jsonl": hist}, text_files=run_config_files(run_cfg))
     typer.echo(f"saved {out} (final loss {hist[-1]['loss']:.4f})")
-
-
-def _flag_overrides(flags: dict[str, Any]) -> list[str]:
-    """Dotted overrides from the flags that were given ({config key: value or None})."""
-    import json as _json
-
-    return [f"{key}={_json.dumps(value) if isinstance(value, (list, bool)) else value}"
-            for key, value in flags.items() if value is not None]
-
-
-def _search_overrides(cache: Path | None, corpus: Path | None, url: str | None) -> list[str]:
-    """--search-cache / --search-corpus / --search-url as tools.* overrides."""
-    return _flag_overrides({"tools.search_cache": cache, "tools.search_corpus": corpus, "tools.search_url": url})
 
 
 def _run_settings(model: Path, flags: list[str], overrides: list[str] | None) -> tuple[Any, str]:
@@ -354,26 +344,19 @@ def eval_cmd(
     overrides: list[str] | None = typer.Argument(None, help="Dotted overrides of the model's own settings "
                                                  "(its aepo_run.yaml), e.g. rollout.temperature=1.0 tools.search_topk=3"),
     data: list[Path] = typer.Option(..., "--data", help="Dataset file(s): JSONL or parquet. Repeatable."),
-    n: int = typer.Option(1, "--n", help="Samples per question, rollout.n (pass@k for k <= n)."),
+    samples: int | None = flag("samples", "--n"),
     out: Path | None = typer.Option(None, "--out", help="Results directory (default: runs/eval/<model path>)."),
-    limit: int | None = typer.Option(None, "--limit", help="First N questions of each file."),
-    temperature: float | None = typer.Option(None, "--temperature", help="rollout.temperature (default: the "
-                                             "model's own)."),
-    max_response_tokens: int | None = typer.Option(None, "--max-response-tokens",
-                                                   help="rollout.max_response_tokens (default: the model's own)."),
-    max_tool_calls: int | None = typer.Option(None, "--max-tool-calls", help="rollout.max_tool_calls (default: "
-                                              "the model's own)."),
-    backend: str | None = typer.Option(None, "--backend", help="rollout.backend: torch | vllm (the vllm extra)."),
-    search_cache: Path | None = typer.Option(None, "--search-cache", help="tools.search_cache: JSON cache of "
-                                             "search results."),
-    search_corpus: Path | None = typer.Option(None, "--search-corpus", help="tools.search_corpus: JSONL corpus "
-                                              "for BM25 search."),
-    search_url: str | None = typer.Option(None, "--search-url", help="tools.search_url: Search-R1 style "
-                                          "/retrieve endpoint."),
-    chat_template: bool | None = typer.Option(None, "--chat-template/--no-chat-template",
-                                              help="model.chat_template (default: the model's own)."),
+    limit: int | None = flag("limit", "--limit"),
+    temperature: float | None = flag("temperature", "--temperature"),
+    max_response_tokens: int | None = flag("max_response_tokens", "--max-response-tokens"),
+    max_tool_calls: int | None = flag("max_tool_calls", "--max-tool-calls"),
+    backend: str | None = flag("backend", "--backend"),
+    search_cache: Path | None = flag("search_cache", "--search-cache"),
+    search_corpus: Path | None = flag("search_corpus", "--search-corpus"),
+    search_url: str | None = flag("search_url", "--search-url"),
+    chat_template: bool | None = flag("chat_template", "--chat-template/--no-chat-template"),
     device: str = typer.Option("auto", "--device"),
-    seed: int = typer.Option(0, "--seed"),
+    eval_seed: int | None = flag("eval_seed", "--seed"),
     force: bool = typer.Option(False, "--force", help="Replace samples in --out that were made with other "
                                "settings or another model (without it, such samples are refused)."),
     judge: str | None = typer.Option(None, "--judge", help="OpenAI-compatible endpoint of an LLM judge "
@@ -388,14 +371,14 @@ def eval_cmd(
     import dataclasses
 
     from aepo.config import ConfigError
+    from aepo.data.datasets import load_dataset
     from aepo.eval.runner import evaluate_tasks, judge_records, rewrite_samples, summarize, write_summary
     from aepo.io import check_output_dir, check_output_file, claim_keyed_output
     from aepo.models.loading import check_model_dir, resolve_device
-    from aepo.data.datasets import load_dataset
     from aepo.tools import build_tool_runner
 
     try:
-        check_min("--n", n, 1, "samples per question")
+        check_min("--n", samples, 1, "samples per question")
         check_min("--limit", limit, 1, "questions per file", "leave --limit out to use every question")
         check_min("--max-response-tokens", max_response_tokens, 1, "tokens per answer")
         check_min("--max-tool-calls", max_tool_calls, 0, "tool calls per answer")
@@ -418,12 +401,13 @@ def eval_cmd(
             raise ValueError("--judge-model without --judge; give the judge's endpoint with --judge URL")
         files = _check_datasets(data)
         check_model_dir(model)
-        flags = _flag_overrides({"rollout.temperature": temperature, "rollout.max_response_tokens": max_response_tokens,
-                                 "rollout.max_tool_calls": max_tool_calls, "rollout.backend": backend,
-                                 "model.chat_template": chat_template}) + _search_overrides(search_cache,
-                                                                                             search_corpus, search_url)
+        flags = flag_overrides({"samples": samples, "limit": limit, "temperature": temperature,
+                                "max_response_tokens": max_response_tokens, "max_tool_calls": max_tool_calls,
+                                "backend": backend, "search_cache": search_cache, "search_corpus": search_corpus,
+                                "search_url": search_url, "chat_template": chat_template, "eval_seed": eval_seed})
         cfg, settings_line = _run_settings(model, flags, overrides)
         _check_search_url(cfg)
+        n, seed, limit = cfg.eval.n, cfg.eval.seed, cfg.eval.limit or None
         rcfg = dataclasses.replace(cfg.rollout, strategy="independent", n=n)
         resolve_device(device)
         out = out or _default_out(model, "eval")
@@ -436,7 +420,7 @@ def eval_cmd(
         for name, p in files.items():
             claim_keyed_output(out / f"{name}.samples.jsonl", _eval_key(model, p, cfg, n=n, seed=seed, limit=limit),
                                force=force, what=f"--out holds {name} samples, but",
-                               hint=f"give another --out (the default is one directory per model)")
+                               hint="give another --out (the default is one directory per model)")
         typer.echo(settings_line, err=True)
         _warn_without_search(sets, "search" in cfg.tools.enabled)
         runner = build_tool_runner(cfg.tools)
@@ -447,6 +431,7 @@ def eval_cmd(
     try:
         for name, tasks in sets.items():
             recs = evaluate_tasks(m, tok, tasks, runner.run, n=n, rollout_cfg=rcfg, seed=seed,
+                                  batch_prompts=cfg.eval.batch_prompts,
                                   samples_path=out / f"{name}.samples.jsonl", chat_template=cfg.model.chat_template,
                                   tools=cfg.tools.enabled, title=f"eval {name}", backend=engine,
                                   reward_cfg=cfg.reward)
@@ -471,45 +456,41 @@ def rollout_cmd(
     data: Path = typer.Option(..., "--data", help="Questions: JSONL or parquet."),
     overrides: list[str] | None = typer.Argument(None, help="Dotted overrides of the model's own settings "
                                                  "(its aepo_run.yaml), e.g. rollout.branch_tau=0.3"),
-    strategy: str = typer.Option("aepo", "--strategy", help="rollout.strategy: independent | arpo | aepo"),
-    n: int = typer.Option(8, "--n", "--k", help="rollout.n: rows per prompt (one group)."),
+    strategy: str | None = flag("strategy", "--strategy"),
+    rows: int | None = flag("rows", "--n", "--k"),
     out: Path = typer.Option(Path("rollouts.jsonl"), "--out"),
     limit: int | None = typer.Option(8, "--limit", help="First N questions (default 8)."),
-    temperature: float | None = typer.Option(None, "--temperature", help="rollout.temperature (default: the "
-                                             "model's own)."),
-    max_response_tokens: int | None = typer.Option(None, "--max-response-tokens",
-                                                   help="rollout.max_response_tokens (default: the model's own)."),
-    search_corpus: Path | None = typer.Option(None, "--search-corpus", help="tools.search_corpus"),
-    search_cache: Path | None = typer.Option(None, "--search-cache", help="tools.search_cache"),
-    search_url: str | None = typer.Option(None, "--search-url", help="tools.search_url"),
-    chat_template: bool | None = typer.Option(None, "--chat-template/--no-chat-template",
-                                              help="model.chat_template (default: the model's own)."),
+    temperature: float | None = flag("temperature", "--temperature"),
+    max_response_tokens: int | None = flag("max_response_tokens", "--max-response-tokens"),
+    search_corpus: Path | None = flag("search_corpus", "--search-corpus"),
+    search_cache: Path | None = flag("search_cache", "--search-cache"),
+    search_url: str | None = flag("search_url", "--search-url"),
+    chat_template: bool | None = flag("chat_template", "--chat-template/--no-chat-template"),
     device: str = typer.Option("auto", "--device"),
-    backend: str | None = typer.Option(None, "--backend", help="rollout.backend: torch | vllm (the vllm extra)."),
+    backend: str | None = flag("backend", "--backend"),
     seed: int = typer.Option(0, "--seed"),
     batch_prompts: int = typer.Option(32, "--batch-prompts", help="Prompts rolled out together (one step "
                                       "of the progress bar)."),
 ) -> None:
     """Roll out a strategy as the model was trained (its aepo_run.yaml) and write one JSON object
     per row, to see what the agent did."""
-    import dataclasses
     import random
 
     import torch
 
     from aepo.config import ConfigError
     from aepo.console import StepProgress
+    from aepo.data.datasets import load_dataset
     from aepo.data.prompting import encode_prompt
     from aepo.io import check_output_file, write_jsonl
     from aepo.models.loading import check_model_dir, resolve_device
     from aepo.rollout.strategies import rollout, strategy_names
-    from aepo.data.datasets import load_dataset
     from aepo.tools import build_tool_runner
 
     try:
-        if strategy not in strategy_names():
+        if strategy is not None and strategy not in strategy_names():
             raise ValueError(f"--strategy {strategy!r} is not one of {', '.join(strategy_names())}; pick one of those")
-        check_min("--n", n, 1, "rows per prompt")
+        check_min("--n", rows, 1, "rows per prompt")
         check_min("--limit", limit, 1, "questions")
         check_min("--max-response-tokens", max_response_tokens, 1, "tokens per row")
         check_min("--batch-prompts", batch_prompts, 1, "prompts rolled out together")
@@ -519,11 +500,13 @@ def rollout_cmd(
             _check_backend(backend)
         _check_data_file(data)
         check_model_dir(model)
-        flags = _flag_overrides({"rollout.temperature": temperature, "rollout.max_response_tokens": max_response_tokens,
-                                 "rollout.backend": backend, "model.chat_template": chat_template}) + \
-            _search_overrides(search_cache, search_corpus, search_url)
+        flags = flag_overrides({"strategy": strategy, "rows": rows, "temperature": temperature,
+                                "max_response_tokens": max_response_tokens, "backend": backend,
+                                "search_cache": search_cache, "search_corpus": search_corpus, "search_url": search_url,
+                                "chat_template": chat_template})
         cfg, settings_line = _run_settings(model, flags, overrides)
-        rcfg = dataclasses.replace(cfg.rollout, strategy=strategy, n=n)
+        rcfg = cfg.rollout
+        strategy = rcfg.strategy
         resolve_device(device)
         check_output_file(out, "--out")
         if out.resolve() == data.resolve():
@@ -630,9 +613,9 @@ def data_to_verl(
     """Benchmark rows as verl's RL parquet (data_source, prompt, ability, reward_model,
     extra_info), with the system prompt the local trainer uses; reward them in verl with
     aepo.integrations.verl_task.compute_score."""
+    from aepo.data.datasets import load_dataset
     from aepo.integrations.verl_task import write_verl_parquet
     from aepo.io import check_output_file
-    from aepo.data.datasets import load_dataset
     from aepo.tools import tool_names
 
     try:

@@ -18,8 +18,8 @@ from aepo.console import console
 from aepo.eval.plots import plot_bars, plot_curves
 from aepo.io import atomic_write_json, atomic_write_text
 from aepo.rollout.analyses import analysis_stats, entropy_stats
-from aepo.train.threads import set_threads, usable_cores
 from aepo.train.records import read_metrics
+from aepo.train.threads import set_threads, usable_cores
 
 
 def _mean_sd(xs: Sequence[float]) -> tuple[float, float]:
@@ -152,13 +152,14 @@ def _run_in_processes(todo: list[tuple[str, int]], out: Path, base: Path, quick:
         raise RuntimeError("compare: run(s) failed: " + ", ".join(f"{a} seed {s} ({log})" for a, s, log in failed))
 
 
-def _run_key(plan: Any, cfg: Any, seed: int) -> dict[str, Any]:
-    """What one (algo, seed) run depends on: the shared world and SFT model (seed 0), its RL
-    config (trainer.seed = seed) and its evaluation (seed)."""
+def _run_key(base: Any, cfg: Any) -> dict[str, Any]:
+    """What one (algo, seed) run depends on: the shared SFT model (`base`, seed 0), its RL
+    config (trainer.seed = the run's seed) and its evaluation (eval.seed likewise)."""
     from aepo.demo.stages import stage_keys
 
-    keys = stage_keys(plan, cfg, 0)
-    return {"rl": keys["RL"], "eval": {k: v for k, v in keys["RL eval"].items() if k != "model"}, "eval_seed": seed}
+    mine = stage_keys(cfg, 0)
+    return {"sft": stage_keys(base, 0)["SFT"], "rl": mine["RL"]["config"],
+            "eval": {k: v for k, v in mine["RL eval"].items() if k != "model"}}
 
 
 def _check_base(base: Path) -> None:
@@ -180,17 +181,16 @@ def run_compare(algos: Sequence[str], seeds: int | Sequence[int], out: str | Pat
     by default they are built (once) in `out/base`. `jobs` > 1 runs that many (algo, seed)
     pairs at once, each in its own process with (usable cores / jobs) threads, logging to
     `out/runs/<algo>_seed<seed>.log`; the results are the same as one at a time. A finished
-    or started run in `out` made with other settings (overrides, plan, SFT start) is refused,
+    or started run in `out` made with other settings (overrides, demo sizes, SFT start) is refused,
     or with `force` redone: it is never reported as the result of this command."""
     from aepo.demo.stages import (
-        DemoPlan,
         StageRunner,
         build_tools,
         demo_config,
         stage_eval,
+        stage_keys,
         stage_model,
         stage_rl,
-        stage_keys,
         stage_sft,
         stage_world,
         world_tasks,
@@ -217,9 +217,10 @@ def run_compare(algos: Sequence[str], seeds: int | Sequence[int], out: str | Pat
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1 (runs at once), got {jobs}")
     out = Path(out)
-    plan = DemoPlan.quick() if quick else DemoPlan()
     # each run's config up front: a bad override fails now, not after the world and SFT are built
-    configs = {(algo, seed): demo_config(plan, algo, seed, overrides) for seed in seeds for algo in algos}
+    configs = {(algo, seed): demo_config(algo, seed, overrides, quick=quick) for seed in seeds for algo in algos}
+    first = demo_config(algos[0], 0, overrides, quick=quick)  # the shared world and SFT model: seed 0
+    plan = first.demo
     check_output_dir(out, "--out")
     if base is not None and not Path(base).is_dir():
         raise ValueError(f"--from {base} is not a directory; give a run directory made by `aepo demo` "
@@ -227,18 +228,17 @@ def run_compare(algos: Sequence[str], seeds: int | Sequence[int], out: str | Pat
     base_dir = Path(base) if base is not None else out / "base"
     if base is not None:
         _check_base(base_dir)
-    first = next(iter(configs.values()))
     # one world and SFT model for every run, reused only under the settings that made them;
     # --force never redoes the stages of a --from directory
-    base_stages = StageRunner(base_dir, {k: v for k, v in stage_keys(plan, first, 0).items()
+    base_stages = StageRunner(base_dir, {k: v for k, v in stage_keys(first, 0).items()
                                          if k in ("world", "demonstrations", "SFT")},
                               force=force and base is None, what="--from" if base is not None else "--out base",
                               hint="give --from a demo run made with the same options (e.g. --quick or not), or "
                                    "leave --from out" if base is not None else "pass --force to redo them")
-    for cfg in configs.values():  # the models' settings name the shared world's corpus
+    for cfg in (first, *configs.values()):  # the models' settings name the shared world's corpus
         cfg.tools.search_corpus = str((base_dir / "world" / "corpus.jsonl").resolve())
     for (algo, seed), cfg in configs.items():  # a run is reused only under the settings that made it
-        claim_keyed_output(out / "runs" / f"{algo}_seed{seed}", _run_key(plan, cfg, seed), force=force,
+        claim_keyed_output(out / "runs" / f"{algo}_seed{seed}", _run_key(first, cfg), force=force,
                            what="--out holds a run that", hint="rerun with the same options, choose another --out")
     base = base_dir
     # a child process of `--jobs N` reads its share of the cores from OMP_NUM_THREADS
@@ -248,8 +248,8 @@ def run_compare(algos: Sequence[str], seeds: int | Sequence[int], out: str | Pat
     runner = build_tools(world, first.tools)
     try:
         init_dir, demos = base_stages.run("demonstrations", stage_model, base, plan, 0, first.tools)
-        sft_dir = base_stages.run("SFT", stage_sft, base, init_dir, demos, plan, 0, progress, first)
-        test = world_tasks(world.test)[: plan.eval_questions]
+        sft_dir = base_stages.run("SFT", stage_sft, base, init_dir, demos, first, 0, progress)
+        test = world_tasks(world.test)[: first.eval.limit or None]
         train = world_tasks(world.train)
         todo = [(a, s) for s in seeds for a in algos if run_summary(out / "runs" / f"{a}_seed{s}") is None]
         if jobs > 1 and len(todo) > 1:
@@ -264,13 +264,13 @@ def run_compare(algos: Sequence[str], seeds: int | Sequence[int], out: str | Pat
                 t0 = time.time()
                 cfg = configs[(algo, seed)]
                 final = stage_rl(rd, sft_dir, train, runner, cfg, progress)
-                ev = stage_eval(rd, "rl", final, test, runner, cfg, plan, seed, progress)
+                ev = stage_eval(rd, "rl", final, test, runner, cfg, progress)
                 metrics = read_metrics(rd / "rl" / "metrics.jsonl")
                 res = {"algo": algo, "seed": seed, "wall_seconds": time.time() - t0, **ev,
                        **entropy_stats(metrics), **analysis_stats(metrics)}
                 res.pop("finish_reasons", None)
                 atomic_write_json(rd / "result.json", res)
-                write_compare_report(out, algos, seeds, plan.eval_n, command)
+                write_compare_report(out, algos, seeds, first.eval.n, command)
     finally:
         runner.close()
-    return write_compare_report(out, algos, seeds, plan.eval_n, command)
+    return write_compare_report(out, algos, seeds, first.eval.n, command)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from aepo.config import Config, load_config
+from aepo.config import QUICK_DEMO, Config, DemoConfig, load_config
 from aepo.console import console
 from aepo.eval.plots import plot_bars, plot_curves
 from aepo.eval.runner import evaluate_tasks, summarize
@@ -53,34 +52,8 @@ STAGES_FILE = "stages.json"
 under the same key, and the report shows every stage's time, cached ones included."""
 
 
-@dataclass
-class DemoPlan:
-    """Sizes of each stage; `quick()` is the about-a-minute variant used by tests."""
-
-    world_size: str = "small"
-    world_level: int = 2
-    # Two layers: SFT steps 2.2x cheaper than "tiny"'s four, and a better SFT model after the same
-    # 1,600 steps (29% held-out pass@1 against 24%; benchmarks/RESULTS.md, "Demo: learning status").
-    model_preset: str = "micro"
-    n_demos: int = 10400
-    sft_epochs: int = 1
-    # Small batches: 12,800 examples in batches of 8 (1,600 steps) reach 24% held-out pass@1 with
-    # the "tiny" model, 32,000 in batches of 32 (1,000 steps) 12%; a small model learns to copy
-    # from search results only after enough optimizer steps (benchmarks/RESULTS.md, "SFT batch size").
-    sft_batch_size: int = 8
-    sft_lr: float = 2e-3
-    eval_questions: int = 200
-    eval_n: int = 4
-    rl_steps: int = 30  # of 24 prompts x 8 rows (demo.yaml)
-    vocab_size: int = 2400
-    demo_worlds: int = 40
-    tokenizer_worlds: int = 4
-    recall_drills: int = 2400  # name -> number recall drills mixed into SFT (see `recall_drills`)
-
-    @classmethod
-    def quick(cls) -> DemoPlan:
-        return cls(n_demos=200, sft_epochs=1, eval_questions=16, eval_n=2, rl_steps=2, tokenizer_worlds=2, demo_worlds=2,
-                   recall_drills=50)
+DemoPlan = DemoConfig
+"""The demo's sizes: the `demo` section of the run config (`aepo.config.DemoConfig`)."""
 
 
 def build_tools(world: Any, tools: Any = None) -> Any:
@@ -200,38 +173,39 @@ def sft_examples(demos: list[dict], tokenizer: Any, plan: DemoPlan, seed: int) -
     return examples + recall_drills(tokenizer, sorted(names), number_words(), plan.recall_drills, seed=seed)
 
 
-def stage_sft(out: Path, init_dir: Path, demos: list[dict], plan: DemoPlan, seed: int,
-              progress: bool, cfg: Config | None = None) -> Path:
+def stage_sft(out: Path, init_dir: Path, demos: list[dict], cfg: Config, seed: int, progress: bool) -> Path:
+    """SFT of the initial model on the demonstrations and recall drills (`cfg.sft`); the whole
+    set is also written as token rows, `sft_examples.jsonl`, so `aepo sft` can train the same model."""
     from aepo.config import run_config_files
     from aepo.models.loading import load_model, save_model_dir
-    from aepo.train.sft import SFTConfig, sft_train
+    from aepo.train.sft import sft_train
 
-    cfg = cfg or Config()
     sdir = (out / SFT_DONE).parent
     if (out / SFT_DONE).exists():
         return sdir
     model, tok = load_model(init_dir, device=cfg.model.device, dtype=cfg.model.dtype)
-    examples = sft_examples(demos, tok, plan, seed)
+    examples = sft_examples(demos, tok, cfg.demo, seed)
     # the whole SFT set as token rows: `aepo sft --data sft_examples.jsonl` trains the same model
     write_jsonl(out / "sft_examples.jsonl", [{"input_ids": e.input_ids, "loss_mask": e.loss_mask} for e in examples])
-    sft_cfg = SFTConfig(epochs=plan.sft_epochs, seed=seed, batch_size=plan.sft_batch_size, lr=plan.sft_lr)
-    history = sft_train(model, tok, examples, sft_cfg, progress=progress)
+    history = sft_train(model, tok, examples, cfg.sft, progress=progress)
     return save_model_dir(sdir, model, tok, jsonl_files={"sft_history.jsonl": history},
                           text_files=run_config_files(cfg))
 
 
 def stage_eval(out: Path, name: str, model_dir: Path, tasks: list[Any], runner: Any, cfg: Config,
-               plan: DemoPlan, seed: int, progress: bool) -> dict[str, Any]:
+               progress: bool) -> dict[str, Any]:
+    """Evaluate `model_dir` on `tasks` with `cfg.eval` (n samples, seed); cached in eval_{name}.json."""
     from aepo.models.loading import load_model
 
     path = out / eval_done(name)
     if path.exists():
         return json.loads(path.read_text())
     model, tok = load_model(model_dir, device=cfg.model.device, dtype=cfg.model.dtype)
-    samples = out / f"eval_{name}_samples.jsonl"  # a killed eval resumes (run_demo checked its key)
-    recs = evaluate_tasks(model, tok, tasks, runner.run, n=plan.eval_n, rollout_cfg=cfg.rollout, seed=seed,
-                          samples_path=samples, progress=progress, title=f"eval {name}", reward_cfg=cfg.reward,
-                          chat_template=cfg.model.chat_template, tools=cfg.tools.enabled)
+    samples = out / f"eval_{name}_samples.jsonl"  # a killed eval resumes (its stage key was checked)
+    recs = evaluate_tasks(model, tok, tasks, runner.run, n=cfg.eval.n, rollout_cfg=cfg.rollout, seed=cfg.eval.seed,
+                          batch_prompts=cfg.eval.batch_prompts, samples_path=samples, progress=progress,
+                          title=f"eval {name}", reward_cfg=cfg.reward, chat_template=cfg.model.chat_template,
+                          tools=cfg.tools.enabled)
     summary = summarize(recs)
     atomic_write_json(path, summary)
     return summary
@@ -266,20 +240,20 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def stage_keys(plan: DemoPlan, cfg: Config, seed: int) -> dict[str, dict[str, Any]]:
-    """What each stage's output depends on. A stage's key holds the digest of the stage it
-    starts from, so a change upstream makes every stage after it stale too."""
-    import dataclasses
-
+def stage_keys(cfg: Config, seed: int) -> dict[str, dict[str, Any]]:
+    """What each stage's output depends on (`cfg.demo`, `cfg.sft`, the RL config, `cfg.eval`
+    and the evaluation settings). A stage's key holds the digest of the stage it starts from,
+    so a change upstream makes every stage after it stale too."""
     from aepo.config import EVAL_KEYS, config_value, to_dict
 
-    p = dataclasses.asdict(plan)
+    p = to_dict(cfg.demo)
     tools = {k: v for k, v in to_dict(cfg.tools).items() if k not in ("search_cache", "search_corpus", "search_url")}
     run = to_dict(cfg)
     run["tools"] = tools
     run["trainer"] = {k: v for k, v in run["trainer"].items() if k not in ("threads", "logger")}
     run["model"] = {k: v for k, v in run["model"].items() if k != "path"}
-    run.pop("out_dir", None)
+    for section in ("out_dir", "demo", "sft", "eval"):  # keyed by the stages they belong to
+        run.pop(section, None)
     evals = {k: config_value(cfg, k) for k in EVAL_KEYS if not k.startswith("tools.search_")
              or k in ("tools.search_topk", "tools.search_max_chars")}
     keys: dict[str, dict[str, Any]] = {}
@@ -287,8 +261,8 @@ def stage_keys(plan: DemoPlan, cfg: Config, seed: int) -> dict[str, dict[str, An
     keys["demonstrations"] = {"world": _digest(keys["world"]), "tools": tools, **{
         k: p[k] for k in ("n_demos", "demo_worlds", "tokenizer_worlds", "vocab_size", "model_preset")}}
     keys["SFT"] = {"start": _digest(keys["demonstrations"]), "device": cfg.model.device, "dtype": cfg.model.dtype,
-                   **{k: p[k] for k in ("sft_epochs", "sft_batch_size", "sft_lr", "recall_drills")}}
-    eval_plan = {"questions": p["eval_questions"], "n": p["eval_n"], "seed": seed, "settings": evals}
+                   "recall_drills": p["recall_drills"], "sft": to_dict(cfg.sft)}
+    eval_plan = {"eval": to_dict(cfg.eval), "settings": evals}
     keys["SFT eval"] = {"model": _digest(keys["SFT"]), **eval_plan}
     keys["RL"] = {"start": _digest(keys["SFT"]), "config": run}
     keys["RL eval"] = {"model": _digest(keys["RL"]), **eval_plan}
@@ -359,8 +333,12 @@ class StageRunner:
         return {name: self.record.get(name, {}).get("seconds") for name in self.keys}
 
 
-def demo_config(plan: DemoPlan, algo: str, seed: int, overrides: list[str] | None = None) -> Config:
-    ov = [f"algo={algo}", f"trainer.total_steps={plan.rl_steps}", f"trainer.seed={seed}"] + list(overrides or [])
+def demo_config(algo: str = "aepo", seed: int = 0, overrides: list[str] | None = None, *,
+                quick: bool = False) -> Config:
+    """The demo's run config: demo.yaml, the algorithm preset, the seed (of the world, SFT, RL
+    and evaluation), QUICK_DEMO with `quick`, then `overrides` (any key, `demo.*` included)."""
+    ov = [f"algo={algo}", f"trainer.seed={seed}", f"sft.seed={seed}", f"eval.seed={seed}",
+          *(QUICK_DEMO if quick else []), *(overrides or [])]
     return load_config(DEMO_CONFIG, ov)
 
 
@@ -443,16 +421,16 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, algo: str = 
 
     t0 = time.time()
     out = Path(out)
-    plan = DemoPlan.quick() if quick else DemoPlan()
     # every check before the run directory is created or any stage starts
-    cfg = demo_config(plan, algo, seed, overrides)
+    cfg = demo_config(algo, seed, overrides, quick=quick)
+    plan = cfg.demo
     resolve_device(cfg.model.device)  # model.device=cuda without CUDA: one line, before any work
     # the models' settings name the world's corpus, so `aepo eval` of them searches it too
     cfg.tools.search_corpus = str((out / WORLD_DONE).parent.resolve() / "corpus.jsonl")
     set_threads(cfg.trainer.threads, cap=4)  # the tiny model gains nothing from more than 4
     check_output_dir(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
-    stages = StageRunner(out, stage_keys(plan, cfg, seed), force=force)
+    stages = StageRunner(out, stage_keys(cfg, seed), force=force)
     random.seed(seed)
     torch.manual_seed(seed)
     console.print(f"[bold]aepo demo[/] -> {out}  (algo={algo}{', quick' if quick else ''})")
@@ -461,13 +439,13 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, algo: str = 
     try:
         console.print(f"world: {len(world.corpus)} documents, {len(world.train)} train / {len(world.test)} test questions")
         init_dir, demos = stages.run("demonstrations", stage_model, out, plan, seed, cfg.tools)
-        sft_dir = stages.run("SFT", stage_sft, out, init_dir, demos, plan, seed, progress, cfg)
-        test = world_tasks(world.test)[: plan.eval_questions]
+        sft_dir = stages.run("SFT", stage_sft, out, init_dir, demos, cfg, seed, progress)
+        test = world_tasks(world.test)[: cfg.eval.limit or None]
         train = world_tasks(world.train)
-        sft = stages.run("SFT eval", stage_eval, out, "sft", sft_dir, test, runner, cfg, plan, seed, progress)
+        sft = stages.run("SFT eval", stage_eval, out, "sft", sft_dir, test, runner, cfg, progress)
         console.print(f"SFT held-out pass@1: {100 * sft['pass@1']:.1f}%")
         rl_dir = stages.run("RL", stage_rl, out, sft_dir, train, runner, cfg, progress)
-        rl = stages.run("RL eval", stage_eval, out, "rl", rl_dir, test, runner, cfg, plan, seed, progress)
+        rl = stages.run("RL eval", stage_eval, out, "rl", rl_dir, test, runner, cfg, progress)
         console.print(f"RL  held-out pass@1: {100 * rl['pass@1']:.1f}%")
     finally:
         runner.close()
@@ -476,4 +454,4 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, algo: str = 
     return json.loads((out / "summary.json").read_text())
 
 
-__all__ = ["DemoPlan", "build_tools", "run_demo", "world_tasks"]
+__all__ = ["DemoPlan", "build_tools", "demo_config", "run_demo", "stage_keys", "world_tasks"]

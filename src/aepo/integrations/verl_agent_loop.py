@@ -76,7 +76,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from aepo.config import Config, _apply, validate
+from aepo.config import Config, apply_mapping, validate
 from aepo.errors import ConfigError
 from aepo.integrations.verl import _cfg_get
 from aepo.rollout.config import RolloutConfig
@@ -210,9 +210,9 @@ def loop_settings(options: Mapping[str, Any], trainer_config: Any) -> LoopSettin
         tool_opts["enabled"] = (["search"] if search else []) + ["calc", "python"]
     settings = LoopSettings(rollout=cfg.rollout, tools=cfg.tools, val_n=int(_cfg_get(verl_rollout, "val_kwargs.n", 1)))
     try:
-        _apply(cfg.rollout, {k: v for k, v in merged.items() if k in rollout_keys}, "")
-        _apply(cfg.tools, tool_opts, "tool_config.")
-        _apply(settings, {k: v for k, v in merged.items() if k in _ADAPTER_KEYS}, "")
+        apply_mapping(cfg.rollout, {k: v for k, v in merged.items() if k in rollout_keys}, "")
+        apply_mapping(cfg.tools, tool_opts, "tool_config.")
+        apply_mapping(settings, {k: v for k, v in merged.items() if k in _ADAPTER_KEYS}, "")
         validate(cfg)
     except ConfigError as e:
         raise ConfigError(f"aepo_tree agent loop: {e} (keys go in the agent-loop YAML entry or "

