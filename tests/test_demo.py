@@ -245,3 +245,15 @@ def test_compare_quick_from_demo(demo_dir, tmp_path):
 def test_compare_table_mean_and_spread():
     t = compare_table({"a": [{"pass@1": 0.5}, {"pass@1": 0.7}]}, k=4)
     assert "| a | 2 | 60 ± 14 |" in t
+
+
+def test_a_search_source_on_the_command_line_replaces_the_models(demo_dir):
+    """A demo model's world corpus is no fallback for a real benchmark's search cache."""
+    from aepo.cli.main import _run_settings
+
+    own, _ = _run_settings(demo_dir / "rl" / "final", [], None)
+    assert own.tools.search_corpus == str((demo_dir / "world" / "corpus.jsonl").resolve())
+    assert "search" in own.tools.enabled
+    given, line = _run_settings(demo_dir / "rl" / "final", ["tools.search_cache=c.json"], None)
+    assert (given.tools.search_cache, given.tools.search_corpus, given.tools.search_url) == ("c.json", "", "")
+    assert "overridden: tools.search_cache=c.json tools.search_corpus= tools.search_url=" in line

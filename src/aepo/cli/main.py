@@ -296,11 +296,17 @@ def sft(
 
 def _run_settings(model: Path, flags: list[str], overrides: list[str] | None) -> tuple[Any, str]:
     """The model's own settings (its aepo_run.yaml, else the defaults), then the flags, then the
-    dotted overrides; search is dropped from the tools when no search source is known."""
+    dotted overrides. A search source given on the command line replaces the model's (a demo
+    model's world corpus is no fallback for a real benchmark's cache); search is dropped from
+    the tools when no source is known."""
     import dataclasses
 
     from aepo.config import model_config
 
+    sources = ("tools.search_cache", "tools.search_corpus", "tools.search_url")
+    given = {o.split("=", 1)[0] for o in [*flags, *(overrides or [])]}
+    if given & set(sources):
+        flags = [*(f"{k}=" for k in sources if k not in given), *flags]
     cfg, line = model_config(model, [*flags, *(overrides or [])])
     t = cfg.tools
     has_source = bool(t.search_cache or t.search_corpus or t.search_url)
@@ -564,7 +570,7 @@ def rollout_cmd(
     typer.echo(f"{len(rows)} rows of {len(set(tr.prompt_id for tr in trajs))} prompts; "
                + (f"m {min(m)}..{max(m)}; " if m else "") + f"branches {stats.get('branches', 0)}; "
                f"tool calls per row {stats.get('tool_calls_per_row', 0):.2f}; finish {stats.get('finish_reasons')}")
-    limited = f" (the first {limit} questions of {data}; --limit N for more)" if limit and len(tasks) == limit else ""
+    limited = f"; the first {limit} questions of {data}, --limit N for more" if limit and len(tasks) == limit else ""
     typer.echo(f"wrote {out} (rows{limited}) and {stats_path} (batch statistics: m, l, H_root/H_tool, every "
                f"decision)")
 
