@@ -536,3 +536,14 @@ def test_libc_is_still_usable_inside(box):
     """)
     assert box(code) == "[3628800] True\n"
 
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_a_root_trainer_without_setuid_is_refused_with_the_reason():
+    """Under root the program must become an unprivileged uid; a root without CAP_SETUID (a
+    container that dropped it) gets strict refused, saying so, never a program left as root."""
+    code = ("from aepo.tools.sandbox import PythonSandbox, SandboxError\n"
+            "try:\n    PythonSandbox().isolation\nexcept SandboxError as e:\n    print(e)\n")
+    done = subprocess.run(["setpriv", "--bounding-set=-setuid,-setgid", "--inh-caps=-setuid,-setgid",
+                           sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "needs CAP_SETUID and CAP_SETGID" in done.stdout, done.stdout + done.stderr

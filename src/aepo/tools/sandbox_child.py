@@ -306,7 +306,9 @@ def enter_namespaces(host_uid: int | None) -> None:
         _, status = os.waitpid(mapper, 0)
         mapper = None
         if status != 0:
-            raise SetupError(f"map the sandbox's uids from outside: {why or 'mapper failed'}")
+            raise SetupError(f"map the sandbox's uids from outside: {why or 'mapper failed'} (under root the program "
+                             f"runs as an unprivileged uid, which needs CAP_SETUID and CAP_SETGID: grant them, or "
+                             f"run the trainer as an ordinary user)")
     finally:
         if mapper is not None:  # unshare failed: release the mapper
             os.write(go_write, b"0")
