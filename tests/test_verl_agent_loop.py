@@ -6,7 +6,10 @@ The fake server answers from the decoded context with aepo's built-in tokenizer:
 segment asks `<calc>2*3</calc>` (with text after the stop tag, which a server that ignores stop
 strings returns too), the segment after a result asks `<calc>1/0</calc>` on its first draw (a tool
 error) and answers otherwise. Log-probs depend on the token and on how many results precede it,
-so the surprisal after a tool result is high and ARPO / AEPO branch there.
+so the surprisal after a tool result is high and ARPO / AEPO branch there. Each answer is stamped
+as verl's servers and client stamp it: the policy version `global_steps` and the prefix-cache hit
+count `num_cached_tokens` in `extra_fields` (vLLM's server), `min_global_steps` /
+`max_global_steps` set from `global_steps` (`LLMServerClient.generate`), and `num_preempted`.
 
 verl is not a default dependency; this module skips without it. Run it in the verl venv:
     AEPO_VENV=.venv-verl AEPO_EXTRAS=verl python3 quickstart.py test tests/test_verl_agent_loop.py
@@ -56,26 +59,44 @@ def fake_logprob(token: int, phase: int) -> float:
 class FakeServer:
     """verl's `LLMServerClient.generate`, deterministic (module docstring). `honor_stop`: apply
     the request's stop strings like vLLM with include_stop_str_in_output; `fail_at` / `hang_at`:
-    the request number (1-based) from which it raises / never answers."""
+    the request number (1-based) from which it raises / never answers; `version`: the policy
+    version (global_steps) answering, or a function of the request number; `marked`: every answer
+    starts with `<think>r{request number}</think>`, so the requests that made a row are known."""
 
-    def __init__(self, tok, *, honor_stop: bool = True, fail_at: int | None = None, hang_at: int | None = None):
+    def __init__(self, tok, *, honor_stop: bool = True, fail_at: int | None = None, hang_at: int | None = None,
+                 version=0, marked: bool = False):
         self.tok, self.honor_stop, self.fail_at, self.hang_at = tok, honor_stop, fail_at, hang_at
+        self.version, self.marked = version, marked
         self.requests: list[dict] = []
         self.draws: Counter[str] = Counter()
 
-    def reply(self, context: str, draw: int) -> str:
+    def reply(self, context: str, draw: int, number: int) -> str:
         response = context.split("assistant:", 1)[1]
         phase = response.count("</result>")
+        think = f"<think>r{number}</think>" if self.marked else "<think>go</think>"
         if phase == 0:
-            return "<think>go</think><calc>2*3</calc> and text after the stop tag"
+            return f"{think}<calc>2*3</calc> and text after the stop tag"
+        mark = think if self.marked else ""
         if phase == 1 and draw == 0:
-            return "<calc>1/0</calc> more text"
-        return "<answer>6</answer>"
+            return f"{mark}<calc>1/0</calc> more text"
+        return f"{mark}<answer>6</answer>"
+
+    def stamp(self, number: int, prompt_ids: list[int]) -> dict:
+        """extra_fields as vLLM's server returns them and verl's LLMServerClient completes them."""
+        steps = self.version(number) if callable(self.version) else self.version
+        cached = max((next((i for i, (a, b) in enumerate(zip(r["prompt_ids"], prompt_ids)) if a != b),
+                            min(len(r["prompt_ids"]), len(prompt_ids)))
+                      for r in self.requests[: number - 1]), default=0)
+        extra = {"global_steps": steps, "num_cached_tokens": cached}  # vLLMHttpServer.generate
+        extra.setdefault("min_global_steps", extra["global_steps"])  # LLMServerClient.generate
+        extra.setdefault("max_global_steps", extra["global_steps"])
+        return extra
 
     async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
         self.requests.append({"request_id": request_id, "prompt_ids": list(prompt_ids),
                               "params": dict(sampling_params), "kwargs": kwargs})
-        number = len(self.requests)
+        number, record = len(self.requests), self.requests[-1]
+        record["extra_fields"] = extra = self.stamp(number, list(prompt_ids))
         if self.fail_at is not None and number >= self.fail_at:
             raise RuntimeError("fake server is down")
         if self.hang_at is not None and number >= self.hang_at:
@@ -85,7 +106,7 @@ class FakeServer:
         draw = self.draws[context]
         self.draws[context] += 1
         phase = context.split("assistant:", 1)[1].count("</result>")
-        ids = self.tok.encode(self.reply(context, draw), add_special_tokens=False) + [self.tok.eos_token_id]
+        ids = self.tok.encode(self.reply(context, draw, number), add_special_tokens=False) + [self.tok.eos_token_id]
         stop = sampling_params.get("stop") if self.honor_stop else None
         out: list[int] = []
         for t in ids:
@@ -94,7 +115,9 @@ class FakeServer:
             out.append(t)
             if stop and any(self.tok.decode(out).endswith(s) for s in stop):
                 break
-        return TokenOutput(token_ids=out, log_probs=[fake_logprob(t, phase) for t in out], stop_reason="completed")
+        record["output"] = out
+        return TokenOutput(token_ids=out, log_probs=[fake_logprob(t, phase) for t in out], stop_reason="completed",
+                           num_preempted=0, extra_fields=dict(extra))
 
 
 def trainer_config(n: int = 4, *, val_n: int = 1, name: str = "vllm", custom: dict | None = None, workers: int = 1):
@@ -144,7 +167,9 @@ def rows_of(out: DataProto) -> list[dict]:
             "response": b["responses"][i][:n].tolist(), "mask": b["response_mask"][i][:n].tolist(),
             "logprobs": b["rollout_log_probs"][i][:n].tolist(),
             **{key: nt[key][i] for key in ("row_id", "parent_row_id", "branch_position", "m", "decisions",
-                                           "finish_reason", "n_tool_calls")},
+                                           "finish_reason", "n_tool_calls", "min_global_steps", "max_global_steps")},
+            **{key: nt[key][i] for key in ("global_steps", "num_cached_tokens") if key in nt},
+            "num_preempted": out.meta_info["metrics"][i]["num_preempted"],
         })
     return rows
 
@@ -152,6 +177,20 @@ def rows_of(out: DataProto) -> list[dict]:
 def run_worker(cfg, server, tok, prompts: int, k: int, agent_name: str = "aepo_tree") -> list[dict]:
     out = asyncio.run(make_worker(cfg, server, tok).generate_sequences(batch(prompts, k, agent_name)))
     return rows_of(out)
+
+
+def requests_of_row(server, row: dict) -> list[dict]:
+    """The fake server's requests whose answer is in the row: its prompt is the row's start and its
+    tokens follow (up to the row's end); exact when the answers are `marked`."""
+    full = row["prompt"] + row["response"]
+    made = []
+    for req in server.requests:
+        p, out = req["prompt_ids"], req["output"]
+        k = min(len(out), len(full) - len(p))
+        if k >= 1 and full[: len(p)] == p and full[len(p): len(p) + k] == out[:k]:
+            assert k >= 4 or k == len(out), "too short to tell the marked answers apart"
+            made.append(req)
+    return made
 
 
 def expected_mask(tok, response: list[int]) -> list[int]:
@@ -269,12 +308,99 @@ def test_sampler_cuts_at_stop_and_budget(tok):
     assert short.finish == "length" and len(short.token_ids) == 3 == len(short.logprobs)
 
 
+@pytest.mark.parametrize("strategy", ["arpo", "aepo"])
+def test_rows_carry_the_policy_versions_of_their_requests(tok, strategy):
+    """verl's V1 trainer reads min/max_global_steps of every row (_compute_metrics: a TypeError on
+    None). With the policy version changing between requests, each row carries the oldest and
+    newest version of the requests that made its tokens (a branch: its parent's before the branch
+    point too), global_steps and num_cached_tokens of the first of them, num_preempted summed."""
+    k = 4
+    server = FakeServer(tok, version=lambda number: 100 + number, marked=True)
+    rows = run_worker(trainer_config(k, custom={"strategy": strategy}), server, tok, 2, k)
+    assert len(rows) == 2 * k
+    inherited = 0
+    for r in rows:
+        made = requests_of_row(server, r)
+        assert made, r
+        versions = [q["extra_fields"]["global_steps"] for q in made]
+        assert (r["min_global_steps"], r["max_global_steps"]) == (min(versions), max(versions))
+        assert r["global_steps"] == made[0]["extra_fields"]["global_steps"]
+        assert r["num_cached_tokens"] == made[0]["extra_fields"]["num_cached_tokens"]
+        assert r["num_preempted"] == 0
+        if r["parent_row_id"] is not None:
+            lp = len(r["prompt"])
+            inherited += any(len(q["prompt_ids"]) - lp < r["branch_position"] for q in made)
+    assert inherited, "a branch should carry the requests of its parent's prefix"
+    assert len({(r["min_global_steps"], r["max_global_steps"]) for r in rows}) > 1
+    assert any(r["min_global_steps"] < r["max_global_steps"] for r in rows)
+
+
+def test_request_fields_follow_verl_semantics():
+    answer = loop_mod._Answer
+    fields, preempted = loop_mod.request_fields([
+        answer({"global_steps": 3, "min_global_steps": 2, "max_global_steps": 3, "num_cached_tokens": 7,
+                "spec_num_draft_tokens": 4, "spec_num_accepted_tokens": 2, "spec_num_verify_steps": 1}, 1),
+        answer({"global_steps": 5, "min_global_steps": 5, "max_global_steps": 5, "num_cached_tokens": 30,
+                "spec_num_draft_tokens": 6, "spec_num_accepted_tokens": 3, "spec_num_verify_steps": 2}, None),
+    ])
+    assert fields == {"min_global_steps": 2, "max_global_steps": 5, "global_steps": 3, "num_cached_tokens": 7,
+                      "spec_num_draft_tokens": 10, "spec_num_accepted_tokens": 5, "spec_num_verify_steps": 3}
+    assert preempted == 1
+    # a server that stamps nothing (verl's client still sets the keys, to None)
+    assert loop_mod.request_fields([answer({}, None)]) == ({"min_global_steps": None, "max_global_steps": None}, -1)
+    # spec-decode counts only when every request has them
+    fields, _ = loop_mod.request_fields([answer({"spec_num_draft_tokens": 1}, 0), answer({}, 0)])
+    assert "spec_num_draft_tokens" not in fields
+
+
+# ----------------------------------------------------------------------------- validation: fewer sessions
+
+
+@pytest.mark.parametrize("strategy", ["arpo", "aepo"])
+def test_validation_with_one_session_per_prompt(tok, strategy, caplog, monkeypatch):
+    """verl's validation starts val_kwargs.n sessions per prompt (often 1) while initial_rollouts
+    is set for training's n: each prompt gets a tree of one row, the setting clamped with one warning."""
+    monkeypatch.setattr(loop_mod, "_CLAMP_WARNED", set())
+    cfg = trainer_config(8, val_n=1, custom={"strategy": strategy, "initial_rollouts": 6})
+    with caplog.at_level("WARNING", logger=loop_mod.__name__):
+        rows = run_worker(cfg, FakeServer(tok), tok, 3, 1)
+    assert len(rows) == 3 and sorted(r["uid"] for r in rows) == ["uid-0", "uid-1", "uid-2"]
+    for r in rows:
+        assert (r["row_id"], r["parent_row_id"], r["m"]) == (0, None, 1)
+        assert r["response"] and r["mask"] == expected_mask(tok, r["response"]) and r["n_tool_calls"] > 0
+        assert r["finish_reason"] == "answer"
+        assert (r["min_global_steps"], r["max_global_steps"]) == (0, 0)
+    warnings = [m for m in caplog.messages if "initial_rollouts=6" in m]
+    assert len(warnings) == 1 and "initial_rollouts=1" in warnings[0]
+
+
+def test_validation_with_two_sessions_per_prompt(tok, monkeypatch):
+    monkeypatch.setattr(loop_mod, "_CLAMP_WARNED", set())
+    cfg = trainer_config(8, val_n=2, custom={"strategy": "aepo", "initial_rollouts": 6})
+    results = run_sessions(cfg, FakeServer(tok), tok, ["a", "a", "b", "b"])
+    assert all(isinstance(r, agent_loop.AgentLoopOutput) for r in results), results
+    assert [r.extra_fields["row_id"] for r in results] == [0, 1, 0, 1]
+    assert all(r.response_ids and r.extra_fields["min_global_steps"] == 0 for r in results)
+    assert {r.extra_fields["m"] for r in results} <= {1, 2}
+    assert loop_mod.tree_config(loop_mod.loop_settings({}, cfg).rollout, 2).initial_rollouts == 2
+    assert loop_mod.tree_config(loop_mod.loop_settings({}, cfg).rollout, 8).initial_rollouts == 6
+
+
+def test_v1_sessions_of_a_prompt_are_one_group_whatever_n(tok):
+    """verl's V1 worker starts a prompt's sessions itself (session_id 0..n-1, n from rollout.n,
+    val_kwargs.n or the batch's __rollout_n__): a group of another size is whole, not split."""
+    results = run_sessions(trainer_config(4, val_n=1), FakeServer(tok), tok, ["a"] * 3, session_ids=True)
+    assert sorted(r.extra_fields["row_id"] for r in results) == [0, 1, 2], results
+
+
 # ----------------------------------------------------------------------------- failures
 
 
-def run_sessions(cfg, server, tok, uids: list[str], options: dict | None = None, timeout: float = 60.0):
+def run_sessions(cfg, server, tok, uids: list[str], options: dict | None = None, timeout: float = 60.0,
+                 session_ids: bool = False):
     """Sessions started the way verl's worker starts them (all tasks first, then gather), each
-    loop instantiated by hydra from the registry; one result or exception per session."""
+    loop instantiated by hydra from the registry; one result or exception per session. With
+    `session_ids`, each carries its index among its prompt's sessions as verl's V1 worker does."""
     entry = {**agent_loop._agent_loop_registry["aepo_tree"], **(options or {})}
 
     async def main():
@@ -285,6 +411,8 @@ def run_sessions(cfg, server, tok, uids: list[str], options: dict | None = None,
                 tokenizer=tok, processor=None, hf_model_type=None, dataset_cls=None,
                 data_config=agent_loop.DictConfigWrap(cfg.data), tools=agent_loop.ToolListWrap([]))
             kwargs = {"raw_prompt": [{"role": "user", "content": f"question {uid}"}], "uid": uid, "index": i}
+            if session_ids:
+                kwargs["session_id"] = uids[:i].count(uid)
             tasks.append(asyncio.create_task(loop.run({"temperature": 1.0, "logprobs": False}, **kwargs)))
         return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout)
 

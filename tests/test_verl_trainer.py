@@ -20,6 +20,7 @@ verl is not a default dependency; this module skips without it. Run it in the ve
 from __future__ import annotations
 
 import asyncio
+import types
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -186,12 +187,12 @@ def run_config(estimator: str = "aepo_entropy", **algorithm: Any):
     return OmegaConf.merge(cfg, extra)
 
 
-def rollout_into_tq(cfg, tq: MemoryTQ, tok) -> list[str]:
+def rollout_into_tq(cfg, tq: MemoryTQ, tok, server: FakeServer | None = None) -> list[str]:
     """PROMPTS prompts through verl's AgentLoopWorkerTQ (K aepo_tree sessions each) into `tq`;
     returns the sample keys, in verl's {uid}_{session}_{index} form."""
     worker_cls = agent_loop_tq.AgentLoopWorkerTQ.__ray_metadata__.modified_class
     w = worker_cls.__new__(worker_cls)
-    w.config, w.llm_client, w.teacher_client, w.reward_loop_worker_handles = cfg, FakeServer(tok), None, None
+    w.config, w.llm_client, w.teacher_client, w.reward_loop_worker_handles = cfg, server or FakeServer(tok), None, None
     w.rollout_config = cfg.actor_rollout_ref.rollout
     w.tokenizer, w.processor, w.dataset_cls, w.hf_model_type = tok, None, None, None
     w.mm_processor_kwargs, w.distillation_enabled, w.tools = {}, False, []
@@ -236,12 +237,14 @@ def make_trainer(cls, cfg, actor):
 
 @pytest.fixture
 def step(tok, monkeypatch):
-    """One step's batch in a MemoryTQ, after verl's _compute_old_log_prob; returns what the checks need."""
+    """One step's batch in a MemoryTQ, after verl's _compute_old_log_prob; returns what the checks need.
+    The fake server's policy version (global_steps) moves on every 8 requests, as it would when
+    verl updates the weights during a rollout (partial rollouts, async trainer modes)."""
     tq = MemoryTQ()
     monkeypatch.setattr(trainer_base, "tq", tq)
     monkeypatch.setattr(agent_loop_tq, "tq", tq)
     cfg = run_config()
-    keys = rollout_into_tq(cfg, tq, tok)
+    keys = rollout_into_tq(cfg, tq, tok, FakeServer(tok, version=lambda number: number // 8))
     rewards = write_rewards(tq, keys)
     actor = FakeActor(tq, len(tok))
     meta = KVBatchMeta(keys=keys, tags=[{"status": "success"} for _ in keys], partition_id="train")
@@ -284,6 +287,33 @@ def test_tree_rows_reach_the_v1_trainer(step):
     assert any(int(m.sum()) < len(m) for m in masks), "tool results should be masked out"
     assert step["actor"].calls[0]["temperature"] == TEMPERATURE
     assert "actor/entropy" in step["metrics"]
+
+
+def test_v1_metrics_read_the_rows_policy_versions(step):
+    """verl's V1 _compute_metrics reads min/max_global_steps from every sample's tags (written by
+    AgentLoopWorkerTQ from the loop's extra_fields) as ints: the step's metrics, staleness included."""
+    tq, keys, trainer = step["tq"], step["keys"], step["trainer"]
+    trainer._compute_advantage(step["meta"], {})
+    tags = [dict(tq.tags[("train", k)]) for k in keys]
+    # what _compute_metrics needs besides the batch (set up by the trainer's __init__ and workers)
+    trainer.config = OmegaConf.merge(trainer.config, {"actor_rollout_ref": {"model": {}}})
+    trainer.use_critic, trainer._rollout_moe_lb_metrics_accumulator = False, None
+    trainer.resource_pool_manager = types.SimpleNamespace(get_n_gpus=lambda: 1)
+    metrics: dict[str, Any] = {}
+    global_steps = 5
+    trainer._compute_metrics(KVBatchMeta(keys=keys, tags=tags, partition_id="train"), metrics,
+                             {"step": 1.0, "gen": 0.5}, global_steps, 0)
+    extra = tq.kv_batch_get(keys, "train", ["extra_fields"])["extra_fields"]
+    for tag, fields in zip(tags, list(extra)):
+        assert (tag["min_global_steps"], tag["max_global_steps"]) == \
+            (fields["min_global_steps"], fields["max_global_steps"])
+        assert isinstance(tag["min_global_steps"], int) and tag["min_global_steps"] <= tag["max_global_steps"]
+    lows = np.array([t["min_global_steps"] for t in tags])
+    highs = np.array([t["max_global_steps"] for t in tags])
+    assert metrics["training/off_policy/trajectory_spans/max"] == (highs - lows + 1).max() > 1
+    assert metrics["training/off_policy/trajectory_staleness/min"] == (global_steps - 1 - highs).min()
+    assert metrics["training/off_policy/trajectory_staleness_worst/max"] == (global_steps - 1 - lows).max()
+    assert metrics["training/num_turns/min"] >= 3
 
 
 def test_aepo_entropy_receives_the_actor_entropies(step, monkeypatch):

@@ -16,7 +16,12 @@ aepo's strategies need the k rows of a prompt to come from one coordinated tree,
   the prompt's sessions were split (chunks not aligned with groups: `data.train_batch_size` not
   divisible by `agent.num_workers`, or validation padding). That raises `GroupSizeError` in
   every session of it; `partial_groups: tree` instead rolls out a smaller tree from the sessions
-  that arrived (then one `uid` holds rows of two trees, each with fewer branches).
+  that arrived (then one `uid` holds rows of two trees, each with fewer branches). verl's V1
+  (TransferQueue) worker starts all of a prompt's sessions itself, numbered by `session_id`, so
+  there every group is whole, whatever n it gave the prompt (a batch's `__rollout_n__` too).
+- **Tree size.** A tree has one row per session verl started for the prompt: `rollout.n` in
+  training, `rollout.val_kwargs.n` (often 1) in validation. Settings that must not exceed n
+  (`initial_rollouts`) are clamped to it for that tree, with a warning logged once.
 - **Sampler.** `ServerSampler` is aepo's `Sampler` over verl's `LLMServerClient.generate`: rows
   are token lists, and each `generate` call submits every row to the event loop at once
   (`run_coroutine_threadsafe`), so the rows of one turn are generated concurrently. All requests
@@ -58,7 +63,12 @@ aepo.integrations.verl_agent_loop.register`, which also registers aepo's losses 
 
 Each session's `AgentLoopOutput` carries the row's prompt, response, `response_mask` (0 on tool
 results), the sampler's log-probs (0.0 on tool results) and, in `extra_fields`, `row_id`,
-`parent_row_id`, `branch_position`, `m`, `decisions`, `finish_reason` and `n_tool_calls`.
+`parent_row_id`, `branch_position`, `m`, `decisions`, `finish_reason` and `n_tool_calls`, plus
+what verl's own loops pass on from its LLM servers (`request_fields`), computed from the
+requests that made the row's tokens (its own, and its ancestors' before its branch point):
+`min_global_steps` / `max_global_steps` (the oldest / newest policy version among them; verl's
+V1 trainer reads them as sample tags), `global_steps` and `num_cached_tokens` (the first
+request's), `spec_num_*` (summed) and, in `metrics`, `num_preempted` (summed).
 """
 from __future__ import annotations
 
@@ -81,7 +91,7 @@ from aepo.errors import ConfigError
 from aepo.integrations.verl import _cfg_get
 from aepo.rollout.config import RolloutConfig
 from aepo.rollout.sampler.rows import RowTable
-from aepo.rollout.strategies import rollout
+from aepo.rollout.strategies import get_strategy
 from aepo.tools import ToolRunner, ToolsConfig, build_tool_runner
 from aepo.types import Generation, ToolCall, Trajectory
 
@@ -105,7 +115,9 @@ __all__ = [
     "TreeRolloutError",
     "loop_settings",
     "register",
+    "request_fields",
     "row_fields",
+    "tree_config",
 ]
 
 AGENT_LOOP_NAME = "aepo_tree"
@@ -231,6 +243,52 @@ def loop_settings(options: Mapping[str, Any], trainer_config: Any) -> LoopSettin
 # ----------------------------------------------------------------------------- the sampler
 
 
+_SPEC_DECODE_KEYS = ("spec_num_draft_tokens", "spec_num_accepted_tokens", "spec_num_verify_steps")
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What verl stamped on one answered request: `TokenOutput.extra_fields` (the server's
+    global_steps, num_cached_tokens, spec_num_*; the client's min/max_global_steps) and
+    `TokenOutput.num_preempted`."""
+
+    extra: dict[str, Any]
+    num_preempted: int | None
+
+    @classmethod
+    def of(cls, output: Any) -> _Answer:
+        extra = getattr(output, "extra_fields", None) or {}
+        return cls(extra=dict(extra), num_preempted=getattr(output, "num_preempted", None))
+
+
+def _present(values: Sequence[Any]) -> list[Any]:
+    return [v for v in values if v is not None]
+
+
+def request_fields(answers: Sequence[_Answer]) -> tuple[dict[str, Any], int]:
+    """(extra_fields, num_preempted) of a row from the requests that made its tokens, in order,
+    as verl's own loops aggregate a session's requests (tool_agent_loop, single_turn_agent_loop):
+    min_global_steps / max_global_steps the oldest / newest policy version among them (always
+    present, None when no request carried one, like verl's client); global_steps and
+    num_cached_tokens the first request's (the prompt's prefill); spec_num_* summed when every
+    request reports them; num_preempted the sum, -1 when no request reports it."""
+    fields: dict[str, Any] = {}
+    lows = _present([a.extra.get("min_global_steps", a.extra.get("global_steps")) for a in answers])
+    highs = _present([a.extra.get("max_global_steps", a.extra.get("global_steps")) for a in answers])
+    fields["min_global_steps"] = min(lows) if lows else None
+    fields["max_global_steps"] = max(highs) if highs else None
+    for key in ("global_steps", "num_cached_tokens"):
+        carrying = [a for a in answers if key in a.extra]
+        if carrying:
+            fields[key] = carrying[0].extra[key]
+    for key in _SPEC_DECODE_KEYS:
+        if answers and all(a.extra.get(key) is not None for a in answers):
+            fields[key] = sum(int(a.extra[key]) for a in answers)
+    preempted = [a.num_preempted for a in answers]
+    num_preempted = sum(_present(preempted)) if _present(preempted) else -1
+    return fields, num_preempted
+
+
 def _request_seed(request_id: str, row: int, call: int) -> int:
     digest = hashlib.blake2b(f"{request_id}:{row}:{call}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % (2**31 - 1)
@@ -259,6 +317,32 @@ class ServerSampler(RowTable):
         self.seconds = 0.0
         self.requests = 0
         self._cancelled = threading.Event()
+        # what verl's server / client stamped on each answered request, and per row (live or
+        # released) the (row offset where its tokens start, request index) of every request its
+        # chain made before its branch point: a fork keeps the requests whose tokens it keeps
+        self.answers: list[_Answer] = []
+        self._chains: dict[int, list[tuple[int, int]]] = {}
+        self._released: dict[int, list[tuple[int, int]]] = {}
+
+    def new_row(self, prompt_ids: Sequence[int]) -> int:
+        handle = super().new_row(prompt_ids)
+        self._chains[handle] = []
+        return handle
+
+    def fork(self, row: int, position: int | None = None) -> int:
+        _, n = self._fork_length(row, position)
+        handle = super().fork(row, position)
+        self._chains[handle] = [(start, i) for start, i in self._chains[row] if start < n]
+        return handle
+
+    def release(self, row: int) -> None:
+        super().release(row)
+        self._released[row] = self._chains.pop(row)
+
+    def row_answers(self, row: int) -> list[_Answer]:
+        """The answered requests that made the tokens of `row` (live or released), in order."""
+        chain = self._chains[row] if row in self._chains else self._released[row]
+        return [self.answers[i] for _, i in chain]
 
     def cancel(self) -> None:
         """Make the next generate call raise (the tree's thread then unwinds)."""
@@ -301,7 +385,10 @@ class ServerSampler(RowTable):
             if f is None:
                 out.append(Generation(token_ids=[], logprobs=[], entropies=[], finish="length"))
                 continue
-            gen = self._generation(f.result(), budget, stop)
+            result = f.result()
+            gen = self._generation(result, budget, stop)
+            self._chains[handle].append((len(self._rows[handle].ids), len(self.answers)))
+            self.answers.append(_Answer.of(result))
             self._rows[handle].ids.extend(gen.token_ids)
             out.append(gen)
         return out
@@ -369,6 +456,7 @@ class _TreeResult:
     trajectories: list[Trajectory]
     generate_seconds: float
     tool_seconds: float
+    answers: list[list[_Answer]]  # per row: the requests that made its tokens
 
 
 @dataclass
@@ -471,6 +559,26 @@ def row_fields(traj: Trajectory) -> dict[str, Any]:
     }
 
 
+_CLAMP_WARNED: set[tuple[str, int, int]] = set()
+
+
+def tree_config(rollout_cfg: RolloutConfig, size: int) -> RolloutConfig:
+    """The rollout settings of a tree of `size` rows: n = the sessions verl started for the prompt
+    (rollout.n in training, val_kwargs.n in validation, or a batch's __rollout_n__), and the
+    settings that must not exceed n (initial_rollouts) clamped to it, with a warning logged once
+    per setting, value and size."""
+    changes: dict[str, Any] = {"n": size}
+    if rollout_cfg.initial_rollouts > size:
+        changes["initial_rollouts"] = size
+        key = ("initial_rollouts", rollout_cfg.initial_rollouts, size)
+        if key not in _CLAMP_WARNED:
+            _CLAMP_WARNED.add(key)
+            logger.warning("aepo_tree: verl started %d session(s) for a prompt (validation's val_kwargs.n, or a "
+                           "per-prompt n), fewer than initial_rollouts=%d; such trees use initial_rollouts=%d "
+                           "(logged once)", size, rollout_cfg.initial_rollouts, size)
+    return dataclasses.replace(rollout_cfg, **changes)
+
+
 # ----------------------------------------------------------------------------- the agent loop
 
 
@@ -513,17 +621,19 @@ class AepoTreeAgentLoop(_LoopBase):  # type: ignore[misc,valid-type]
             raise type(error)(str(error)) from error  # a fresh exception (and traceback) per session
         result: _TreeResult = group.result.result()
         traj = result.trajectories[index]
-        metrics = AgentLoopMetrics(generate_sequences=result.generate_seconds, tool_calls=result.tool_seconds)
+        versions, num_preempted = request_fields(result.answers[index])
+        metrics = AgentLoopMetrics(generate_sequences=result.generate_seconds, tool_calls=result.tool_seconds,
+                                   num_preempted=num_preempted)
         return AgentLoopOutput(
             prompt_ids=list(traj.prompt_ids), response_ids=list(traj.response_ids),
             response_mask=list(traj.response_mask), response_logprobs=list(traj.logprobs),
             num_turns=1 + len(traj.segments),  # the user turn, then every model and tool segment
-            metrics=metrics, extra_fields=row_fields(traj),
+            metrics=metrics, extra_fields={**versions, **row_fields(traj)},
         )
 
-    def _check_group_size(self, size: int, uid: str) -> None:
+    def _check_group_size(self, size: int, uid: str, whole: bool) -> None:
         n, val_n = self.settings.rollout.n, self.settings.val_n
-        if size in (n, val_n):
+        if whole or size in (n, val_n):
             return
         workers = _cfg_get(self.config, "actor_rollout_ref.rollout.agent.num_workers")
         batch = _cfg_get(self.config, "data.train_batch_size")
@@ -540,7 +650,9 @@ class AepoTreeAgentLoop(_LoopBase):  # type: ignore[misc,valid-type]
     async def _lead(self, group: _Group, uid: str, sampling_params: dict[str, Any], kwargs: dict[str, Any]) -> None:
         s = self.settings
         await _settle(group, s.rollout.n, s.group_wait_s)
-        self._check_group_size(group.size, uid)
+        # verl's V1 worker (sessions numbered by session_id) starts all of a prompt's sessions in
+        # one worker, so its group is whole whatever n it gave (rollout.n, val_kwargs.n, __rollout_n__)
+        self._check_group_size(group.size, uid, whole="session_id" in kwargs)
         prompt_ids = await self.ct_build_initial_tokens(list(kwargs["raw_prompt"]))
         loop = asyncio.get_running_loop()
         priority = int(kwargs.get("priority", 0))
@@ -553,13 +665,18 @@ class AepoTreeAgentLoop(_LoopBase):  # type: ignore[misc,valid-type]
         sampler = ServerSampler(self.server_manager, loop, self.tokenizer, sampling_params, request_id=tree_id,
                                 stop_style=style, eos_token_ids=s.eos_token_ids, timeout_s=s.request_timeout_s,
                                 priority=priority, deterministic=deterministic)
-        cfg = dataclasses.replace(s.rollout, n=group.size)
+        cfg = tree_config(s.rollout, group.size)
 
         def run_tree() -> _TreeResult:
             tools = _TimedTools(_tool_runner(s.tools).run)
             rng = random.Random(f"{s.seed}:{tree_id}")
-            trajectories, _ = rollout(cfg.strategy, [(uid, prompt_ids)], sampler, self.tokenizer, tools, cfg, rng)
-            return _TreeResult(trajectories, sampler.seconds, tools.seconds)
+            strategy = get_strategy(cfg.strategy)(sampler, self.tokenizer, tools, cfg, rng)
+            trajectories, _ = strategy.run([(uid, prompt_ids)])
+            states = [state for g in strategy.groups for state in g.rows]  # in the trajectories' order
+            if len(states) != len(trajectories) or any(a.traj is not b for a, b in zip(states, trajectories)):
+                raise TreeRolloutError("the rollout strategy's rows do not match its trajectories")
+            answers = [sampler.row_answers(state.row) for state in states]
+            return _TreeResult(trajectories, sampler.seconds, tools.seconds, answers)
 
         tree = loop.run_in_executor(_tree_executor(), run_tree)
         try:
