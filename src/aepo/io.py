@@ -283,10 +283,26 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def key_differences(stored: Any, wanted: dict[str, Any]) -> list[str]:
-    """`key: stored -> wanted` for each dotted key whose value differs."""
+    """`key: stored -> wanted` for each dotted key whose value differs (one line saying so when
+    there is no stored key: an output of an aepo that kept none)."""
+    if stored is None:
+        return ["(made by an earlier version of aepo: no key)"]
     a, b = _flatten(stored if isinstance(stored, dict) else {}), _flatten(wanted)
     return [f"{k}: {a.get(k, '(none)')!r} -> {b.get(k, '(none)')!r}" for k in sorted(set(a) | set(b))
             if a.get(k, "(none)") != b.get(k, "(none)")]
+
+
+def shown_differences(diffs: list[str], limit: int) -> str:
+    """The first `limit` of `diffs`, "; "-joined, and how many more there are."""
+    return "; ".join(diffs[:limit]) + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
+
+
+def remove_output(path: Path) -> None:
+    """Remove a stale output, a file or a whole directory (nothing when it is not there)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def claim_keyed_output(output: str | Path, key: dict[str, Any], *, force: bool = False, what: str = "output",
@@ -306,16 +322,10 @@ def claim_keyed_output(output: str | Path, key: dict[str, Any], *, force: bool =
             stored = None
         if stored == key and output.exists():
             return True
-        if stored != key:
-            diffs = key_differences(stored, key) if stored is not None else ["(made by an earlier version: no key)"]
-            if not force:
-                shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-                raise StaleOutputError(f"{what} {output} was made with other settings ({shown}); "
-                                       f"{hint or 'use another output path'}, or pass --force to replace it",
-                                       diffs)
-        if output.is_dir():
-            shutil.rmtree(output)
-        elif output.exists():
-            output.unlink()
+        if stored != key and not force:
+            diffs = key_differences(stored, key)
+            raise StaleOutputError(f"{what} {output} was made with other settings ({shown_differences(diffs, 6)}); "
+                                   f"{hint or 'use another output path'}, or pass --force to replace it", diffs)
+        remove_output(output)
     atomic_write_json(kf, key)
     return False

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import cmath
 import math
+import operator
 import random
 import re
 from collections.abc import Callable
@@ -197,6 +198,10 @@ class _Parser:
         raise _ParseError(f"unexpected {text!r}")
 
 
+_ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+"""The binary operators both evaluators share; "^" differs (float powers vs exact roots)."""
+
+
 def _eval(node: tuple, env: dict[str, complex]) -> complex:
     op = node[0]
     if op in ("num", "const"):
@@ -208,14 +213,8 @@ def _eval(node: tuple, env: dict[str, complex]) -> complex:
     if op == "call":
         return _FUNCS[node[1]](_eval(node[2], env))
     x, y = _eval(node[1], env), _eval(node[2], env)
-    if op == "+":
-        return x + y
-    if op == "-":
-        return x - y
-    if op == "*":
-        return x * y
-    if op == "/":
-        return x / y
+    if op in _ARITHMETIC:
+        return _ARITHMETIC[op](x, y)
     if abs(y) > 1000 or abs(x) > 1e100:  # "^": refuse huge powers instead of hanging
         raise OverflowError("power too large")
     if y.imag == 0 and y.real == int(y.real) and x.imag == 0:
@@ -239,14 +238,8 @@ def _exact(node: tuple, env: dict[str, Fraction]) -> Fraction:
             raise _NotExact(node[1])
         return _root(_exact(node[2], env), 2)
     x, y = _exact(node[1], env), _exact(node[2], env)
-    if op == "+":
-        return x + y
-    if op == "-":
-        return x - y
-    if op == "*":
-        return x * y
-    if op == "/":
-        return x / y
+    if op in _ARITHMETIC:
+        return _ARITHMETIC[op](x, y)
     if abs(y) > 1000 or abs(x) > 10**100:  # "^": refuse huge powers instead of hanging
         raise OverflowError("power too large")
     if y.denominator > 1:  # a root: "8^(1/3)"

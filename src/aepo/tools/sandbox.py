@@ -597,13 +597,13 @@ def _probe(python: str, mode: str) -> Isolation:
         ):
             if report.get(key, bad) == bad:
                 problems.append(what)
-    deny_fork = _nproc_does_not_bind() and (host_uid is None or not strict)
+    deny_fork, switched = settings["deny_fork"], settings["host_uid"] is not None
     if report.get("filter") and deny_fork and report.get("can_fork", True):
         problems.append("the process filter did not stop fork")
     if problems:
         raise SandboxError(f"the {mode} Python sandbox is not holding on this machine: {'; '.join(problems)}. "
                            + (_UNAVAILABLE_HINT if strict else ""))
-    if strict and host_uid is not None:
+    if switched:
         who = f"an unprivileged host uid ({PROGRAM_UID_BASE}+slot, one per concurrent run)"
     else:
         who = "the trainer's uid" + (" (the host's root: no new processes)" if deny_fork else "")
