@@ -209,6 +209,9 @@ def test_eval_never_reuses_samples_of_another_model_or_other_settings(demo_dir, 
     assert "model:" in other_model.output
     other_setting = runner.invoke(app, ["eval", str(demo_dir / "sft"), *data, "--temperature", "0.5"])
     assert other_setting.exit_code == 2 and "rollout.temperature" in other_setting.output
+    # batching decides the sampling seeds, so it keys the samples too
+    other_batching = runner.invoke(app, ["eval", str(demo_dir / "sft"), "eval.batch_prompts=8", *data])
+    assert other_batching.exit_code == 2 and "eval.batch_prompts: 32 -> 8" in other_batching.output
     same = runner.invoke(app, ["eval", str(demo_dir / "sft"), *data])
     assert same.exit_code == 0, same.output  # the same model and settings: the samples are reused
     forced = runner.invoke(app, ["eval", str(demo_dir / "rl" / "final"), *data, "--force"])

@@ -578,7 +578,7 @@ EVAL_KEYS = (
     "tools.enabled", "tools.search_cache", "tools.search_corpus", "tools.search_url", "tools.search_topk",
     "tools.search_max_chars", "tools.timeout", "tools.python_timeout", "tools.python_memory_mb",
     "reward.multi_tool_bonus", "reward.format_penalty", "reward.qa_metric",
-    "eval.n", "eval.limit", "eval.seed",
+    "eval.n", "eval.limit", "eval.seed", "eval.batch_prompts",
 )
 """The settings that decide what a model's answers and their scores are: `aepo eval` and
 `aepo rollout` take them from the model's RUN_CONFIG_FILE unless told otherwise."""

@@ -331,17 +331,17 @@ def _default_out(model: Path, base: str) -> Path:
     return Path("runs") / base / "-".join(parts[-3:])
 
 
-def _eval_key(model: Path, data_file: Path, cfg: Any, *, n: int, seed: int, limit: int | None) -> dict[str, Any]:
-    """What decides an evaluation's samples: the model's identity, the dataset, n, seed and
-    every setting of EVAL_KEYS. A samples file is reused only under exactly this key."""
+def _eval_key(model: Path, data_file: Path, cfg: Any) -> dict[str, Any]:
+    """What decides an evaluation's samples: the model's identity, the dataset, the sampler
+    engine and every setting of EVAL_KEYS (eval.n, eval.limit and eval.seed among them). A
+    samples file is reused only under exactly this key."""
     import hashlib
 
     from aepo.config import EVAL_KEYS, config_value
     from aepo.models.loading import model_identity
 
     return {"model": model_identity(model), "data": hashlib.sha256(data_file.read_bytes()).hexdigest()[:16],
-            "limit": limit, "n": n, "seed": seed, "backend": cfg.rollout.backend,
-            "settings": {k: config_value(cfg, k) for k in EVAL_KEYS}}
+            "backend": cfg.rollout.backend, "settings": {k: config_value(cfg, k) for k in EVAL_KEYS}}
 
 
 @app.command("eval")
@@ -424,7 +424,7 @@ def eval_cmd(
             check_output_file(out / name, "--out")
         sets = {name: load_dataset(p, limit=limit) for name, p in files.items()}
         for name, p in files.items():
-            claim_keyed_output(out / f"{name}.samples.jsonl", _eval_key(model, p, cfg, n=n, seed=seed, limit=limit),
+            claim_keyed_output(out / f"{name}.samples.jsonl", _eval_key(model, p, cfg),
                                force=force, what=f"--out holds {name} samples, but",
                                hint="give another --out (the default is one directory per model)")
         typer.echo(settings_line, err=True)

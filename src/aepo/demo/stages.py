@@ -262,7 +262,7 @@ def stage_keys(cfg: Config, seed: int) -> dict[str, dict[str, Any]]:
         k: p[k] for k in ("n_demos", "demo_worlds", "tokenizer_worlds", "vocab_size", "model_preset")}}
     keys["SFT"] = {"start": _digest(keys["demonstrations"]), "device": cfg.model.device, "dtype": cfg.model.dtype,
                    "recall_drills": p["recall_drills"], "sft": to_dict(cfg.sft)}
-    eval_plan = {"eval": to_dict(cfg.eval), "settings": evals}
+    eval_plan = {"settings": evals}  # eval.* among them
     keys["SFT eval"] = {"model": _digest(keys["SFT"]), **eval_plan}
     keys["RL"] = {"start": _digest(keys["SFT"]), "config": run}
     keys["RL eval"] = {"model": _digest(keys["RL"]), **eval_plan}
@@ -278,8 +278,7 @@ def _stale_stages(out: Path, keys: dict[str, dict[str, Any]], record: dict[str, 
         if any((out / o).exists() for o in STAGES[name][1]):
             stored = record.get(name, {}).get("key")
             if stored != keys[name]:
-                stale[name] = (key_differences(stored, keys[name]) if stored is not None
-                               else ["(made by an earlier version of aepo: no key)"])
+                stale[name] = key_differences(stored, keys[name])
     return stale
 
 
@@ -293,9 +292,7 @@ class StageRunner:
 
     def __init__(self, out: Path, keys: dict[str, dict[str, Any]], *, force: bool = False,
                  what: str = "--out", hint: str = "choose another --out, or pass --force to redo them") -> None:
-        import shutil
-
-        from aepo.io import StaleOutputError
+        from aepo.io import StaleOutputError, remove_output, shown_differences
 
         self.out, self.keys, self.cached = out, keys, set()
         self.path = out / STAGES_FILE
@@ -307,16 +304,11 @@ class StageRunner:
         if stale and not force:
             first = next(iter(stale))
             diffs = stale[first]
-            shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
             raise StaleOutputError(f"{what} {out} holds stages made with other settings ({', '.join(stale)}; "
-                                   f"{first}: {shown}); {hint}", diffs)
+                                   f"{first}: {shown_differences(diffs, 4)}); {hint}", diffs)
         for name in stale:
             for o in STAGES[name][1]:
-                path = out / o
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
+                remove_output(out / o)
             self.record.pop(name, None)
 
     def run(self, name: str, fn: Any, *args: Any) -> Any:
