@@ -256,11 +256,11 @@ def install_filter(deny_fork: bool) -> None:
 # --------------------------------------------------------------------------- namespaces, root
 
 
-def _map_from_outside(child_pid: int, host_uid: int, host_gid: int) -> None:
+def _map_from_outside(child_pid: int, host_id: int) -> None:
     """As the host's root, outside the new user namespace: inside 0 -> host 0 (setup binds
-    root-only paths) and PROGRAM_UID -> the run's unprivileged host uid."""
-    for name, text in (("uid_map", f"0 0 1\n{PROGRAM_UID} {host_uid} 1\n"),
-                       ("gid_map", f"0 0 1\n{PROGRAM_UID} {host_gid} 1\n")):
+    root-only paths) and PROGRAM_UID -> the run's unprivileged host uid (and gid, the same number)."""
+    for name in ("uid_map", "gid_map"):
+        text = f"0 0 1\n{PROGRAM_UID} {host_id} 1\n"
         with open(f"/proc/{child_pid}/{name}", "w") as f:
             f.write(text)
 
@@ -286,7 +286,7 @@ def enter_namespaces(host_uid: int | None) -> None:
             code = 1
             try:
                 if os.read(go_read, 1) == b"1":
-                    _map_from_outside(me, host_uid, host_uid)
+                    _map_from_outside(me, host_uid)
                     code = 0
             except BaseException as exc:  # noqa: BLE001 - reported through the pipe, then exit
                 os.write(done_write, str(exc).encode()[:400])
