@@ -166,7 +166,7 @@ def _check_base(base: Path) -> None:
     """--from must be a finished demo run: compare never builds a world or SFT model inside it."""
     from aepo.demo.stages import SFT_DONE, WORLD_DONE
 
-    if not base.is_dir() or not (base / WORLD_DONE).exists() or not (base / SFT_DONE).exists():
+    if not (base / WORLD_DONE).exists() or not (base / SFT_DONE).exists():
         raise ValueError(f"--from {base} is not a finished demo run (no {WORLD_DONE} and {SFT_DONE}); give a run "
                          f"directory made by `aepo demo` (e.g. runs/demo), or leave --from out to build the world "
                          f"and SFT model in --out")
@@ -222,9 +222,6 @@ def run_compare(algos: Sequence[str], seeds: int | Sequence[int], out: str | Pat
     first = demo_config(algos[0], 0, overrides, quick=quick)  # the shared world and SFT model: seed 0
     plan = first.demo
     check_output_dir(out, "--out")
-    if base is not None and not Path(base).is_dir():
-        raise ValueError(f"--from {base} is not a directory; give a run directory made by `aepo demo` "
-                         f"(e.g. runs/demo), or leave --from out to build the world and SFT model in {out / 'base'}")
     base_dir = Path(base) if base is not None else out / "base"
     if base is not None:
         _check_base(base_dir)
