@@ -1,4 +1,4 @@
-"""aepo.integrations.verl against a small fake `verl` package (verl itself is not installed).
+"""aepo.integrations.verl against a small fake `verl` package (a real verl, if installed, is put back after).
 
 The fake mimics `verl.trainer.ppo.core_algos`: the two registries with verl's decorators, and
 a `compute_policy_loss_vanilla` written from verl's PPO formula (dual clip, rollout weights,
@@ -131,6 +131,8 @@ def make_verl(tmp_path, monkeypatch):
     """Factory: write a fake verl package ("dict"/"tuple" convention, annotated or not),
     put it on sys.path and return its core_algos module."""
     counter = iter(range(100))
+    # a real verl imported by other test files in this process comes back afterwards, registries intact
+    saved = {m: mod for m, mod in sys.modules.items() if m == "verl" or m.startswith("verl.")}
 
     def make(style: str = "dict", annotated: bool = True) -> ModuleType:
         root = tmp_path / f"site{next(counter)}"
@@ -146,6 +148,7 @@ def make_verl(tmp_path, monkeypatch):
 
     yield make
     _drop_verl_modules()
+    sys.modules.update(saved)
 
 
 @pytest.fixture(autouse=True)

@@ -64,8 +64,9 @@ class FakeServer:
     starts with `<think>r{request number}</think>`, so the requests that made a row are known."""
 
     def __init__(self, tok, *, honor_stop: bool = True, fail_at: int | None = None, hang_at: int | None = None,
-                 version=0, marked: bool = False):
+                 version=0, marked: bool = False, fail_once: tuple[int, ...] = (), hang_once: tuple[int, ...] = ()):
         self.tok, self.honor_stop, self.fail_at, self.hang_at = tok, honor_stop, fail_at, hang_at
+        self.fail_once, self.hang_once = set(fail_once), set(hang_once)  # request numbers that fail / hang once
         self.version, self.marked = version, marked
         self.requests: list[dict] = []
         self.draws: Counter[str] = Counter()
@@ -100,6 +101,10 @@ class FakeServer:
         if self.fail_at is not None and number >= self.fail_at:
             raise RuntimeError("fake server is down")
         if self.hang_at is not None and number >= self.hang_at:
+            await asyncio.Event().wait()
+        if number in self.fail_once:
+            raise RuntimeError(f"fake server dropped request {number}")
+        if number in self.hang_once:
             await asyncio.Event().wait()
         await asyncio.sleep(0)
         context = self.tok.decode(prompt_ids)
@@ -438,6 +443,44 @@ def test_server_hang_times_out_in_every_session(tok):
                            options={"request_timeout_s": 0.5})
     assert time.monotonic() - start < 20
     assert all(isinstance(r, loop_mod.TreeRolloutError) and "request_timeout_s" in str(r) for r in results), results
+
+
+def test_failed_and_hanging_requests_are_retried(tok):
+    """A request that fails or hangs once is sent again (after the backoff) and the tree completes;
+    without retries the same fault fails the tree."""
+    k = 3
+    fast = {"retry_backoff_s": 0.01, "request_timeout_s": 0.5}
+    for fault in ({"fail_once": (2, 5)}, {"hang_once": (3,)}):
+        server = FakeServer(tok, **fault)
+        results = run_sessions(trainer_config(k), server, tok, ["a"] * k, options=fast)
+        assert all(isinstance(r, agent_loop.AgentLoopOutput) for r in results), (fault, results)
+        assert sorted(r.extra_fields["row_id"] for r in results) == list(range(k))
+        faulty = server.fail_once | server.hang_once
+        retried = [server.requests[n - 1]["prompt_ids"] for n in faulty]
+        later = [r["prompt_ids"] for r in server.requests[max(faulty):]]
+        assert all(p in later for p in retried), "each faulty request is sent again with the same prompt"
+        results = run_sessions(trainer_config(k), FakeServer(tok, **fault), tok, ["a"] * k,
+                               options={**fast, "request_retries": 0})
+        assert all(isinstance(r, loop_mod.TreeRolloutError) for r in results), (fault, results)
+
+
+def test_retries_are_bounded(tok):
+    results = run_sessions(trainer_config(2), FakeServer(tok, fail_at=1), tok, ["a"] * 2,
+                           options={"retry_backoff_s": 0.01, "request_retries": 3})
+    assert all(isinstance(r, loop_mod.TreeRolloutError) and "after 4 attempts" in str(r) for r in results), results
+
+
+def test_full_determinism_gives_each_tree_its_own_request_ids(tok):
+    """Under full_determinism vLLM sees each request id and seed: trees of one step must not share them."""
+    cfg = trainer_config(2)
+    cfg.actor_rollout_ref.rollout.full_determinism = True
+    server = FakeServer(tok)
+    results = run_sessions(cfg, server, tok, ["a", "a", "b", "b"])
+    assert all(isinstance(r, agent_loop.AgentLoopOutput) for r in results), results
+    ids = [r["request_id"] for r in server.requests]
+    seeds = [r["params"]["seed"] for r in server.requests]
+    assert len(set(ids)) == len(ids) and len(set(seeds)) == len(seeds)
+    assert all(i.startswith("aepo-det-") for i in ids)
 
 
 def test_split_group_is_detected_or_rolled_out_as_documented(tok):

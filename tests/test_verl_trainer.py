@@ -106,6 +106,18 @@ class MemoryTQ:
     def keys(self, partition_id: str) -> list[str]:
         return [k for (p, k), row in self.data.items() if p == partition_id and row]
 
+    def kv_list(self, partition_id: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+        """{partition: {key: tags}}, or {key: tags} of one partition, as TransferQueue lists them."""
+        listing: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+        for (p, k), tags in self.tags.items():
+            listing[p][k] = dict(tags)
+        return dict(listing[partition_id]) if partition_id is not None else dict(listing)
+
+    def kv_clear(self, keys, partition_id):
+        for key in keys:
+            self.data.pop((partition_id, key), None)
+            self.tags.pop((partition_id, key), None)
+
 
 def _split_rows(fields: TensorDict, n: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [{} for _ in range(n)]
@@ -175,12 +187,11 @@ class FakeActor:
 
 
 def run_config(estimator: str = "aepo_entropy", **algorithm: Any):
-    cfg = trainer_config(K)
+    cfg = trainer_config(K, custom={"entropy_alpha": ALPHA})  # alpha_H reaches aepo_entropy from there
     cfg.actor_rollout_ref.rollout.temperature = TEMPERATURE
     extra = OmegaConf.create({
         "algorithm": {"adv_estimator": estimator, "use_kl_in_reward": False, "gamma": 1.0, "lam": 1.0,
-                      "norm_adv_by_std_in_grpo": True, "rollout_correction": None,
-                      "aepo_entropy_alpha": ALPHA, **algorithm},
+                      "norm_adv_by_std_in_grpo": True, "rollout_correction": None, **algorithm},
         "actor_rollout_ref": {"actor": {"loss_agg_mode": "token-mean", "loss_scale_factor": None}},
         "trainer": {"v1": {"trainer_mode": "aepo_sync", "sync": {}}},
     })

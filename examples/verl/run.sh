@@ -10,7 +10,8 @@
 #   CONFIG   aepo_qwen3_8gpu (default) or smoke_1gpu
 #   TRAIN    questions to train on (any file `aepo data to-verl` reads); VAL the validation questions
 #   SEARCH   aepo's search cache (JSON) for the search tool (aepo_qwen3_8gpu only)
-#   PYTHON   the interpreter with aepo[verl] installed (default: .venv-verl/bin/python, else python3)
+#   PYTHON   the interpreter with aepo[verl-gpu] installed (default: .venv-verl/bin/python, else python3);
+#            README "verl (cluster scale)", Install
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -55,7 +56,8 @@ for split in train val; do
 done
 REWARD=$("$PYTHON" -c "import aepo.integrations.verl_task as m; print(m.__file__)")
 
-exec "$PYTHON" -m verl.trainer.main_ppo --config-path "$HERE" --config-name "$CONFIG" \
+# verl's main_ppo with aepo's checks first (one line and exit 2 before Ray starts on a wrong setting)
+exec "$PYTHON" -m aepo.integrations.verl_main --config-path "$HERE" --config-name "$CONFIG" \
   data.train_files="$OUT/$CONFIG-train.parquet" data.val_files="$OUT/$CONFIG-val.parquet" \
   reward.custom_reward_function.path="$REWARD" reward.custom_reward_function.name=compute_score \
   "${EXTRA[@]}" "$@"

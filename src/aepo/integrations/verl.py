@@ -287,10 +287,12 @@ def _find_entropy(kwargs: dict[str, Any]) -> torch.Tensor | None:
     return None
 
 
-def _entropy_alpha(config: Any) -> float:
-    """alpha_H: config `aepo_entropy_alpha`, else register(entropy_alpha=...), else the
-    AEPO_ENTROPY_ALPHA environment variable (reaches Ray workers), else 0.2."""
-    value = _cfg_get(config, "aepo_entropy_alpha", None)
+def _entropy_alpha(config: Any, given: float | None = None) -> float:
+    """alpha_H: the keyword aepo's trainer modes pass (`actor_rollout_ref.rollout.custom.aepo.
+    entropy_alpha`), else config `aepo_entropy_alpha` (a plain dict config; verl's own algorithm
+    config refuses unknown keys), else register(entropy_alpha=...), else the AEPO_ENTROPY_ALPHA
+    environment variable (reaches Ray workers), else 0.2."""
+    value = given if given is not None else _cfg_get(config, "aepo_entropy_alpha", None)
     if value is None:
         value = _SETTINGS.entropy_alpha
     if value is None:
@@ -355,7 +357,8 @@ def aepo_entropy_advantage(
         norm_by_std = _cfg_get(config, "norm_adv_by_std_in_grpo", True)
     adv = compute_advantages(
         "aepo", rewards, groups, response_mask, entropy=entropy,
-        alpha=_entropy_alpha(config), norm_by_std=bool(norm_by_std), epsilon=float(epsilon),
+        alpha=_entropy_alpha(config, kwargs.get("aepo_entropy_alpha")), norm_by_std=bool(norm_by_std),
+        epsilon=float(epsilon),
     )
     return adv, adv
 
@@ -474,8 +477,8 @@ def register(
     verl_core_algos: the `verl.trainer.ppo.core_algos` module (imported when None; ImportError
     with an install hint when verl is missing). return_style: verl's policy-loss return
     convention, detected by default. entropy_alpha: alpha_H of 'aepo_entropy' for this
-    process (the config key `algorithm.aepo_entropy_alpha` overrides it; AEPO_ENTROPY_ALPHA
-    env var and 0.2 are the fallbacks).
+    process (`actor_rollout_ref.rollout.custom.aepo.entropy_alpha` under aepo's trainer modes
+    overrides it; AEPO_ENTROPY_ALPHA env var and 0.2 are the fallbacks).
     """
     if return_style not in ("auto", "dict", "tuple"):
         raise ValueError(f"return_style must be 'auto', 'dict' or 'tuple', got {return_style!r}")

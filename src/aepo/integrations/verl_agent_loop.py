@@ -27,8 +27,14 @@ aepo's strategies need the k rows of a prompt to come from one coordinated tree,
   (`run_coroutine_threadsafe`), so the rows of one turn are generated concurrently. All requests
   of a tree carry one `request_id`, so verl's router sends every branch to the same replica, whose
   prefix cache then serves the shared prefixes (under `full_determinism`, where vLLM sees the
-  request id itself, each request gets its own id and seed instead). Stop strings go to the
+  request id itself, each request gets its own id and seed instead, derived from the step, the
+  prompt's dataset index and the request's place in the tree). Stop strings go to the
   server (vLLM / SGLang) and are applied again here, and each row's token budget is enforced here.
+- **Faults.** A request that fails or does not answer within `request_timeout_s` is sent again
+  up to `request_retries` times, after `retry_backoff_s` * 2**i; then the tree fails, every
+  session of the prompt raises, verl marks the prompt failed and aepo's trainer mode drops it
+  from the step (`aepo.integrations.verl_trainer`). The tools are built when the loop is
+  constructed, so a Python sandbox this node cannot hold refuses there, with the fix.
 
 **Branch entropy.** verl's server returns only the sampled token's log-prob, not the
 distribution, so each token's entropy entry is its surprisal `-log p(token)`, whose expectation
@@ -113,6 +119,7 @@ __all__ = [
     "LoopSettings",
     "ServerSampler",
     "TreeRolloutError",
+    "check_tools",
     "loop_settings",
     "register",
     "request_fields",
@@ -159,7 +166,14 @@ class LoopSettings:
     seed: int = 0  # seeds the branch rule's draws (rollout.branch_decision released | sample)
     group_wait_s: float = 1.0  # how long a leader waits after the last arrival when < n sessions came
     tree_timeout_s: float = 3600.0  # a tree (all its turns and tools) must finish within this
-    request_timeout_s: float = 600.0  # one generate call of the tree (all its rows at once)
+    request_timeout_s: float = 600.0  # one attempt of one request (a row's turn)
+    request_retries: int = 2  # a failed or timed-out request is sent again this many times
+    retry_backoff_s: float = 1.0  # before retry i (0-based) wait retry_backoff_s * 2**i
+    # read by aepo's trainer modes, not the loop (aepo.integrations.verl_trainer): the step stops
+    # when fewer than this fraction of its prompts' trees survived (failed trees are dropped)
+    min_tree_fraction: float = 0.5
+    # alpha_H of the aepo_entropy advantage (docs/algorithms.md section 4); None: aepo's default
+    entropy_alpha: float | None = None
     partial_groups: Literal["error", "tree"] = "error"  # a group of unexpected size: raise, or roll it out
     server_stop: Literal["auto", "vllm", "sglang", "none"] = "auto"  # how stop strings reach the server
     eos_token_ids: list[int] = field(default_factory=list)  # ends a row besides tokenizer.eos_token_id
@@ -235,8 +249,11 @@ def loop_settings(options: Mapping[str, Any], trainer_config: Any) -> LoopSettin
     for key in ("tree_timeout_s", "request_timeout_s"):
         if not getattr(settings, key) > 0:
             raise ConfigError(f"aepo_tree: {key} must be > 0 seconds, got {getattr(settings, key)!r}")
-    if settings.group_wait_s < 0:
-        raise ConfigError(f"aepo_tree: group_wait_s must be >= 0 seconds, got {settings.group_wait_s!r}")
+    for key in ("group_wait_s", "retry_backoff_s", "request_retries"):
+        if getattr(settings, key) < 0:
+            raise ConfigError(f"aepo_tree: {key} must be >= 0, got {getattr(settings, key)!r}")
+    if not 0.0 <= settings.min_tree_fraction <= 1.0:
+        raise ConfigError(f"aepo_tree: min_tree_fraction must be in [0, 1], got {settings.min_tree_fraction!r}")
     return settings
 
 
@@ -304,7 +321,7 @@ class ServerSampler(RowTable):
     def __init__(
         self, client: Any, loop: asyncio.AbstractEventLoop, tokenizer: Any, sampling_params: Mapping[str, Any], *,
         request_id: str, stop_style: str = "none", eos_token_ids: Sequence[int] = (), timeout_s: float = 600.0,
-        priority: int = 0, deterministic: bool = False,
+        priority: int = 0, deterministic: bool = False, retries: int = 0, backoff_s: float = 1.0,
     ) -> None:
         super().__init__(len(tokenizer))
         self.client, self.loop, self.tokenizer = client, loop, tokenizer
@@ -314,8 +331,10 @@ class ServerSampler(RowTable):
         if getattr(tokenizer, "eos_token_id", None) is not None:
             self.eos_ids.add(int(tokenizer.eos_token_id))
         self.timeout_s, self.deterministic = float(timeout_s), deterministic
+        self.retries, self.backoff_s = int(retries), float(backoff_s)
         self.seconds = 0.0
         self.requests = 0
+        self.retried = 0  # attempts sent again after a failure or a timeout
         self._cancelled = threading.Event()
         # what verl's server / client stamped on each answered request, and per row (live or
         # released) the (row offset where its tokens start, request index) of every request its
@@ -366,16 +385,17 @@ class ServerSampler(RowTable):
             self.requests += 1
             futures.append(asyncio.run_coroutine_threadsafe(coro, self.loop))
         live = [f for f in futures if f is not None]
+        # every attempt has its own timeout inside _request; this bounds the whole call as a backstop
+        limit = (self.retries + 1) * self.timeout_s + self.backoff_s * (2 ** self.retries - 1) + 5.0
         try:
-            done, pending = concurrent.futures.wait(live, timeout=self.timeout_s,
-                                                    return_when=concurrent.futures.FIRST_EXCEPTION)
+            done, pending = concurrent.futures.wait(live, timeout=limit, return_when=concurrent.futures.FIRST_EXCEPTION)
             for f in done:
                 if f.exception() is not None:
                     raise f.exception()  # type: ignore[misc]
             if pending:
                 raise TimeoutError(f"the LLM server did not answer {len(pending)} of {len(live)} requests within "
-                                   f"request_timeout_s={self.timeout_s:g}s; raise it in the aepo_tree config or "
-                                   "check the rollout servers")
+                                   f"{limit:g}s; raise request_timeout_s in the aepo_tree config or check the "
+                                   "rollout servers")
         finally:
             for f in live:
                 f.cancel()
@@ -404,8 +424,29 @@ class ServerSampler(RowTable):
         if self.deterministic:  # vLLM sees this id itself: one per request, with its own seed
             request_id = f"{self.request_id}-{row}-{call}"
             params.setdefault("seed", _request_seed(self.request_id, row, call))
-        return await self.client.generate(request_id=request_id, prompt_ids=prompt_ids, sampling_params=params,
-                                          priority=self.priority)
+        for attempt in range(self.retries + 1):
+            if self._cancelled.is_set():
+                raise TreeRolloutError("the tree was cancelled (timeout or a failed session); no more requests")
+            try:
+                return await asyncio.wait_for(
+                    self.client.generate(request_id=request_id, prompt_ids=prompt_ids, sampling_params=dict(params),
+                                         priority=self.priority),
+                    timeout=self.timeout_s)
+            except asyncio.TimeoutError:
+                error: Exception = TimeoutError(f"the LLM server did not answer a request within request_timeout_s="
+                                                f"{self.timeout_s:g}s; raise it in the aepo_tree config or check "
+                                                "the rollout servers")
+            except Exception as e:  # noqa: BLE001 - any server error is retried, then raised
+                error = e
+            if attempt == self.retries:
+                if attempt:
+                    raise TreeRolloutError(f"{error} (after {attempt + 1} attempts)") from error
+                raise error
+            self.retried += 1
+            logger.warning("aepo_tree: request %s failed (%s: %s); attempt %d of %d in %.1fs", request_id,
+                           type(error).__name__, error, attempt + 2, self.retries + 1, self.backoff_s * 2**attempt)
+            await asyncio.sleep(self.backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -527,6 +568,16 @@ def _tool_runner(tools: ToolsConfig) -> ToolRunner:
         return _RUNNERS[key]
 
 
+def check_tools(tools: ToolsConfig) -> None:
+    """Build the loop's tools in this process now (the Python sandbox probes this node's
+    isolation); ConfigError says where in verl's config to change them."""
+    try:
+        _tool_runner(tools)
+    except ConfigError as e:
+        raise ConfigError(f"aepo_tree's tools (actor_rollout_ref.rollout.custom.aepo.tool_config, which takes "
+                          f"aepo's tools.* keys): {e}") from None
+
+
 def _tree_executor() -> concurrent.futures.ThreadPoolExecutor:
     """Threads for the trees, apart from the loop's default executor (verl tokenises there, and a
     worker's trees could otherwise fill it)."""
@@ -579,6 +630,19 @@ def tree_config(rollout_cfg: RolloutConfig, size: int) -> RolloutConfig:
     return dataclasses.replace(rollout_cfg, **changes)
 
 
+_DETERMINISTIC_IDS: dict[str, int] = {}
+
+
+def _deterministic_tree_id(kwargs: Mapping[str, Any]) -> str:
+    """A tree's request id under verl's `full_determinism`, from what is the same in every run
+    (verl's uids are random): the step, the prompt's dataset index, and how many trees of that
+    (step, index) this process started before, so two trees never share an id or a seed."""
+    base = f"aepo-det-{kwargs.get('global_steps', 0)}-{kwargs.get('index', 'x')}"
+    count = _DETERMINISTIC_IDS.get(base, 0)
+    _DETERMINISTIC_IDS[base] = count + 1
+    return f"{base}-{count}"
+
+
 # ----------------------------------------------------------------------------- the agent loop
 
 
@@ -594,6 +658,7 @@ class AepoTreeAgentLoop(_LoopBase):  # type: ignore[misc,valid-type]
                          hf_model_type=hf_model_type)
         del tools, name  # verl's own tool list (aepo runs its own tools) and the YAML entry's name
         self.settings = loop_settings(options, self.config)
+        check_tools(self.settings.tools)  # built once per process: a sandbox that cannot hold refuses here
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> Any:
         if "uid" not in kwargs:
@@ -657,14 +722,15 @@ class AepoTreeAgentLoop(_LoopBase):  # type: ignore[misc,valid-type]
         loop = asyncio.get_running_loop()
         priority = int(kwargs.get("priority", 0))
         deterministic = bool(_cfg_get(self.rollout_config, "full_determinism", False))
-        tree_id = f"aepo-det-{priority}" if deterministic else f"aepo-{uuid.uuid4().hex}"
+        tree_id = _deterministic_tree_id(kwargs) if deterministic else f"aepo-{uuid.uuid4().hex}"
         style = s.server_stop
         if style == "auto":
             name = str(_cfg_get(self.rollout_config, "name", ""))
             style = name if name in ("vllm", "sglang") else "none"
         sampler = ServerSampler(self.server_manager, loop, self.tokenizer, sampling_params, request_id=tree_id,
                                 stop_style=style, eos_token_ids=s.eos_token_ids, timeout_s=s.request_timeout_s,
-                                priority=priority, deterministic=deterministic)
+                                priority=priority, deterministic=deterministic, retries=s.request_retries,
+                                backoff_s=s.retry_backoff_s)
         cfg = tree_config(s.rollout, group.size)
 
         def run_tree() -> _TreeResult:

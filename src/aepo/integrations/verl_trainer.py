@@ -35,6 +35,14 @@ per micro-batch instead (docs/algorithms.md section 4). With
 `algorithm.rollout_correction.bypass_mode` verl skips that forward pass, so `aepo_entropy` is
 refused there.
 
+**What else the modes add.** At construction, `check_trainer_config` refuses aepo_tree under an
+async mode (a tree must come from one policy version; README, "verl") and keys verl's own config
+would refuse later. Each step counts the trees that survived: a prompt whose tree failed (after
+the loop's retries) reaches verl's batch with no rows and the step trains on the rest, logging
+`aepo/rollout/failed_trees` and `aepo/rollout/tree_survival`; below `min_tree_fraction`
+(`actor_rollout_ref.rollout.custom.aepo`, default 0.5) the step raises instead. alpha_H of
+`aepo_entropy` comes from `custom.aepo.entropy_alpha` there too.
+
 **Not supported.** The legacy trainer (`trainer.use_v1=false`, deprecated in verl 0.9.1): its
 TaskRunner constructs `RayPPOTrainer` directly and its `fit` pops the entropies, so no key selects
 a subclass; `aepo_entropy` raises its error there and `aepo_grpo` works. verl is imported only
@@ -53,7 +61,9 @@ __all__ = [
     "ENTROPY_ESTIMATORS",
     "TRAINER_PREFIX",
     "EntropyAdvantageMixin",
+    "aepo_settings",
     "bound_entropies",
+    "check_trainer_config",
     "register",
     "register_trainers",
     "trainer_class",
@@ -80,9 +90,10 @@ def _trainer_base() -> Any:
 
 
 @contextmanager
-def bound_entropies(name: str, entropys: torch.Tensor) -> Iterator[None]:
+def bound_entropies(name: str, entropys: torch.Tensor, **extra: Any) -> Iterator[None]:
     """While the block runs, verl's registered advantage estimator `name` receives
-    `entropys=entropys` ([B, T], checked against the response mask it is called with)."""
+    `entropys=entropys` ([B, T], checked against the response mask it is called with) and the
+    `extra` keywords (such as `aepo_entropy_alpha`) it is not given otherwise."""
     from verl.trainer.ppo import core_algos
 
     registry = core_algos.ADV_ESTIMATOR_REGISTRY
@@ -99,6 +110,9 @@ def bound_entropies(name: str, entropys: torch.Tensor) -> Iterator[None]:
                              "fields read for it (please report this with your verl version)")
         if kwargs.get("entropys") is None:
             kwargs["entropys"] = entropys.to(mask.device) if mask is not None else entropys
+        for key, value in extra.items():
+            if kwargs.get(key) is None:
+                kwargs[key] = value
         return original(*args, **kwargs)
 
     registry[name] = with_entropies
@@ -117,6 +131,13 @@ class EntropyAdvantageMixin:
     verl_mode: ClassVar[str] = "sync"
     selected_trainer_mode: str | None = None
     config: Any  # verl's trainer config (set by verl's __init__)
+    tree_stats: dict[str, int]
+
+    def __init__(self, config: Any) -> None:
+        check_trainer_config(config, self.verl_mode)
+        super().__init__(config)  # type: ignore[call-arg]
+        self.tree_stats = {"steps": 0, "trees": 0, "failed": 0}
+        self.replay_buffer.sample = _counting_sample(self, self.replay_buffer.sample)
 
     @property
     def trainer_mode(self) -> str:
@@ -132,7 +153,8 @@ class EntropyAdvantageMixin:
         if name not in ENTROPY_ESTIMATORS:
             return super()._compute_advantage(batch, metrics)  # type: ignore[misc]
         entropys = self._old_entropies(batch)
-        with bound_entropies(name, entropys):
+        alpha = aepo_settings(self.config).get("entropy_alpha")
+        with bound_entropies(name, entropys, **({} if alpha is None else {"aepo_entropy_alpha": float(alpha)})):
             return super()._compute_advantage(batch, metrics)  # type: ignore[misc]
 
     def _old_entropies(self, batch: Any) -> torch.Tensor:
@@ -149,6 +171,69 @@ class EntropyAdvantageMixin:
             raise ValueError(f"the TransferQueue has no {ENTROPY_FIELD!r} field for this batch: verl's "
                              "_compute_old_log_prob did not store the old-policy entropies it needs")
         return data.to_padded_tensor()[ENTROPY_FIELD].float()
+
+
+def aepo_settings(config: Any) -> dict[str, Any]:
+    """`actor_rollout_ref.rollout.custom.aepo` as a plain dict (empty when unset)."""
+    from aepo.integrations.verl import _cfg_get
+    from aepo.integrations.verl_agent_loop import _plain
+
+    value = _plain(_cfg_get(config, "actor_rollout_ref.rollout.custom.aepo", None) or {})
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def uses_tree_loop(config: Any) -> bool:
+    """Whether verl's agent loop is aepo_tree for this run (its default agent loop)."""
+    from aepo.integrations.verl import _cfg_get
+    from aepo.integrations.verl_agent_loop import AGENT_LOOP_NAME
+
+    return str(_cfg_get(config, "actor_rollout_ref.rollout.agent.default_agent_loop", "")) == AGENT_LOOP_NAME
+
+
+def check_trainer_config(config: Any, verl_mode: str) -> None:
+    """ConfigError for settings aepo's trainer modes cannot run: aepo_tree under an async mode
+    (README, "verl": a tree must come from one policy version) and keys verl's own config refuses."""
+    from aepo.errors import ConfigError
+    from aepo.integrations.verl import _cfg_get
+
+    if uses_tree_loop(config) and verl_mode != "sync":
+        raise ConfigError(
+            f"trainer.v1.trainer_mode={TRAINER_PREFIX}{verl_mode} with the aepo_tree agent loop: verl's async modes "
+            "abort requests when weights change and resume them under the new policy, so one tree would mix policy "
+            "versions with no record of which token came from which; use trainer.v1.trainer_mode=aepo_sync")
+    if _cfg_get(config, "algorithm.aepo_entropy_alpha", None) is not None:
+        raise ConfigError("algorithm.aepo_entropy_alpha: verl's algorithm config takes no extra keys; set "
+                          "actor_rollout_ref.rollout.custom.aepo.entropy_alpha instead")
+
+
+def _counting_sample(trainer: EntropyAdvantageMixin, sample: Any) -> Any:
+    """verl's ReplayBuffer.sample, counting the trees of the step that survived (a prompt whose tree
+    failed reaches the batch with no rows, or is evicted and refilled under verl's
+    `sync_refill_failed_groups`), so the step reports them and stops below `min_tree_fraction`."""
+
+    def counted(global_steps: int, partition_id: str, batch_size: int) -> Any:
+        batch, metrics = sample(global_steps=global_steps, partition_id=partition_id, batch_size=batch_size)
+        if partition_id != "train" or not uses_tree_loop(trainer.config):
+            return batch, metrics
+        evicted = int(metrics.get("training/rollout_failure/evicted_samples", 0))
+        survived = len({str(k).split("_")[0] for k, tag in zip(batch.keys, batch.tags)
+                        if not tag.get("is_padding", False)})
+        failed = evicted + max(0, batch_size - survived)
+        trees = survived + failed
+        stats = trainer.tree_stats
+        stats["steps"] += 1
+        stats["trees"] += trees
+        stats["failed"] += failed
+        metrics = {**metrics, "aepo/rollout/failed_trees": failed, "aepo/rollout/tree_survival": survived / max(trees, 1)}
+        threshold = float(aepo_settings(trainer.config).get("min_tree_fraction", 0.5))
+        if trees and survived / trees < threshold:
+            raise RuntimeError(
+                f"aepo: {failed} of {trees} trees failed in step {global_steps} (survival {survived / trees:.0%} < "
+                f"min_tree_fraction={threshold:g}); the agent-loop workers' logs name each tree's error "
+                "('aepo_tree'). Lower actor_rollout_ref.rollout.custom.aepo.min_tree_fraction to train on fewer trees")
+        return batch, metrics
+
+    return counted
 
 
 def trainer_class(verl_mode: str) -> type:

@@ -99,8 +99,11 @@ _STDERR_TAIL_CHARS = 800
 _STALE_AFTER_S = 60.0
 _UNAVAILABLE_HINT = (
     "The strict sandbox needs Linux user namespaces and seccomp. Enable unprivileged user "
-    "namespaces (sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04 and later also "
-    "kernel.apparmor_restrict_unprivileged_userns=0), or accept a weaker sandbox that does NOT "
+    "namespaces (sysctl user.max_user_namespaces > 0 and kernel.unprivileged_userns_clone=1; on "
+    "Ubuntu 24.04 and later also kernel.apparmor_restrict_unprivileged_userns=0); in a container, "
+    "start it with --security-opt seccomp=unconfined --security-opt apparmor=unconfined (Docker's "
+    "default profiles refuse new namespaces) or, on Kubernetes, a securityContext with an "
+    "Unconfined seccompProfile; or accept a weaker sandbox that does NOT "
     "hide host files or block the network by name: tools.python_isolation=limits-only "
     "(`aepo tools python --isolation limits-only`)."
 )
