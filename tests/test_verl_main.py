@@ -48,17 +48,18 @@ def test_wrong_settings_are_named(overrides, message):
         preflight(example("smoke_1gpu", *overrides))
 
 
-def run_main(*args: str, wrap: list[str] | None = None) -> subprocess.CompletedProcess:
+def run_main(*args: str, wrap: list[str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The launcher in `cwd` (hydra writes its outputs/ folder there)."""
     cmd = [*(wrap or []), sys.executable, "-m", "aepo.integrations.verl_main", *SMOKE, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False, cwd=cwd)
 
 
 def aepo_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("aepo:")]
 
 
-def test_launcher_refuses_before_ray_starts():
-    done = run_main("actor_rollout_ref.rollout.custom.aepo.max_tool_calls=-1")
+def test_launcher_refuses_before_ray_starts(tmp_path):
+    done = run_main("actor_rollout_ref.rollout.custom.aepo.max_tool_calls=-1", cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(aepo_lines(done.stderr)) == 1 and "max_tool_calls" in aepo_lines(done.stderr)[0]
     assert "ray init" not in done.stdout and "Started a local Ray instance" not in done.stderr
@@ -73,12 +74,13 @@ def _can_fake_a_node_without_user_namespaces() -> bool:
 
 
 @pytest.mark.skipif(not _can_fake_a_node_without_user_namespaces(), reason="cannot create a user namespace here")
-def test_node_without_user_namespaces_is_refused_with_the_fix():
+def test_node_without_user_namespaces_is_refused_with_the_fix(tmp_path):
     """A node where no user namespace can be created (as in Docker's default profile): inside a
     user namespace whose user.max_user_namespaces is 0, the launcher refuses the python tool with
     one line naming the sysctl, the container options and the explicit weaker mode."""
     wrap = ["unshare", "-U", "-r", "sh", "-c", 'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"', "sh"]
-    done = run_main("actor_rollout_ref.rollout.custom.aepo.tool_config.enabled=[calc,python]", wrap=wrap)
+    done = run_main("actor_rollout_ref.rollout.custom.aepo.tool_config.enabled=[calc,python]", wrap=wrap,
+                    cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     (line,) = aepo_lines(done.stderr)
     for fix in ("user.max_user_namespaces", "seccomp=unconfined", "python_isolation=limits-only", "tool_config"):
@@ -92,5 +94,5 @@ def test_node_without_user_namespaces_is_refused_with_the_fix():
               "'+actor_rollout_ref.rollout.custom.aepo.tool_config.python_isolation=limits-only'])\n"
               "preflight(cfg); print('passed')")
     ok = subprocess.run([*wrap, sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
-                        check=False)
+                        check=False, cwd=tmp_path)
     assert ok.returncode == 0 and "passed" in ok.stdout, ok.stderr[-2000:]
