@@ -267,3 +267,16 @@ def test_async_modes_refuse_trees(tok, tmp_path):
     cfg = smoke_config(tmp_path, "trainer.v1.trainer_mode=aepo_colocate_async")
     with pytest.raises(ConfigError, match="aepo_sync"):
         trainer_base.get_trainer_cls("aepo_colocate_async")(config=cfg)
+
+
+def test_aepo_mode_settings_read_under_both_names(tmp_path):
+    """verl's rollout skip reads trainer.v1.<configured mode>.parameter_sync_step; aepo's modes
+    keep it equal to verl's own section, which the trainer reads."""
+    from verl.utils.skip.rollout_skip import RolloutTqSkip
+
+    cfg = smoke_config(tmp_path, "trainer.v1.trainer_mode=aepo_separate_async",
+                       "trainer.v1.separate_async.parameter_sync_step=2",
+                       "actor_rollout_ref.rollout.agent.default_agent_loop=single_turn_agent")
+    assert RolloutTqSkip(cfg.skip.rollout_tq, cfg).parameter_sync_step == 1  # verl alone reads the wrong section
+    verl_trainer.mirror_mode_settings(cfg, "separate_async")
+    assert RolloutTqSkip(cfg.skip.rollout_tq, cfg).parameter_sync_step == 2

@@ -23,13 +23,14 @@ verl conventions handled here:
 - Return value: older verl expects `(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)`,
   newer verl `(pg_loss, metrics_dict)`; `register()` detects which (`detect_return_style`).
 - Advantages: verl passes `token_level_rewards` [B, T] (summed to one reward per row),
-  `response_mask`, `index` (group uids) and `config` (`norm_adv_by_std_in_grpo`,
-  optional `aepo_entropy_alpha`). Token entropies for `aepo_entropy` come from the keyword
+  `response_mask`, `index` (group uids) and `config` (`norm_adv_by_std_in_grpo`); aepo's
+  trainer modes add the keyword `aepo_entropy_alpha`. Token entropies for `aepo_entropy` come from the keyword
   `entropys` (verl's name for them), `entropy`, or `batch["entropys"]`.
 
 Ray: verl runs its trainer loop and its actor workers in separate Ray processes, each with its
 own registries, so registration must run in every process. Ray's setup hook does that:
-`+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=aepo.integrations.verl.register`.
+`+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=aepo.integrations.verl_trainer.register`
+(this module's `register` alone is enough where only the losses and estimators are used).
 """
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
 """aepo's tree rollouts (ARPO, AEPO; docs/algorithms.md section 3) as a verl agent loop, "aepo_tree".
 
-verl (0.9.1) runs one agent-loop *session* per sample: its trainer repeats every prompt
-`actor_rollout_ref.rollout.n` times next to each other (all copies share the prompt's `uid`),
-splits the batch into `actor_rollout_ref.rollout.agent.num_workers` equal contiguous chunks,
-and each agent-loop worker starts one asyncio task per sample, all before any of them awaits.
-aepo's strategies need the k rows of a prompt to come from one coordinated tree, so:
+verl (0.9.1) runs one agent-loop *session* per sample. Its V1 trainer (the default, and the
+one aepo's trainer modes extend) hands each prompt to one agent-loop worker
+(`AgentLoopWorkerTQ`), which starts the prompt's n sessions (`rollout.n`, or `val_kwargs.n` in
+validation), numbered by `session_id`, as asyncio tasks before any of them awaits. (The legacy
+trainer instead repeats every prompt n times next to each other, all copies sharing the
+prompt's `uid`, and splits the batch into `agent.num_workers` equal contiguous chunks.) aepo's
+strategies need the k rows of a prompt to come from one coordinated tree, so:
 
 - **Per-prompt coordinator.** Sessions join a group keyed by `uid` in their worker process. The
   first one (the leader) yields to the event loop until k sessions have joined (or none joined
@@ -12,13 +14,13 @@ aepo's strategies need the k rows of a prompt to come from one coordinated tree,
   and n = k, in a thread (the strategies are synchronous); every session then takes the row whose
   row_id is its arrival index. An error in the tree, a timeout (`tree_timeout_s`) or a cancelled
   leader reaches every session of the group as `TreeRolloutError`.
-- **Split groups.** A group whose size is neither `rollout.n` nor `rollout.val_kwargs.n` means
-  the prompt's sessions were split (chunks not aligned with groups: `data.train_batch_size` not
-  divisible by `agent.num_workers`, or validation padding). That raises `GroupSizeError` in
-  every session of it; `partial_groups: tree` instead rolls out a smaller tree from the sessions
-  that arrived (then one `uid` holds rows of two trees, each with fewer branches). verl's V1
-  (TransferQueue) worker starts all of a prompt's sessions itself, numbered by `session_id`, so
-  there every group is whole, whatever n it gave the prompt (a batch's `__rollout_n__` too).
+- **Split groups (legacy trainer only).** Under the V1 worker every group is whole, whatever n
+  it gave the prompt (a batch's `__rollout_n__` too). Under the legacy trainer a group whose size
+  is neither `rollout.n` nor `rollout.val_kwargs.n` means the prompt's sessions were split
+  (chunks not aligned with groups: `data.train_batch_size` not divisible by `agent.num_workers`,
+  or validation padding). That raises `GroupSizeError` in every session of it; `partial_groups:
+  tree` instead rolls out a smaller tree from the sessions that arrived (then one `uid` holds
+  rows of two trees, each with fewer branches).
 - **Tree size.** A tree has one row per session verl started for the prompt: `rollout.n` in
   training, `rollout.val_kwargs.n` (often 1) in validation. Settings that must not exceed n
   (`initial_rollouts`) are clamped to it for that tree, with a warning logged once.
@@ -65,7 +67,8 @@ are refused here; `n` is the number of sessions verl starts (`actor_rollout_ref.
 Select the loop with `actor_rollout_ref.rollout.agent.default_agent_loop=aepo_tree` (or an
 `agent_name` column). Importing this module registers the loop when verl is installed; in Ray
 worker processes use `+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=
-aepo.integrations.verl_agent_loop.register`, which also registers aepo's losses and estimators.
+aepo.integrations.verl_trainer.register`, which also registers aepo's losses, estimators and
+trainer modes (`aepo.integrations.verl_main` checks the hook before Ray starts).
 
 Each session's `AgentLoopOutput` carries the row's prompt, response, `response_mask` (0 on tool
 results), the sampler's log-probs (0.0 on tool results) and, in `extra_fields`, `row_id`,

@@ -64,6 +64,7 @@ __all__ = [
     "aepo_settings",
     "bound_entropies",
     "check_trainer_config",
+    "mirror_mode_settings",
     "register",
     "register_trainers",
     "trainer_class",
@@ -135,6 +136,7 @@ class EntropyAdvantageMixin:
 
     def __init__(self, config: Any) -> None:
         check_trainer_config(config, self.verl_mode)
+        mirror_mode_settings(config, self.verl_mode)
         super().__init__(config)  # type: ignore[call-arg]
         self.tree_stats = {"steps": 0, "trees": 0, "failed": 0}
         self.replay_buffer.sample = _counting_sample(self, self.replay_buffer.sample)
@@ -204,6 +206,21 @@ def check_trainer_config(config: Any, verl_mode: str) -> None:
     if _cfg_get(config, "algorithm.aepo_entropy_alpha", None) is not None:
         raise ConfigError("algorithm.aepo_entropy_alpha: verl's algorithm config takes no extra keys; set "
                           "actor_rollout_ref.rollout.custom.aepo.entropy_alpha instead")
+
+
+def mirror_mode_settings(config: Any, verl_mode: str) -> None:
+    """Make `trainer.v1.aepo_<mode>` the same settings as `trainer.v1.<mode>`: the trainer reads
+    the latter (it reports verl's mode name), while parts of verl that read the configured name
+    (rollout skip's `parameter_sync_step`) read the former."""
+    from omegaconf import OmegaConf, open_dict
+
+    v1 = OmegaConf.select(config, "trainer.v1") if OmegaConf.is_config(config) else None
+    if v1 is None:
+        return
+    with open_dict(v1):
+        if v1.get(verl_mode) is None:
+            v1[verl_mode] = {}
+        v1[TRAINER_PREFIX + verl_mode] = v1[verl_mode]
 
 
 def _counting_sample(trainer: EntropyAdvantageMixin, sample: Any) -> Any:
