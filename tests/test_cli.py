@@ -10,7 +10,7 @@ from aepo.cli import app
 runner = CliRunner()
 COMMANDS = ["demo", "train", "sft", "eval", "rollout", "compare", "model", "tools", "world",
             "model init", "model import-smollm2", "tools search", "tools python", "tools calc", "world build",
-            "data", "data to-verl"]
+            "data", "data to-verl", "audit"]
 
 
 def test_version():

@@ -14,6 +14,7 @@ LAYERS: list[set[str]] = [
     {"aepo", "aepo.io", "aepo.errors", "aepo.types", "aepo.console"},
     {"aepo.tools"},
     {"aepo.protocol", "aepo.algos"},
+    {"aepo.formats"},
     {"aepo.models", "aepo.rewards", "aepo.data"},
     {"aepo.rollout"},
     {"aepo.config"},

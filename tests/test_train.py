@@ -83,7 +83,10 @@ def test_every_preset_trains(algo, tok, world, runner, varied_reward, tmp_path):
     assert len(hist) == 2
     for row in hist:
         assert row["rollout/rows"] == 2 * 3 or algo == "dapo"  # exactly n rows per prompt
-        assert {k.split("/")[0] for k in row if "/" in k} <= {"reward", "rollout", "tools", "actor", "timing"}
+        assert {k.split("/")[0] for k in row if "/" in k} <= {"reward", "rollout", "tools", "audit", "actor", "timing"}
+        # every row of every step passes the token-level audit (aepo.rollout.audit)
+        assert {k: v for k, v in row.items() if k.startswith("audit/")} == {
+            f"audit/{c}": 0.0 for c in ("ids_text", "loss_mask", "reward_input", "finish", "tool_results")}
         for k in ("reward/mean", "rollout/entropy", "actor/pg_loss", "actor/grad_norm", "actor/clipfrac_upper",
                   "actor/ppo_kl", "timing/step"):
             if "actor/skipped_update" not in row:

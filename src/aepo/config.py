@@ -479,6 +479,9 @@ def validate(cfg: Config) -> None:
 
     r, t, a, tl = cfg.rollout, cfg.trainer, cfg.actor, cfg.tools
     _check_name("rollout.strategy", r.strategy, strategy_names())
+    from aepo.formats import format_names
+
+    _check_name("rollout.tool_format", r.tool_format, format_names())
     _check_name("actor.adv_estimator", a.adv_estimator, algos.advantage_names())
     _check_name("actor.policy_loss", a.policy_loss, algos.policy_loss_names())
     _check_name("actor.loss_agg_mode", a.loss_agg_mode, algos.AGG_MODES)

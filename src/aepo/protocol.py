@@ -48,6 +48,7 @@ __all__ = [
     "canonical_tags",
     "checked_role",
     "escape_protocol_tags",
+    "escape_strings",
     "extract_answer",
     "extract_boxed",
     "format_result",
@@ -116,12 +117,11 @@ class Action:
         return self.tag if self.kind == "tool" else None
 
 
-def _tag_spans(text: str) -> list[tuple[int, int, str, str]]:
-    """(start, end, "/" or "", name) of every protocol tag in `text`, look-alikes included: a
-    span whose characters NFKC-normalise one by one to `<tag>` / `</tag>` (so `＜/result＞`)."""
-    pattern = tag_pattern()
+def _nfkc_matches(text: str, pattern: re.Pattern[str]) -> list[tuple[int, int, re.Match[str]]]:
+    """(start, end, match) in `text` of every match of `pattern`, look-alikes included: a span
+    whose characters NFKC-normalise one by one to a match (so `＜/result＞` matches `</result>`)."""
     if text.isascii():
-        return [(m.start(), m.end(), m.group(1), m.group(2)) for m in pattern.finditer(text)]
+        return [(m.start(), m.end(), m) for m in pattern.finditer(text)]
     norm: list[str] = []
     owner: list[int] = []  # owner[j]: the index in `text` of the character normalised into norm[j]
     for i, ch in enumerate(text):
@@ -129,7 +129,33 @@ def _tag_spans(text: str) -> list[tuple[int, int, str, str]]:
         norm.append(n)
         owner.extend([i] * len(n))
     joined = "".join(norm)
-    return [(owner[m.start()], owner[m.end() - 1] + 1, m.group(1), m.group(2)) for m in pattern.finditer(joined)]
+    return [(owner[m.start()], owner[m.end() - 1] + 1, m) for m in pattern.finditer(joined)]
+
+
+def _tag_spans(text: str) -> list[tuple[int, int, str, str]]:
+    """(start, end, "/" or "", name) of every protocol tag in `text`, look-alikes included."""
+    return [(a, b, m.group(1), m.group(2)) for a, b, m in _nfkc_matches(text, tag_pattern())]
+
+
+@functools.lru_cache(maxsize=32)
+def _strings_re(strings: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(map(re.escape, sorted(strings, key=len, reverse=True))))
+
+
+def escape_strings(text: str, strings: Sequence[str]) -> str:
+    """`text` with every occurrence of each of `strings` (markers that start with `<`, such as a
+    chat template's `<|im_end|>` or `<tool_response>`), look-alikes included, written with its
+    `<` as `&lt;`, so tool output cannot close a block or open a turn of its own."""
+    markers = tuple(s for s in strings if s)
+    if not markers:
+        return text
+    out, i = [], 0
+    for start, end, m in _nfkc_matches(text, _strings_re(markers)):
+        out.append(text[i:start])
+        out.append("&lt;" + m.group(0)[1:] if m.group(0).startswith("<") else m.group(0))
+        i = end
+    out.append(text[i:])
+    return "".join(out)
 
 
 def _replace_tags(text: str, template: str) -> str:

@@ -1,6 +1,6 @@
 """The `aepo` command line: the only code that imports typer.
 
-    main.py    demo, train, sft, eval, rollout, compare, data to-verl
+    main.py    demo, train, sft, eval, rollout, audit, compare, data to-verl
     model.py   aepo model init | info | import-smollm2
     tools.py   aepo tools search | python | calc
     world.py   aepo world build

@@ -40,6 +40,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "strategy": ("rollout.strategy", "Rollout strategy: independent | arpo | aepo."),
     "rows": ("rollout.n", "Rows per prompt (one group)."),
     "chat_template": ("model.chat_template", "Wrap prompts with the tokenizer's chat template."),
+    "tool_format": ("rollout.tool_format", "How the model calls tools: tags | hermes (docs/algorithms.md 2.1)."),
     "search_cache": ("tools.search_cache", "JSON cache of search results."),
     "search_corpus": ("tools.search_corpus", "JSONL corpus for BM25 search."),
     "search_url": ("tools.search_url", "Search-R1 style /retrieve endpoint."),

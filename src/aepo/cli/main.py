@@ -1,4 +1,4 @@
-"""`aepo` demo, train, sft, eval, rollout, compare and data to-verl; the sub-apps model, tools, world."""
+"""`aepo` demo, train, sft, eval, rollout, audit, compare and data to-verl; the sub-apps model, tools, world."""
 from __future__ import annotations
 
 import os
@@ -189,6 +189,7 @@ def train(
     force: bool = typer.Option(False, "--force", help="With --resume: resume even though the config differs "
                                "from the run's config.yaml. Without: start over in an out_dir that holds "
                                "checkpoints (they are deleted)."),
+    tool_format: str | None = flag("tool_format", "--tool-format"),
 ) -> None:
     """RL-train a model (model.path) on a dataset (data.train) or the demo world."""
     from aepo.config import ConfigError, load_config
@@ -202,7 +203,7 @@ def train(
     from aepo.train.threads import set_threads
 
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, [*(overrides or []), *flag_overrides({"tool_format": tool_format})])
         if not cfg.model.path:
             raise ConfigError("model.path is empty; give a local HF model directory, e.g. model.path=runs/demo/sft")
         check_model_dir(cfg.model.path)
@@ -257,6 +258,7 @@ def sft(
     lr: float | None = flag("lr", "--lr"),
     batch_size: int | None = flag("batch_size", "--batch-size"),
     chat_template: bool | None = flag("chat_template", "--chat-template/--no-chat-template"),
+    tool_format: str | None = flag("tool_format", "--tool-format"),
     device: str = typer.Option("auto", "--device"),
     sft_seed: int | None = flag("sft_seed", "--seed"),
 ) -> None:
@@ -273,6 +275,7 @@ def sft(
         check_sft_rows(data)
         check_model_dir(model)
         flags = flag_overrides({"epochs": epochs, "lr": lr, "batch_size": batch_size, "chat_template": chat_template,
+                                "tool_format": tool_format,
                                 "sft_seed": sft_seed})
         # the demonstrations' prompts are built with these settings, as RL and evaluation will build them
         run_cfg, settings_line = model_config(model, [*flags, *(overrides or [])])
@@ -284,7 +287,8 @@ def sft(
         set_threads(0, cap=4)  # as the demo's SFT stage: the same model from the same data
         m, tok = load_model(model, device=device, dtype=run_cfg.model.dtype)
         examples = load_sft_jsonl(data, tok, chat_template=run_cfg.model.chat_template, tools=run_cfg.tools.enabled,
-                                  max_tool_calls=run_cfg.rollout.max_tool_calls)
+                                  max_tool_calls=run_cfg.rollout.max_tool_calls,
+                                  tool_format=run_cfg.rollout.tool_format)
     except (ConfigError, *BAD_INPUT) as e:
         fail(str(e))
     s = run_cfg.sft
@@ -361,6 +365,7 @@ def eval_cmd(
     search_corpus: Path | None = flag("search_corpus", "--search-corpus"),
     search_url: str | None = flag("search_url", "--search-url"),
     chat_template: bool | None = flag("chat_template", "--chat-template/--no-chat-template"),
+    tool_format: str | None = flag("tool_format", "--tool-format"),
     device: str = typer.Option("auto", "--device"),
     eval_seed: int | None = flag("eval_seed", "--seed"),
     force: bool = typer.Option(False, "--force", help="Replace samples in --out that were made with other "
@@ -410,7 +415,8 @@ def eval_cmd(
         flags = flag_overrides({"samples": samples, "limit": limit, "temperature": temperature,
                                 "max_response_tokens": max_response_tokens, "max_tool_calls": max_tool_calls,
                                 "backend": backend, "search_cache": search_cache, "search_corpus": search_corpus,
-                                "search_url": search_url, "chat_template": chat_template, "eval_seed": eval_seed})
+                                "search_url": search_url, "chat_template": chat_template, "eval_seed": eval_seed,
+                                "tool_format": tool_format})
         cfg, settings_line = _run_settings(model, flags, overrides)
         _check_search_url(cfg)
         n, seed, limit = cfg.eval.n, cfg.eval.seed, cfg.eval.limit or None
@@ -472,6 +478,7 @@ def rollout_cmd(
     search_cache: Path | None = flag("search_cache", "--search-cache"),
     search_url: str | None = flag("search_url", "--search-url"),
     chat_template: bool | None = flag("chat_template", "--chat-template/--no-chat-template"),
+    tool_format: str | None = flag("tool_format", "--tool-format"),
     device: str = typer.Option("auto", "--device"),
     backend: str | None = flag("backend", "--backend"),
     seed: int = typer.Option(0, "--seed"),
@@ -509,7 +516,7 @@ def rollout_cmd(
         flags = flag_overrides({"strategy": strategy, "rows": rows, "temperature": temperature,
                                 "max_response_tokens": max_response_tokens, "backend": backend,
                                 "search_cache": search_cache, "search_corpus": search_corpus, "search_url": search_url,
-                                "chat_template": chat_template})
+                                "chat_template": chat_template, "tool_format": tool_format})
         cfg, settings_line = _run_settings(model, flags, overrides)
         rcfg = cfg.rollout
         strategy = rcfg.strategy
@@ -532,7 +539,7 @@ def rollout_cmd(
     chat_template = cfg.model.chat_template
     sampler = engine.sampler(seed)
     prompts = [(t.id, encode_prompt(t.question, tok, chat_template=chat_template, max_tool_calls=rcfg.max_tool_calls,
-                                    tools=cfg.tools.enabled)) for t in tasks]
+                                    tools=cfg.tools.enabled, tool_format=rcfg.tool_format)) for t in tasks]
     batches = [prompts[i : i + batch_prompts] for i in range(0, len(prompts), batch_prompts)]
     rng = random.Random(seed)
     trajs, parts = [], []
@@ -549,18 +556,9 @@ def rollout_cmd(
         runner.close()
         engine.close()
     stats = {**_merge_rollout_stats(parts, trajs), **engine.stats()}
-    rows = []
-    for tr in trajs:
-        rows.append({
-            "prompt_id": tr.prompt_id, "row_id": tr.row_id, "parent_row_id": tr.parent_row_id,
-            "branch_position": tr.branch_position, "prompt": tok.decode(tr.prompt_ids), "text": tr.text,
-            "segments": [{"role": s.role, "entropy": s.entropy, "text": s.text} for s in tr.segments],
-            "tool_calls": [{"name": c.name, "argument": c.argument, "ok": c.ok, "result": c.result}
-                           for c in tr.tool_calls],
-            "finish_reason": tr.finish_reason, "n_tokens": len(tr.response_ids),
-            # the prompt's global budget and every branch decision on the row's chain
-            "m": tr.m, "decisions": tr.decisions,
-        })
+    from aepo.rollout.audit import row_record
+
+    rows = [row_record(tr, tok, rcfg.tool_format) for tr in trajs]
     write_jsonl(out, rows)
     stats_path = out.with_name(out.stem + ".stats.json")
     from aepo.io import atomic_write_json
@@ -573,6 +571,46 @@ def rollout_cmd(
     limited = f"; the first {limit} questions of {data}, --limit N for more" if limit and len(tasks) == limit else ""
     typer.echo(f"wrote {out} (rows{limited}) and {stats_path} (batch statistics: m, l, H_root/H_tool, every "
                f"decision)")
+
+
+@app.command()
+def audit(
+    rows_file: Path = typer.Argument(..., metavar="ROWS", help="Rows written by `aepo rollout` (JSONL)."),
+    model: Path = typer.Option(..., "--model", help="The model directory whose tokenizer made the rows."),
+    tool_format: str | None = typer.Option(None, "--tool-format", help="Tool format of the rows (default: the "
+                                           "rows' own tool_format field)."),
+) -> None:
+    """Check every row's token-level record (docs/algorithms.md section 2.1): ids and text agree, the
+    loss mask covers exactly the model's tokens, the reward reads no tool text as the model's, every
+    turn has a finish reason and every call a result. One line per check; exit 1 on any violation."""
+    from aepo.io import iter_jsonl
+    from aepo.models.loading import check_model_dir, load_tokenizer
+    from aepo.rollout.audit import AUDIT_CHECKS, audit_rows, trajectory_of
+
+    try:
+        if not rows_file.is_file():
+            raise FileNotFoundError(f"ROWS {rows_file} {'is a directory' if rows_file.is_dir() else 'does not exist'}; "
+                                    "give the --out file of `aepo rollout`")
+        check_model_dir(model)
+        records = [row for _, row in iter_jsonl(rows_file)]
+        if not records:
+            raise ValueError(f"{rows_file} holds no rows; give the --out file of `aepo rollout`")
+        formats = {tool_format or r.get("tool_format", "tags") for r in records}
+        if len(formats) != 1:
+            raise ValueError(f"{rows_file} mixes tool formats {sorted(formats)}; audit one format at a time")
+        fmt = formats.pop()
+        trajs = [trajectory_of(r) for r in records]
+        tok = load_tokenizer(model)
+        found = audit_rows(trajs, tok, fmt)
+    except (KeyError, *BAD_INPUT) as e:
+        fail(str(e).strip("'\""))
+    total = len(trajs)
+    for check in AUDIT_CHECKS:
+        bad = found[check]
+        line = f"{check:<13} {total - len(bad)}/{total} rows ok"
+        typer.echo(line + (f", {len(bad)} violate it; first: {bad[0]}" if bad else ""))
+    if any(found.values()):
+        raise typer.Exit(1)
 
 
 @app.command()

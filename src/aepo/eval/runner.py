@@ -72,7 +72,8 @@ def evaluate_tasks(
             chunk = todo[b * batch_prompts : (b + 1) * batch_prompts]
             sampler = backend.sampler(seed * 7919 + b)
             prompts = [(t.id, encode_prompt(t.question, tokenizer, chat_template=chat_template,
-                                            max_tool_calls=cfg.max_tool_calls, tools=tools)) for t in chunk]
+                                            max_tool_calls=cfg.max_tool_calls, tools=tools,
+                                            tool_format=cfg.tool_format)) for t in chunk]
             with torch.no_grad():
                 trajs, _ = rollout("independent", prompts, sampler, tokenizer, tool_fn, cfg,
                                    random.Random(seed * 31 + b))
@@ -84,7 +85,8 @@ def evaluate_tasks(
                 samples = []
                 for tr in by.get(t.id, []):
                     s = score_trajectory(tr, t.answers, t.data_source, multi_tool_bonus=rw.multi_tool_bonus,
-                                         format_penalty=rw.format_penalty, qa_metric=rw.qa_metric)
+                                         format_penalty=rw.format_penalty, qa_metric=rw.qa_metric,
+                                         tool_format=cfg.tool_format)
                     samples.append({
                         "answer": s.get("answer"), "acc": float(s.get("acc", 0.0)), "em": float(s.get("em", 0.0)),
                         "f1": float(s.get("f1", 0.0)), "reward": float(s.get("reward", 0.0)),

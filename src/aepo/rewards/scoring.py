@@ -18,17 +18,16 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, get_args
 
+from aepo.formats import get_format
 from aepo.protocol import (
     RESULT_TAG,
     Part,
-    answer_span,
     canonical_tags,
     checked_role,
     model_text,
     split_response,
-    tool_calls_in,
 )
-from aepo.rewards.format import check_format_parts, trajectory_parts
+from aepo.rewards.format import trajectory_parts
 from aepo.rewards.math import PURE_NUMBER_RE, math_equal
 from aepo.rewards.qa import _as_gold_list, em, f1
 
@@ -176,6 +175,7 @@ def score(
     multi_tool_bonus: float = 0.0,
     format_penalty: float = -1.0,
     qa_metric: str = "f1",
+    tool_format: str = "tags",
 ) -> dict[str, Any]:
     """`score_parts` of a joined response text, cut at its result blocks (`split_response`).
 
@@ -183,8 +183,8 @@ def score(
     """
     if not isinstance(response_text, str):
         raise ValueError(f"response_text must be a str, got {type(response_text).__name__}")
-    return score_parts(split_response(response_text), golds, data_source,
-                       multi_tool_bonus=multi_tool_bonus, format_penalty=format_penalty, qa_metric=qa_metric)
+    return score_parts(split_response(response_text), golds, data_source, multi_tool_bonus=multi_tool_bonus,
+                       format_penalty=format_penalty, qa_metric=qa_metric, tool_format=tool_format)
 
 
 def score_trajectory(
@@ -195,10 +195,11 @@ def score_trajectory(
     multi_tool_bonus: float = 0.0,
     format_penalty: float = -1.0,
     qa_metric: str = "f1",
+    tool_format: str = "tags",
 ) -> dict[str, Any]:
     """`score_parts` of a rollout, its tool output known by position (`trajectory_parts`)."""
-    return score_parts(trajectory_parts(traj), golds, data_source,
-                       multi_tool_bonus=multi_tool_bonus, format_penalty=format_penalty, qa_metric=qa_metric)
+    return score_parts(trajectory_parts(traj), golds, data_source, multi_tool_bonus=multi_tool_bonus,
+                       format_penalty=format_penalty, qa_metric=qa_metric, tool_format=tool_format)
 
 
 def score_parts(
@@ -209,6 +210,7 @@ def score_parts(
     multi_tool_bonus: float = 0.0,
     format_penalty: float = -1.0,
     qa_metric: str = "f1",
+    tool_format: str = "tags",
 ) -> dict[str, Any]:
     """Format-gated reward of one response given as ("model" | "tool", text) parts.
 
@@ -223,11 +225,12 @@ def score_parts(
     """
     if qa_metric not in QA_METRICS:
         raise ValueError(f"qa_metric must be one of {', '.join(map(repr, QA_METRICS))}, got {qa_metric!r}")
+    fmt = get_format(tool_format)
     parts = [(checked_role(role), canonical_tags(str(text))) for role, text in parts]
     gold_list = _checked_golds(golds)
-    ok, reason = check_format_parts(parts)
+    ok, reason = fmt.check_format_parts(parts)
     own = model_text(parts)
-    found = answer_span(own)
+    found = fmt.answer_span(own)
     answer = None if found is None else found[1]
     name = scorer_name_for(data_source, gold_list)
     scorer = _SCORERS[name]
@@ -238,7 +241,7 @@ def score_parts(
         reward = float(format_penalty)
     else:
         reward = base
-        kinds = {n for n, _ in tool_calls_in(own)}
+        kinds = {n for n, _ in fmt.tool_calls_in(own)}
         if multi_tool_bonus and len(kinds) > 1 and base > 0:
             reward += multi_tool_bonus
     return {

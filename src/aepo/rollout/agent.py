@@ -1,11 +1,12 @@
 """The per-row agent state machine shared by every rollout strategy.
 
 One `Agent.step(rows)` is one turn for every active row of every prompt: a single
-`sampler.generate` call continues all rows to their next stop tag, each new segment is parsed
+`sampler.generate` call continues all rows to their next stop string, each new segment is parsed
 (answer / tool call / EOS / budget), and all tool calls of the turn go to a single `tool_fn`
 call that may run them concurrently. Tool results are appended to the sampler row and to the
-trajectory with response_mask 0. The strategies (independent, ARPO, AEPO) only decide which
-rows exist; the protocol lives here.
+trajectory with response_mask 0, as token ids the run's tool format renders
+(`rollout.tool_format`, `aepo.formats`). The strategies (independent, ARPO, AEPO) only decide
+which rows exist; the protocol lives here.
 """
 from __future__ import annotations
 
@@ -15,15 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aepo.algos.entropy import segment_entropy
-from aepo.protocol import (
-    RESULT_CLOSE,
-    RESULT_OPEN,
-    Action,
-    escape_protocol_tags,
-    format_result,
-    parse_action,
-    stop_strings,
-)
+from aepo.formats import get_format
+from aepo.protocol import Action
 from aepo.rollout.config import RolloutConfig
 from aepo.types import Generation, Sampler, SegmentRecord, ToolCall, Trajectory
 
@@ -151,6 +145,7 @@ class Agent:
         self.tokenizer = tokenizer
         self.tool_fn = tool_fn
         self.cfg = cfg
+        self.format = get_format(cfg.tool_format)
         self.vocab_size = len(tokenizer)
         self.generate_calls = 0
         self.tool_fn_calls = 0
@@ -177,7 +172,8 @@ class Agent:
         passed to a sampler that can pause (`can_pause`, e.g. `TorchSampler.generate`)."""
         self.generate_calls += 1
         extra = {"pause": pause} if pause and getattr(self.sampler, "can_pause", False) else {}
-        gens = self.sampler.generate(list(rows), max_new_tokens=max_new_tokens, stop=stop_strings(), **extra)
+        gens = self.sampler.generate(list(rows), max_new_tokens=max_new_tokens, stop=self.format.stop_strings(),
+                                     **extra)
         if len(gens) != len(rows):
             raise ValueError(f"sampler.generate returned {len(gens)} generations for {len(rows)} rows")
         return gens
@@ -276,7 +272,7 @@ class Agent:
             s.h_init = entropy
         follows_tool = s.awaiting_decision
         s.awaiting_decision = False
-        action = parse_action(text) if gen.finish != "eos" else Action("none")
+        action = self.format.parse_action(text, gen.finish)
         return TurnOutcome(s, start, entropy, follows_tool, action, gen)
 
     def _run_tools(self, actions: Sequence[Action]) -> list[ToolCall]:
@@ -303,28 +299,6 @@ class Agent:
                 results[i] = call
         return [r for r in results if r is not None]
 
-    def _result_ids(self, text: str, remaining: int) -> tuple[list[int], str] | None:
-        """Token ids of the wrapped result that fit in `remaining` tokens, and the body text.
-
-        The opening `<result>\\n` and closing `\\n</result>` are always kept whole; only the body
-        (the escaped tool output) is cut, to min(max_result_tokens, what the wrapper leaves).
-        None when even the wrapper does not fit. An uncut result is encoded in one piece, as
-        the SFT demonstrations encode `format_result`.
-        """
-        head, tail = self.encode(RESULT_OPEN), self.encode(RESULT_CLOSE)
-        room = remaining - len(head) - len(tail)
-        if room < 0:
-            return None
-        body = escape_protocol_tags(text)
-        body_ids = self.encode(body)
-        limit = min(self.cfg.max_result_tokens, room)
-        if len(body_ids) <= limit:
-            whole = self.encode(format_result(text))
-            if len(whole) <= remaining:
-                return whole, body
-        body_ids = body_ids[:limit]
-        return head + body_ids + tail, self.decode(body_ids)
-
     def _append_result(self, s: RowState, call: ToolCall) -> None:
         """Append the escaped, truncated, wrapped tool result to the row (mask 0).
 
@@ -332,7 +306,7 @@ class Agent:
         "length" and nothing is appended: the call is left without a result.
         """
         remaining = self.cfg.max_response_tokens - s.response_len
-        got = self._result_ids(str(call.result), remaining)
+        got = self.format.result_ids(self.tokenizer, str(call.result), remaining, self.cfg.max_result_tokens)
         if got is None:
             s.finish("length")
             return

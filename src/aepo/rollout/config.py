@@ -21,6 +21,10 @@ class RolloutConfig:
     # a GPU, where a decode step costs about the same at 8 rows as at 64; on the CPU demo it
     # saves nothing (benchmarks/RESULTS.md, "The agent loop's turn barrier")
     pause_below: float = 0.0
+    # how the model calls tools (`aepo.formats`): "tags" the paper's <search> ... </search> protocol
+    # (aepo's own models), "hermes" JSON in <tool_call> ... </tool_call> with results as `tool`
+    # messages of the chat template (Qwen and most pretrained chat models; docs/algorithms.md 2.1)
+    tool_format: str = "tags"
     strategy: str = "aepo"  # a registered strategy (`aepo.rollout.strategies`): independent | arpo | aepo
     n: int = 8  # k: rows per prompt, one group
     temperature: float = 1.0  # sampling temperature

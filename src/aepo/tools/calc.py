@@ -233,5 +233,6 @@ class Calculator:
             return f"Error: {exc}"
 
 
-register_tool(ToolSpec("calc", usage="to compute write <calc> expression </calc>",
+register_tool(ToolSpec("calc", usage="to compute write <calc> expression </calc>", argument="expression",
+                       description="Evaluate an arithmetic expression exactly, e.g. (17 + 5) * 3 / 2.",
                        build=lambda cfg, **_: Calculator()))

@@ -35,6 +35,10 @@ class ToolSpec:
     name: str
     usage: str
     build: Callable[..., Any]
+    # for formats that declare tools as JSON schemas (rollout.tool_format=hermes): the name and
+    # description of the one string argument, and what the tool does
+    argument: str = "input"
+    description: str = ""
 
 
 _TOOLS: dict[str, ToolSpec] = {}

@@ -773,4 +773,5 @@ def _build(cfg: Any, **_: Any) -> PythonSandbox:
     return sandbox
 
 
-register_tool(ToolSpec("python", usage="to run a program write <python> code </python>", build=_build))
+register_tool(ToolSpec("python", usage="to run a program write <python> code </python>", argument="code",
+                       description="Run a Python program in a sandbox; returns what it prints (and the value of its last expression).", build=_build))

@@ -433,4 +433,5 @@ def _build(cfg: Any, *, corpus_docs: Sequence[Mapping[str, object]] | None = Non
                              topk=cfg.search_topk, max_chars=cfg.search_max_chars)
 
 
-register_tool(ToolSpec("search", usage="to search the web write <search> query </search>", build=_build))
+register_tool(ToolSpec("search", usage="to search the web write <search> query </search>", argument="query",
+                       description="Search the web; returns the top pages as text.", build=_build))

@@ -42,14 +42,15 @@ def step_metrics(rollout: dict[str, float], actor: dict[str, float], timing: dic
     """One step's metrics under namespaces, the keys of metrics.jsonl, TensorBoard and wandb:
     `reward/` (mean, std, accuracy, f1, format_ok), `rollout/` (entropy of the sampled tokens,
     tool calls, length, m and dH spread, branching and the paper's analyses, finish/<reason>),
-    `tools/<name>/` (calls, error and timeout rates), `actor/` (the update: pg_loss, grad_norm,
+    `tools/<name>/` (calls, error and timeout rates), `audit/<check>` (rows that violate a token-level
+    check, `aepo.rollout.audit`), `actor/` (the update: pg_loss, grad_norm,
     entropy_all / entropy_clipped of the training pass, clip fractions, lr, ...) and
     `timing/` (seconds: rollout, step)."""
     out: dict[str, float] = {}
     for k, v in rollout.items():
         if k in REWARD_KEYS:
             out[f"reward/{REWARD_KEYS[k]}"] = v
-        elif k.startswith("tools/"):
+        elif k.startswith(("tools/", "audit/")):
             out[k] = v
         else:
             out[f"rollout/{k}"] = v

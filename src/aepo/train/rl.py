@@ -34,6 +34,7 @@ from aepo.config import Config, check_loggers, run_config_files, save_config
 from aepo.data.datasets import TaskRow
 from aepo.data.prompting import run_prompt
 from aepo.rewards import score_trajectory
+from aepo.rollout.audit import audit_rows
 from aepo.rollout.sampler import SamplerBackend, build_backend
 from aepo.rollout.strategies import rollout
 from aepo.tools.runner import is_timeout
@@ -107,6 +108,7 @@ class RLTrainer:
         self.entropy_history = algos.EntropyHistory()
         self.step = 0
         self._prompt_cache: dict[str, list[int]] = {}
+        self._audit_warned = False  # the first audit violation is warned about once
         # the sampler engine (`rollout.backend`), built at the first rollout unless given; its
         # weights are synced from self.model before the first rollout and after every update
         self.backend = backend
@@ -151,7 +153,7 @@ class RLTrainer:
             s = score_trajectory(tr, task.answers, task.data_source,
                                  multi_tool_bonus=self.cfg.reward.multi_tool_bonus,
                                  format_penalty=self.cfg.reward.format_penalty,
-                                 qa_metric=self.cfg.reward.qa_metric)
+                                 qa_metric=self.cfg.reward.qa_metric, tool_format=r.tool_format)
             tr.score = s
             tr.reward = float(s["reward"]) + overlong_penalty(
                 len(tr.response_ids), r.max_response_tokens, self.cfg.actor.overlong_buffer,
@@ -326,6 +328,7 @@ class RLTrainer:
         trajs, all_trajs, rstats = self.collect(step)
         t_roll = time.time() - t0
         metrics = rollout_metrics(all_trajs, rstats)
+        metrics.update(self._audit(all_trajs))
         actor: dict[str, float] = {}
         batch = self.make_batch(trajs, actor) if trajs else None
         a = self.cfg.actor
@@ -339,6 +342,18 @@ class RLTrainer:
                 self.scheduler.step()
             actor["skipped_update"] = 1.0
         return step_metrics(metrics, actor, {"rollout": t_roll, "step": time.time() - t0})
+
+    def _audit(self, trajs: list[Trajectory]) -> dict[str, float]:
+        """`audit/<check>`: the step's rows that break a token-level check (`aepo.rollout.audit`);
+        the first violation of a run is logged as a warning, with the row and the problem."""
+        found = audit_rows(trajs, self.tokenizer, self.cfg.rollout.tool_format)
+        if not self._audit_warned:
+            first = next(((c, v[0]) for c, v in found.items() if v), None)
+            if first is not None:
+                self._audit_warned = True
+                warnings.warn(f"rollout audit: {first[0]} violated ({first[1]}); the metrics audit/* count such "
+                              "rows every step (warned once)", RuntimeWarning, stacklevel=2)
+        return {f"audit/{c}": float(len(v)) for c, v in found.items()}
 
     def resume(self) -> int:
         """Load the newest checkpoint under out_dir/checkpoints; return the step to continue from.

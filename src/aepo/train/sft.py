@@ -2,7 +2,7 @@
 
 A demonstration is a prompt plus segments: ("model", text) written by the agent and
 ("tool", text) returned by a tool. Tool results are wrapped exactly as at rollout time
-(`format_result`) and masked out of the loss: the model learns to call tools and use their
+(the run's tool format, `aepo.formats`) and masked out of the loss: the model learns to call tools and use their
 results, never to predict them.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from aepo.config import SFTConfig
 from aepo.console import StepProgress
 from aepo.data.prompting import encode_prompt
-from aepo.protocol import format_result
+from aepo.formats import get_format
 from aepo.train.batch import selected_logprobs
 
 SORT_POOL_BATCHES = 16  # batches' worth of examples sorted by length together (`_length_bucketed_batches`)
@@ -34,24 +34,29 @@ class SFTExample:
 
 def encode_demonstration(prompt: str | list[int], segments: Sequence[tuple[str, str]], tokenizer: Any,
                          *, chat_template: bool = False, eos: bool = False, tools: Sequence[str] | None = None,
-                         max_tool_calls: int = 6) -> SFTExample:
-    """Token ids and loss mask of one demonstration (prompt and tool results masked); a text
-    prompt is built as RL and evaluation build it (`encode_prompt` with `tools`, `max_tool_calls`)."""
+                         max_tool_calls: int = 6, tool_format: str = "tags") -> SFTExample:
+    """Token ids and loss mask of one demonstration (prompt and tool results masked) in
+    `tool_format` (`aepo.formats`): model text written in the tags format is rewritten into it
+    (`demo_segments`), and each tool result is encoded as a rollout appends it (`result_text`); a
+    text prompt is built as RL and evaluation build it (`encode_prompt` with `tools`,
+    `max_tool_calls`). A format whose turns end with the end-of-turn token (hermes) gets it."""
+    fmt = get_format(tool_format)
     ids = list(prompt) if isinstance(prompt, list) else encode_prompt(
-        prompt, tokenizer, chat_template=chat_template, tools=tools, max_tool_calls=max_tool_calls)
+        prompt, tokenizer, chat_template=chat_template, tools=tools, max_tool_calls=max_tool_calls,
+        tool_format=tool_format)
     mask = [0] * len(ids)
-    for role, text in segments:
+    for role, text in fmt.demo_segments(segments):
         if role == "model":
             t = tokenizer.encode(text, add_special_tokens=False)
             ids += t
             mask += [1] * len(t)
         elif role == "tool":
-            t = tokenizer.encode(format_result(text), add_special_tokens=False)
+            t = tokenizer.encode(fmt.result_text(tokenizer, text), add_special_tokens=False)
             ids += t
             mask += [0] * len(t)
         else:
             raise ValueError(f"segment role must be 'model' or 'tool', got {role!r}")
-    if eos and tokenizer.eos_token_id is not None:
+    if (eos or fmt.demo_ends_with_eos()) and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
         mask.append(1)
     return SFTExample(ids, mask)
@@ -138,7 +143,8 @@ def check_sft_rows(path: str | Path) -> list[tuple[int, dict]]:
 
 
 def load_sft_jsonl(path: str | Path, tokenizer: Any, *, chat_template: bool = False,
-                   tools: Sequence[str] | None = None, max_tool_calls: int = 6) -> list[SFTExample]:
+                   tools: Sequence[str] | None = None, max_tool_calls: int = 6,
+                   tool_format: str = "tags") -> list[SFTExample]:
     """Read demonstrations: rows {"prompt", "segments": [[role, text], ...]}, chat rows
     {"messages": [{"role": system|user|assistant|tool, "content"}]} (assistant = model, tool = tool),
     or token rows {"input_ids", "loss_mask"} made with this model's tokenizer (`aepo demo`
@@ -152,7 +158,7 @@ def load_sft_jsonl(path: str | Path, tokenizer: Any, *, chat_template: bool = Fa
         elif "segments" in row:
             segs = [(str(r), str(t)) for r, t in row["segments"]]
             out.append(encode_demonstration(str(row["prompt"]), segs, tokenizer, chat_template=chat_template,
-                                            tools=tools, max_tool_calls=max_tool_calls))
+                                            tools=tools, max_tool_calls=max_tool_calls, tool_format=tool_format))
         else:
             msgs = row["messages"]
             first = next(j for j, m in enumerate(msgs) if m.get("role") == "assistant")
@@ -166,7 +172,7 @@ def load_sft_jsonl(path: str | Path, tokenizer: Any, *, chat_template: bool = Fa
                 prompt = "\n".join(m["content"] for m in ctx if m.get("role") == "user")
             segs = [("model" if m["role"] == "assistant" else "tool", m["content"]) for m in msgs[first:]]
             out.append(encode_demonstration(prompt, segs, tokenizer, chat_template=chat_template,
-                                            eos=chat_template))
+                                            eos=chat_template, tool_format=tool_format))
     return out
 
 
