@@ -29,6 +29,7 @@ agent_loop = pytest.importorskip("verl.experimental.agent_loop.agent_loop",
 trainer_base = pytest.importorskip("verl.trainer.ppo.v1.trainer_base",
                                    reason="verl's V1 trainer cannot be imported (pip install aepo[verl]: TransferQueue)")
 
+import test_verl_trainer
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
@@ -45,21 +46,8 @@ from aepo.errors import ConfigError
 from aepo.integrations import verl_agent_loop as loop_mod
 from aepo.integrations import verl_trainer
 from aepo.integrations.verl_task import compute_score, write_verl_parquet
-from aepo.models.tokenizer import build_tokenizer
 
-
-@pytest.fixture(scope="module")
-def tok():
-    t = build_tokenizer()
-    t.chat_template = TEMPLATE
-    return t
-
-
-@pytest.fixture(autouse=True)
-def registered():
-    verl_trainer.register()
-
-
+tok, registered = test_verl_trainer.tok, test_verl_trainer.registered  # the same fixtures
 class Weights:
     """verl's CheckpointEngineManager for the sync trainer: update_weights(step) loads the
     actor's weights of that step into the servers, which then stamp that version."""
@@ -140,18 +128,24 @@ class TrainingActor(FakeActor):
         return {"metrics": {"pg_loss": [float(loss)], "mfu": [0.0]}}
 
 
-def smoke_config(tmp_path: Path, *overrides: str):
-    """examples/verl/smoke_1gpu.yaml composed with verl's config, on a 6-question parquet."""
-    tasks = [TaskRow(id=f"q{i}", question=f"What is 2*3? ({i})", answers=["6"], data_source="gsm8k") for i in range(6)]
+def example_config(name: str, tmp_path: Path, questions: int, *overrides: str):
+    """examples/verl/NAME.yaml composed with verl's config, on parquet files of `questions`
+    questions (written by aepo's write_verl_parquet), 2 prompts a step, fast waits."""
+    tasks = [TaskRow(id=f"q{i}", question=f"What is 2*3? ({i})", answers=["6"], data_source="gsm8k")
+             for i in range(questions)]
     files = [write_verl_parquet(tasks, tmp_path / f"{split}.parquet", tools=["calc"], max_tool_calls=2, split=split)
              for split in ("train", "val")]
     with initialize_config_dir(config_dir=str(EXAMPLES), version_base=None):
-        cfg = compose(config_name="smoke_1gpu", overrides=[
+        return compose(config_name=name, overrides=[
             f"data.train_files={files[0]}", f"data.val_files={files[1]}", "data.train_batch_size=2",
             "actor_rollout_ref.actor.ppo_mini_batch_size=2", "data.dataloader_num_workers=0",
             "+actor_rollout_ref.rollout.custom.aepo.group_wait_s=0.05",
             "+actor_rollout_ref.rollout.custom.aepo.retry_backoff_s=0.01", *overrides])
-    return cfg
+
+
+def smoke_config(tmp_path: Path, *overrides: str):
+    """examples/verl/smoke_1gpu.yaml on a 6-question parquet."""
+    return example_config("smoke_1gpu", tmp_path, 6, *overrides)
 
 
 def build_trainer(cfg, tok, monkeypatch, server: FakeServer | None = None):
@@ -238,18 +232,10 @@ def test_failed_trees_are_dropped_and_counted(tok, tmp_path, monkeypatch):
 def test_eight_gpu_example_survives_validation(tok, tmp_path, monkeypatch):
     """examples/verl/aepo_qwen3_8gpu.yaml (initial_rollouts 6, rollout.n 12) through verl's own
     _validate, one session per prompt: trees of one row, the clamp logged, scores for every prompt."""
-    tasks = [TaskRow(id=f"q{i}", question=f"What is 2*3? ({i})", answers=["6"], data_source="gsm8k") for i in range(4)]
-    files = [write_verl_parquet(tasks, tmp_path / f"{s}.parquet", tools=["calc"], max_tool_calls=2, split=s)
-             for s in ("train", "val")]
-    with initialize_config_dir(config_dir=str(EXAMPLES), version_base=None):
-        cfg = compose(config_name="aepo_qwen3_8gpu", overrides=[
-            f"data.train_files={files[0]}", f"data.val_files={files[1]}", "data.train_batch_size=2",
-            "data.dataloader_num_workers=0", "data.max_prompt_length=512",
-            "actor_rollout_ref.actor.ppo_mini_batch_size=2",
-            "actor_rollout_ref.rollout.agent.num_workers=1",
-            "+actor_rollout_ref.rollout.custom.aepo.group_wait_s=0.05",
-            "~actor_rollout_ref.rollout.custom.aepo.tool_config.search_cache",
-            "actor_rollout_ref.rollout.custom.aepo.tool_config.enabled=[calc]"])
+    cfg = example_config("aepo_qwen3_8gpu", tmp_path, 4, "data.max_prompt_length=512",
+                         "actor_rollout_ref.rollout.agent.num_workers=1",
+                         "~actor_rollout_ref.rollout.custom.aepo.tool_config.search_cache",
+                         "actor_rollout_ref.rollout.custom.aepo.tool_config.enabled=[calc]")
     with open_dict(cfg):
         cfg.actor_rollout_ref.model.custom_chat_template = TEMPLATE
     assert cfg.actor_rollout_ref.rollout.val_kwargs.n == 1
