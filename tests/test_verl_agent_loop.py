@@ -542,6 +542,7 @@ def test_config_keys_reach_the_loop(tok, tmp_path: Path):
 
 
 @pytest.mark.parametrize("options, message", [
+    ({"tool_format": "hermes"}, "only tool_format=tags"),
     ({"bogus": 1}, "unknown key 'bogus'"),
     ({"temperature": 0.5}, "actor_rollout_ref.rollout.temperature"),
     ({"n": 3}, "actor_rollout_ref.rollout.n=4"),

@@ -246,6 +246,10 @@ def loop_settings(options: Mapping[str, Any], trainer_config: Any) -> LoopSettin
     except ConfigError as e:
         raise ConfigError(f"aepo_tree agent loop: {e} (keys go in the agent-loop YAML entry or "
                           "actor_rollout_ref.rollout.custom.aepo, without the 'rollout.' prefix)") from None
+    if cfg.rollout.tool_format != "tags":
+        raise ConfigError(f"aepo_tree: tool_format={cfg.rollout.tool_format!r}: verl renders the prompt from the parquet's "
+                          "messages, which `aepo data to-verl` writes for the tags format; only tool_format=tags runs "
+                          "in verl so far")
     if response_length and cfg.rollout.max_response_tokens > int(response_length):
         raise ConfigError(f"aepo_tree: max_response_tokens={cfg.rollout.max_response_tokens} exceeds verl's "
                           f"actor_rollout_ref.rollout.response_length={response_length}; lower it or raise that")
