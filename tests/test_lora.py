@@ -320,3 +320,31 @@ def test_bad_lora_input_fails_before_work(model_dir, tmp_path):
     assert not (tmp_path / "e").exists()
     res = runner.invoke(app, ["model", "merge", str(adapter), str(tmp_path / "m")])
     assert res.exit_code == 2 and "is missing" in res.output
+
+
+def test_verl_receives_its_own_lora_settings():
+    from aepo.integrations.verl_lora import verl_lora_overrides
+
+    assert verl_lora_overrides(LoraConfig()) == []
+    assert verl_lora_overrides(LoraConfig(rank=32, alpha=32.0)) == [
+        "actor_rollout_ref.model.lora_rank=32", "actor_rollout_ref.model.lora_alpha=32",
+        "actor_rollout_ref.model.target_modules=all-linear", "actor_rollout_ref.rollout.load_format=safetensors"]
+    assert "actor_rollout_ref.model.target_modules=[q_proj,v_proj]" in verl_lora_overrides(
+        LoraConfig(rank=8, target_modules=["q_proj", "v_proj"]))
+
+
+def test_sft_with_lora_trains_only_an_adapter(model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": [2, 5, 7, 9, 11, 4], "loss_mask": [0, 0, 1, 1, 1, 1]}) + "\n"
+                            for _ in range(4)))
+    out = tmp_path / "sft"
+    res = runner.invoke(app, ["sft", "--model", str(model_dir), "--data", str(data), "--out", str(out),
+                              "--device", "cpu", "--batch-size", "2", "actor.lora.rank=4", "sft.warmup_steps=0"])
+    assert res.exit_code == 0, res.output
+    assert (out / ADAPTER_CONFIG).is_file() and not (out / "model.safetensors").exists()
+    weights = load_file(str(out / ADAPTER_WEIGHTS))
+    assert weights and all("lora_" in k for k in weights)
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in weights.items())  # B left zero: it trained
+    assert str(model_dir.resolve()) in (out / "aepo_run.yaml").read_text()  # the base model, for eval

@@ -134,7 +134,11 @@ def selected_logprobs(
     `vocab_head.default_chunk_elements` (large vocabularies) it runs in row chunks without [N, V]
     activations (`aepo.train.vocab_head`; below that the direct computation is faster). Rows here
     are right-padded, so under causal attention no real token sees a pad: `attention_mask=None`
-    gives the same values, faster."""
+    gives the same values, faster. A LoRA-wrapped model runs as its base module, whose layers
+    hold the adapters (`aepo.models.lora.policy_module`)."""
+    from aepo.models.lora import policy_module
+
+    model = policy_module(model)
     sel = select.bool()
     targets = input_ids[:, 1:][sel]
     head = plain_head(model)
