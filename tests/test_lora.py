@@ -161,11 +161,21 @@ def test_sampler_samples_from_the_adapted_model(tmp_path):
     s = TorchSampler(policy_module(model), tok, temperature=1.0, seed=3, eos_token_ids=[1], pack_weights=True)
     prompt = [2, 5, 7, 9]
     gen = s.generate([s.new_row(prompt)], 6)[0]
+    assert s._packed is not None  # the packed path, with the adapters merged into its copies
     want = forward_logprobs(model, prompt + gen.token_ids)[len(prompt) - 1:]
     assert torch.allclose(torch.tensor(gen.logprobs), want, atol=1e-4)
     with adapters_disabled(model):
         base = forward_logprobs(model, prompt + gen.token_ids)[len(prompt) - 1:]
+        # the same sampler, adapters off: its packed copies are rebuilt from the base weights
+        gen_base = s.generate([s.new_row(prompt)], 6)[0]
+        want_base = forward_logprobs(model, prompt + gen_base.token_ids)[len(prompt) - 1:]
     assert (base - want).abs().max() > 1e-2  # the adapters matter, and the sampler used them
+    assert torch.allclose(torch.tensor(gen_base.logprobs), want_base, atol=1e-4)
+    # the module path (no packing) samples from the adapted model too
+    s2 = TorchSampler(policy_module(model), tok, temperature=1.0, seed=3, eos_token_ids=[1], pack_weights=False)
+    gen2 = s2.generate([s2.new_row(prompt)], 6)[0]
+    want2 = forward_logprobs(model, prompt + gen2.token_ids)[len(prompt) - 1:]
+    assert torch.allclose(torch.tensor(gen2.logprobs), want2, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- sync check
@@ -277,6 +287,11 @@ def test_train_writes_an_adapter_that_eval_and_merge_load(model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["q"]["n_questions"] == 2
+    res = runner.invoke(app, ["rollout", "--model", str(final), "--data", str(data), "--limit", "1", "--k", "2",
+                              "--out", str(tmp_path / "rows.jsonl"), "--device", "cpu"])
+    assert res.exit_code == 0 and len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2, res.output
+    res = runner.invoke(app, ["model", "info", str(final)])
+    assert res.exit_code == 0 and "qwen3" in res.output, res.output
     # resume from the adapter checkpoints: nothing left to train, and it says so
     res = runner.invoke(app, ["train", str(CONFIG), f"model.path={model_dir}", f"data.train={data}",
                               f"out_dir={out}", "actor.lora.rank=8", *SMALL, "--resume"])
