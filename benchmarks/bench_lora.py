@@ -1,6 +1,6 @@
 """An RL update step of a SmolLM2-135M-shaped model: LoRA (`actor.lora`) against full fine-tuning, CPU.
 
-    .venv/bin/python benchmarks/bench_lora.py [--steps 3] [--rows 8] [--threads 2] [--rank 8]
+    .venv/bin/python benchmarks/bench_lora.py [--steps 2] [--rows 4] [--threads 2] [--rank 8] [--gradient-checkpointing]
 
 Each variant runs in its own process (so its peak resident memory is its own), on a Llama model
 of SmolLM2-135M's shape (30 layers, d = 576, 9 heads / 3 KV heads, MLP 1536, vocabulary
@@ -9,7 +9,10 @@ is what the trainer does after the rollout: re-score pi_old, score the KL refere
 (`actor.kl_coef` > 0: full fine-tuning keeps a second copy of the model, LoRA disables its
 adapters instead), and one AdamW step of the GRPO loss over the rows, on fixed trajectories
 (prompt 96 + response 160 tokens) with alternating rewards. The rollout is left out: it is
-the same forward-only sampling for both. Prints one JSON line per variant: seconds per step
+the same forward-only sampling for both. With `--gradient-checkpointing` (`model.gradient_checkpointing`)
+the activations kept for the backward pass shrink to each layer's input, so what the two
+variants hold besides them (a reference copy, gradients and AdamW states of every weight, or
+of the adapters only) decides the peak. Prints one JSON line per variant: seconds per step
 (median after the first), peak RSS, trainable and total parameters. Results:
 benchmarks/RESULTS.md, "LoRA against full fine-tuning".
 """
@@ -31,7 +34,7 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     pad_token_id=2, bos_token_id=1, eos_token_id=2)
 
 
-def run_variant(rank: int, steps: int, rows: int, threads: int) -> dict:
+def run_variant(rank: int, steps: int, rows: int, threads: int, checkpointing: bool) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -43,6 +46,10 @@ def run_variant(rank: int, steps: int, rows: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval()
+    if checkpointing:  # as `aepo train` does with model.gradient_checkpointing=true
+        model.gradient_checkpointing_enable()
+        if rank:
+            model.enable_input_require_grads()
     cfg = load_config(None, ["algo=grpo", "actor.kl_coef=0.001", f"actor.lora.rank={rank}",
                              f"trainer.ppo_mini_batch_size={rows}", "trainer.ppo_micro_batch_size=4",
                              "trainer.lr=1e-5", "trainer.total_steps=100"])
@@ -64,7 +71,8 @@ def run_variant(rank: int, steps: int, rows: int, threads: int) -> dict:
         times.append(time.perf_counter() - t0)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    return {"variant": f"LoRA r={rank}" if rank else "full fine-tuning", "step_s": times,
+    return {"variant": f"LoRA r={rank}" if rank else "full fine-tuning", "gradient_checkpointing": checkpointing,
+            "rows": rows, "step_s": [round(t, 1) for t in times],
             "median_step_s": statistics.median(times[1:] or times), "peak_rss_mib": round(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "trainable_params": trainable, "params": total, "kl_reference_copy": trainer.ref_model is not None}
@@ -72,19 +80,20 @@ def run_variant(rank: int, steps: int, rows: int, threads: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--variant", type=int, default=None, help=argparse.SUPPRESS)  # child: the rank to run
     args = ap.parse_args()
     if args.variant is not None:
-        print(json.dumps(run_variant(args.variant, args.steps, args.rows, args.threads)))
+        print(json.dumps(run_variant(args.variant, args.steps, args.rows, args.threads, args.gradient_checkpointing)))
         return
     for rank in (args.rank, 0):
-        out = subprocess.run([sys.executable, __file__, "--variant", str(rank), "--steps", str(args.steps),
-                              "--rows", str(args.rows), "--threads", str(args.threads)],
-                             check=True, capture_output=True, text=True).stdout
+        cmd = [sys.executable, __file__, "--variant", str(rank), "--steps", str(args.steps), "--rows", str(args.rows),
+               "--threads", str(args.threads)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         print(out.strip().splitlines()[-1], flush=True)
 
 

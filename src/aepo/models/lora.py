@@ -141,10 +141,22 @@ def apply_lora(model: torch.nn.Module, lora: Any, base_path: str | Path | None =
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=target_names(model, lora), bias="none", task_type="CAUSAL_LM")
     base_path = base_path or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    wrapped = get_peft_model(model, config)
+    with _quiet_peft():
+        wrapped = get_peft_model(model, config)
     if base_path and Path(base_path).is_dir():
         wrapped.peft_config["default"].base_model_name_or_path = str(Path(base_path).resolve())
     return wrapped
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """Wrapping a model reads transformers' deprecated `is_gradient_checkpointing`, which warns
+    on every wrap; that warning says nothing about the run."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 # ----------------------------------------------------------------------------- adapter directories
@@ -204,7 +216,8 @@ def load_adapter_model(path: str | Path, device: str | torch.device = "auto",
     if (root / "tokenizer.json").is_file() or (root / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(root, checked=True)
     try:
-        model = PeftModel.from_pretrained(base, str(root), is_trainable=False)
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(base, str(root), is_trainable=False)
     except Exception as e:  # noqa: BLE001 - a damaged or mismatched adapter, whatever peft raises
         raise LoraError(f"adapter directory {str(root)!r} does not load onto its base model {base_dir} "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check that the "
