@@ -589,9 +589,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 # ----------------------------------------------------------------------------- a model's own settings
 
-RUN_CONFIG_FILE = "aepo_run.yaml"
-"""The run config a model directory was made with, written beside its config.json by every
-command that saves a model (sft, train, demo, checkpoints)."""
+from aepo.io import RUN_CONFIG_FILE  # noqa: E402 - the name a model directory's run config has
 
 EVAL_KEYS = (
     "model.chat_template", "model.dtype",

@@ -171,7 +171,7 @@ def adapter_base(path: str | Path) -> Path:
     """The base model directory of adapter directory `path`: `model.path` of its run config
     (aepo_run.yaml), else adapter_config.json's base_model_name_or_path; LoraError when neither
     names an existing model directory."""
-    from aepo.config import RUN_CONFIG_FILE
+    from aepo.io import RUN_CONFIG_FILE
 
     root = Path(path)
     where = f"adapter directory {str(root)!r}"
