@@ -1,6 +1,7 @@
 """An RL update step of a SmolLM2-135M-shaped model: LoRA (`actor.lora`) against full fine-tuning, CPU.
 
-    .venv/bin/python benchmarks/bench_lora.py [--steps 2] [--rows 4] [--threads 2] [--rank 8] [--gradient-checkpointing]
+    .venv/bin/python benchmarks/bench_lora.py [--steps 2] [--rows 4] [--threads 2] [--rank 8] \
+        [--gradient-checkpointing]
 
 Each variant runs in its own process (so its peak resident memory is its own), on a Llama model
 of SmolLM2-135M's shape (30 layers, d = 576, 9 heads / 3 KV heads, MLP 1536, vocabulary
@@ -16,6 +17,7 @@ of the adapters only) decides the peak. Prints one JSON line per variant: second
 (median after the first), peak RSS, trainable and total parameters. Results:
 benchmarks/RESULTS.md, "LoRA against full fine-tuning".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +30,22 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                    rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu",
-                    pad_token_id=2, bos_token_id=1, eos_token_id=2)
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+    pad_token_id=2,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def run_variant(rank: int, steps: int, rows: int, threads: int, checkpointing: bool) -> dict:
@@ -50,17 +64,34 @@ def run_variant(rank: int, steps: int, rows: int, threads: int, checkpointing: b
         model.gradient_checkpointing_enable()
         if rank:
             model.enable_input_require_grads()
-    cfg = load_config(None, ["algo=grpo", "actor.kl_coef=0.001", f"actor.lora.rank={rank}",
-                             f"trainer.ppo_mini_batch_size={rows}", "trainer.ppo_micro_batch_size=4",
-                             "trainer.lr=1e-5", "trainer.total_steps=100"])
-    trainer = RLTrainer(cfg, model, SimpleNamespace(pad_token_id=2), [TaskRow("t", "q", ["a"], "demo")],
-                        lambda calls: [], Path("/tmp/aepo-bench-lora"))
+    cfg = load_config(
+        None,
+        [
+            "algo=grpo",
+            "actor.kl_coef=0.001",
+            f"actor.lora.rank={rank}",
+            f"trainer.ppo_mini_batch_size={rows}",
+            "trainer.ppo_micro_batch_size=4",
+            "trainer.lr=1e-5",
+            "trainer.total_steps=100",
+        ],
+    )
+    trainer = RLTrainer(
+        cfg,
+        model,
+        SimpleNamespace(pad_token_id=2),
+        [TaskRow("t", "q", ["a"], "demo")],
+        lambda calls: [],
+        Path("/tmp/aepo-bench-lora"),
+    )
     g = torch.Generator().manual_seed(1)
     trajs = []
     for i in range(rows):
         prompt = torch.randint(3, 49152, (96,), generator=g).tolist()
         resp = torch.randint(3, 49152, (160,), generator=g).tolist()
-        t = Trajectory(f"p{i // 4}", i % 4, prompt, resp, [1] * len(resp), [-10.0] * len(resp), [1.0] * len(resp))
+        t = Trajectory(
+            f"p{i // 4}", i % 4, prompt, resp, [1] * len(resp), [-10.0] * len(resp), [1.0] * len(resp)
+        )
         t.reward = float(i % 2)
         trajs.append(t)
     times = []
@@ -71,11 +102,17 @@ def run_variant(rank: int, steps: int, rows: int, threads: int, checkpointing: b
         times.append(time.perf_counter() - t0)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    return {"variant": f"LoRA r={rank}" if rank else "full fine-tuning", "gradient_checkpointing": checkpointing,
-            "rows": rows, "step_s": [round(t, 1) for t in times],
-            "median_step_s": statistics.median(times[1:] or times), "peak_rss_mib": round(
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "trainable_params": trainable, "params": total, "kl_reference_copy": trainer.ref_model is not None}
+    return {
+        "variant": f"LoRA r={rank}" if rank else "full fine-tuning",
+        "gradient_checkpointing": checkpointing,
+        "rows": rows,
+        "step_s": [round(t, 1) for t in times],
+        "median_step_s": statistics.median(times[1:] or times),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "trainable_params": trainable,
+        "params": total,
+        "kl_reference_copy": trainer.ref_model is not None,
+    }
 
 
 def main() -> None:
@@ -88,11 +125,25 @@ def main() -> None:
     ap.add_argument("--variant", type=int, default=None, help=argparse.SUPPRESS)  # child: the rank to run
     args = ap.parse_args()
     if args.variant is not None:
-        print(json.dumps(run_variant(args.variant, args.steps, args.rows, args.threads, args.gradient_checkpointing)))
+        print(
+            json.dumps(
+                run_variant(args.variant, args.steps, args.rows, args.threads, args.gradient_checkpointing)
+            )
+        )
         return
     for rank in (args.rank, 0):
-        cmd = [sys.executable, __file__, "--variant", str(rank), "--steps", str(args.steps), "--rows", str(args.rows),
-               "--threads", str(args.threads)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            str(rank),
+            "--steps",
+            str(args.steps),
+            "--rows",
+            str(args.rows),
+            "--threads",
+            str(args.threads),
+        ] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         print(out.strip().splitlines()[-1], flush=True)
 

@@ -1,6 +1,7 @@
 """LoRA (`actor.lora`, aepo.models.lora): the reference policy is the base model, only adapter
 parameters change, the sampler samples from the adapted model, checkpoints hold the adapter,
 a stale engine fails the per-step sync check, and the commands train, evaluate and merge adapters."""
+
 from __future__ import annotations
 
 import copy
@@ -38,9 +39,19 @@ VOCAB = 40
 
 
 def tiny_model(seed: int = 0, arch: str = "qwen3") -> torch.nn.Module:
-    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-              num_key_value_heads=1, head_dim=16, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1,
-              initializer_range=0.2)
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        initializer_range=0.2,
+    )
     cfg = Qwen3Config(**kw) if arch == "qwen3" else LlamaConfig(**kw)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -57,8 +68,15 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 1, scale: float = 0.3
 
 
 def trainer_for(model, tmp_path, backend=None, **over):
-    ov = ["algo=grpo", "trainer.ppo_mini_batch_size=4", "trainer.ppo_micro_batch_size=4", "trainer.lr=0.05",
-          "trainer.grad_clip=1e9", "trainer.total_steps=10", "actor.lora.rank=4"]
+    ov = [
+        "algo=grpo",
+        "trainer.ppo_mini_batch_size=4",
+        "trainer.ppo_micro_batch_size=4",
+        "trainer.lr=0.05",
+        "trainer.grad_clip=1e9",
+        "trainer.total_steps=10",
+        "actor.lora.rank=4",
+    ]
     cfg = load_config(None, ov + [f"{k}={v}" for k, v in over.items()])
     tasks = [TaskRow("t", "q?", ["a"], "demo")]
     tok = SimpleNamespace(pad_token_id=0)
@@ -91,11 +109,16 @@ def forward_logprobs(model, ids):
 
 
 def test_config_keys_and_validation():
-    cfg = load_config(None, ["actor.lora.rank=8", "actor.lora.alpha=32", "actor.lora.target_modules=q_proj,v_proj"])
+    cfg = load_config(
+        None, ["actor.lora.rank=8", "actor.lora.alpha=32", "actor.lora.target_modules=q_proj,v_proj"]
+    )
     assert cfg.actor.lora == LoraConfig(rank=8, alpha=32.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
     assert load_config(None).actor.lora.rank == 0  # off by default
-    for bad, key in (("actor.lora.rank=-1", "actor.lora.rank"), ("actor.lora.dropout=1.0", "actor.lora.dropout"),
-                     ("actor.lora.alpha=0", "actor.lora.alpha")):
+    for bad, key in (
+        ("actor.lora.rank=-1", "actor.lora.rank"),
+        ("actor.lora.dropout=1.0", "actor.lora.dropout"),
+        ("actor.lora.alpha=0", "actor.lora.alpha"),
+    ):
         with pytest.raises(ConfigError, match=key):
             load_config(None, [bad])
 
@@ -157,24 +180,28 @@ def test_sampler_samples_from_the_adapted_model(tmp_path):
     randomize_adapters(model)
     backend = TorchBackend(model, None, load_config(None).rollout)
     assert backend.model is policy_module(model)
-    tok = SimpleNamespace(pad_token_id=0, eos_token_id=1, convert_ids_to_tokens=lambda i: [], decode=lambda ids: "")
+    tok = SimpleNamespace(
+        pad_token_id=0, eos_token_id=1, convert_ids_to_tokens=lambda i: [], decode=lambda ids: ""
+    )
     s = TorchSampler(policy_module(model), tok, temperature=1.0, seed=3, eos_token_ids=[1], pack_weights=True)
     prompt = [2, 5, 7, 9]
     gen = s.generate([s.new_row(prompt)], 6)[0]
     assert s._packed is not None  # the packed path, with the adapters merged into its copies
-    want = forward_logprobs(model, prompt + gen.token_ids)[len(prompt) - 1:]
+    want = forward_logprobs(model, prompt + gen.token_ids)[len(prompt) - 1 :]
     assert torch.allclose(torch.tensor(gen.logprobs), want, atol=1e-4)
     with adapters_disabled(model):
-        base = forward_logprobs(model, prompt + gen.token_ids)[len(prompt) - 1:]
+        base = forward_logprobs(model, prompt + gen.token_ids)[len(prompt) - 1 :]
         # the same sampler, adapters off: its packed copies are rebuilt from the base weights
         gen_base = s.generate([s.new_row(prompt)], 6)[0]
-        want_base = forward_logprobs(model, prompt + gen_base.token_ids)[len(prompt) - 1:]
+        want_base = forward_logprobs(model, prompt + gen_base.token_ids)[len(prompt) - 1 :]
     assert (base - want).abs().max() > 1e-2  # the adapters matter, and the sampler used them
     assert torch.allclose(torch.tensor(gen_base.logprobs), want_base, atol=1e-4)
     # the module path (no packing) samples from the adapted model too
-    s2 = TorchSampler(policy_module(model), tok, temperature=1.0, seed=3, eos_token_ids=[1], pack_weights=False)
+    s2 = TorchSampler(
+        policy_module(model), tok, temperature=1.0, seed=3, eos_token_ids=[1], pack_weights=False
+    )
     gen2 = s2.generate([s2.new_row(prompt)], 6)[0]
-    want2 = forward_logprobs(model, prompt + gen2.token_ids)[len(prompt) - 1:]
+    want2 = forward_logprobs(model, prompt + gen2.token_ids)[len(prompt) - 1 :]
     assert torch.allclose(torch.tensor(gen2.logprobs), want2, atol=1e-4)
 
 
@@ -202,7 +229,9 @@ def test_stale_adapter_in_the_sampler_fails_the_sync_check(tmp_path):
     trainer = trainer_for(model, tmp_path, backend=StaleBackend(stale, None, load_config(None).rollout))
     assert trainer.check_engine(0) == pytest.approx(0.0, abs=1e-6)  # identical so far: passes
     trainer.update(trainer.make_batch(make_trajs([1.0, 0.0, 1.0, 0.0])), 0)
-    with pytest.raises(SyncError, match="torch sampler engine is not serving the trained policy after step 1"):
+    with pytest.raises(
+        SyncError, match="torch sampler engine is not serving the trained policy after step 1"
+    ):
         trainer.check_engine(1)
     # an engine that received the adapter passes; the live torch backend is not checked at all
     fresh = StaleBackend(copy.deepcopy(trainer.model), None, load_config(None).rollout)
@@ -210,7 +239,9 @@ def test_stale_adapter_in_the_sampler_fails_the_sync_check(tmp_path):
     assert trainer.check_engine(1) < 1e-5
     trainer.backend = TorchBackend(trainer.model, None, load_config(None).rollout)
     assert trainer.check_engine(1) is None
-    assert probe_logprobs(trainer.model, [2, 5, 7]) == pytest.approx(fresh.probe_logprobs([2, 5, 7]), abs=1e-6)
+    assert probe_logprobs(trainer.model, [2, 5, 7]) == pytest.approx(
+        fresh.probe_logprobs([2, 5, 7]), abs=1e-6
+    )
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -223,7 +254,9 @@ def test_checkpoint_holds_the_adapter_and_resume_restores_it(tmp_path):
     tok = build_tokenizer(["a b c"])
     trainer = trainer_for(tiny_model(), tmp_path)
     randomize_adapters(trainer.model)
-    ck = save_checkpoint(tmp_path / "checkpoints", 1, trainer.model, tok, trainer.optimizer, trainer.scheduler, {})
+    ck = save_checkpoint(
+        tmp_path / "checkpoints", 1, trainer.model, tok, trainer.optimizer, trainer.scheduler, {}
+    )
     assert (ck / ADAPTER_CONFIG).is_file() and (ck / ADAPTER_WEIGHTS).is_file()
     assert not (ck / "model.safetensors").exists()
     other = trainer_for(tiny_model(), tmp_path)
@@ -246,10 +279,21 @@ def model_dir(tmp_path_factory):
     from aepo.models.tokenizer import build_tokenizer
 
     d = tmp_path_factory.mktemp("base") / "model"
-    tok = build_tokenizer(["question: who founded molto press? <search> molto press </search> <answer> x </answer>"])
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    tok = build_tokenizer(
+        ["question: who founded molto press? <search> molto press </search> <answer> x </answer>"]
+    )
+    cfg = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
     tok.save_pretrained(d)
@@ -258,22 +302,44 @@ def model_dir(tmp_path_factory):
 
 def _questions(tmp_path: Path) -> Path:
     data = tmp_path / "q.jsonl"
-    data.write_text("".join(json.dumps({"question": f"what is {i} + {i}?", "answer": [str(2 * i)]}) + "\n"
-                            for i in range(4)))
+    data.write_text(
+        "".join(
+            json.dumps({"question": f"what is {i} + {i}?", "answer": [str(2 * i)]}) + "\n" for i in range(4)
+        )
+    )
     return data
 
 
 CONFIG = Path(__file__).resolve().parents[1] / "src" / "aepo" / "configs" / "demo.yaml"
-SMALL = ["tools.enabled=[calc]", "rollout.n=2", "trainer.prompts_per_step=2", "rollout.max_response_tokens=12",
-         "rollout.max_tool_calls=1", "trainer.total_steps=2", "trainer.save_every=1", "trainer.logger=[jsonl]",
-         "model.device=cpu", "trainer.threads=1"]
+SMALL = [
+    "tools.enabled=[calc]",
+    "rollout.n=2",
+    "trainer.prompts_per_step=2",
+    "rollout.max_response_tokens=12",
+    "rollout.max_tool_calls=1",
+    "trainer.total_steps=2",
+    "trainer.save_every=1",
+    "trainer.logger=[jsonl]",
+    "model.device=cpu",
+    "trainer.threads=1",
+]
 
 
 def test_train_writes_an_adapter_that_eval_and_merge_load(model_dir, tmp_path):
     data = _questions(tmp_path)
     out = tmp_path / "run"
-    res = runner.invoke(app, ["train", str(CONFIG), f"model.path={model_dir}", f"data.train={data}",
-                              f"out_dir={out}", "actor.lora.rank=8", *SMALL])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            str(CONFIG),
+            f"model.path={model_dir}",
+            f"data.train={data}",
+            f"out_dir={out}",
+            "actor.lora.rank=8",
+            *SMALL,
+        ],
+    )
     assert res.exit_code == 0, res.output
     final = out / "final"
     assert (final / ADAPTER_CONFIG).is_file() and (final / "aepo_run.yaml").is_file()
@@ -282,19 +348,61 @@ def test_train_writes_an_adapter_that_eval_and_merge_load(model_dir, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1", "step_2"]
     assert (out / "checkpoints" / "step_2" / ADAPTER_WEIGHTS).is_file()
     # eval loads the adapter (its base model from its run config) and scores it
-    res = runner.invoke(app, ["eval", str(final), "--data", str(data), "--n", "1", "--limit", "2",
-                              "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            str(final),
+            "--data",
+            str(data),
+            "--n",
+            "1",
+            "--limit",
+            "2",
+            "--out",
+            str(tmp_path / "eval"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["q"]["n_questions"] == 2
-    res = runner.invoke(app, ["rollout", "--model", str(final), "--data", str(data), "--limit", "1", "--k", "2",
-                              "--out", str(tmp_path / "rows.jsonl"), "--device", "cpu"])
+    res = runner.invoke(
+        app,
+        [
+            "rollout",
+            "--model",
+            str(final),
+            "--data",
+            str(data),
+            "--limit",
+            "1",
+            "--k",
+            "2",
+            "--out",
+            str(tmp_path / "rows.jsonl"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0 and len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2, res.output
     res = runner.invoke(app, ["model", "info", str(final)])
     assert res.exit_code == 0 and "qwen3" in res.output, res.output
     # resume from the adapter checkpoints: nothing left to train, and it says so
-    res = runner.invoke(app, ["train", str(CONFIG), f"model.path={model_dir}", f"data.train={data}",
-                              f"out_dir={out}", "actor.lora.rank=8", *SMALL, "--resume"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            str(CONFIG),
+            f"model.path={model_dir}",
+            f"data.train={data}",
+            f"out_dir={out}",
+            "actor.lora.rank=8",
+            *SMALL,
+            "--resume",
+        ],
+    )
     assert res.exit_code == 0 and "resuming from step 2" in res.output, res.output
     # merge: a plain HF model computing what base + adapter computes
     from aepo.models.loading import load_model
@@ -318,8 +426,9 @@ def test_train_writes_an_adapter_that_eval_and_merge_load(model_dir, tmp_path):
 def test_bad_lora_input_fails_before_work(model_dir, tmp_path):
     data = _questions(tmp_path)
     base = ["train", str(CONFIG), f"model.path={model_dir}", f"data.train={data}", *SMALL]
-    res = runner.invoke(app, [*base, f"out_dir={tmp_path / 'a'}", "actor.lora.rank=8",
-                              "actor.lora.target_modules=attn_qkv"])
+    res = runner.invoke(
+        app, [*base, f"out_dir={tmp_path / 'a'}", "actor.lora.rank=8", "actor.lora.target_modules=attn_qkv"]
+    )
     assert res.exit_code == 2 and "none of attn_qkv is a module" in res.output, res.output
     res = runner.invoke(app, [*base, f"out_dir={tmp_path / 'b'}", "actor.lora.rank=64"])
     assert res.exit_code == 2 and "actor.lora.rank=64 is above the width" in res.output, res.output
@@ -342,21 +451,45 @@ def test_verl_receives_its_own_lora_settings():
 
     assert verl_lora_overrides(LoraConfig()) == []
     assert verl_lora_overrides(LoraConfig(rank=32, alpha=32.0)) == [
-        "actor_rollout_ref.model.lora_rank=32", "actor_rollout_ref.model.lora_alpha=32",
-        "actor_rollout_ref.model.target_modules=all-linear", "actor_rollout_ref.rollout.load_format=safetensors"]
+        "actor_rollout_ref.model.lora_rank=32",
+        "actor_rollout_ref.model.lora_alpha=32",
+        "actor_rollout_ref.model.target_modules=all-linear",
+        "actor_rollout_ref.rollout.load_format=safetensors",
+    ]
     assert "actor_rollout_ref.model.target_modules=[q_proj,v_proj]" in verl_lora_overrides(
-        LoraConfig(rank=8, target_modules=["q_proj", "v_proj"]))
+        LoraConfig(rank=8, target_modules=["q_proj", "v_proj"])
+    )
 
 
 def test_sft_with_lora_trains_only_an_adapter(model_dir, tmp_path):
     from safetensors.torch import load_file
 
     data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps({"input_ids": [2, 5, 7, 9, 11, 4], "loss_mask": [0, 0, 1, 1, 1, 1]}) + "\n"
-                            for _ in range(4)))
+    data.write_text(
+        "".join(
+            json.dumps({"input_ids": [2, 5, 7, 9, 11, 4], "loss_mask": [0, 0, 1, 1, 1, 1]}) + "\n"
+            for _ in range(4)
+        )
+    )
     out = tmp_path / "sft"
-    res = runner.invoke(app, ["sft", "--model", str(model_dir), "--data", str(data), "--out", str(out),
-                              "--device", "cpu", "--batch-size", "2", "actor.lora.rank=4", "sft.warmup_steps=0"])
+    res = runner.invoke(
+        app,
+        [
+            "sft",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "actor.lora.rank=4",
+            "sft.warmup_steps=0",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert (out / ADAPTER_CONFIG).is_file() and not (out / "model.safetensors").exists()
     weights = load_file(str(out / ADAPTER_WEIGHTS))

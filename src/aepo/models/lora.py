@@ -11,6 +11,7 @@
   `model.path` names the base model). `adapter_base` finds the base model and
   `load_adapter_model` loads base plus adapter; `merge_adapter` folds it into a plain model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,9 +23,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "DEFAULT_TARGETS", "LoraError", "adapter_base", "adapters_disabled",
-           "apply_lora", "check_lora", "check_lora_dir", "is_adapter_dir", "is_peft_model", "load_adapter_model",
-           "policy_module", "trainable_parameters"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "DEFAULT_TARGETS",
+    "LoraError",
+    "adapter_base",
+    "adapters_disabled",
+    "apply_lora",
+    "check_lora",
+    "check_lora_dir",
+    "is_adapter_dir",
+    "is_peft_model",
+    "load_adapter_model",
+    "policy_module",
+    "trainable_parameters",
+]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -32,8 +46,23 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_TARGETS: dict[str, list[str]] = {
     # the attention and MLP projections of each decoder layer (the embeddings and head stay frozen)
-    **{arch: _LLAMA_LIKE for arch in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text",
-                                      "phi3", "olmo", "olmo2", "granite", "smollm3")},
+    **{
+        arch: _LLAMA_LIKE
+        for arch in (
+            "llama",
+            "qwen2",
+            "qwen3",
+            "mistral",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi3",
+            "olmo",
+            "olmo2",
+            "granite",
+            "smollm3",
+        )
+    },
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
@@ -79,9 +108,11 @@ def target_names(model: torch.nn.Module, lora: Any) -> list[str]:
         return list(lora.target_modules)
     arch = getattr(getattr(model, "config", None), "model_type", None)
     if arch not in DEFAULT_TARGETS:
-        raise LoraError(f"actor.lora: no default target modules for architecture {arch!r} (defaults exist for "
-                        f"{', '.join(sorted(DEFAULT_TARGETS))}); name the linear layers to adapt, e.g. "
-                        f"actor.lora.target_modules=q_proj,v_proj")
+        raise LoraError(
+            f"actor.lora: no default target modules for architecture {arch!r} (defaults exist for "
+            f"{', '.join(sorted(DEFAULT_TARGETS))}); name the linear layers to adapt, e.g. "
+            f"actor.lora.target_modules=q_proj,v_proj"
+        )
     return DEFAULT_TARGETS[arch]
 
 
@@ -99,21 +130,30 @@ def check_lora(model: torch.nn.Module, lora: Any) -> list[str]:
     """The names of the modules `lora` would wrap in `model`; LoraError when none matches, when a
     match is not a linear layer, or when the rank exceeds a wrapped layer's width."""
     wanted = target_names(model, lora)
-    found = [(name, m) for name, m in model.named_modules()
-             if any(name == t or name.endswith("." + t) for t in wanted)]
+    found = [
+        (name, m)
+        for name, m in model.named_modules()
+        if any(name == t or name.endswith("." + t) for t in wanted)
+    ]
     arch = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     if not found:
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _layer_width(m)})
-        raise LoraError(f"actor.lora.target_modules: none of {','.join(wanted)} is a module of this {arch} model; "
-                        f"its linear layers are named {', '.join(linear[:12]) or '(none)'}")
+        raise LoraError(
+            f"actor.lora.target_modules: none of {','.join(wanted)} is a module of this {arch} model; "
+            f"its linear layers are named {', '.join(linear[:12]) or '(none)'}"
+        )
     for name, m in found:
         width = _layer_width(m)
         if width is None:
-            raise LoraError(f"actor.lora.target_modules: {name} is a {type(m).__name__}, not a linear layer; "
-                            f"name linear layers only")
+            raise LoraError(
+                f"actor.lora.target_modules: {name} is a {type(m).__name__}, not a linear layer; "
+                f"name linear layers only"
+            )
         if lora.rank > width:
-            raise LoraError(f"actor.lora.rank={lora.rank} is above the width of {name} ({width}); "
-                            f"give a rank of at most {width}")
+            raise LoraError(
+                f"actor.lora.rank={lora.rank} is above the width of {name} ({width}); "
+                f"give a rank of at most {width}"
+            )
     return [name for name, _ in found]
 
 
@@ -138,8 +178,14 @@ def apply_lora(model: torch.nn.Module, lora: Any, base_path: str | Path | None =
     from peft import LoraConfig, get_peft_model
 
     check_lora(model, lora)
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=target_names(model, lora), bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_names(model, lora),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     base_path = base_path or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     with _quiet_peft():
         wrapped = get_peft_model(model, config)
@@ -178,7 +224,9 @@ def adapter_base(path: str | Path) -> Path:
     try:
         adapter = json.loads((root / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise LoraError(f"{where}: {ADAPTER_CONFIG} cannot be read ({type(e).__name__}); copy it again") from None
+        raise LoraError(
+            f"{where}: {ADAPTER_CONFIG} cannot be read ({type(e).__name__}); copy it again"
+        ) from None
     if not (root / ADAPTER_WEIGHTS).is_file():
         raise LoraError(f"{where} lacks {ADAPTER_WEIGHTS}; copy the adapter's weights into it")
     base = ""
@@ -194,16 +242,21 @@ def adapter_base(path: str | Path) -> Path:
     if not base and isinstance(adapter, dict):
         base = str(adapter.get("base_model_name_or_path") or "")
     if not base:
-        raise LoraError(f"{where} does not name its base model (model.path in {RUN_CONFIG_FILE}, or "
-                        f"base_model_name_or_path in {ADAPTER_CONFIG}); set one of them to the base model's directory")
+        raise LoraError(
+            f"{where} does not name its base model (model.path in {RUN_CONFIG_FILE}, or "
+            f"base_model_name_or_path in {ADAPTER_CONFIG}); set one of them to the base model's directory"
+        )
     if not (Path(base) / "config.json").is_file():
-        raise LoraError(f"{where}: its base model {base} is missing (no config.json there); put the base model "
-                        f"back at that path, or set model.path in {root / RUN_CONFIG_FILE} to where it is now")
+        raise LoraError(
+            f"{where}: its base model {base} is missing (no config.json there); put the base model "
+            f"back at that path, or set model.path in {root / RUN_CONFIG_FILE} to where it is now"
+        )
     return Path(base)
 
 
-def load_adapter_model(path: str | Path, device: str | torch.device = "auto",
-                       dtype: str | torch.dtype = "float32") -> tuple[torch.nn.Module, Any]:
+def load_adapter_model(
+    path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32"
+) -> tuple[torch.nn.Module, Any]:
     """Base model plus the adapter in `path` (peft), in eval mode, and the tokenizer (the adapter
     directory's own, else the base model's)."""
     from peft import PeftModel
@@ -219,9 +272,11 @@ def load_adapter_model(path: str | Path, device: str | torch.device = "auto",
         with _quiet_peft():
             model = PeftModel.from_pretrained(base, str(root), is_trainable=False)
     except Exception as e:  # noqa: BLE001 - a damaged or mismatched adapter, whatever peft raises
-        raise LoraError(f"adapter directory {str(root)!r} does not load onto its base model {base_dir} "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check that the "
-                        f"adapter was trained from that model") from None
+        raise LoraError(
+            f"adapter directory {str(root)!r} does not load onto its base model {base_dir} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check that the "
+            f"adapter was trained from that model"
+        ) from None
     model.eval()
     return model, tokenizer
 

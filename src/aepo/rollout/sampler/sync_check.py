@@ -6,6 +6,7 @@ own model (`probe_logprobs`) and with the engine (`SamplerBackend.probe_logprobs
 received the adapter, gives log-probs of an older policy; the run then stops with a SyncError
 instead of training on samples from the wrong model (README, "LoRA"; `rollout.sync_tolerance`).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,15 +51,23 @@ def sync_gap(trained: Sequence[float], served: Sequence[float]) -> float:
     return sum(diffs) / len(diffs) if all(math.isfinite(d) for d in diffs) else math.inf
 
 
-def check_sync(trained: Sequence[float], served: Sequence[float], tolerance: float, *, step: int | None = None,
-               engine: str = "the sampler engine") -> float:
+def check_sync(
+    trained: Sequence[float],
+    served: Sequence[float],
+    tolerance: float,
+    *,
+    step: int | None = None,
+    engine: str = "the sampler engine",
+) -> float:
     """The gap (`sync_gap`) between the trainer's and the engine's probe log-probs; SyncError
     when it exceeds `tolerance` (the engine samples from another policy than the one trained)."""
     gap = sync_gap(trained, served)
     if gap > tolerance:
         at = f" after step {step}" if step is not None else ""
-        raise SyncError(f"{engine} is not serving the trained policy{at}: the log-probs of the probe sequence "
-                        f"differ from the trainer's by {gap:.4g} nats per token on average (tolerance "
-                        f"rollout.sync_tolerance={tolerance:g}); its weights or adapter were not updated. Stopping "
-                        f"rather than training on samples of a stale policy")
+        raise SyncError(
+            f"{engine} is not serving the trained policy{at}: the log-probs of the probe sequence "
+            f"differ from the trainer's by {gap:.4g} nats per token on average (tolerance "
+            f"rollout.sync_tolerance={tolerance:g}); its weights or adapter were not updated. Stopping "
+            f"rather than training on samples of a stale policy"
+        )
     return gap
