@@ -25,7 +25,7 @@ from aepo.rollout.config import RolloutConfig
 from aepo.tools.config import ToolsConfig
 
 __all__ = ["EVAL_KEYS", "LOGGER_PACKAGES", "QUICK_DEMO", "RUN_CONFIG_FILE", "AlgoConfig", "Config", "ConfigError",
-           "DataConfig", "DemoConfig", "EvalConfig", "ModelConfig", "RewardConfig", "RolloutConfig", "SFTConfig",
+           "DataConfig", "DemoConfig", "EvalConfig", "LoraConfig", "ModelConfig", "RewardConfig", "RolloutConfig", "SFTConfig",
            "ToolsConfig", "TrainerConfig", "apply_mapping", "apply_preset", "check_loggers", "config_value", "config_yaml",
            "import_plugins", "load_config", "model_config", "parse_override", "run_config_files", "save_config",
            "to_dict", "validate"]
@@ -38,6 +38,20 @@ class ModelConfig:
     device: str = "auto"  # auto (CUDA when there is one) | cpu | cuda | cuda:N
     gradient_checkpointing: bool = False  # recompute activations in the update: less memory, more time
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the policy (`actor.lora`, built with peft): with rank > 0, training (RL
+    and SFT) updates only the adapters, the KL reference is the same model with its adapters
+    disabled, and saved models are adapter directories (README, "LoRA")."""
+
+    rank: int = 0  # adapter rank r; 0: off (full fine-tuning)
+    alpha: float = 16.0  # scaling numerator: the update is (alpha / rank) B A
+    dropout: float = 0.0  # dropout on the adapters' input while training
+    # module names (or name suffixes) to adapt; empty: the architecture's default
+    # (aepo.models.lora.DEFAULT_TARGETS: attention and MLP projections of Llama/Qwen/Mistral/...)
+    target_modules: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -82,6 +96,7 @@ class AlgoConfig:
     # (each function's keyword-only parameters; checked against them before any work)
     policy_loss_options: dict[str, Any] = field(default_factory=dict)
     adv_estimator_options: dict[str, Any] = field(default_factory=dict)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters instead of full fine-tuning
 
 
 @dataclass
@@ -498,6 +513,7 @@ def validate(cfg: Config) -> None:
     _check(r.temperature > 0, "rollout.temperature", r.temperature, "> 0")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
     _check(r.top_k >= 0, "rollout.top_k", r.top_k, ">= 0 (0: off)")
+    _check(r.sync_tolerance >= 0, "rollout.sync_tolerance", r.sync_tolerance, ">= 0 (0: no check)")
     _check(0 <= r.pause_below < 1, "rollout.pause_below", r.pause_below, "in [0, 1) (0: off)")
     for key in ("max_response_tokens", "n_probe", "branch_children", "entropy_top_k"):
         _check(getattr(r, key) >= 1, f"rollout.{key}", getattr(r, key), ">= 1")
@@ -507,6 +523,12 @@ def validate(cfg: Config) -> None:
         _check(0 <= getattr(a, key) < 1, f"actor.{key}", getattr(a, key), "in [0, 1) (a clip width around ratio 1)")
     _check(a.clip_ratio_c > 1, "actor.clip_ratio_c", a.clip_ratio_c, "> 1 (the dual-clip constant)")
     _check(a.kl_coef >= 0, "actor.kl_coef", a.kl_coef, ">= 0")
+    lo = a.lora
+    _check(lo.rank >= 0, "actor.lora.rank", lo.rank, ">= 0 (0: no adapters, full fine-tuning)")
+    _check(lo.alpha > 0, "actor.lora.alpha", lo.alpha, "> 0")
+    _check(0 <= lo.dropout < 1, "actor.lora.dropout", lo.dropout, "in [0, 1)")
+    _check(all(isinstance(m, str) and m for m in lo.target_modules), "actor.lora.target_modules",
+           lo.target_modules, "a list of module names, e.g. q_proj,v_proj (empty: the architecture's default)")
     _check(t.total_steps >= 0, "trainer.total_steps", t.total_steps, ">= 0")
     for key in ("prompts_per_step", "ppo_mini_batch_size", "ppo_micro_batch_size", "ppo_epochs"):
         _check(getattr(t, key) >= 1, f"trainer.{key}", getattr(t, key), ">= 1")
@@ -570,9 +592,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 # ----------------------------------------------------------------------------- a model's own settings
 
-RUN_CONFIG_FILE = "aepo_run.yaml"
-"""The run config a model directory was made with, written beside its config.json by every
-command that saves a model (sft, train, demo, checkpoints)."""
+from aepo.io import RUN_CONFIG_FILE  # noqa: E402 - the name a model directory's run config has
 
 EVAL_KEYS = (
     "model.chat_template", "model.dtype",
@@ -589,12 +609,15 @@ EVAL_KEYS = (
 
 def run_config_files(cfg: Config) -> dict[str, str]:
     """{RUN_CONFIG_FILE: YAML} for `save_model_dir(..., text_files=...)`. Relative search paths
-    are made absolute, so the model's settings still find them from another directory."""
-    cfg = dataclasses.replace(cfg, tools=dataclasses.replace(cfg.tools))
+    are made absolute, so the model's settings still find them from another directory; so is
+    `model.path` of a LoRA run, the base model its adapter directories load onto."""
+    cfg = dataclasses.replace(cfg, tools=dataclasses.replace(cfg.tools), model=dataclasses.replace(cfg.model))
     for name in ("search_cache", "search_corpus"):
         value = getattr(cfg.tools, name)
         if value:
             setattr(cfg.tools, name, str(Path(value).resolve()))
+    if cfg.actor.lora.rank > 0 and cfg.model.path:
+        cfg.model.path = str(Path(cfg.model.path).resolve())
     return {RUN_CONFIG_FILE: config_yaml(cfg)}
 
 
@@ -683,13 +706,26 @@ def config_reference() -> str:
         if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
             lines += [" ".join(cls.__doc__.split()), ""]
         lines += ["| key | type | default | description |", "|---|---|---|---|"]
-        docs = field_docs(cls)
-        hints = _hints(cls)
-        for sub in dataclasses.fields(cls):
-            kind = str(hints[sub.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            lines.append(f"| `{f.name}.{sub.name}` | {kind.replace('|', '&#124;')} | "
-                         f"`{_default_text(getattr(section, sub.name))}` | {docs.get(sub.name, '').replace('|', '&#124;')} |")
+        lines += _reference_rows(section, f.name)
     return "\n".join(lines) + "\n"
+
+
+def _reference_rows(section: Any, prefix: str) -> list[str]:
+    """The reference table's rows for the fields of dataclass `section`, keys under `prefix`;
+    a nested section (actor.lora) gets one row per field of its own."""
+    cls = type(section)
+    docs = field_docs(cls)
+    hints = _hints(cls)
+    rows = []
+    for sub in dataclasses.fields(cls):
+        value = getattr(section, sub.name)
+        if dataclasses.is_dataclass(value):
+            rows += _reference_rows(value, f"{prefix}.{sub.name}")
+            continue
+        kind = str(hints[sub.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        rows.append(f"| `{prefix}.{sub.name}` | {kind.replace('|', '&#124;')} | "
+                    f"`{_default_text(value)}` | {docs.get(sub.name, '').replace('|', '&#124;')} |")
+    return rows
 
 
 def _default_text(value: Any) -> str:

@@ -25,6 +25,10 @@ _DISK_FULL_TEXTS = ("no space left on device", "disk quota exceeded")
 # ... or, for torch.save to a path, only that a write came up short (the cause is lost)
 _WRITE_FAILED_TEXTS = ("unexpected pos", "file write failed")
 # a short write with less than this free is taken to be a full disk
+RUN_CONFIG_FILE = "aepo_run.yaml"
+"""The run config a model directory was made with, written beside its config.json by every
+command that saves a model (sft, train, demo, checkpoints) and into every LoRA adapter
+directory (its `model.path` names the base model); `aepo.config` re-exports it."""
 NEARLY_FULL_BYTES = 64 * 2**20
 DEFAULT_DISK_FULL_HINT = "free space on that disk, or write to another one (for training: set trainer.out_dir)"
 

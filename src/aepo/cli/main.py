@@ -207,6 +207,7 @@ def train(
         if not cfg.model.path:
             raise ConfigError("model.path is empty; give a local HF model directory, e.g. model.path=runs/demo/sft")
         check_model_dir(cfg.model.path)
+        _check_lora(cfg, cfg.model.path, "model.path")
         resolve_device(cfg.model.device)
         out_dir = Path(cfg.out_dir)
         check_output_dir(out_dir, "out_dir")
@@ -230,12 +231,20 @@ def train(
         fail(str(e))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+        if cfg.actor.lora.rank > 0:  # frozen embeddings: checkpointed layers still need a grad path
+            model.enable_input_require_grads()
+    from aepo.rollout.sampler.sync_check import SyncError
     from aepo.train.checkpoint import CheckpointError, RunDirError
 
     try:
-        RLTrainer(cfg, model, tok, tasks, runner.run, cfg.out_dir).fit(resume=resume, force=force)
+        trainer = RLTrainer(cfg, model, tok, tasks, runner.run, cfg.out_dir)
+        model = trainer.model  # with actor.lora: the adapter-wrapped model, saved as an adapter directory
+        trainer.fit(resume=resume, force=force)
     except (CheckpointError, RunDirError) as e:
         fail(str(e))
+    except SyncError as e:  # the engine serves another policy than the one trained: stop, loudly
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         _interrupted(Path(cfg.out_dir) / "checkpoints", ["aepo", *sys.argv[1:]])
     finally:
@@ -243,7 +252,8 @@ def train(
     from aepo.config import run_config_files
 
     save_model_dir(Path(cfg.out_dir) / "final", model, tok, text_files=run_config_files(cfg))
-    typer.echo(f"done: model in {Path(cfg.out_dir) / 'final'}, metrics in {Path(cfg.out_dir) / 'metrics.jsonl'}")
+    kind = "LoRA adapter" if cfg.actor.lora.rank > 0 else "model"
+    typer.echo(f"done: {kind} in {Path(cfg.out_dir) / 'final'}, metrics in {Path(cfg.out_dir) / 'metrics.jsonl'}")
 
 
 @app.command()
@@ -284,8 +294,14 @@ def sft(
         if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
             raise ValueError(f"--out {out} is a directory that holds files but no model, and saving replaces the "
                              f"whole directory; give a new or empty directory (or a model directory to overwrite)")
+        _check_lora(run_cfg, model, "--model")
         set_threads(0, cap=4)  # as the demo's SFT stage: the same model from the same data
         m, tok = load_model(model, device=device, dtype=run_cfg.model.dtype)
+        if run_cfg.actor.lora.rank > 0:  # only the adapters are trained; --out becomes an adapter directory
+            from aepo.models.lora import apply_lora
+
+            m = apply_lora(m, run_cfg.actor.lora, model)
+            run_cfg.model.path = str(model.resolve())
         examples = load_sft_jsonl(data, tok, chat_template=run_cfg.model.chat_template, tools=run_cfg.tools.enabled,
                                   max_tool_calls=run_cfg.rollout.max_tool_calls,
                                   tool_format=run_cfg.rollout.tool_format)
@@ -296,6 +312,18 @@ def sft(
     hist = sft_train(m, tok, examples, run_cfg.sft)
     save_model_dir(out, m, tok, jsonl_files={"sft_history.jsonl": hist}, text_files=run_config_files(run_cfg))
     typer.echo(f"saved {out} (final loss {hist[-1]['loss']:.4f})")
+
+
+def _check_lora(cfg: Any, model_dir: str | Path, option: str) -> None:
+    """With actor.lora.rank > 0: the adapters fit the model in `model_dir` (`check_lora_dir`,
+    no weights read); a model to train must not itself be an adapter directory."""
+    from aepo.models.lora import check_lora_dir, is_adapter_dir
+
+    if is_adapter_dir(model_dir):
+        raise ValueError(f"{option} {model_dir} is a LoRA adapter directory; train from a full model: merge it "
+                         f"first (aepo model merge {model_dir} OUT) and give OUT")
+    if cfg.actor.lora.rank > 0:
+        check_lora_dir(model_dir, cfg.actor.lora)
 
 
 def _run_settings(model: Path, flags: list[str], overrides: list[str] | None) -> tuple[Any, str]:

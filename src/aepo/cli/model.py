@@ -1,5 +1,5 @@
-"""`aepo model init | info | import-smollm2`: create the built-in model, describe a local model
-directory, or import SmolLM2-135M-Instruct.
+"""`aepo model init | info | import-smollm2 | merge`: create the built-in model, describe a local
+model directory, import SmolLM2-135M-Instruct, or merge a LoRA adapter into its base model.
 
 Heavy imports (torch, transformers) happen inside the commands so `aepo --help` stays fast.
 """
@@ -92,3 +92,43 @@ def import_smollm2_command(
     except (ValueError, ImportError, ImportSmolLM2Error) as err:
         fail(str(err))
     typer.echo(f"SmolLM2-135M-Instruct ({SAVE_DTYPE}) written to {path}")
+
+
+@app.command("merge")
+def merge_command(
+    adapter: Path = typer.Argument(..., help="A LoRA adapter directory (written by a run with actor.lora.rank > 0)."),
+    out: Path = typer.Argument(..., help="Directory to write the merged HF model to."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT when it already holds a model."),
+) -> None:
+    """Fold a LoRA adapter into its base model (from the adapter's aepo_run.yaml) and save a plain
+    HF model directory, with the adapter's run config (README, "LoRA")."""
+    from aepo.config import RUN_CONFIG_FILE
+    from aepo.io import check_output_dir
+    from aepo.models.factory import count_parameters
+    from aepo.models.loading import save_model_dir
+    from aepo.models.lora import adapter_base, is_adapter_dir, load_adapter_model, merge_adapter
+
+    try:
+        if not is_adapter_dir(adapter):
+            raise ValueError(f"ADAPTER {adapter} is not a LoRA adapter directory (no adapter_config.json); give "
+                             f"the final/ or checkpoint directory of a run with actor.lora.rank > 0")
+        base = adapter_base(adapter)
+        check_output_dir(out, "OUT")
+        if out.resolve() in (adapter.resolve(), base.resolve()):
+            raise ValueError(f"OUT {out} is the adapter or its base model; give a new directory")
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise ValueError(f"OUT {out} already holds files; pass --force to replace it, or choose another directory")
+        model, tokenizer = load_adapter_model(adapter, device="cpu")
+    except ValueError as err:
+        fail(str(err))
+        return
+    merged = merge_adapter(model)
+    text = {}
+    if (adapter / RUN_CONFIG_FILE).is_file():  # eval and rollout then run the merged model as the adapter was run
+        import yaml
+
+        run = yaml.safe_load((adapter / RUN_CONFIG_FILE).read_text(encoding="utf-8")) or {}
+        run.setdefault("actor", {}).setdefault("lora", {})["rank"] = 0  # a plain model now: no adapters on it
+        text[RUN_CONFIG_FILE] = yaml.safe_dump(run, sort_keys=False)
+    save_model_dir(out, merged, tokenizer, text_files=text)
+    typer.echo(f"merged {adapter} into its base model {base}: {count_parameters(merged):,} parameters; wrote {out}")

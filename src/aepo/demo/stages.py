@@ -222,6 +222,10 @@ def stage_rl(out: Path, sft_dir: Path, tasks: list[Any], runner: Any, cfg: Confi
     from aepo.rollout.sampler import build_backend
 
     model, tok = load_model(sft_dir, device=cfg.model.device, dtype=cfg.model.dtype)
+    if cfg.actor.lora.rank > 0:  # LoRA on the SFT model: final/ is then an adapter directory
+        from aepo.models.lora import apply_lora
+
+        model = apply_lora(model, cfg.actor.lora, sft_dir)
     # the sampler engine is built from the SFT directory (a vLLM engine needs one)
     backend = build_backend(cfg.rollout, model, tok, sft_dir)
     try:
@@ -231,7 +235,7 @@ def stage_rl(out: Path, sft_dir: Path, tasks: list[Any], runner: Any, cfg: Confi
         backend.close()
     from aepo.config import run_config_files
 
-    return save_model_dir(final, model, tok, text_files=run_config_files(cfg))
+    return save_model_dir(final, trainer.model, tok, text_files=run_config_files(cfg))
 
 
 def _digest(obj: Any) -> str:

@@ -226,6 +226,11 @@ def check_model_dir(path: str | Path, *, deep: bool = True) -> Path:
     the shapes config.json implies. Only headers are read: nothing is loaded.
     """
     root = Path(path).expanduser()
+    if (root / "adapter_config.json").is_file():  # a LoRA adapter: its files, then its base model's
+        from aepo.models.lora import adapter_base
+
+        check_model_dir(adapter_base(root), deep=deep)
+        return root
     if not root.is_dir():
         what = "is a file, not a directory" if root.exists() else "does not exist"
         raise ModelDirError(f"{_where(root)} {what}; give a local HF model directory "
@@ -275,6 +280,10 @@ def load_tokenizer(path: str | Path, *, checked: bool = False) -> PreTrainedToke
     """The tokenizer of a local model directory (EOS as pad where it has no pad token); a
     tokenizer that cannot be loaded raises ModelDirError naming the directory."""
     root = Path(path) if checked else check_model_dir(path)
+    if (root / "adapter_config.json").is_file() and not any((root / n).is_file() for n in _VOCAB_FILES):
+        from aepo.models.lora import adapter_base
+
+        root = adapter_base(root)  # an adapter saved without a tokenizer: its base model's
     silence_transformers_progress()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
@@ -289,12 +298,17 @@ def load_tokenizer(path: str | Path, *, checked: bool = False) -> PreTrainedToke
 def load_model(
     path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a local causal LM and its tokenizer, in eval mode on `device` with `dtype`.
+    """Load a local causal LM and its tokenizer, in eval mode on `device` with `dtype`. An
+    adapter directory (`aepo.models.lora`) loads as its base model with the adapter on top.
 
     A tokenizer without a pad token gets its EOS token as pad (Llama-style tokenizers). A
     directory that cannot be loaded raises ModelDirError (a ValueError) naming the file.
     """
     root = check_model_dir(path)
+    if (root / "adapter_config.json").is_file():
+        from aepo.models.lora import load_adapter_model
+
+        return load_adapter_model(root, device=device, dtype=dtype)  # type: ignore[return-value]
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
     tokenizer = load_tokenizer(root, checked=True)
@@ -347,6 +361,10 @@ def model_identity(model_dir: str | Path) -> str:
     for f in sorted(p for p in d.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    if (d / "adapter_config.json").is_file():  # a LoRA adapter names its weights with its base model's
+        from aepo.models.lora import adapter_base
+
+        h.update((d / "adapter_config.json").read_bytes() + model_identity(adapter_base(d)).encode())
     return h.hexdigest()[:16]
 
 

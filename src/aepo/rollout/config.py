@@ -60,3 +60,7 @@ class RolloutConfig:
     # passed to vllm.LLM as they are (e.g. {gpu_memory_utilization: 0.4, enforce_eager: true})
     entropy_top_k: int = 20
     engine_options: dict[str, Any] = field(default_factory=dict)
+    # a sampler engine other than the trainer's own model (vllm): after every weight sync, the
+    # mean |log-prob difference| per token of a fixed probe sequence between the trainer and the
+    # engine must be at most this, else the run stops (aepo.rollout.sampler.sync_check); 0: off
+    sync_tolerance: float = 0.05

@@ -134,7 +134,11 @@ def selected_logprobs(
     `vocab_head.default_chunk_elements` (large vocabularies) it runs in row chunks without [N, V]
     activations (`aepo.train.vocab_head`; below that the direct computation is faster). Rows here
     are right-padded, so under causal attention no real token sees a pad: `attention_mask=None`
-    gives the same values, faster."""
+    gives the same values, faster. A LoRA-wrapped model runs as its base module, whose layers
+    hold the adapters (`aepo.models.lora.policy_module`)."""
+    from aepo.models.lora import policy_module
+
+    model = policy_module(model)
     sel = select.bool()
     targets = input_ids[:, 1:][sel]
     head = plain_head(model)
@@ -193,7 +197,11 @@ def token_logprobs_and_entropy(
     masked position (later tokens cannot change earlier logits under causal attention) and the
     rows run in length-sorted groups (`length_chunks`): agent rows differ in length several-fold,
     and one padded [B, L] pass spends most of its time on padding. The values and gradients are
-    those of the single padded pass."""
+    those of the single padded pass. A LoRA-wrapped model runs as its base module with the
+    adapters in its layers (`aepo.models.lora.policy_module`)."""
+    from aepo.models.lora import policy_module
+
+    model = policy_module(model)
     if mask is None or attention_mask is not None:
         select = torch.ones_like(input_ids[:, 1:], dtype=torch.bool) if mask is None else mask.bool()
         return _scored(model, input_ids, attention_mask, select, temperature, with_entropy)

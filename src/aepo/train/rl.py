@@ -9,6 +9,11 @@ from a registry, so a new strategy, estimator or loss needs no change here:
     loss      cfg.actor.policy_loss      aepo.algos.losses: ppo | dapo | gppo | cispo | aepo | clip_cov | kl_cov
     extras   EPO regulariser, KL to a reference policy, DAPO dynamic sampling / overlong shaping
 
+With `actor.lora.rank` > 0 the model is wrapped with LoRA adapters (`aepo.models.lora`): only
+they are trained, the KL reference is the same model with its adapters disabled (no second
+copy), and checkpoints hold the adapter in peft's format. A sampler engine other than the
+trainer's own model is checked after every sync (`aepo.rollout.sampler.sync_check`).
+
 Randomness is derived from (seed, step), so a run resumed from a checkpoint continues exactly
 as the uninterrupted run would have.
 """
@@ -33,9 +38,11 @@ from aepo.algos.losses import clipped_token_mask
 from aepo.config import Config, check_loggers, run_config_files, save_config
 from aepo.data.datasets import TaskRow
 from aepo.data.prompting import run_prompt
+from aepo.models.lora import adapters_disabled, apply_lora, is_peft_model, policy_module, trainable_parameters
 from aepo.rewards import score_trajectory
 from aepo.rollout.audit import audit_rows
 from aepo.rollout.sampler import SamplerBackend, build_backend
+from aepo.rollout.sampler.sync_check import check_sync, probe_logprobs
 from aepo.rollout.strategies import rollout
 from aepo.tools.runner import is_timeout
 from aepo.train.batch import TokenBatch, collate, token_logprobs_and_entropy
@@ -53,6 +60,7 @@ from aepo.types import ToolCall, Trajectory
 ToolFn = Callable[[list[tuple[str, str]]], list[Any]]
 
 _log = logging.getLogger(__name__)
+PROBE_TOKENS = 64  # tokens of the probe sequence scored after every engine sync (`check_engine`)
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -89,19 +97,22 @@ class RLTrainer:
                  backend: SamplerBackend | None = None) -> None:
         if not tasks:
             raise ValueError("RLTrainer: no training tasks")
+        a = cfg.actor
+        if a.lora.rank > 0 and not is_peft_model(model):
+            model = apply_lora(model, a.lora, cfg.model.path or None)
         self.cfg, self.model, self.tokenizer, self.tasks, self.tool_fn = cfg, model, tokenizer, list(tasks), tool_fn
         self.out_dir = Path(out_dir)
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        a = cfg.actor
-        if a.kl_coef > 0 and ref_model is None:
+        # a LoRA model's reference is itself with the adapters disabled (`adapters_disabled`)
+        if a.kl_coef > 0 and ref_model is None and not is_peft_model(model):
             ref_model = copy.deepcopy(model).eval()
             for p in ref_model.parameters():
                 p.requires_grad_(False)
         self.ref_model = ref_model
         t = cfg.trainer
         self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=t.lr, betas=tuple(t.betas),
+            trainable_parameters(model), lr=t.lr, betas=tuple(t.betas),
             weight_decay=t.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -140,6 +151,7 @@ class RLTrainer:
         if self._engine_stale:
             self.backend.sync(self.model)
             self._engine_stale = False
+            self.check_engine(step)
         sampler = self.backend.sampler(step_seed(self.cfg.trainer.seed, step, 1 + salt))
         prompts = [(t.id, self._prompt_ids(t)) for t in tasks]
         self.model.eval()
@@ -159,6 +171,17 @@ class RLTrainer:
                 len(tr.response_ids), r.max_response_tokens, self.cfg.actor.overlong_buffer,
                 self.cfg.actor.overlong_penalty)
         return trajs, stats
+
+    def check_engine(self, step: int) -> float | None:
+        """After a sync: the engine's log-probs of a fixed probe sequence (the first task's prompt)
+        against the trainer's; SyncError stops the run when they differ by more than
+        rollout.sync_tolerance. Skipped for the torch backend over the trainer's own model."""
+        tol = self.cfg.rollout.sync_tolerance
+        if tol <= 0 or self.backend is None or getattr(self.backend, "model", None) is policy_module(self.model):
+            return None
+        probe = self._prompt_ids(self.tasks[0])[:PROBE_TOKENS]
+        return check_sync(probe_logprobs(self.model, probe), self.backend.probe_logprobs(probe), tol, step=step,
+                          engine=f"the {self.backend.name} sampler engine")
 
     def collect(self, step: int) -> tuple[list[Trajectory], list[Trajectory], dict]:
         """Roll out this step's prompts -> (rows to train on, this step's first rollout batch, stats).
@@ -212,6 +235,10 @@ class RLTrainer:
                 metrics["rollout_logprob_diff"] = float(diff.sum() / batch.loss_mask.sum().clamp_min(1))
         if self.ref_model is not None and a.kl_coef > 0:
             batch.ref_log_prob = self._score(self.ref_model, batch)
+        elif a.kl_coef > 0 and is_peft_model(self.model):
+            self.model.eval()
+            with adapters_disabled(self.model):
+                batch.ref_log_prob = self._score(self.model, batch)
         return batch
 
     def _score(self, model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
@@ -366,6 +393,9 @@ class RLTrainer:
         from safetensors.torch import load_file
 
         state = load_trainer_state(ck)
+        if is_peft_model(self.model):
+            self._load_adapter(ck)
+            return self._restore_state(state)
         weights = {}
         for f in sorted(ck.glob("*.safetensors")):
             try:
@@ -383,6 +413,34 @@ class RLTrainer:
             raise CheckpointError(f"checkpoint {ck} does not match the model: missing {missing[:5]}, "
                                   f"unexpected {unexpected[:5]}; resume with the model the run started from")
         self.model.tie_weights()
+        return self._restore_state(state)
+
+    def _load_adapter(self, ck: Path) -> None:
+        """Load the adapter weights of checkpoint `ck` into the wrapped model."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from aepo.models.lora import ADAPTER_WEIGHTS
+
+        f = ck / ADAPTER_WEIGHTS
+        try:
+            weights = load_file(str(f))
+        except Exception as e:  # noqa: BLE001 - missing or damaged, whatever safetensors calls it
+            raise CheckpointError(f"checkpoint {ck}: its adapter {f.name} cannot be read ({type(e).__name__}: {e}); "
+                                  f"delete {ck} to resume from the previous one") from None
+        try:
+            result = set_peft_model_state_dict(self.model, weights)
+        except RuntimeError as e:  # shape mismatch: another rank or model
+            raise CheckpointError(f"checkpoint {ck} does not fit the model ({str(e).splitlines()[0]}); resume with "
+                                  "the model and actor.lora settings the run started from") from None
+        lora_missing = [k for k in result.missing_keys if "lora_" in k]
+        if lora_missing or result.unexpected_keys:
+            raise CheckpointError(f"checkpoint {ck}: its adapter does not match the model's (missing "
+                                  f"{lora_missing[:3]}, unexpected {list(result.unexpected_keys)[:3]}); resume with "
+                                  "the actor.lora settings the run started from")
+
+    def _restore_state(self, state: dict[str, Any]) -> int:
+        """Optimizer, scheduler, RNG and entropy history of a checkpoint; the step to continue from."""
         self._engine_stale = True
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scheduler"):

@@ -263,7 +263,9 @@ def sft_train(model: torch.nn.Module, tokenizer: Any, examples: Sequence[SFTExam
     rng = random.Random(cfg.seed)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # a LoRA-wrapped model (actor.lora): only its adapters are trainable, and only they are updated
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
 
     def lr_at(i: int) -> float:
         if i < cfg.warmup_steps:
@@ -284,7 +286,7 @@ def sft_train(model: torch.nn.Module, tokenizer: Any, examples: Sequence[SFTExam
                 loss = sft_loss(model, ids, None, mask)  # right-padded rows
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
                 opt.step()
                 sched.step()
                 step += 1

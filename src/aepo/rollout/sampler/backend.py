@@ -3,9 +3,14 @@
 A `SamplerBackend` is made once per run (or per eval/rollout command) and hands out one fresh
 `Sampler` per rollout batch; the strategies drive that sampler and never see the engine.
 
-- `torch`: `TorchSampler` over the live training model; nothing to synchronise.
+- `torch`: `TorchSampler` over the live training model (with its LoRA adapters, if any);
+  nothing to synchronise.
 - `vllm`: an in-process vLLM engine (`aepo.rollout.sampler.vllm_sampler`), built once; its
-  weights are reloaded from the trainer's model after every optimizer step (`sync`).
+  weights (or, for a LoRA run, only its adapter) are reloaded from the trainer's model after
+  every optimizer step (`sync`).
+
+`probe_logprobs` scores a fixed sequence with the engine, for the trainer's per-step check that
+the engine serves the trained policy (`aepo.rollout.sampler.sync_check`).
 """
 from __future__ import annotations
 
@@ -14,7 +19,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from aepo.models.lora import is_peft_model, policy_module
 from aepo.rollout.config import RolloutConfig
+from aepo.rollout.sampler.sync_check import probe_logprobs
 from aepo.rollout.sampler.torch_sampler import TorchSampler
 
 if TYPE_CHECKING:
@@ -36,6 +43,9 @@ class SamplerBackend(Protocol):
     def sync(self, model: torch.nn.Module) -> None:
         """Make the engine sample from `model`'s current weights (after an optimizer step)."""
 
+    def probe_logprobs(self, ids: list[int]) -> list[float]:
+        """log p(ids[j+1] | ids[:j+1]) under the engine's current weights, temperature 1."""
+
     def stats(self) -> dict[str, float]:
         """Counters since the last call (e.g. the prefix-cache hit rate), namespaced for metrics."""
 
@@ -44,12 +54,13 @@ class SamplerBackend(Protocol):
 
 
 class TorchBackend:
-    """`TorchSampler`s over the training model itself: `sync` has nothing to do."""
+    """`TorchSampler`s over the training model itself (a LoRA-wrapped model's base module, whose
+    layers hold the adapters): `sync` has nothing to copy."""
 
     name = "torch"
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: RolloutConfig) -> None:
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.model, self.tokenizer, self.cfg = policy_module(model), tokenizer, cfg
 
     def sampler(self, seed: int) -> TorchSampler:
         c = self.cfg
@@ -58,7 +69,10 @@ class TorchBackend:
                             decode_graphs=None if c.decode_graphs else False)  # None: on CUDA only
 
     def sync(self, model: torch.nn.Module) -> None:
-        self.model = model
+        self.model = policy_module(model)
+
+    def probe_logprobs(self, ids: list[int]) -> list[float]:
+        return probe_logprobs(self.model, ids)
 
     def stats(self) -> dict[str, float]:
         return {}
@@ -83,5 +97,6 @@ def build_backend(cfg: RolloutConfig, model: torch.nn.Module | None, tokenizer: 
             raise ValueError("rollout.backend=vllm needs the model's directory (model.path) to build "
                              "the engine")
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.") if model is not None else None
-        return VLLMBackend(model_dir, cfg, dtype=dtype)
+        lora = model.peft_config["default"].r if model is not None and is_peft_model(model) else 0
+        return VLLMBackend(model_dir, cfg, dtype=dtype, lora_rank=int(lora))
     raise ValueError(f"rollout.backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")

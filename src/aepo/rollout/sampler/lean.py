@@ -113,13 +113,51 @@ def _is_rms_norm(module: torch.nn.Module) -> bool:
 
 
 def parameter_versions(model: torch.nn.Module) -> tuple[int, ...]:
-    return tuple(p._version for p in model.parameters())
+    """Every parameter's version counter, and whether each LoRA layer's adapters are disabled
+    (peft's `disable_adapter()` flips a flag, not a parameter): packed copies made under
+    other values are stale."""
+    flags = tuple(int(bool(m.disable_adapters)) for m in model.modules() if _lora_layer(m) is not None)
+    return tuple(p._version for p in model.parameters()) + flags
+
+
+def _lora_layer(module: torch.nn.Module) -> torch.nn.Linear | None:
+    """The plain base layer of an unmerged peft LoRA linear layer, else None."""
+    base = getattr(module, "base_layer", None)
+    if type(base) is not torch.nn.Linear or not hasattr(module, "lora_A") or not hasattr(module, "scaling"):
+        return None
+    dora = getattr(module, "use_dora", None) or {}
+    if getattr(module, "merged_adapters", None) or any(dora.get(n, False) for n in module.active_adapters):
+        return None
+    return base
+
+
+def _linear_weight(module: torch.nn.Module) -> torch.Tensor | None:
+    """The weight a linear layer applies: a plain `nn.Linear`'s, or for a LoRA layer its base
+    weight plus scaling * B A of each active adapter (its forward in eval mode, merged into one
+    matrix; the base weight itself is never changed). None for anything else."""
+    if type(module) is torch.nn.Linear:
+        return module.weight
+    base = _lora_layer(module)
+    if base is None:
+        return None
+    weight = base.weight
+    if module.disable_adapters:
+        return weight
+    for name in module.active_adapters:
+        if name in module.lora_A:
+            weight = weight + module.scaling[name] * (module.lora_B[name].weight @ module.lora_A[name].weight)
+    return weight
+
+
+def _linear_bias(module: torch.nn.Module) -> torch.Tensor | None:
+    return module.bias if type(module) is torch.nn.Linear else module.base_layer.bias
 
 
 def pack_llama_weights(model: torch.nn.Module) -> PackedModel | None:
     """Stacked copies of a small float32 Llama-family model's weights, or None when the model
     does not qualify (plain `nn.Linear` layers without MLP bias, RMSNorm, SiLU, small size).
-    Wrapped layers (e.g. LoRA adapters) are not plain Linear, so they keep the module path."""
+    A peft LoRA layer counts as the linear layer it computes, its adapters merged into the copy
+    (`_linear_weight`); other wrapped layers keep the module path."""
     if not supports_lean_forward(model) or getattr(model.config, "hidden_act", None) != "silu":
         return None
     inner = model.model
@@ -137,13 +175,15 @@ def pack_llama_weights(model: torch.nn.Module) -> PackedModel | None:
         attn, mlp = layer.self_attn, layer.mlp
         linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
         linears += [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-        if any(type(m) is not torch.nn.Linear for m in linears):
+        weights = [_linear_weight(m) if m is not None else None for m in linears]
+        if any(w is None for w in weights):
             return None
-        if any(m.bias is not None for m in linears[4:]):
+        q_w, k_w, v_w, o_w, gate_w, up_w, down_w = weights
+        if any(_linear_bias(m) is not None for m in linears[4:]):
             return None
         if not (_is_rms_norm(layer.input_layernorm) and _is_rms_norm(layer.post_attention_layernorm)):
             return None
-        qkv_biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        qkv_biases = [_linear_bias(attn.q_proj), _linear_bias(attn.k_proj), _linear_bias(attn.v_proj)]
         if any(b is None for b in qkv_biases) and any(b is not None for b in qkv_biases):
             return None
         qk_norm = None
@@ -151,8 +191,8 @@ def pack_llama_weights(model: torch.nn.Module) -> PackedModel | None:
         if hasattr(attn, "q_norm"):
             if not (_is_rms_norm(attn.q_norm) and _is_rms_norm(attn.k_norm)):
                 return None
-            n_q = attn.q_proj.out_features // attn.head_dim
-            n_kv = attn.k_proj.out_features // attn.head_dim
+            n_q = q_w.shape[0] // attn.head_dim
+            n_kv = k_w.shape[0] // attn.head_dim
             qk_norm = torch.cat([attn.q_norm.weight.expand(n_q, -1), attn.k_norm.weight.expand(n_kv, -1)])
             qk_eps = attn.q_norm.variance_epsilon
             if attn.k_norm.variance_epsilon != qk_eps:
@@ -161,16 +201,16 @@ def pack_llama_weights(model: torch.nn.Module) -> PackedModel | None:
             _PackedLayer(
                 norm1=layer.input_layernorm.weight.detach(),
                 norm1_eps=layer.input_layernorm.variance_epsilon,
-                qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
+                qkv=torch.cat([q_w, k_w, v_w]).detach(),
                 qkv_bias=None if qkv_biases[0] is None else torch.cat(qkv_biases).detach(),
                 qk_norm=None if qk_norm is None else qk_norm.detach(),
                 qk_norm_eps=qk_eps,
-                out=attn.o_proj.weight.detach(),
-                out_bias=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
+                out=o_w.detach(),
+                out_bias=None if _linear_bias(attn.o_proj) is None else _linear_bias(attn.o_proj).detach(),
                 norm2=layer.post_attention_layernorm.weight.detach(),
                 norm2_eps=layer.post_attention_layernorm.variance_epsilon,
-                gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
-                down=mlp.down_proj.weight.detach(),
+                gate_up=torch.cat([gate_w, up_w]).detach(),
+                down=down_w.detach(),
             )
         )
     return PackedModel(

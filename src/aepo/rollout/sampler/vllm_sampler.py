@@ -16,7 +16,13 @@ Like TRL's colocate mode, the engine lives in the trainer's process (vLLM's V1 e
 - finish reasons map to eos / stop (a stop string, returned in `Generation.stop`) / length.
 
 `sync` loads the trainer's weights into the engine's model and then resets the prefix cache,
-so no KV computed with old weights is reused. The log-probs the engine returns are never
+so no KV computed with old weights is reused. For a LoRA run (`actor.lora.rank` > 0) the engine
+is built with vLLM's LoRA support on the base model, and `sync` sends only the adapter: it is
+saved (a few MB) and served as a new `LoRARequest` (a new id, so vLLM loads it rather than
+reusing its cached copy), the previous one removed. An adapter directory given to `aepo eval` or
+`aepo rollout` is served the same way over its base model. `probe_logprobs` scores a fixed
+sequence (vLLM's prompt log-probs) for the trainer's per-step sync check
+(`aepo.rollout.sampler.sync_check`). The log-probs the engine returns are never
 trained on: the trainer re-scores pi_old with its own forward pass for this backend and logs
 the gap as `actor/rollout_logprob_diff`; the entropy-aware advantage also comes from the
 trainer's forward pass.
@@ -28,6 +34,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +43,7 @@ from typing import Any
 import torch
 
 from aepo.algos.entropy import topk_entropy
+from aepo.models.lora import ADAPTER_CONFIG, adapter_base, is_adapter_dir, is_peft_model
 from aepo.rollout.config import RolloutConfig
 from aepo.rollout.sampler.rows import RowTable
 from aepo.types import Generation
@@ -69,6 +78,18 @@ class _QuietRotaryReload(logging.Filter):
 _QUIET_ROTARY_RELOAD = _QuietRotaryReload()  # one instance: addFilter skips one already there
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The `max_lora_rank` values vLLM accepts."""
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of `rank`."""
+    for r in VLLM_LORA_RANKS:
+        if r >= rank:
+            return r
+    raise ValueError(f"actor.lora.rank={rank} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")
+
+
 def request_seed(seed: int, call: int, row: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{call}:{row}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % (2**31 - 1)
@@ -85,7 +106,8 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, model_dir: str | Path, cfg: RolloutConfig, *, dtype: str | None = None) -> None:
+    def __init__(self, model_dir: str | Path, cfg: RolloutConfig, *, dtype: str | None = None,
+                 lora_rank: int = 0) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: syncs are copies
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its per-request INFO lines drown the run's
@@ -96,6 +118,12 @@ class VLLMBackend:
         self._vllm = vllm
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QUIET_ROTARY_RELOAD)
         self.cfg = cfg
+        self.lora_request: Any = None
+        self._adapter_dirs: list[str] = []
+        adapter = None
+        if is_adapter_dir(model_dir):  # serve a saved adapter over its base model
+            adapter, model_dir = Path(model_dir), adapter_base(model_dir)
+            lora_rank = int(json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("r") or 8)
         saved = _saved_config(model_dir)
         options: dict[str, Any] = {
             "enable_prefix_caching": True,
@@ -115,8 +143,12 @@ class VLLMBackend:
             # partial (chunked) prefill, which fails a large batch of seeded requests
             options["enable_chunked_prefill"] = False
             options["max_num_batched_tokens"] = max(8192, int(saved.get("max_position_embeddings") or 0))
+        if lora_rank > 0:
+            options.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_lora_rank(lora_rank))
         options.update(cfg.engine_options)
         self.llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), **options)
+        if adapter is not None:
+            self.lora_request = self._lora_request(str(adapter), 1)
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self._prompt_tokens = 0
@@ -126,8 +158,17 @@ class VLLMBackend:
     def sampler(self, seed: int) -> VLLMSampler:
         return VLLMSampler(self, seed)
 
+    def _lora_request(self, path: str, lora_id: int) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(f"aepo-adapter-{lora_id}", lora_id, path)
+
     def sync(self, model: torch.nn.Module) -> None:
-        """Copy `model`'s weights into the engine, then drop the prefix cache (its KV is stale)."""
+        """Copy `model`'s weights (a LoRA-wrapped model: only its adapter) into the engine, then
+        drop the prefix cache (its KV is stale)."""
+        if is_peft_model(model):
+            self._sync_adapter(model)
+            return
         weights = [(name, p.detach()) for name, p in model.state_dict().items()]
         # vLLM's in-place reload: restores the layers' checkpoint layout, loads, and re-runs the
         # post-load processing (a CPU build repacks linear weights for oneDNN, so a plain
@@ -137,11 +178,42 @@ class VLLMBackend:
         self.llm.reset_prefix_cache()
         self.syncs += 1
 
+    def _sync_adapter(self, model: torch.nn.Module) -> None:
+        """Adapter-only update: save the adapter, serve it under a new id, drop the old one."""
+        old = self.lora_request
+        path = tempfile.mkdtemp(prefix="aepo-adapter-")
+        model.save_pretrained(path)  # adapter_config.json + adapter_model.safetensors only
+        self.syncs += 1
+        self.lora_request = self._lora_request(path, self.syncs)
+        if old is not None:
+            try:
+                self.llm.llm_engine.remove_lora(old.lora_int_id)
+            except Exception as e:  # noqa: BLE001 - an engine without removal keeps it in its LRU cache
+                logging.getLogger(__name__).debug("vLLM kept adapter %s: %s", old.lora_int_id, e)
+        for stale in self._adapter_dirs:
+            shutil.rmtree(stale, ignore_errors=True)
+        self._adapter_dirs = [path]
+        self.llm.reset_prefix_cache()
+
+    def probe_logprobs(self, ids: list[int]) -> list[float]:
+        """The engine's log-probs of `ids[1:]` (prompt log-probs, temperature 1, no top-k/top-p)."""
+        from vllm.inputs import TokensPrompt
+
+        params = self._vllm.SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=0, seed=0)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids))], params, use_tqdm=False,
+                                lora_request=self.lora_request)[0]
+        found = []
+        for token, top in zip(ids[1:], (out.prompt_logprobs or [None])[1:]):
+            entry = (top or {}).get(int(token))
+            found.append(float(entry.logprob) if entry is not None else float("-inf"))
+        return found
+
     def run(self, prompts: list[list[int]], params: list[Any]) -> list[Any]:
         """One engine call; counts prompt and prefix-cache-hit tokens for `stats`."""
         from vllm.inputs import TokensPrompt
 
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
+                                 lora_request=self.lora_request)
         for p, out in zip(prompts, outs):
             self._prompt_tokens += len(p)
             self._cached_tokens += int(getattr(out, "num_cached_tokens", 0) or 0)
@@ -157,6 +229,8 @@ class VLLMBackend:
         return out
 
     def close(self) -> None:
+        for stale in getattr(self, "_adapter_dirs", []):
+            shutil.rmtree(stale, ignore_errors=True)
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             shutdown = getattr(llm.llm_engine, "shutdown", None)
