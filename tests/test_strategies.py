@@ -372,22 +372,33 @@ def test_h_init_is_per_chain_and_does_not_leak_across_prompts_or_calls():
 # ----------------------------------------------------------------------------- AEPO: l counter
 
 
-def replay_l(decisions, trajs_by_prompt, scope, penalty, tau):
-    """Independent replay of the consecutive-branch counter from the decision log."""
+def replay_l(decisions, trajs_by_prompt, scope, penalty, tau, fills=()):
+    """Independent replay of the consecutive-branch counter from the decision log. Chain scope:
+    l per chain, updated at each decision. Prompt scope (the released counter): l per prompt,
+    read by every decision of a round, updated after the round when the batch made new rows
+    (l + 1 for a prompt that branched or was filled in the round, else 0)."""
     chain_l: dict[tuple[int, int], int] = {}
     prompt_l: dict[int, int] = {}
-    for d in decisions:
-        key = (d["prompt"], d["row_id"])
-        expected = prompt_l.get(d["prompt"], 0) if scope == "prompt" else chain_l.get(key, 0)
-        assert d["l"] == expected, d
-        assert d["p"] == pytest.approx(max(0.0, 1.0 - penalty * expected))
-        assert d["branched"] == (d["budget_left"] > 0 and d["p"] > tau)
-        new_l = expected + 1 if d["branched"] else 0
-        chain_l[key] = new_l
-        prompt_l[d["prompt"]] = new_l
-        for c in d["children"]:
-            chain_l[(d["prompt"], c)] = new_l  # a child starts with its parent's l at the fork
-            assert trajs_by_prompt[d["prompt"]][c].parent_row_id == d["row_id"]
+    rounds = sorted({d["round"] for d in decisions} | {f["round"] for f in fills})
+    for r in rounds:
+        made = set()
+        for d in (d for d in decisions if d["round"] == r):
+            key = (d["prompt"], d["row_id"])
+            expected = prompt_l.get(d["prompt"], 0) if scope == "prompt" else chain_l.get(key, 0)
+            assert d["l"] == expected, d
+            assert d["p"] == pytest.approx(max(0.0, 1.0 - penalty * expected))
+            assert d["branched"] == (d["budget_left"] > 0 and d["p"] > tau)
+            new_l = expected + 1 if d["branched"] else 0
+            chain_l[key] = new_l
+            if d["branched"]:
+                made.add(d["prompt"])
+            for c in d["children"]:
+                chain_l[(d["prompt"], c)] = new_l  # a child starts with its parent's l at the fork
+                assert trajs_by_prompt[d["prompt"]][c].parent_row_id == d["row_id"]
+        made |= {f["prompt"] for f in fills if f["round"] == r}
+        if made:
+            for prompt in range(len(trajs_by_prompt)):
+                prompt_l[prompt] = prompt_l.get(prompt, 0) + 1 if prompt in made else 0
 
 
 @pytest.mark.parametrize("scope", ["chain", "prompt"])
@@ -401,7 +412,7 @@ def test_aepo_consecutive_branch_counter(scope):
     )
     check_invariants(trajs, stats, sampler, prompts, n)
     by_prompt = [trajs[i * n:(i + 1) * n] for i in range(2)]
-    replay_l(stats["decisions"], by_prompt, scope, 0.3, 0.5)
+    replay_l(stats["decisions"], by_prompt, scope, 0.3, 0.5, stats["fills"])
     root = [d["l"] for d in stats["decisions"] if d["prompt"] == 0 and d["row_id"] == 0]
     assert root[:3] == [0, 1, 2]  # consecutive branches, then a reset
     if scope == "chain":
@@ -411,6 +422,36 @@ def test_aepo_consecutive_branch_counter(scope):
     assert stats["l_values"][0] == [d["l"] for d in stats["decisions"] if d["prompt"] == 0]
     all_l = [d["l"] for d in stats["decisions"]]
     assert stats["mean_l"] == pytest.approx(sum(all_l) / len(all_l))
+
+
+def test_prompt_scope_counter_is_read_per_round_and_counts_fills():
+    """The released counter: one l per prompt, the same for every decision of a round, updated
+    once after it; a fill counts as new rows; a round without new rows leaves l as it was."""
+    # P = 1 * (1 - 0.3 l) > 0.5 branches at l = 0 and 1. Two global rows decide in one round.
+    kw = dict(premonitor=False, branch_alpha=1.0, branch_gamma=0.0, branch_penalty=0.3,
+              branch_decision="threshold", branch_tau=0.5, penalty_scope="prompt")
+    _, stats, _ = run("aepo", tool_chain(3), prompts_of("A"), n=8, initial_rollouts=2, **kw)
+    first = [d for d in stats["decisions"] if d["row_id"] in (0, 1)]
+    r0 = first[0]["round"]
+    same_round = [d for d in first if d["round"] == r0]
+    assert [d["l"] for d in same_round] == [0, 0]  # per decision it would be [0, 1]
+    assert all(d["branched"] for d in same_round)
+    assert all(d["l"] == 1 for d in stats["decisions"] if d["round"] == r0 + 1)
+
+    # the first row answers at once, is filled by two rows that search: the fill round sets l = 1,
+    # the round of their searches (no new rows) keeps it, so their decisions see l = 1
+    def script(ctx, draw):
+        k = ctx.count("<result>")
+        if k == 0 and draw == 0:
+            return Reply("<answer>x</answer>", nats(0.3, TOK))
+        return Reply(f"<search>q{k}.{draw}</search>" if k < 1 else "<answer>y</answer>", nats(0.3, TOK))
+
+    _, stats, _ = run("aepo", script, prompts_of("A"), n=3, initial_rollouts=1, **kw)
+    assert stats["fills"] == [{"round": 0, "prompt": 0, "rows": 2}]
+    assert [d["l"] for d in stats["decisions"]] == [1, 1]
+    assert [d["p"] for d in stats["decisions"]] == [pytest.approx(0.7), pytest.approx(0.7)]
+    _, chain, _ = run("aepo", script, prompts_of("A"), n=3, initial_rollouts=1, **{**kw, "penalty_scope": "chain"})
+    assert [d["l"] for d in chain["decisions"]] == [0, 0]
 
 
 def test_aepo_sample_decision_uses_a_bernoulli_draw():

@@ -48,7 +48,9 @@ class RolloutConfig:
     # authors' code (random base U), "sample" Bernoulli(P); the default is chosen from demo
     # measurements given in rollout.strategies.branch_decision
     branch_decision: Literal["threshold", "released", "sample"] = "threshold"
-    penalty_scope: Literal["chain", "prompt"] = "chain"  # "prompt" is the released behaviour
+    # l of the penalty: "chain" one per chain (the paper); "prompt" the released counter, one per
+    # prompt, updated once per round, fills counted (docs/algorithms.md section 3.3 item 2)
+    penalty_scope: Literal["chain", "prompt"] = "chain"
     m_compat: bool = False  # released code: int(k * sigmoid) + 1
     segment_entropy_compat: bool = False  # released code: plain sum over n_probe, no length rescale
     # vllm backend: top-k log-probs per token for the probe entropy (vLLM returns no full

@@ -200,6 +200,7 @@ class PromptGroup:
     branches: int = 0
     l_values: list[int] = field(default_factory=list)  # l used at each branch decision
     l_prompt: int = 0  # the single per-prompt l of penalty_scope="prompt"
+    new_rows_this_round: bool = False  # a branch or fill row was made this round (penalty_scope="prompt")
     probe: RowState | None = None  # AEPO probe while it runs
     probe_tool_entropies: list[float] = field(default_factory=list)
     h_root: float | None = None
@@ -247,6 +248,8 @@ class RolloutStrategy:
         self.agent = Agent(sampler, tokenizer, tool_fn, cfg)
         self.groups: list[PromptGroup] = []
         self.decisions: list[dict[str, Any]] = []
+        self.fills: list[dict[str, int]] = []  # {"round", "prompt", "rows"} per fill
+        self.round = 0  # the index of the current round (one agent step for every active row)
         self._live: set[int] = set()
 
     # -------------------------------------------------------------- sampler rows
@@ -293,6 +296,7 @@ class RolloutStrategy:
             made.append(child.traj.row_id)
         if made:
             g.branches += 1
+            g.new_rows_this_round = True
         return made
 
     # -------------------------------------------------------------- hooks
@@ -307,7 +311,13 @@ class RolloutStrategy:
     def end_turn(self, g: PromptGroup) -> None:
         """After a turn: fill a prompt whose rows all finished while budget remains."""
         if not g.probing and not g.active() and g.budget_left > 0:
-            self.start_globals(g, g.budget_left)
+            rows = g.budget_left
+            self.start_globals(g, rows)
+            g.new_rows_this_round = True
+            self.fills.append({"round": self.round, "prompt": g.index, "rows": rows})
+
+    def end_round(self) -> None:
+        """After every prompt's `end_turn` of a round."""
 
     # -------------------------------------------------------------- main loop
 
@@ -325,6 +335,7 @@ class RolloutStrategy:
                 self._live.add(handle)
                 self.groups.append(PromptGroup(i, str(pid), list(ids), self.cfg.n, handle))
             self.begin(self.groups)
+            self.round = 0
             while True:
                 active = [s for g in self.groups for s in g.active()]
                 if not active:
@@ -337,6 +348,10 @@ class RolloutStrategy:
                     for s in g.rows:
                         if s.finished:
                             self._release_state(s)
+                self.end_round()
+                for g in self.groups:
+                    g.new_rows_this_round = False
+                self.round += 1
         finally:
             for handle in list(self._live):
                 self._release(handle)
@@ -369,6 +384,7 @@ class RolloutStrategy:
             "h_root": [g.h_root for g in self.groups],
             "h_tool": [g.h_tool for g in self.groups],
             "decisions": list(self.decisions),
+            "fills": list(self.fills),
             "generate_calls": self.agent.generate_calls,
             "tool_fn_calls": self.agent.tool_fn_calls,
         }
@@ -398,7 +414,7 @@ class RolloutStrategy:
         children: list[int],
     ) -> None:
         self.decisions.append({
-            "prompt": g.index, "row_id": s.traj.row_id, "position": outcome.segment_start,
+            "prompt": g.index, "row_id": s.traj.row_id, "round": self.round, "position": outcome.segment_start,
             "turn": s.traj.decisions[-1]["turn"], "rule": self.cfg.branch_decision,
             "h_init": s.h_init, "h_now": outcome.entropy, "dH": outcome.entropy - s.h_init,
             "p": p, "l": l, "budget_left": budget_left, "branched": bool(children), "children": children,
@@ -497,14 +513,24 @@ class AepoRollout(RolloutStrategy):
         per_prompt = cfg.penalty_scope == "prompt"
         l = g.l_prompt if per_prompt else s.l
         p, branched, budget_left = self.decide(g, s, outcome, cfg.branch_gamma, cfg.branch_penalty, l)
-        # a branched step extends the run of consecutive branches, any other step resets it;
-        # set before forking so the children start with the chain's new l
+        # chain scope: a branched step extends the chain's run of consecutive branches, any other
+        # step resets it; set before forking so the children start with the chain's new l.
+        # Prompt scope changes l only at the end of the round (`end_round`).
         s.l = l + 1 if branched else 0
-        if per_prompt:
-            g.l_prompt = s.l
         children = self.branch(g, s, outcome.segment_start) if branched else []
         g.l_values.append(l)
         self._log_decision(g, s, outcome, p, l, budget_left, children)
+
+    def end_round(self) -> None:
+        """penalty_scope="prompt", the released counter (docs/algorithms.md section 3.3 item 2):
+        one l per prompt, read by every decision of a round and updated once after it. When the
+        round made any new row in the batch (a branch or a fill), each prompt's l becomes l + 1 if
+        that prompt got new rows (fills count) and 0 otherwise; a round without new rows anywhere
+        leaves every l as it was."""
+        if self.cfg.penalty_scope != "prompt" or not any(g.new_rows_this_round for g in self.groups):
+            return
+        for g in self.groups:
+            g.l_prompt = g.l_prompt + 1 if g.new_rows_this_round else 0
 
 
 def rollout(
