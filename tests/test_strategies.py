@@ -458,7 +458,7 @@ def test_aepo_sample_decision_uses_a_bernoulli_draw():
     # P = (0.5 + 0.2 * (0.8 - 0.3)) * (1 - 0.05 * 0) = 0.6 for the first decision
     rng = FixedRng([0.59, 0.61, 0.99])
     _, stats, _ = run("aepo", entropy_script(0.3, [0.8, 0.8, 0.8]), prompts_of("Q"), rng=rng, n=3,
-                      premonitor=False, initial_rollouts=1, branch_decision="sample")
+                      premonitor=False, initial_rollouts=1, branch_decision="sample", branch_alpha=0.5)
     d0 = stats["decisions"][0]
     assert d0["p"] == pytest.approx(0.6, abs=1e-6) and d0["branched"] and d0["l"] == 0
     # second decision of the root chain: l = 1, P = 0.6 * 0.95 = 0.57 < draw 0.61
@@ -679,12 +679,12 @@ def test_strategies_honour_branch_decision(strategy, rule, draws, branches):
 @pytest.mark.parametrize("rule", BRANCH_DECISIONS)
 @pytest.mark.parametrize("scope", ["chain", "prompt"])
 def test_rows_carry_m_and_their_chain_of_decisions(rule, scope):
-    # H_init 0.5; after a result 0.1, 0.5 or 0.9 by turn and draw: dH in {-0.4, 0, 0.4}, so every
+    # H_init 0.5; after a result 0.1, 0.5 or 1.3 by turn and draw: dH in {-0.4, 0, 0.8}, so every
     # rule branches on some decisions and not on others; Z = 2, and branches branch again
     def script(ctx, draw):
         k = ctx.count("<result>")
         text = f"<search>{ctx[0]}{k}.{draw}</search>" if k < 4 else f"<answer>{draw}</answer>"
-        return Reply(text, seg(0.5 if k == 0 else [0.1, 0.5, 0.9][(k + 2 * draw) % 3]))
+        return Reply(text, seg(0.5 if k == 0 else [0.1, 0.5, 1.3][(k + 2 * draw) % 3]))
 
     prompts = prompts_of("A", "B", "C")
     n = 9
@@ -765,3 +765,23 @@ def test_paused_segments_keep_trees_and_decisions_whole(strategy, extra):
                 assert REPLY.fullmatch(s.text), s.text
                 ents = t.entropies[s.start:s.end]
                 assert s.entropy == pytest.approx(segment_entropy_value(ents, 20, len(TOK), False))
+
+
+def test_threshold_rule_at_the_defaults_depends_on_beta():
+    """alpha (0.4) is kept apart from tau (0.5), so the threshold rule branches when
+    beta dH > tau - alpha: beta sets the bar (dH > 0.5 at beta 0.2, dH > 0.25 at beta 0.4)."""
+    cfg = RolloutConfig()
+    assert (cfg.branch_alpha, cfg.branch_tau, cfg.branch_decision) == (0.4, 0.5, "threshold")
+    rng = FixedRng([0.0])
+
+    def branches(beta, dh):
+        return branch_decision("threshold", cfg.branch_alpha, beta, dh, 0.0, 0, cfg.branch_tau, rng)[1]
+
+    assert [branches(0.2, dh) for dh in (0.1, 0.49, 0.51, 1.0)] == [False, False, True, True]
+    assert [branches(0.4, dh) for dh in (0.1, 0.24, 0.26, 1.0)] == [False, False, True, True]
+    assert branches(0.4, 0.3) and not branches(0.2, 0.3)  # the same step, another beta
+    assert rng.drawn == []  # deterministic: no draw
+    # AEPO's penalty raises the bar: (0.4 + 0.2 dH)(1 - 0.05 l) > 0.5 needs dH > 0.632 at l = 1
+    p1, b1 = branch_decision("threshold", 0.4, 0.2, 0.63, 0.05, 1, 0.5, rng)
+    p2, b2 = branch_decision("threshold", 0.4, 0.2, 0.64, 0.05, 1, 0.5, rng)
+    assert p1 == pytest.approx((0.4 + 0.2 * 0.63) * 0.95) and not b1 and b2

@@ -34,7 +34,11 @@ class RolloutConfig:
     n_probe: int = 20
     # ARPO entropy-based adaptive branching
     initial_rollouts: int = 0  # m; 0 means n // 2
-    branch_alpha: float = 0.5
+    # alpha, the base of the branch score alpha + beta dH. Kept apart from branch_tau: with the
+    # threshold rule a chain branches when beta dH > tau - alpha, i.e. dH > 0.5 at the defaults,
+    # so beta (and AEPO's gamma) sets the bar; alpha = tau would make it "dH > 0" whatever beta
+    # is (docs/algorithms.md section 3.2). `released` does not use alpha (its base is U(0, 1))
+    branch_alpha: float = 0.4
     branch_beta: float = 0.2  # ARPO beta; AEPO's gamma below
     branch_children: int = 1  # Z
     # AEPO dynamic entropy-balanced rollout
@@ -43,7 +47,7 @@ class RolloutConfig:
     reuse_probe: bool = True
     branch_gamma: float = 0.2
     branch_penalty: float = 0.05  # lambda_pen
-    branch_tau: float = 0.5
+    branch_tau: float = 0.5  # tau, the bar of the threshold and released rules (0.5 in the released code)
     # ARPO and AEPO branch rule (docs/algorithms.md section 3.3): "threshold" the paper, "released" the
     # authors' code (random base U), "sample" Bernoulli(P); the default is chosen from demo
     # measurements given in rollout.strategies.branch_decision

@@ -114,7 +114,9 @@ def branch_decision(
     factor f = max(0, 1 - lambda_pen * l):
 
     - "threshold" (the paper): p = (alpha + coef * dH) * f, branch when p > tau. Deterministic
-      given dH; for ARPO (f = 1, alpha = tau = 0.5) it branches exactly when dH > 0.
+      given dH; for ARPO (f = 1) it branches when coef * dH > tau - alpha, i.e. dH > 0.5 at the
+      defaults alpha = 0.4, coef = 0.2, tau = 0.5 (with alpha = tau it would be dH > 0 whatever
+      coef is, docs/algorithms.md section 3.2).
     - "released" (the authors' code): p = (U + coef * dH) * f with U = rng.random() ~ U(0, 1),
       branch when p >= tau (tau = 0.5 is the released constant).
     - "sample": p = clip((alpha + coef * dH) * f, 0, 1), branch when rng.random() < p.
@@ -124,8 +126,9 @@ def branch_decision(
     here: a decision that wants to branch on a prompt with no budget left does not branch.
 
     Default `threshold`, from the demo (runs/demo: tiny Qwen3 after SFT, 24 held-out test
-    questions x 5 seeds, k = 8, n_probe = 20, demo rollout settings, alpha/gamma/lambda/tau as
-    in docs/algorithms.md; AEPO; "with budget" = decisions taken while the prompt had budget left):
+    questions x 5 seeds, k = 8, n_probe = 20, demo rollout settings, alpha = tau = 0.5 (the
+    default alpha was 0.5 then), gamma = 0.2, lambda = 0.05; AEPO; "with budget" = decisions
+    taken while the prompt had budget left):
 
         rule       decisions  branch rate       branches/  P(branch | dH>0)  branches   unique
                               all / with budget prompt     / P(.. | dH<=0)   with dH>0  rows/8
@@ -148,6 +151,8 @@ def branch_decision(
     of 596 vs 75% of 491 for `sample`). Its cost: with dH > 0 at most decisions it branches at
     95% of them while budget lasts, so the budget goes to the earliest high-dH steps, and it is
     deterministic given dH; the AEPO penalty still bites (l = 1 needs dH > 0.13, l = 2 dH > 0.28).
+    That spending at nearly every step, with gamma inert, is why alpha is now 0.4 (dH > 0.5 at
+    l = 0, 0.63 at l = 1, 0.78 at l = 2).
     `released` has the distribution of `sample` at l = 0 (P(U + coef dH >= 0.5) = 0.5 + coef dH).
     """
     f = _penalty_factor(penalty, l)
