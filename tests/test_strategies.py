@@ -785,3 +785,29 @@ def test_threshold_rule_at_the_defaults_depends_on_beta():
     p1, b1 = branch_decision("threshold", 0.4, 0.2, 0.63, 0.05, 1, 0.5, rng)
     p2, b2 = branch_decision("threshold", 0.4, 0.2, 0.64, 0.05, 1, 0.5, rng)
     assert p1 == pytest.approx((0.4 + 0.2 * 0.63) * 0.95) and not b1 and b2
+
+
+def test_released_aepo_preset_runs_what_the_published_scripts_ran():
+    """algo=released_aepo: m = k / 2 without pre-monitoring, the released rule with one draw per
+    decision, the per-prompt counter, the unrescaled segment sum; GRPO's advantage."""
+    import dataclasses
+
+    from aepo.algos import advantage_spec
+    from aepo.config import load_config
+
+    cfg = load_config(None, ["algo=released_aepo", "rollout.n=6", "rollout.n_probe=20"])
+    assert advantage_spec(cfg.actor.adv_estimator).per_token is None  # no entropy factor
+    assert cfg.actor.policy_loss == "aepo"
+    r = cfg.rollout
+    assert (r.strategy, r.premonitor, r.branch_decision, r.penalty_scope, r.segment_entropy_compat) == (
+        "aepo", False, "released", "prompt", True)
+    rng = FixedRng([0.9])  # U = 0.9: (0.9 + 0.2 dH)(1 - 0.05 l) >= 0.5 at every decision here
+    sampler = ScriptedSampler(TOK, tool_chain(2, entropy=0.01))
+    trajs, stats = rollout("aepo", prompts_of("A", "B"), sampler, TOK, FakeTools(), dataclasses.replace(r), rng)
+    assert stats["m"] == [3, 3] and stats["h_root"] == [None, None]  # no probe
+    assert len(rng.drawn) == len(stats["decisions"]) > 0
+    first = stats["decisions"][0]
+    assert first["l"] == 0 and first["p"] == pytest.approx(0.9 + 0.2 * first["dH"]) and first["branched"]
+    # the segment entropy is the plain sum: a 10-token segment of a shorter reply sums 10 terms
+    short = Agent(sampler, TOK, FakeTools(), r).segment_entropy([nats(0.01, TOK)] * 10)
+    assert short == pytest.approx(0.1, rel=1e-5)

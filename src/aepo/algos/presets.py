@@ -37,6 +37,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rollout": {"strategy": "aepo"},
         "actor": {"adv_estimator": "aepo", "policy_loss": "aepo", "clip_ratio_low": 0.2, "clip_ratio_high": 0.2},
     },
+    # What the published AEPO training scripts ran (docs/algorithms.md section 6): the dynamic
+    # rollout's pre-monitoring off (enable_dynamic_rollouts unset), so m = k / 2; the released
+    # branch rule (U + gamma dH)(1 - 0.05 l) >= 0.5 with its per-prompt, per-round counter and
+    # its unrescaled segment entropy; the entropy-aware advantage off (the configs never
+    # computed the token entropies, so the advantage was GRPO's); the entropy-balanced clip on.
+    "released_aepo": {
+        "rollout": {
+            "strategy": "aepo", "premonitor": False, "initial_rollouts": 0, "branch_decision": "released",
+            "branch_gamma": 0.2, "branch_penalty": 0.05, "branch_tau": 0.5, "penalty_scope": "prompt",
+            "segment_entropy_compat": True, "branch_children": 1,
+        },
+        "actor": {"adv_estimator": "grpo", "policy_loss": "aepo", "clip_ratio_low": 0.2, "clip_ratio_high": 0.2,
+                  "kl_coef": 0.0},
+    },
 }
 
 
