@@ -1,5 +1,5 @@
 """RLTrainer.make_batch / update on hand-built trajectories, against independent implementations:
-the AEPO entropy-aware advantage from the training forward pass (per micro-batch), per-turn
+the AEPO entropy-aware advantage (z over the batch or per micro-batch), per-turn
 EPO history, hard tree attribution, and the entropy of clipped tokens."""
 from __future__ import annotations
 
@@ -134,13 +134,32 @@ def grads_differ(a, b):
 # ----------------------------------------------------------------------------- AEPO advantage
 
 
-def test_aepo_batch_carries_the_group_part_only(tmp_path):
+def test_aepo_batch_carries_the_group_part_only_with_micro_scope(tmp_path):
     model = tiny_model()
     trajs = make_trajs(model, [1.0, 0.0, 0.5, 0.0])
-    tr = trainer_for(model, tmp_path, **{"actor.adv_estimator": "aepo"})
+    tr = trainer_for(model, tmp_path, **{"actor.adv_estimator": "aepo", "actor.adv_entropy_scope": "micro"})
     batch = tr.make_batch(trajs)
     rows = torch.tensor(grpo_rows([t.reward for t in trajs]), dtype=torch.float32)
     torch.testing.assert_close(batch.advantages, rows[:, None] * batch.loss_mask)
+
+
+def test_aepo_batch_scope_shapes_the_batch_advantage_by_hand(tmp_path):
+    """actor.adv_entropy_scope=batch (default): A_i (1 + alpha_H z(H_t)), z over every valid
+    token of the batch, H from the policy before the update (one unpadded forward per row)."""
+    model = tiny_model()
+    trajs = make_trajs(model, [1.0, 0.0, 0.5, 0.0])
+    tr = trainer_for(model, tmp_path, **{"actor.adv_estimator": "aepo", "actor.entropy_adv_alpha": ALPHA,
+                                         "trainer.ppo_micro_batch_size": 1})
+    assert tr.cfg.actor.adv_entropy_scope == "batch"
+    batch = tr.make_batch(trajs)
+    with torch.no_grad():
+        ents = [ref_forward(model, t)[1][torch.tensor(t.response_mask, dtype=torch.bool)] for t in trajs]
+    h_all = torch.cat(ents).double()
+    rows = grpo_rows([t.reward for t in trajs])
+    for i, e in enumerate(ents):
+        want = rows[i] * (1 + ALPHA * (e.double() - h_all.mean()) / h_all.std())
+        got = batch.advantages[i][batch.loss_mask[i].bool()]
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
 
 def test_aepo_advantage_uses_the_training_forward_entropy(tmp_path):
@@ -168,11 +187,15 @@ def test_aepo_advantage_uses_the_training_forward_entropy(tmp_path):
     assert out["adv_abs_mean"] == pytest.approx(float(shaped.abs().mean()), abs=1e-6)
 
 
-def test_aepo_entropy_zscore_is_per_micro_batch(tmp_path):
+@pytest.mark.parametrize("scope", ["micro", "batch"])
+def test_aepo_entropy_zscore_scope(tmp_path, scope):
+    """scope micro: z per micro-batch (the released actor), so the micro-batch size changes the
+    gradient; scope batch: z over the whole batch, the same gradient at any micro-batch size."""
     model = tiny_model(seed=3)
     trajs = make_trajs(model, [1.0, 0.0, 0.0, 1.0, 0.5, 0.0], seed=1)
     tr = trainer_for(model, tmp_path, **{"actor.adv_estimator": "aepo", "actor.entropy_adv_alpha": ALPHA,
-                                         "trainer.ppo_mini_batch_size": 6, "trainer.ppo_micro_batch_size": 2})
+                                         "trainer.ppo_mini_batch_size": 6, "trainer.ppo_micro_batch_size": 2,
+                                         "actor.adv_entropy_scope": scope})
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(step_seed(tr.cfg.trainer.seed, 0, 3)))
     micro = [perm[s : s + 2].tolist() for s in range(0, 6, 2)]
     per_micro = ref_grads(model, trajs, micro, lambda i, h: h)
@@ -180,8 +203,9 @@ def test_aepo_entropy_zscore_is_per_micro_batch(tmp_path):
     assert grads_differ(per_micro[0], whole[0])
     grads = capture_grads(tr)
     tr.update(tr.make_batch(trajs), 0)
-    assert_grads_close(grads[0], per_micro[0])
-    assert grads_differ(grads[0], whole[0])
+    want, other = (per_micro, whole) if scope == "micro" else (whole, per_micro)
+    assert_grads_close(grads[0], want[0])
+    assert grads_differ(grads[0], other[0])
 
 
 def test_grpo_update_is_unchanged_by_entropies(tmp_path):

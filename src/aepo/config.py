@@ -48,8 +48,13 @@ class AlgoConfig:
     # policy_loss ppo | dapo | gppo | cispo | aepo | clip_cov | kl_cov, plus any registered later
     adv_estimator: str = "grpo"
     norm_adv_by_std_in_grpo: bool = True
-    # alpha_H of the aepo estimator; z(H) uses the training forward pass, per micro-batch
+    # alpha_H of the aepo estimator (A_i (1 + alpha_H z(H_t)), docs/algorithms.md section 4)
     entropy_adv_alpha: float = 0.2
+    # where z(H_t) of that estimator is taken: "batch" over the whole step's batch, with the
+    # entropies of the policy before the update (one extra no-grad forward pass; the memory
+    # setting ppo_micro_batch_size no longer changes the algorithm), or "micro" over each
+    # micro-batch of the training pass (the released actor)
+    adv_entropy_scope: Literal["batch", "micro"] = "batch"
     # tree rollouts (ARPO/AEPO branching): "soft" trains a shared prefix once per row that holds
     # it; "hard" trains it once, with the mean advantage of those rows (docs/algorithms.md section 4)
     tree_attribution: Literal["soft", "hard"] = "soft"

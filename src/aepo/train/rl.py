@@ -185,10 +185,11 @@ class RLTrainer:
         """Training tensors, advantages and (when configured) re-scored pi_old and reference
         log-probs; `metrics`, when given, receives `rollout_logprob_diff`.
 
-        For an estimator with a per-token step (adv_estimator "aepo") the advantages here are its
-        base, the group part (GRPO's A_i): the entropy factor (1 + alpha_H z(H_t)) needs the
-        current policy's entropies, so `update` applies it per micro-batch (`micro_advantages`,
-        docs/algorithms.md section 4). With
+        For an estimator with a per-token step (adv_estimator "aepo") the group part (GRPO's
+        A_i) comes first; the entropy factor (1 + alpha_H z(H_t)) needs the current policy's
+        entropies: with actor.adv_entropy_scope "batch" (default) one no-grad pass over the batch
+        gives them and z is taken over the whole batch here; with "micro" `update` applies the
+        factor per micro-batch (`micro_advantages`, docs/algorithms.md section 4). With
         actor.tree_attribution "hard", a token a branch row copied from its parent is trained
         once, with the mean advantage of the rows holding it (`algos.hard_attribution`)."""
         a = self.cfg.actor
@@ -201,38 +202,54 @@ class RLTrainer:
             parent, position = tree_links(trajs)
             batch.advantages, batch.loss_mask = algos.hard_attribution(
                 batch.advantages, batch.loss_mask, parent, position)
-        if self.recompute_old_log_prob:
+        step = algos.advantage_spec(a.adv_estimator).per_token
+        batch_entropy = step is not None and a.adv_entropy_scope == "batch"
+        entropy = None
+        if self.recompute_old_log_prob or batch_entropy:
             self.model.eval()
+            scored, entropy = self._score(self.model, batch, with_entropy=batch_entropy)
+        if self.recompute_old_log_prob:
             sampler_lp = batch.old_log_prob
-            batch.old_log_prob = self._score(self.model, batch)
+            batch.old_log_prob = scored
             if metrics is not None:
                 diff = (sampler_lp - batch.old_log_prob).abs() * batch.loss_mask
                 metrics["rollout_logprob_diff"] = float(diff.sum() / batch.loss_mask.sum().clamp_min(1))
+        if batch_entropy:
+            # the estimator's per-token step over the whole batch, once, with the entropies of the
+            # policy before the update (docs/algorithms.md section 4, actor.adv_entropy_scope)
+            batch.advantages = step(batch.advantages, entropy, batch.loss_mask, **algos.per_token_config(a))
         if self.ref_model is not None and a.kl_coef > 0:
-            batch.ref_log_prob = self._score(self.ref_model, batch)
+            batch.ref_log_prob, _ = self._score(self.ref_model, batch)
         return batch
 
-    def _score(self, model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
-        """log pi(token) of every response token under `model`, in micro-batches, without grad."""
+    def _score(self, model: torch.nn.Module, batch: TokenBatch,
+               with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log pi(token) of every response token under `model`, and with `with_entropy` the token
+        entropies H_t, in micro-batches without grad (the split changes no value)."""
         micro = max(1, self.cfg.trainer.ppo_micro_batch_size)
         out = torch.zeros_like(batch.old_log_prob)
+        ent_out = torch.zeros_like(batch.old_log_prob) if with_entropy else None
         with torch.no_grad():
             for s in range(0, len(batch), micro):
                 ids = batch.input_ids[s : s + micro].to(self.device)
                 mask = batch.loss_mask[s : s + micro]
-                lp, _ = token_logprobs_and_entropy(  # rows are right-padded: no attention mask needed
-                    model, ids, None, self.cfg.rollout.temperature, with_entropy=False, mask=mask.to(self.device))
+                lp, ent = token_logprobs_and_entropy(  # rows are right-padded: no attention mask needed
+                    model, ids, None, self.cfg.rollout.temperature, with_entropy=with_entropy,
+                    mask=mask.to(self.device))
                 out[s : s + micro] = lp.float().cpu()
-        return out
+                if ent_out is not None and ent is not None:
+                    ent_out[s : s + micro] = ent.float().cpu()
+        return out, ent_out
 
     def micro_advantages(self, mu: TokenBatch, entropy: torch.Tensor) -> torch.Tensor:
-        """The advantages one micro-batch's loss uses: the batch's, or the estimator's per-token
-        step on them (adv_estimator "aepo": A_i (1 + alpha_H z(H_t)) with z over this
-        micro-batch's valid tokens of `entropy`), with the detached entropies of the training
-        forward pass (not the sampler's `rollout_entropy`)."""
+        """The advantages one micro-batch's loss uses: the batch's (with actor.adv_entropy_scope
+        "batch" they already hold the estimator's per-token step, taken in `make_batch`), or with
+        scope "micro" the estimator's per-token step on them (adv_estimator "aepo":
+        A_i (1 + alpha_H z(H_t)) with z over this micro-batch's valid tokens of `entropy`), with
+        the detached entropies of the training forward pass (not the sampler's `rollout_entropy`)."""
         a = self.cfg.actor
         step = algos.advantage_spec(a.adv_estimator).per_token
-        if step is None:
+        if step is None or a.adv_entropy_scope == "batch":
             return mu.advantages
         return step(mu.advantages, entropy.detach(), mu.loss_mask, **algos.per_token_config(a))
 
