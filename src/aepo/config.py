@@ -81,7 +81,10 @@ class AlgoConfig:
     kl_coef: float = 0.0  # KL to the reference policy; 0 = no reference model
     kl_type: str = "k3"  # k1 | k2 | k3
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
-    overlong_buffer: int = 0  # DAPO overlong reward shaping; 0 = off
+    # DAPO overlong reward shaping, 0 = off (the dapo preset: 64): a row whose generated tokens L
+    # (tool results not counted) exceed rollout.max_response_tokens - buffer loses
+    # overlong_penalty * min(1, (L - (max - buffer)) / buffer) reward
+    overlong_buffer: int = 0
     overlong_penalty: float = 1.0
     # options of a registered loss / estimator that have no field above: {option: value}
     # (each function's keyword-only parameters; checked against them before any work)
@@ -509,6 +512,9 @@ def validate(cfg: Config) -> None:
         _check(0 <= getattr(a, key) < 1, f"actor.{key}", getattr(a, key), "in [0, 1) (a clip width around ratio 1)")
     _check(a.clip_ratio_c > 1, "actor.clip_ratio_c", a.clip_ratio_c, "> 1 (the dual-clip constant)")
     _check(a.kl_coef >= 0, "actor.kl_coef", a.kl_coef, ">= 0")
+    _check(0 <= a.overlong_buffer <= r.max_response_tokens, "actor.overlong_buffer", a.overlong_buffer,
+           f"in [0, rollout.max_response_tokens={r.max_response_tokens}] (0: off)")
+    _check(a.overlong_penalty >= 0, "actor.overlong_penalty", a.overlong_penalty, ">= 0")
     _check(t.total_steps >= 0, "trainer.total_steps", t.total_steps, ">= 0")
     for key in ("prompts_per_step", "ppo_mini_batch_size", "ppo_micro_batch_size", "ppo_epochs"):
         _check(getattr(t, key) >= 1, f"trainer.{key}", getattr(t, key), ">= 1")

@@ -22,6 +22,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "adv_estimator": "grpo", "policy_loss": "dapo", "clip_ratio_low": 0.2,
             "clip_ratio_high": 0.28, "loss_agg_mode": "token-mean", "dynamic_sampling": True,
             "kl_coef": 0.0,
+            # overlong reward shaping over the last quarter of the default 256-token budget
+            # (DAPO: 4,096 of 20,480); generated tokens only (docs/algorithms.md section 5)
+            "overlong_buffer": 64, "overlong_penalty": 1.0,
         },
     },
     "gppo": {"rollout": {"strategy": "independent"}, "actor": {"adv_estimator": "grpo", "policy_loss": "gppo"}},

@@ -26,7 +26,7 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling (1.0: off)
     top_k: int = 0  # top-k sampling (0: off)
-    max_response_tokens: int = 256  # tokens the model may write per row (tool results not counted)
+    max_response_tokens: int = 256  # the budget of a row's whole response, tool-result tokens included
     max_tool_calls: int = 6  # tool calls per row; the system prompt of chat models states it
     max_result_tokens: int = 128  # a tool result is cut to this many tokens (its closing tag kept)
     # a segment's entropy: the sum of its first n_probe token entropies / log|V|, rescaled by

@@ -80,6 +80,16 @@ def overlong_penalty(length: int, max_len: int, buffer: int, factor: float) -> f
     return -min(1.0, (length - (max_len - buffer)) / buffer) * factor
 
 
+def overlong_shaping(traj: Trajectory, cfg: Config) -> float:
+    """DAPO's overlong reward term of one row (docs/algorithms.md section 5): `overlong_penalty`
+    with L = the tokens the policy generated (response_mask 1), so tool results never count
+    against the row, L_max = rollout.max_response_tokens, buffer actor.overlong_buffer, factor
+    actor.overlong_penalty. 0 when the buffer is 0 (off)."""
+    a = cfg.actor
+    return overlong_penalty(sum(traj.response_mask), cfg.rollout.max_response_tokens, a.overlong_buffer,
+                            a.overlong_penalty)
+
+
 class RLTrainer:
     """Runs `cfg.trainer.total_steps` RL steps on `tasks` and writes metrics and checkpoints."""
 
@@ -153,9 +163,7 @@ class RLTrainer:
                                  format_penalty=self.cfg.reward.format_penalty,
                                  qa_metric=self.cfg.reward.qa_metric)
             tr.score = s
-            tr.reward = float(s["reward"]) + overlong_penalty(
-                len(tr.response_ids), r.max_response_tokens, self.cfg.actor.overlong_buffer,
-                self.cfg.actor.overlong_penalty)
+            tr.reward = float(s["reward"]) + overlong_shaping(tr, self.cfg)
         return trajs, stats
 
     def collect(self, step: int) -> tuple[list[Trajectory], list[Trajectory], dict]:
