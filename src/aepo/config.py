@@ -75,6 +75,10 @@ class AlgoConfig:
     epo_band_low: float = 0.5  # kappa_l
     epo_band_high: float = 1.5  # kappa_r
     epo_band_coef: float = 1.0
+    # the first training step (0-based) whose loss gets the EPO regulariser; the entropy history
+    # is kept from step 0 either way. 0: from the start (the paper); the released code waits
+    # until step 25 (docs/algorithms.md section 5)
+    epo_start_step: int = 0
     # re-score each rollout with the trainer's model before the update (verl's old_log_prob):
     # needed when the sampler is not the trainer's own fp32 model (vLLM, bf16 kernels)
     recompute_old_log_prob: bool = False
@@ -512,6 +516,7 @@ def validate(cfg: Config) -> None:
         _check(0 <= getattr(a, key) < 1, f"actor.{key}", getattr(a, key), "in [0, 1) (a clip width around ratio 1)")
     _check(a.clip_ratio_c > 1, "actor.clip_ratio_c", a.clip_ratio_c, "> 1 (the dual-clip constant)")
     _check(a.kl_coef >= 0, "actor.kl_coef", a.kl_coef, ">= 0")
+    _check(a.epo_start_step >= 0, "actor.epo_start_step", a.epo_start_step, ">= 0 (0: from the first step)")
     _check(0 <= a.overlong_buffer <= r.max_response_tokens, "actor.overlong_buffer", a.overlong_buffer,
            f"in [0, rollout.max_response_tokens={r.max_response_tokens}] (0: off)")
     _check(a.overlong_penalty >= 0, "actor.overlong_penalty", a.overlong_penalty, ">= 0")

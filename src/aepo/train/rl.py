@@ -295,6 +295,9 @@ class RLTrainer:
                 totals = {"batch_num_tokens": float(mb_mask.sum()),
                           "batch_num_seqs": float((mb_mask.sum(-1) > 0).sum())}
                 self.optimizer.zero_grad(set_to_none=True)
+                epo_on = a.epo and step >= a.epo_start_step
+                # EPO over the mini-batch: its entropy totals first, when it spans several micro-batches
+                epo_batch = self._epo_batch(batch, mb_idx, micro) if epo_on and len(mb_idx) > micro else None
                 for u in range(0, len(mb_idx), micro):
                     mu = batch.select(mb_idx[u : u + micro]).to(self.device)
                     share = len(mu) / len(mb_idx)
@@ -309,13 +312,14 @@ class RLTrainer:
                                             a.loss_agg_mode, **totals)
                         total = total + a.kl_coef * kl
                         m["kl_ref"] = float(kl.detach()) / max(share, 1e-12)
-                    if a.epo:
-                        # per turn index against each turn's own history when the batch has turn ids
+                    if epo_on:
+                        # per turn index against each turn's own history when the batch has turn ids;
+                        # with epo_batch this micro-batch's part of the mini-batch's regulariser
                         reg, rm = algos.epo_regularizer(
                             ent, mu.loss_mask, self.entropy_history, step, t.total_steps,
                             entropy_coef=a.epo_entropy_coef, kappa_l=a.epo_band_low, kappa_r=a.epo_band_high,
-                            band_coef=a.epo_band_coef, turn_ids=mu.turn_ids)
-                        total = total + share * reg
+                            band_coef=a.epo_band_coef, turn_ids=mu.turn_ids, batch=epo_batch)
+                        total = total + (reg if epo_batch is not None else share * reg)
                         m.update(rm)
                     total.backward()
                     ent_mean = float((ent.detach() * mu.loss_mask).sum() / mu.loss_mask.sum().clamp_min(1))
@@ -345,6 +349,34 @@ class RLTrainer:
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         return out
 
+    def _epo_batch(self, batch: TokenBatch, idx: torch.Tensor, micro: int) -> algos.EpoBatch:
+        """The entropy totals of the rows `idx` (one mini-batch) under the current model, by
+        micro-batches without grad: what `epo_regularizer(..., batch=...)` needs so that the
+        EPO band and bonus are those of the mini-batch's mean entropies (docs/algorithms.md
+        section 5), whatever the micro-batch size."""
+        total, count = 0.0, 0.0
+        turn_sum: Counter = Counter()
+        turn_n: Counter = Counter()
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for u in range(0, len(idx), micro):
+                mu = batch.select(idx[u : u + micro]).to(self.device)
+                _, ent = token_logprobs_and_entropy(self.model, mu.input_ids, None, self.cfg.rollout.temperature,
+                                                    mask=mu.loss_mask)
+                valid = mu.loss_mask.bool()
+                total += float(ent[valid].double().sum())
+                count += float(valid.sum())
+                if mu.turn_ids is not None:
+                    tids = mu.turn_ids.to(ent.device)
+                    for turn in torch.unique(tids[valid & (tids >= 0)]).tolist():
+                        sel = valid & (tids == turn)
+                        turn_sum[int(turn)] += float(ent[sel].double().sum())
+                        turn_n[int(turn)] += float(sel.sum())
+        self.model.train(was_training)
+        return algos.EpoBatch(n_tokens=count, h_bar=total / max(count, 1.0), turn_tokens=dict(turn_n),
+                              turn_means={k: turn_sum[k] / turn_n[k] for k in turn_n})
+
     # ------------------------------------------------------------------ loop
     def train_step(self, step: int) -> dict[str, Any]:
         t0 = time.time()
@@ -354,7 +386,8 @@ class RLTrainer:
         actor: dict[str, float] = {}
         batch = self.make_batch(trajs, actor) if trajs else None
         a = self.cfg.actor
-        if batch is not None and (bool(batch.advantages.abs().sum() > 0) or a.kl_coef > 0 or a.epo):
+        if batch is not None and (bool(batch.advantages.abs().sum() > 0) or a.kl_coef > 0
+                                  or (a.epo and step >= a.epo_start_step)):
             actor.update(self.update(batch, step))
         else:
             # no learning signal (every group's rewards equal): skip the forward/backward passes,
