@@ -572,6 +572,8 @@ def rollout_metrics(trajs: list[Trajectory], stats: dict) -> dict[str, float]:
         "tool_calls": float(np.mean([t.n_tool_calls for t in trajs])),
         "response_length": float(np.mean([len(t.response_ids) for t in trajs])),
         "rows": float(len(trajs)),
+        # tokens the sampler generated: a branch row's copied prefix was generated once, by its parent
+        "generated_tokens": float(sum(sum(t.response_mask[t.branch_position or 0:]) for t in trajs)),
     }
     groups: dict[str, list[Trajectory]] = {}
     for t in trajs:
