@@ -73,7 +73,7 @@ def test_paired_comparison_pairs_by_seed():
 
 
 def test_eval_noise_by_hand():
-    rec = lambda accs: {"samples": [{"acc": a} for a in accs]}  # noqa: E731
+    rec = lambda accs: {"samples": [{"acc": a} for a in accs]}
     # two questions, 4 samples: p = 0.5 and 1.0; var of each mean = p(1-p)/(n-1) = 1/12 and 0
     assert eval_noise([rec([1, 0, 1, 0]), rec([1, 1, 1, 1])]) == pytest.approx(math.sqrt(1 / 12) / 2)
     # one sample per question: the binomial bound sqrt(p(1-p)/Q), p = 1/4, Q = 4

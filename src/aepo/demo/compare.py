@@ -109,15 +109,15 @@ def statistics_markdown(st: dict[str, Any], scale: float = 100.0, unit: str = "p
     def f(x: float, digits: int = 1) -> str:
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
-    lines = [f"Per algorithm, {key} in {unit}: mean and sd over seeds (seed noise), and the evaluation "
-             f"noise of one run (the sd of its {key} from its finite evaluation samples).", "",
-             f"| algo | seeds | mean | sd over seeds | eval noise (sd) | tokens per run | seconds per run |",
+    lines = [(f"Per algorithm, {key} in {unit}: mean and sd over seeds (seed noise), and the evaluation "
+              f"noise of one run (the sd of its {key} from its finite evaluation samples)."), "",
+             "| algo | seeds | mean | sd over seeds | eval noise (sd) | tokens per run | seconds per run |",
              "|---|---|---|---|---|---|---|"]
     for algo, a in st["algorithms"].items():
         lines.append(f"| {algo} | {a['seeds']} | {f(scale * a['mean'])} | {f(scale * a['sd'])} | "
                      f"{f(scale * a['eval_noise'])} | {f(a['tokens'], 0)} | {f(a['seconds'], 0)} |")
-    lines += ["", f"Paired differences over common seeds ({key} in {unit}, A − B), {lvl}% bootstrap interval, "
-              f"minimal detectable effect (MDE) at {pw}% power; “not detected” where the interval holds 0.", "",
+    lines += ["", (f"Paired differences over common seeds ({key} in {unit}, A − B), {lvl}% bootstrap interval, "
+                   f"minimal detectable effect (MDE) at {pw}% power; “not detected” where the interval holds 0."), "",
               "| A − B | pairs | mean | sd | interval | MDE | verdict |", "|---|---|---|---|---|---|---|"]
     for p in st["pairs"]:
         lines.append(f"| {p['a']} − {p['b']} | {p['n']} | {f(scale * p['mean'])} | {f(scale * p['sd'])} | "
