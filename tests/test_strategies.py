@@ -811,3 +811,19 @@ def test_released_aepo_preset_runs_what_the_published_scripts_ran():
     # the segment entropy is the plain sum: a 10-token segment of a shorter reply sums 10 terms
     short = Agent(sampler, TOK, FakeTools(), r).segment_entropy([nats(0.01, TOK)] * 10)
     assert short == pytest.approx(0.1, rel=1e-5)
+
+
+def test_random_branch_control_branches_by_a_coin_whatever_dh():
+    """strategy "random": ARPO's tree, each decision a coin of probability random_branch_p."""
+    prompts = prompts_of("A", "B")
+    rng = FixedRng([0.1, 0.9])  # draws below 0.5 branch, above do not, in turn
+    trajs, stats, sampler = run("random", tool_chain(3), prompts, rng=rng, n=6, random_branch_p=0.5)
+    check_invariants(trajs, stats, sampler, prompts, 6)
+    assert stats["m"] == [3, 3]
+    decisions = stats["decisions"]
+    draws = rng.drawn[:len(decisions)]
+    for d, u in zip(decisions, draws):
+        assert d["p"] == 0.5 and d["branched"] == (u < 0.5 and d["budget_left"] > 0)
+    assert any(d["branched"] for d in decisions) and not all(d["branched"] for d in decisions)
+    _, never, _ = run("random", tool_chain(3), prompts, n=6, random_branch_p=0.0)
+    assert never["branches"] == 0

@@ -508,6 +508,7 @@ def validate(cfg: Config) -> None:
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
     _check(r.top_k >= 0, "rollout.top_k", r.top_k, ">= 0 (0: off)")
     _check(0 <= r.pause_below < 1, "rollout.pause_below", r.pause_below, "in [0, 1) (0: off)")
+    _check(0 <= r.random_branch_p <= 1, "rollout.random_branch_p", r.random_branch_p, "in [0, 1]")
     for key in ("max_response_tokens", "n_probe", "branch_children", "entropy_top_k"):
         _check(getattr(r, key) >= 1, f"rollout.{key}", getattr(r, key), ">= 1")
     for key in ("max_tool_calls", "max_result_tokens"):

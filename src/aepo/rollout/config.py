@@ -21,7 +21,7 @@ class RolloutConfig:
     # a GPU, where a decode step costs about the same at 8 rows as at 64; on the CPU demo it
     # saves nothing (benchmarks/RESULTS.md, "The agent loop's turn barrier")
     pause_below: float = 0.0
-    strategy: str = "aepo"  # a registered strategy (`aepo.rollout.strategies`): independent | arpo | aepo
+    strategy: str = "aepo"  # a registered strategy (`aepo.rollout.strategies`): independent | arpo | aepo | random
     n: int = 8  # k: rows per prompt, one group
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling (1.0: off)
@@ -41,6 +41,8 @@ class RolloutConfig:
     branch_alpha: float = 0.4
     branch_beta: float = 0.2  # ARPO beta; AEPO's gamma below
     branch_children: int = 1  # Z
+    # strategy "random" (the control): the probability that a decision branches, whatever dH is
+    random_branch_p: float = 0.5
     # AEPO dynamic entropy-balanced rollout
     premonitor: bool = True
     beta_pm: float = 0.5

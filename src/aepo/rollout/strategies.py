@@ -11,6 +11,8 @@ group, with row_id 0..n-1. They differ only in which rows exist:
   finished prompts are filled with global rows.
 - aepo: m chosen per prompt by entropy pre-monitoring; branching by the same rule on
   (alpha + gamma dH)(1 - lambda l), l = consecutive branched tool steps.
+- random: ARPO's tree with every decision a coin of probability rollout.random_branch_p (the
+  control for "does branching on dH beat branching anywhere?").
 
 Both use `branch_decision` (threshold / released / sample). Every decision is observable: each
 row's `Trajectory.decisions` lists the decisions on its chain and `Trajectory.m` its prompt's
@@ -37,6 +39,7 @@ __all__ = [
     "AepoRollout",
     "ArpoRollout",
     "IndependentRollout",
+    "RandomBranchRollout",
     "PromptGroup",
     "RolloutStrategy",
     "aepo_branch_probability",
@@ -400,10 +403,15 @@ class RolloutStrategy:
         """The branch decision for `s` at `outcome` (the segment after a new tool result) by the
         `rollout.branch_decision` rule -> (p, branched, budget_left). Records it on the row's
         trajectory (`Trajectory.decisions`) before any fork, so a child inherits it."""
+        return self._decide_with(g, s, outcome, self.cfg.branch_decision, self.cfg.branch_alpha, coef, penalty, l)
+
+    def _decide_with(
+        self, g: PromptGroup, s: RowState, outcome: TurnOutcome, rule: str, alpha: float, coef: float,
+        penalty: float = 0.0, l: int = 0,
+    ) -> tuple[float, bool, int]:
         delta_h = outcome.entropy - s.h_init
         budget_left = g.budget_left
-        p, wants = branch_decision(self.cfg.branch_decision, self.cfg.branch_alpha, coef, delta_h,
-                                   penalty, l, self.cfg.branch_tau, self.rng)
+        p, wants = branch_decision(rule, alpha, coef, delta_h, penalty, l, self.cfg.branch_tau, self.rng)
         branched = bool(wants and budget_left > 0)
         # the tool-call index of the decision: the results before the measured segment (the
         # turn's own tool call, if the segment made one, already ran and is not counted)
@@ -536,6 +544,28 @@ class AepoRollout(RolloutStrategy):
             return
         for g in self.groups:
             g.l_prompt = g.l_prompt + 1 if g.new_rows_this_round else 0
+
+
+@register_strategy("random")
+class RandomBranchRollout(RolloutStrategy):
+    """The random-branch control (docs/algorithms.md section 3.4): ARPO's tree (m global rows,
+    a decision after every tool result, fills) with each decision a coin of probability
+    rollout.random_branch_p, whatever dH is. dH is still measured and logged."""
+
+    def begin(self, groups: list[PromptGroup]) -> None:
+        for g in groups:
+            g.m = default_global_budget(self.cfg)
+            self.start_globals(g, g.m)
+
+    def on_tool_feedback(self, g: PromptGroup, outcome: TurnOutcome) -> None:
+        s = outcome.state
+        if s.probe:
+            return
+        p = self.cfg.random_branch_p
+        # the "sample" rule with a constant score: alpha = p, no entropy term, no penalty
+        _, branched, budget_left = self._decide_with(g, s, outcome, "sample", p, 0.0)
+        children = self.branch(g, s, outcome.segment_start) if branched else []
+        self._log_decision(g, s, outcome, p, 0, budget_left, children)
 
 
 def rollout(
