@@ -62,6 +62,9 @@ def test_planted_informative_signal_gives_auroc_one():
     assert not sampler.live_rows  # every row (trees, continuations) released
     assert report["states"] > 0
     assert report["auroc_dH_vs_uncertainty"] == pytest.approx(1.0)
+    assert report["auroc_interval"] == (pytest.approx(1.0), pytest.approx(1.0))
+    assert len(report["state_records"]) == report["states"]
+    assert {r["tree"] for r in report["state_records"]} == {"arpo", "aepo"}
     assert report["q"]["uncertain_share"] > 0
     arms = report["arms"]
     assert set(arms) == {"independent", "arpo", "aepo", "random", "oracle"}
@@ -115,3 +118,22 @@ def test_arm_metrics_by_hand():
     assert m["tokens"] == 5 + 5 + 3  # the branch generated 3 of its 5 tokens
     assert m["branch_depth"] == 1.0 and m["branches_per_prompt"] == 1.0
     assert m["pass@1"] == pytest.approx(5 / 6)
+
+
+def test_auroc_interval_resamples_whole_questions():
+    from aepo.eval.branching import auroc_interval
+
+    rng = random.Random(2)
+    groups, scores, targets = [], [], []
+    for q in range(30):
+        for _ in range(5):
+            u = rng.random() * 0.25
+            groups.append(q)
+            targets.append(u)
+            scores.append(u + rng.gauss(0, 0.05))
+    lo, hi = auroc_interval(groups, scores, targets, n_boot=300)
+    point = concordance_auroc(scores, targets)
+    assert lo < point < hi and 0.7 < lo and hi < 1.0
+    lo0, hi0 = auroc_interval(groups, [rng.random() for _ in scores], targets, n_boot=300)
+    assert lo0 < 0.5 < hi0
+    assert auroc_interval([0, 0], [1.0, 2.0], [0.1, 0.1]) is None  # no usable pair

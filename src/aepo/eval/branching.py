@@ -8,7 +8,8 @@ training row). Then:
 
 - `auroc_dH_vs_uncertainty`: does dH rank the states by q(1 - q), the variance of a branch's
   reward there (`concordance_auroc`: over pairs of states with different q(1 - q), the share
-  where dH orders them the same way; 1 = perfectly, 0.5 = chance).
+  where dH orders them the same way; 1 = perfectly, 0.5 = chance), with a 95% interval from
+  resampling whole questions (`auroc_interval`); every state is listed in `state_records`.
 - arms at equal rows per prompt (k): `independent`, `arpo`, `aepo` (their own rollouts), and
   from the ARPO tree's global rows plus k - m continuation rows placed at its decision states:
   `random` (states drawn uniformly) and `oracle` (states with the highest q(1 - q)). Each arm:
@@ -32,7 +33,7 @@ from aepo.rollout.config import RolloutConfig
 from aepo.rollout.strategies import default_global_budget, rollout
 from aepo.types import Sampler, Trajectory
 
-__all__ = ["ARMS", "analyze_branching", "arm_metrics", "concordance_auroc", "continuations"]
+__all__ = ["ARMS", "analyze_branching", "arm_metrics", "auroc_interval", "concordance_auroc", "continuations"]
 
 ARMS = ("independent", "arpo", "aepo", "random", "oracle")
 
@@ -55,6 +56,29 @@ def concordance_auroc(scores: Sequence[float], targets: Sequence[float]) -> floa
         return float("nan")
     wins = ((ds > 0) & pairs).sum() + 0.5 * ((ds == 0) & pairs).sum()
     return float(wins / n)
+
+
+def auroc_interval(groups: Sequence[object], scores: Sequence[float], targets: Sequence[float],
+                   level: float = 0.95, n_boot: int = 1000, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of `concordance_auroc` with the units resampled by group
+    (the states of one question together, since they share a question and a tree), `n_boot`
+    seeded resamples; resamples without a usable pair are skipped. None when none is usable."""
+    by_group: dict[object, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    keys = list(by_group)
+    s, t = np.asarray(scores, dtype=float), np.asarray(targets, dtype=float)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        idx = np.concatenate([by_group[keys[j]] for j in rng.integers(0, len(keys), len(keys))])
+        v = concordance_auroc(s[idx], t[idx])
+        if not np.isnan(v):
+            values.append(v)
+    if not values:
+        return None
+    lo, hi = np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
 
 
 def _generated(t: Trajectory) -> int:
@@ -237,6 +261,8 @@ def analyze_branching(sampler: Sampler, tokenizer: Any, tool_fn: ToolFn, prompts
     u = [s["q"] * (1 - s["q"]) for s in states]
     report["states"] = len(states)
     report["auroc_dH_vs_uncertainty"] = concordance_auroc([s["dH"] for s in states], u) if states else None
+    report["auroc_interval"] = auroc_interval([s["prompt"] for s in states], [s["dH"] for s in states], u,
+                                              seed=seed) if states else None
     report["auroc_by_tree"] = {
         name: (concordance_auroc([s["dH"] for s in st], [s["q"] * (1 - s["q"]) for s in st]) if st else None)
         for name, st in all_states.items()}
@@ -249,6 +275,9 @@ def analyze_branching(sampler: Sampler, tokenizer: Any, tool_fn: ToolFn, prompts
     report["q_one_minus_q_where_branched"] = (float(np.mean([s["q"] * (1 - s["q"]) for s in branched]))
                                              if branched else None)
     report["arms"] = {a: arm_metrics(g) for a, g in arms.items()}
+    report["state_records"] = [{"tree": name, "question": st["prompt"], "row_id": st["row_id"],
+                                "position": st["position"], "dH": st["dH"], "q": st["q"], "branched": st["branched"]}
+                               for name, sts in all_states.items() for st in sts]
     report["penalty_at_fixed_m"] = {}
     for lam, items in penalty.items():
         met = arm_metrics([g for g, _ in items])
