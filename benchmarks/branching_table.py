@@ -20,8 +20,10 @@ def main(path: str) -> None:
     print(f"`{r['command']}` ({r['seconds']:.0f} s): {r['prompts']} questions, k = {r['k']}, "
           f"C = {r['continuations']} continuations per state, m = {r['m_global']} global rows in the "
           f"random / oracle arms.\n")
+    ci = r.get("auroc_interval")
+    ci_text = f", 95% interval over questions [{f(ci[0])}, {f(ci[1])}]" if ci else ""
     print(f"- decision states: {r['states']}; AUROC of dH against q(1 - q): "
-          f"{f(r['auroc_dH_vs_uncertainty'])} (ARPO trees {f(r['auroc_by_tree']['arpo'])}, AEPO trees "
+          f"{f(r['auroc_dH_vs_uncertainty'])}{ci_text} (ARPO trees {f(r['auroc_by_tree']['arpo'])}, AEPO trees "
           f"{f(r['auroc_by_tree']['aepo'])})")
     print(f"- mean q {f(q['mean'])}; states with 0 < q < 1: {f(q['uncertain_share'])}; mean q(1 - q) "
           f"{f(q['mean_q_one_minus_q'])}, where the trees branched {f(r['q_one_minus_q_where_branched'])}; "
