@@ -260,3 +260,18 @@ def test_a_search_source_on_the_command_line_replaces_the_models(demo_dir):
     given, line = _run_settings(demo_dir / "rl" / "final", ["tools.search_cache=c.json"], None)
     assert (given.tools.search_cache, given.tools.search_corpus, given.tools.search_url) == ("c.json", "", "")
     assert "overridden: tools.search_cache=c.json tools.search_corpus= tools.search_url=" in line
+
+
+def test_analyze_branching_on_the_quick_demo(demo_dir, tmp_path):
+    out = tmp_path / "b.json"
+    res = CliRunner().invoke(app, ["analyze", "branching", "--model", str(demo_dir / "rl" / "final"), "--data",
+                                   str(demo_dir / "world" / "test.jsonl"), "--limit", "2", "--k", "4",
+                                   "--continuations", "2", "--lambdas", "0.1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(out.read_text())
+    assert set(rep["arms"]) == {"independent", "arpo", "aepo", "random", "oracle"}
+    assert rep["prompts"] == 2 and rep["k"] == 4 and "auroc_dH_vs_uncertainty" in rep
+    assert list(rep["penalty_at_fixed_m"]) == ["0.1"]
+    bad = CliRunner().invoke(app, ["analyze", "branching", "--model", str(demo_dir / "rl" / "final"), "--data",
+                                   str(demo_dir / "world" / "test.jsonl"), "--k", "1", "--out", str(out)])
+    assert bad.exit_code == 2 and "--k must be >= 2" in bad.output

@@ -372,22 +372,33 @@ def test_h_init_is_per_chain_and_does_not_leak_across_prompts_or_calls():
 # ----------------------------------------------------------------------------- AEPO: l counter
 
 
-def replay_l(decisions, trajs_by_prompt, scope, penalty, tau):
-    """Independent replay of the consecutive-branch counter from the decision log."""
+def replay_l(decisions, trajs_by_prompt, scope, penalty, tau, fills=()):
+    """Independent replay of the consecutive-branch counter from the decision log. Chain scope:
+    l per chain, updated at each decision. Prompt scope (the released counter): l per prompt,
+    read by every decision of a round, updated after the round when the batch made new rows
+    (l + 1 for a prompt that branched or was filled in the round, else 0)."""
     chain_l: dict[tuple[int, int], int] = {}
     prompt_l: dict[int, int] = {}
-    for d in decisions:
-        key = (d["prompt"], d["row_id"])
-        expected = prompt_l.get(d["prompt"], 0) if scope == "prompt" else chain_l.get(key, 0)
-        assert d["l"] == expected, d
-        assert d["p"] == pytest.approx(max(0.0, 1.0 - penalty * expected))
-        assert d["branched"] == (d["budget_left"] > 0 and d["p"] > tau)
-        new_l = expected + 1 if d["branched"] else 0
-        chain_l[key] = new_l
-        prompt_l[d["prompt"]] = new_l
-        for c in d["children"]:
-            chain_l[(d["prompt"], c)] = new_l  # a child starts with its parent's l at the fork
-            assert trajs_by_prompt[d["prompt"]][c].parent_row_id == d["row_id"]
+    rounds = sorted({d["round"] for d in decisions} | {f["round"] for f in fills})
+    for r in rounds:
+        made = set()
+        for d in (d for d in decisions if d["round"] == r):
+            key = (d["prompt"], d["row_id"])
+            expected = prompt_l.get(d["prompt"], 0) if scope == "prompt" else chain_l.get(key, 0)
+            assert d["l"] == expected, d
+            assert d["p"] == pytest.approx(max(0.0, 1.0 - penalty * expected))
+            assert d["branched"] == (d["budget_left"] > 0 and d["p"] > tau)
+            new_l = expected + 1 if d["branched"] else 0
+            chain_l[key] = new_l
+            if d["branched"]:
+                made.add(d["prompt"])
+            for c in d["children"]:
+                chain_l[(d["prompt"], c)] = new_l  # a child starts with its parent's l at the fork
+                assert trajs_by_prompt[d["prompt"]][c].parent_row_id == d["row_id"]
+        made |= {f["prompt"] for f in fills if f["round"] == r}
+        if made:
+            for prompt in range(len(trajs_by_prompt)):
+                prompt_l[prompt] = prompt_l.get(prompt, 0) + 1 if prompt in made else 0
 
 
 @pytest.mark.parametrize("scope", ["chain", "prompt"])
@@ -401,7 +412,7 @@ def test_aepo_consecutive_branch_counter(scope):
     )
     check_invariants(trajs, stats, sampler, prompts, n)
     by_prompt = [trajs[i * n:(i + 1) * n] for i in range(2)]
-    replay_l(stats["decisions"], by_prompt, scope, 0.3, 0.5)
+    replay_l(stats["decisions"], by_prompt, scope, 0.3, 0.5, stats["fills"])
     root = [d["l"] for d in stats["decisions"] if d["prompt"] == 0 and d["row_id"] == 0]
     assert root[:3] == [0, 1, 2]  # consecutive branches, then a reset
     if scope == "chain":
@@ -413,11 +424,41 @@ def test_aepo_consecutive_branch_counter(scope):
     assert stats["mean_l"] == pytest.approx(sum(all_l) / len(all_l))
 
 
+def test_prompt_scope_counter_is_read_per_round_and_counts_fills():
+    """The released counter: one l per prompt, the same for every decision of a round, updated
+    once after it; a fill counts as new rows; a round without new rows leaves l as it was."""
+    # P = 1 * (1 - 0.3 l) > 0.5 branches at l = 0 and 1. Two global rows decide in one round.
+    kw = dict(premonitor=False, branch_alpha=1.0, branch_gamma=0.0, branch_penalty=0.3,
+              branch_decision="threshold", branch_tau=0.5, penalty_scope="prompt")
+    _, stats, _ = run("aepo", tool_chain(3), prompts_of("A"), n=8, initial_rollouts=2, **kw)
+    first = [d for d in stats["decisions"] if d["row_id"] in (0, 1)]
+    r0 = first[0]["round"]
+    same_round = [d for d in first if d["round"] == r0]
+    assert [d["l"] for d in same_round] == [0, 0]  # per decision it would be [0, 1]
+    assert all(d["branched"] for d in same_round)
+    assert all(d["l"] == 1 for d in stats["decisions"] if d["round"] == r0 + 1)
+
+    # the first row answers at once, is filled by two rows that search: the fill round sets l = 1,
+    # the round of their searches (no new rows) keeps it, so their decisions see l = 1
+    def script(ctx, draw):
+        k = ctx.count("<result>")
+        if k == 0 and draw == 0:
+            return Reply("<answer>x</answer>", nats(0.3, TOK))
+        return Reply(f"<search>q{k}.{draw}</search>" if k < 1 else "<answer>y</answer>", nats(0.3, TOK))
+
+    _, stats, _ = run("aepo", script, prompts_of("A"), n=3, initial_rollouts=1, **kw)
+    assert stats["fills"] == [{"round": 0, "prompt": 0, "rows": 2}]
+    assert [d["l"] for d in stats["decisions"]] == [1, 1]
+    assert [d["p"] for d in stats["decisions"]] == [pytest.approx(0.7), pytest.approx(0.7)]
+    _, chain, _ = run("aepo", script, prompts_of("A"), n=3, initial_rollouts=1, **{**kw, "penalty_scope": "chain"})
+    assert [d["l"] for d in chain["decisions"]] == [0, 0]
+
+
 def test_aepo_sample_decision_uses_a_bernoulli_draw():
     # P = (0.5 + 0.2 * (0.8 - 0.3)) * (1 - 0.05 * 0) = 0.6 for the first decision
     rng = FixedRng([0.59, 0.61, 0.99])
     _, stats, _ = run("aepo", entropy_script(0.3, [0.8, 0.8, 0.8]), prompts_of("Q"), rng=rng, n=3,
-                      premonitor=False, initial_rollouts=1, branch_decision="sample")
+                      premonitor=False, initial_rollouts=1, branch_decision="sample", branch_alpha=0.5)
     d0 = stats["decisions"][0]
     assert d0["p"] == pytest.approx(0.6, abs=1e-6) and d0["branched"] and d0["l"] == 0
     # second decision of the root chain: l = 1, P = 0.6 * 0.95 = 0.57 < draw 0.61
@@ -638,12 +679,12 @@ def test_strategies_honour_branch_decision(strategy, rule, draws, branches):
 @pytest.mark.parametrize("rule", BRANCH_DECISIONS)
 @pytest.mark.parametrize("scope", ["chain", "prompt"])
 def test_rows_carry_m_and_their_chain_of_decisions(rule, scope):
-    # H_init 0.5; after a result 0.1, 0.5 or 0.9 by turn and draw: dH in {-0.4, 0, 0.4}, so every
+    # H_init 0.5; after a result 0.1, 0.5 or 1.3 by turn and draw: dH in {-0.4, 0, 0.8}, so every
     # rule branches on some decisions and not on others; Z = 2, and branches branch again
     def script(ctx, draw):
         k = ctx.count("<result>")
         text = f"<search>{ctx[0]}{k}.{draw}</search>" if k < 4 else f"<answer>{draw}</answer>"
-        return Reply(text, seg(0.5 if k == 0 else [0.1, 0.5, 0.9][(k + 2 * draw) % 3]))
+        return Reply(text, seg(0.5 if k == 0 else [0.1, 0.5, 1.3][(k + 2 * draw) % 3]))
 
     prompts = prompts_of("A", "B", "C")
     n = 9
@@ -724,3 +765,65 @@ def test_paused_segments_keep_trees_and_decisions_whole(strategy, extra):
                 assert REPLY.fullmatch(s.text), s.text
                 ents = t.entropies[s.start:s.end]
                 assert s.entropy == pytest.approx(segment_entropy_value(ents, 20, len(TOK), False))
+
+
+def test_threshold_rule_at_the_defaults_depends_on_beta():
+    """alpha (0.4) is kept apart from tau (0.5), so the threshold rule branches when
+    beta dH > tau - alpha: beta sets the bar (dH > 0.5 at beta 0.2, dH > 0.25 at beta 0.4)."""
+    cfg = RolloutConfig()
+    assert (cfg.branch_alpha, cfg.branch_tau, cfg.branch_decision) == (0.4, 0.5, "threshold")
+    rng = FixedRng([0.0])
+
+    def branches(beta, dh):
+        return branch_decision("threshold", cfg.branch_alpha, beta, dh, 0.0, 0, cfg.branch_tau, rng)[1]
+
+    assert [branches(0.2, dh) for dh in (0.1, 0.49, 0.51, 1.0)] == [False, False, True, True]
+    assert [branches(0.4, dh) for dh in (0.1, 0.24, 0.26, 1.0)] == [False, False, True, True]
+    assert branches(0.4, 0.3) and not branches(0.2, 0.3)  # the same step, another beta
+    assert rng.drawn == []  # deterministic: no draw
+    # AEPO's penalty raises the bar: (0.4 + 0.2 dH)(1 - 0.05 l) > 0.5 needs dH > 0.632 at l = 1
+    p1, b1 = branch_decision("threshold", 0.4, 0.2, 0.63, 0.05, 1, 0.5, rng)
+    p2, b2 = branch_decision("threshold", 0.4, 0.2, 0.64, 0.05, 1, 0.5, rng)
+    assert p1 == pytest.approx((0.4 + 0.2 * 0.63) * 0.95) and not b1 and b2
+
+
+def test_released_aepo_preset_runs_what_the_published_scripts_ran():
+    """algo=released_aepo: m = k / 2 without pre-monitoring, the released rule with one draw per
+    decision, the per-prompt counter, the unrescaled segment sum; GRPO's advantage."""
+    import dataclasses
+
+    from aepo.algos import advantage_spec
+    from aepo.config import load_config
+
+    cfg = load_config(None, ["algo=released_aepo", "rollout.n=6", "rollout.n_probe=20"])
+    assert advantage_spec(cfg.actor.adv_estimator).per_token is None  # no entropy factor
+    assert cfg.actor.policy_loss == "aepo"
+    r = cfg.rollout
+    assert (r.strategy, r.premonitor, r.branch_decision, r.penalty_scope, r.segment_entropy_compat) == (
+        "aepo", False, "released", "prompt", True)
+    rng = FixedRng([0.9])  # U = 0.9: (0.9 + 0.2 dH)(1 - 0.05 l) >= 0.5 at every decision here
+    sampler = ScriptedSampler(TOK, tool_chain(2, entropy=0.01))
+    trajs, stats = rollout("aepo", prompts_of("A", "B"), sampler, TOK, FakeTools(), dataclasses.replace(r), rng)
+    assert stats["m"] == [3, 3] and stats["h_root"] == [None, None]  # no probe
+    assert len(rng.drawn) == len(stats["decisions"]) > 0
+    first = stats["decisions"][0]
+    assert first["l"] == 0 and first["p"] == pytest.approx(0.9 + 0.2 * first["dH"]) and first["branched"]
+    # the segment entropy is the plain sum: a 10-token segment of a shorter reply sums 10 terms
+    short = Agent(sampler, TOK, FakeTools(), r).segment_entropy([nats(0.01, TOK)] * 10)
+    assert short == pytest.approx(0.1, rel=1e-5)
+
+
+def test_random_branch_control_branches_by_a_coin_whatever_dh():
+    """strategy "random": ARPO's tree, each decision a coin of probability random_branch_p."""
+    prompts = prompts_of("A", "B")
+    rng = FixedRng([0.1, 0.9])  # draws below 0.5 branch, above do not, in turn
+    trajs, stats, sampler = run("random", tool_chain(3), prompts, rng=rng, n=6, random_branch_p=0.5)
+    check_invariants(trajs, stats, sampler, prompts, 6)
+    assert stats["m"] == [3, 3]
+    decisions = stats["decisions"]
+    draws = rng.drawn[:len(decisions)]
+    for d, u in zip(decisions, draws):
+        assert d["p"] == 0.5 and d["branched"] == (u < 0.5 and d["budget_left"] > 0)
+    assert any(d["branched"] for d in decisions) and not all(d["branched"] for d in decisions)
+    _, never, _ = run("random", tool_chain(3), prompts, n=6, random_branch_p=0.0)
+    assert never["branches"] == 0

@@ -78,7 +78,8 @@ def test_every_preset_trains(algo, tok, world, runner, varied_reward, tmp_path):
     torch.manual_seed(0)
     model = micro_model(tok)
     before = [p.detach().clone() for p in model.parameters()]
-    cfg = small_cfg(algo, tmp_path, **({"actor.kl_coef": 0.01} if algo == "grpo" else {}))
+    extra = {"grpo": {"actor.kl_coef": 0.01}, "dapo": {"actor.overlong_buffer": 5}}.get(algo, {})
+    cfg = small_cfg(algo, tmp_path, **extra)
     hist = RLTrainer(cfg, model, tok, world_tasks(world.train[:20]), runner.run, tmp_path).fit(progress=False)
     assert len(hist) == 2
     for row in hist:
@@ -492,3 +493,26 @@ def test_a_retriever_that_is_down_shows_in_the_step_metrics(caplog):
     assert m["tools/search/timeout_rate"] == 0.0
     assert any("'search' failed on 4 of 4 calls" in r.getMessage() and "unreachable" in r.getMessage()
                for r in caplog.records)
+
+
+def test_dapo_overlong_shaping_counts_generated_tokens_only():
+    """algo=dapo shapes the reward over the last 64 of 256 tokens, counting what the policy
+    wrote: 200 generated + 50 tool tokens is L = 200, (200 - 192) / 64 = 0.125 of the penalty."""
+    from aepo.config import load_config
+    from aepo.train.rl import overlong_shaping
+    from aepo.types import Trajectory
+
+    cfg = load_config(None, ["algo=dapo"])
+    assert (cfg.actor.overlong_buffer, cfg.actor.overlong_penalty, cfg.rollout.max_response_tokens) == (64, 1.0, 256)
+
+    def row(generated, tool):
+        mask = [1] * (generated // 2) + [0] * tool + [1] * (generated - generated // 2)
+        return Trajectory("p", 0, [1], [5] * len(mask), mask)
+
+    assert overlong_shaping(row(200, 50), cfg) == pytest.approx(-0.125)
+    assert overlong_shaping(row(150, 100), cfg) == 0.0  # 250 tokens in all, but 150 generated
+    assert overlong_shaping(row(256, 0), cfg) == pytest.approx(-1.0)
+    assert overlong_shaping(row(224, 0), cfg) == pytest.approx(-0.5)
+    assert overlong_shaping(row(256, 0), load_config(None, ["algo=grpo"])) == 0.0  # off elsewhere
+    with pytest.raises(Exception, match="actor.overlong_buffer"):
+        load_config(None, ["algo=dapo", "rollout.max_response_tokens=32"])

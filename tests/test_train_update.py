@@ -1,5 +1,5 @@
 """RLTrainer.make_batch / update on hand-built trajectories, against independent implementations:
-the AEPO entropy-aware advantage from the training forward pass (per micro-batch), per-turn
+the AEPO entropy-aware advantage (z over the batch or per micro-batch), per-turn
 EPO history, hard tree attribution, and the entropy of clipped tokens."""
 from __future__ import annotations
 
@@ -134,13 +134,32 @@ def grads_differ(a, b):
 # ----------------------------------------------------------------------------- AEPO advantage
 
 
-def test_aepo_batch_carries_the_group_part_only(tmp_path):
+def test_aepo_batch_carries_the_group_part_only_with_micro_scope(tmp_path):
     model = tiny_model()
     trajs = make_trajs(model, [1.0, 0.0, 0.5, 0.0])
-    tr = trainer_for(model, tmp_path, **{"actor.adv_estimator": "aepo"})
+    tr = trainer_for(model, tmp_path, **{"actor.adv_estimator": "aepo", "actor.adv_entropy_scope": "micro"})
     batch = tr.make_batch(trajs)
     rows = torch.tensor(grpo_rows([t.reward for t in trajs]), dtype=torch.float32)
     torch.testing.assert_close(batch.advantages, rows[:, None] * batch.loss_mask)
+
+
+def test_aepo_batch_scope_shapes_the_batch_advantage_by_hand(tmp_path):
+    """actor.adv_entropy_scope=batch (default): A_i (1 + alpha_H z(H_t)), z over every valid
+    token of the batch, H from the policy before the update (one unpadded forward per row)."""
+    model = tiny_model()
+    trajs = make_trajs(model, [1.0, 0.0, 0.5, 0.0])
+    tr = trainer_for(model, tmp_path, **{"actor.adv_estimator": "aepo", "actor.entropy_adv_alpha": ALPHA,
+                                         "trainer.ppo_micro_batch_size": 1})
+    assert tr.cfg.actor.adv_entropy_scope == "batch"
+    batch = tr.make_batch(trajs)
+    with torch.no_grad():
+        ents = [ref_forward(model, t)[1][torch.tensor(t.response_mask, dtype=torch.bool)] for t in trajs]
+    h_all = torch.cat(ents).double()
+    rows = grpo_rows([t.reward for t in trajs])
+    for i, e in enumerate(ents):
+        want = rows[i] * (1 + ALPHA * (e.double() - h_all.mean()) / h_all.std())
+        got = batch.advantages[i][batch.loss_mask[i].bool()]
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
 
 def test_aepo_advantage_uses_the_training_forward_entropy(tmp_path):
@@ -168,11 +187,15 @@ def test_aepo_advantage_uses_the_training_forward_entropy(tmp_path):
     assert out["adv_abs_mean"] == pytest.approx(float(shaped.abs().mean()), abs=1e-6)
 
 
-def test_aepo_entropy_zscore_is_per_micro_batch(tmp_path):
+@pytest.mark.parametrize("scope", ["micro", "batch"])
+def test_aepo_entropy_zscore_scope(tmp_path, scope):
+    """scope micro: z per micro-batch (the released actor), so the micro-batch size changes the
+    gradient; scope batch: z over the whole batch, the same gradient at any micro-batch size."""
     model = tiny_model(seed=3)
     trajs = make_trajs(model, [1.0, 0.0, 0.0, 1.0, 0.5, 0.0], seed=1)
     tr = trainer_for(model, tmp_path, **{"actor.adv_estimator": "aepo", "actor.entropy_adv_alpha": ALPHA,
-                                         "trainer.ppo_mini_batch_size": 6, "trainer.ppo_micro_batch_size": 2})
+                                         "trainer.ppo_mini_batch_size": 6, "trainer.ppo_micro_batch_size": 2,
+                                         "actor.adv_entropy_scope": scope})
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(step_seed(tr.cfg.trainer.seed, 0, 3)))
     micro = [perm[s : s + 2].tolist() for s in range(0, 6, 2)]
     per_micro = ref_grads(model, trajs, micro, lambda i, h: h)
@@ -180,8 +203,9 @@ def test_aepo_entropy_zscore_is_per_micro_batch(tmp_path):
     assert grads_differ(per_micro[0], whole[0])
     grads = capture_grads(tr)
     tr.update(tr.make_batch(trajs), 0)
-    assert_grads_close(grads[0], per_micro[0])
-    assert grads_differ(grads[0], whole[0])
+    want, other = (per_micro, whole) if scope == "micro" else (whole, per_micro)
+    assert_grads_close(grads[0], want[0])
+    assert grads_differ(grads[0], other[0])
 
 
 def test_grpo_update_is_unchanged_by_entropies(tmp_path):
@@ -435,3 +459,86 @@ def test_entropy_of_clipped_and_all_tokens(tmp_path):
     tr2 = trainer_for(tiny_model(seed=7), tmp_path)
     out2 = tr2.update(tr2.make_batch(make_trajs(tr2.model, rewards, seed=3)), 0)
     assert "entropy_clipped" not in out2 and out2["entropy_all"] == pytest.approx(out["entropy_all"], rel=1e-5)
+
+
+def _epo_trainer(model, tmp_path, micro, **over):
+    return trainer_for(model, tmp_path, **{"actor.epo": True, "actor.epo_entropy_coef": 0.01,
+                                           "trainer.ppo_mini_batch_size": 6, "trainer.ppo_micro_batch_size": micro,
+                                           **over})
+
+
+def _banded_history(model, trajs):
+    """A history that puts turn 0 below its band and turn 1 above it (by a margin)."""
+    h = {0: [], 1: []}
+    with torch.no_grad():
+        for t in trajs:
+            _, ent = ref_forward(model, t)
+            for e, m, k in zip(ent.tolist(), t.response_mask, response_turn_ids(t)):
+                if m:
+                    h[k].append(e)
+    h0, h1 = (sum(v) / len(v) for v in (h[0], h[1]))
+    hist = EntropyHistory()
+    hist.update(2.4 * h0, turn=0)
+    hist.update(h1 / 3, turn=1)
+    return hist, h0, h1
+
+
+def test_epo_band_is_the_mini_batchs_whatever_the_micro_batch(tmp_path):
+    """The band of the mini-batch's turn means (the paper's 'batch entropy'): the same gradient
+    and penalty with 3 micro-batches of 2 rows as with one of 6; the squared hinge of each
+    micro-batch's means (the former per-micro-batch band) gives another gradient."""
+    model = tiny_model(seed=7)
+    trajs = make_trajs(model, [1.0, 0.0, 0.5, 0.0, 1.0, 0.0], seed=5)
+    hist, h0, h1 = _banded_history(model, trajs)
+    results = {}
+    for micro in (6, 2):
+        tr = _epo_trainer(model, tmp_path, micro)
+        tr.entropy_history = EntropyHistory()
+        tr.entropy_history.load_state_dict(hist.state_dict())
+        grads = capture_grads(tr)
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        out = tr.update(tr.make_batch(trajs), 3)
+        model.load_state_dict(sd)  # undo the step: both runs start from the same parameters
+        results[micro] = (grads[0], out)
+    assert_grads_close(results[2][0], results[6][0], atol=1e-6, rtol=1e-4)
+    expected = ((2.4 * 0.5 * h0 - h0) ** 2 + (h1 - 1.5 * h1 / 3) ** 2) / 2  # by hand
+    for micro in (6, 2):
+        assert results[micro][1]["epo_band_penalty"] == pytest.approx(expected, rel=1e-4)
+    # the former per-micro-batch band: each micro-batch's own means, weighted by row share
+    from aepo.algos import epo_regularizer
+    tr = _epo_trainer(model, tmp_path, 2)
+    batch = tr.make_batch(trajs)
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(step_seed(tr.cfg.trainer.seed, 3, 3)))
+    model.zero_grad()
+    for s in range(0, 6, 2):
+        mu = batch.select(perm[s : s + 2])
+        from aepo.train.batch import token_logprobs_and_entropy
+        _, ent = token_logprobs_and_entropy(model, mu.input_ids, None, 1.0, mask=mu.loss_mask)
+        reg, _ = epo_regularizer(ent, mu.loss_mask, hist, 3, 10, entropy_coef=0.01, turn_ids=mu.turn_ids)
+        (reg / 3).backward()
+    band_only_old = [p.grad.detach().clone() for p in model.parameters()]
+    model.zero_grad()
+    pg = ref_grads(model, trajs, [range(6)], lambda i, h: h, alpha=0.0)[0]
+    old_total = [a + b for a, b in zip(pg, band_only_old)]
+    assert grads_differ(results[2][0], old_total)
+
+
+def test_epo_start_step_gates_the_regulariser(tmp_path):
+    model = tiny_model(seed=7)
+    trajs = make_trajs(model, [1.0, 0.0, 0.5, 0.0, 1.0, 0.0], seed=5)
+    hist, _, _ = _banded_history(model, trajs)
+    grads = {}
+    for name, over in (("gated", {"actor.epo_start_step": 25}), ("on", {}), ("off", {"actor.epo": False})):
+        tr = _epo_trainer(model, tmp_path, 6, **over)
+        tr.entropy_history = EntropyHistory()
+        tr.entropy_history.load_state_dict(hist.state_dict())
+        g = capture_grads(tr)
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        out = tr.update(tr.make_batch(trajs), 3)
+        model.load_state_dict(sd)
+        grads[name] = g[0]
+        if name == "gated":
+            assert "epo_band_penalty" not in out
+            assert tr.entropy_history.value(0) != hist.value(0)  # the history is kept before the gate
+    assert_grads_close(grads["gated"], grads["off"])
+    assert grads_differ(grads["gated"], grads["on"])

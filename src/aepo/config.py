@@ -62,8 +62,13 @@ class AlgoConfig:
     # policy_loss ppo | dapo | gppo | cispo | aepo | clip_cov | kl_cov, plus any registered later
     adv_estimator: str = "grpo"
     norm_adv_by_std_in_grpo: bool = True
-    # alpha_H of the aepo estimator; z(H) uses the training forward pass, per micro-batch
+    # alpha_H of the aepo estimator (A_i (1 + alpha_H z(H_t)), docs/algorithms.md section 4)
     entropy_adv_alpha: float = 0.2
+    # where z(H_t) of that estimator is taken: "batch" over the whole step's batch, with the
+    # entropies of the policy before the update (one extra no-grad forward pass; the memory
+    # setting ppo_micro_batch_size no longer changes the algorithm), or "micro" over each
+    # micro-batch of the training pass (the released actor)
+    adv_entropy_scope: Literal["batch", "micro"] = "batch"
     # tree rollouts (ARPO/AEPO branching): "soft" trains a shared prefix once per row that holds
     # it; "hard" trains it once, with the mean advantage of those rows (docs/algorithms.md section 4)
     tree_attribution: Literal["soft", "hard"] = "soft"
@@ -84,13 +89,20 @@ class AlgoConfig:
     epo_band_low: float = 0.5  # kappa_l
     epo_band_high: float = 1.5  # kappa_r
     epo_band_coef: float = 1.0
+    # the first training step (0-based) whose loss gets the EPO regulariser; the entropy history
+    # is kept from step 0 either way. 0: from the start (the paper); the released code waits
+    # until step 25 (docs/algorithms.md section 5)
+    epo_start_step: int = 0
     # re-score each rollout with the trainer's model before the update (verl's old_log_prob):
     # needed when the sampler is not the trainer's own fp32 model (vLLM, bf16 kernels)
     recompute_old_log_prob: bool = False
     kl_coef: float = 0.0  # KL to the reference policy; 0 = no reference model
     kl_type: str = "k3"  # k1 | k2 | k3
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
-    overlong_buffer: int = 0  # DAPO overlong reward shaping; 0 = off
+    # DAPO overlong reward shaping, 0 = off (the dapo preset: 64): a row whose generated tokens L
+    # (tool results not counted) exceed rollout.max_response_tokens - buffer loses
+    # overlong_penalty * min(1, (L - (max - buffer)) / buffer) reward
+    overlong_buffer: int = 0
     overlong_penalty: float = 1.0
     # options of a registered loss / estimator that have no field above: {option: value}
     # (each function's keyword-only parameters; checked against them before any work)
@@ -515,6 +527,7 @@ def validate(cfg: Config) -> None:
     _check(r.top_k >= 0, "rollout.top_k", r.top_k, ">= 0 (0: off)")
     _check(r.sync_tolerance >= 0, "rollout.sync_tolerance", r.sync_tolerance, ">= 0 (0: no check)")
     _check(0 <= r.pause_below < 1, "rollout.pause_below", r.pause_below, "in [0, 1) (0: off)")
+    _check(0 <= r.random_branch_p <= 1, "rollout.random_branch_p", r.random_branch_p, "in [0, 1]")
     for key in ("max_response_tokens", "n_probe", "branch_children", "entropy_top_k"):
         _check(getattr(r, key) >= 1, f"rollout.{key}", getattr(r, key), ">= 1")
     for key in ("max_tool_calls", "max_result_tokens"):
@@ -529,6 +542,10 @@ def validate(cfg: Config) -> None:
     _check(0 <= lo.dropout < 1, "actor.lora.dropout", lo.dropout, "in [0, 1)")
     _check(all(isinstance(m, str) and m for m in lo.target_modules), "actor.lora.target_modules",
            lo.target_modules, "a list of module names, e.g. q_proj,v_proj (empty: the architecture's default)")
+    _check(a.epo_start_step >= 0, "actor.epo_start_step", a.epo_start_step, ">= 0 (0: from the first step)")
+    _check(0 <= a.overlong_buffer <= r.max_response_tokens, "actor.overlong_buffer", a.overlong_buffer,
+           f"in [0, rollout.max_response_tokens={r.max_response_tokens}] (0: off)")
+    _check(a.overlong_penalty >= 0, "actor.overlong_penalty", a.overlong_penalty, ">= 0")
     _check(t.total_steps >= 0, "trainer.total_steps", t.total_steps, ">= 0")
     for key in ("prompts_per_step", "ppo_mini_batch_size", "ppo_micro_batch_size", "ppo_epochs"):
         _check(getattr(t, key) >= 1, f"trainer.{key}", getattr(t, key), ">= 1")

@@ -33,6 +33,7 @@ from aepo.algos.presets import PRESETS, get_preset, preset_names
 from aepo.algos.regularizers import (
     KL_KINDS,
     EntropyHistory,
+    EpoBatch,
     epo_band_penalty,
     epo_phase_weight,
     epo_regularizer,
@@ -48,6 +49,7 @@ __all__ = [
     "PRESETS",
     "AdvantageInputs",
     "EntropyHistory",
+    "EpoBatch",
     "PolicyLossInputs",
     "advantage_config",
     "advantage_names",

@@ -47,8 +47,9 @@ class AdvantageSpec:
     """How a trainer runs a registered estimator. `config` maps its keyword-only options to the
     `actor.*` fields holding them. An estimator that needs the current policy's token entropies
     names `per_token`: the trainer then computes the estimator `base` on the whole batch (the
-    group part) and applies `per_token(base_adv, entropy, mask, **opts)` inside each
-    micro-batch, with the detached entropies of that micro-batch's training forward pass."""
+    group part) and applies `per_token(base_adv, entropy, mask, **opts)` with detached
+    entropies of the current policy: once over the whole batch (actor.adv_entropy_scope
+    "batch"), or inside each micro-batch with that micro-batch's training forward pass ("micro")."""
 
     config: Mapping[str, str] = field(default_factory=dict)
     base: str | None = None
@@ -279,11 +280,11 @@ def aepo_advantage(
     A~_{i,t} = A_i * (1 + alpha_H * z(H_{i,t})),  A_i the GRPO advantage, z the z-score of the
     detached token entropy over the valid tokens of the batch given (unbiased std; z = 0 when
     the std is 0 or there are fewer than 2 valid tokens). Needs `entropy` [B, T], which should
-    be the current policy's (the training forward pass), with z over one micro-batch
-    (docs/algorithms.md section 4). This one-shot form z-scores over whatever batch it is given;
-    `RLTrainer` instead keeps the GRPO part in the batch and applies `entropy_shaped_advantage`
-    inside each micro-batch's loss. The verl adapter calls this form with the entropies verl
-    computed for pi_old over its whole batch (docs/algorithms.md, "Open points").
+    be the current policy's. This one-shot form z-scores over whatever batch it is given:
+    `RLTrainer` with actor.adv_entropy_scope "batch" (default) applies `entropy_shaped_advantage`
+    to the whole batch, "micro" inside each micro-batch's loss (docs/algorithms.md section 4);
+    the verl adapter calls this form with the entropies verl computed for pi_old over its whole
+    batch (docs/algorithms.md section 1.1).
     """
     if inp.entropy is None:
         raise ValueError("advantage 'aepo' needs entropy=[B, T] token entropies of the current policy")
@@ -296,8 +297,8 @@ def entropy_shaped_advantage(
 ) -> torch.Tensor:
     """The entropy factor of the AEPO advantage (docs/algorithms.md section 4), applied to a given
     advantage: A~_t = A_t * (1 + alpha * z(H_t)), z = `entropy_zscore` over the valid tokens of
-    `mask` (so over whatever batch the caller passes: the trainer passes one micro-batch of the
-    training forward pass, as the released actor does). `entropy` is detached; the result has
+    `mask` (so over whatever batch the caller passes: the trainer passes the whole batch, or one
+    micro-batch of the training forward pass as the released actor does). `entropy` is detached; the result has
     `base_adv`'s dtype and is exactly 0 on masked tokens. All tensors [B, T].
     """
     if not (base_adv.shape == entropy.shape == mask.shape) or base_adv.ndim != 2:
@@ -311,7 +312,8 @@ def entropy_shaped_advantage(
     return torch.where(valid.to(base_adv.device), shaped, torch.zeros_like(shaped))
 
 
-# AEPO in a trainer: the GRPO part on the whole batch, the entropy factor per micro-batch
+# AEPO in a trainer: the GRPO part on the whole batch, then the entropy factor (over the batch,
+# or per micro-batch with actor.adv_entropy_scope "micro")
 register_advantage("aepo", config={"alpha": "entropy_adv_alpha", "norm_by_std": "norm_adv_by_std_in_grpo"},
                    base="grpo", per_token=entropy_shaped_advantage)(aepo_advantage)
 

@@ -22,6 +22,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "adv_estimator": "grpo", "policy_loss": "dapo", "clip_ratio_low": 0.2,
             "clip_ratio_high": 0.28, "loss_agg_mode": "token-mean", "dynamic_sampling": True,
             "kl_coef": 0.0,
+            # overlong reward shaping over the last quarter of the default 256-token budget
+            # (DAPO: 4,096 of 20,480); generated tokens only (docs/algorithms.md section 5)
+            "overlong_buffer": 64, "overlong_penalty": 1.0,
         },
     },
     "gppo": {"rollout": {"strategy": "independent"}, "actor": {"adv_estimator": "grpo", "policy_loss": "gppo"}},
@@ -36,6 +39,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "aepo": {
         "rollout": {"strategy": "aepo"},
         "actor": {"adv_estimator": "aepo", "policy_loss": "aepo", "clip_ratio_low": 0.2, "clip_ratio_high": 0.2},
+    },
+    # What the published AEPO training scripts ran (docs/algorithms.md section 6): the dynamic
+    # rollout's pre-monitoring off (enable_dynamic_rollouts unset), so m = k / 2; the released
+    # branch rule (U + gamma dH)(1 - 0.05 l) >= 0.5 with its per-prompt, per-round counter and
+    # its unrescaled segment entropy; the entropy-aware advantage off (the configs never
+    # computed the token entropies, so the advantage was GRPO's); the entropy-balanced clip on.
+    "released_aepo": {
+        "rollout": {
+            "strategy": "aepo", "premonitor": False, "initial_rollouts": 0, "branch_decision": "released",
+            "branch_gamma": 0.2, "branch_penalty": 0.05, "branch_tau": 0.5, "penalty_scope": "prompt",
+            "segment_entropy_compat": True, "branch_children": 1,
+        },
+        "actor": {"adv_estimator": "grpo", "policy_loss": "aepo", "clip_ratio_low": 0.2, "clip_ratio_high": 0.2,
+                  "kl_coef": 0.0},
     },
 }
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 __all__ = [
     "KL_KINDS",
     "EntropyHistory",
+    "EpoBatch",
     "epo_band_penalty",
     "epo_phase_weight",
     "epo_regularizer",
@@ -182,6 +184,23 @@ def _hist_for(h_hist: object, turn: int | None) -> float | None:
     return float(h_hist)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class EpoBatch:
+    """Entropy totals of the whole batch a micro-batch belongs to (from a no-grad pass), so that
+    `epo_regularizer` can give each micro-batch its part of the batch's regulariser: n_tokens and
+    h_bar over all valid tokens; turn_tokens and turn_means per turn index (turn id >= 0)."""
+
+    n_tokens: float
+    h_bar: float
+    turn_tokens: Mapping[int, float] = field(default_factory=dict)
+    turn_means: Mapping[int, float] = field(default_factory=dict)
+
+
+def _band_slope(h: float, hist: float, kappa_l: float, kappa_r: float) -> float:
+    """d/dH of relu(kappa_l hist - H)^2 + relu(H - kappa_r hist)^2 at H = h."""
+    return 2.0 * (max(0.0, h - kappa_r * hist) - max(0.0, kappa_l * hist - h))
+
+
 def epo_regularizer(
     entropy: torch.Tensor,
     mask: torch.Tensor,
@@ -193,6 +212,7 @@ def epo_regularizer(
     kappa_r: float = 1.5,
     band_coef: float = 1.0,
     turn_ids: torch.Tensor | None = None,
+    batch: EpoBatch | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """EPO's term added to the policy loss.
 
@@ -203,7 +223,17 @@ def epo_regularizer(
     h_hist: a float, {turn: float}, an EntropyHistory, or None (no history yet: P = 0).
     `entropy` [B, T] should carry the gradient (e.g. `token_entropy(logits)`).
     Metrics: epo_entropy (H_bar), epo_beta, epo_band_penalty, epo_band_turns (turns penalised).
+
+    With `batch` (this micro-batch is part of a larger batch, docs/algorithms.md section 5) the
+    band and the bonus are those of the whole batch: H_bar and the turn means are the batch's
+    (`batch`), and the returned term is this micro-batch's part of R's gradient,
+    -lambda_H S / N + beta sum_j P'(H_j) S_j / N_j (S, S_j: this micro-batch's entropy sums,
+    N, N_j: the batch's token counts, P' the band's slope at the batch means), so the terms of
+    all micro-batches add up to R's gradient at the batch means; the metrics are the batch's.
     """
+    if batch is not None:
+        return _epo_batch_part(entropy, mask, h_hist, step, total_steps, entropy_coef, kappa_l, kappa_r,
+                               band_coef, turn_ids, batch)
     if entropy.shape != mask.shape or entropy.ndim != 2:
         raise ValueError(
             f"entropy shape {tuple(entropy.shape)} and mask shape {tuple(mask.shape)} must be equal [B, T]"
@@ -235,4 +265,46 @@ def epo_regularizer(
         "epo_band_penalty": float(band.detach()),
         "epo_band_turns": float(n_band),
     }
+    return term, metrics
+
+
+def _epo_batch_part(
+    entropy: torch.Tensor, mask: torch.Tensor, h_hist: object, step: int, total_steps: int,
+    entropy_coef: float, kappa_l: float, kappa_r: float, band_coef: float,
+    turn_ids: torch.Tensor | None, batch: EpoBatch,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`epo_regularizer` for one micro-batch of `batch` (see there)."""
+    if entropy.shape != mask.shape or entropy.ndim != 2:
+        raise ValueError(
+            f"entropy shape {tuple(entropy.shape)} and mask shape {tuple(mask.shape)} must be equal [B, T]"
+        )
+    if not 0 <= kappa_l <= kappa_r:
+        raise ValueError(f"need 0 <= kappa_l <= kappa_r, got kappa_l={kappa_l}, kappa_r={kappa_r}")
+    valid = mask.bool()
+    h = torch.where(valid, entropy.float(), torch.zeros_like(entropy, dtype=torch.float32))
+    beta = epo_phase_weight(step, total_steps)
+    term = -entropy_coef * h.sum() / max(batch.n_tokens, 1.0)
+    band_value, n_band = 0.0, 0
+    if turn_ids is None:
+        hist = _hist_for(h_hist, None)
+        if hist is not None and batch.n_tokens > 0:
+            band_value = float(epo_band_penalty(batch.h_bar, hist, kappa_l, kappa_r, band_coef))
+            slope = band_coef * _band_slope(batch.h_bar, hist, kappa_l, kappa_r)
+            term = term + beta * slope * h.sum() / batch.n_tokens
+            n_band = 1
+    else:
+        tids = turn_ids.to(h.device)
+        pairs = [(t, m, _hist_for(h_hist, t)) for t, m in sorted(batch.turn_means.items())]
+        pairs = [(t, m, hv) for t, m, hv in pairs if hv is not None]
+        if pairs:
+            n_band = len(pairs)
+            band_value = float(epo_band_penalty(torch.tensor([m for _, m, _ in pairs]),
+                                                torch.tensor([hv for _, _, hv in pairs]), kappa_l, kappa_r, band_coef))
+            for t, m, hv in pairs:
+                slope = band_coef * _band_slope(m, hv, kappa_l, kappa_r) / n_band
+                if slope != 0.0:
+                    sel = valid & (tids == t)
+                    term = term + beta * slope * torch.where(sel, h, torch.zeros_like(h)).sum() / batch.turn_tokens[t]
+    metrics = {"epo_entropy": float(batch.h_bar), "epo_beta": beta, "epo_band_penalty": band_value,
+               "epo_band_turns": float(n_band)}
     return term, metrics

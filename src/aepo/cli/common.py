@@ -34,7 +34,7 @@ def check_min(option: str, value: float | None, low: float, what: str, hint: str
 FLAGS: dict[str, tuple[str, str]] = {
     # parameter name: (the config key the flag sets, what it is)
     "temperature": ("rollout.temperature", "Sampling temperature."),
-    "max_response_tokens": ("rollout.max_response_tokens", "Tokens per answer (tool results not counted)."),
+    "max_response_tokens": ("rollout.max_response_tokens", "Tokens per answer, tool results included."),
     "max_tool_calls": ("rollout.max_tool_calls", "Tool calls per answer."),
     "backend": ("rollout.backend", "Sampler engine: torch | vllm (the vllm extra)."),
     "strategy": ("rollout.strategy", "Rollout strategy: independent | arpo | aepo."),

@@ -6,6 +6,7 @@ killed comparison resumes where it stopped; the report is rewritten after every 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +57,85 @@ def compare_table(results: dict[str, list[dict[str, Any]]], k: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_tokens(metrics: list[dict]) -> float:
+    """Tokens the sampler generated over a run's training steps (`rollout/generated_tokens`; for
+    a run logged before that metric, rows x response length, tool results and copies included)."""
+    total = 0.0
+    for r in metrics:
+        if isinstance(r.get("rollout/generated_tokens"), (int, float)):
+            total += float(r["rollout/generated_tokens"])
+        elif isinstance(r.get("rollout/rows"), (int, float)) and isinstance(r.get("rollout/response_length"), (int, float)):
+            total += float(r["rollout/rows"]) * float(r["rollout/response_length"])
+    return total
+
+
+def _eval_records(run_dir: Path) -> list[dict]:
+    p = run_dir / "eval_rl_samples.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def compare_statistics(results: dict[str, list[dict[str, Any]]], key: str = "pass@1",
+                       level: float = 0.95, power: float = 0.8) -> dict[str, Any]:
+    """Per algorithm: mean and sd over seeds of `key`, the mean evaluation noise of one run
+    (`eval_noise`, the sd a re-evaluation would show) beside that seed sd, tokens and seconds
+    per run. Per pair of algorithms (each later one against each earlier one in `results`): the
+    paired differences over their common seeds with the bootstrap interval, the minimal
+    detectable effect at `power` and the verdict (`aepo.eval.stats`, docs/algorithms.md section 8)."""
+    from aepo.eval.stats import mean_sd, paired_comparison
+
+    per_algo = {}
+    for algo, runs in results.items():
+        m, sd = mean_sd([r.get(key) for r in runs])
+        noise = mean_sd([r.get("eval_noise") for r in runs])[0]
+        per_algo[algo] = {"seeds": len(runs), "mean": m, "sd": sd, "eval_noise": noise,
+                          "tokens": mean_sd([r.get("tokens") for r in runs])[0],
+                          "seconds": mean_sd([r.get("wall_seconds") for r in runs])[0]}
+    names = list(results)
+    pairs = []
+    for j, a in enumerate(names):
+        for b in names[:j]:
+            xa = {r["seed"]: r[key] for r in results[a] if r.get(key) is not None}
+            xb = {r["seed"]: r[key] for r in results[b] if r.get(key) is not None}
+            pairs.append(paired_comparison(xa, xb, a, b, level=level, power=power))
+    return {"metric": key, "level": level, "power": power, "algorithms": per_algo, "pairs": pairs}
+
+
+def statistics_markdown(st: dict[str, Any], scale: float = 100.0, unit: str = "points") -> str:
+    """The statistics of `compare_statistics` as two markdown tables (values times `scale`)."""
+    key, lvl, pw = st["metric"], round(100 * st["level"]), round(100 * st["power"])
+
+    def f(x: float, digits: int = 1) -> str:
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+    lines = [(f"Per algorithm, {key} in {unit}: mean and sd over seeds (seed noise), and the evaluation "
+              f"noise of one run (the sd of its {key} from its finite evaluation samples)."), "",
+             "| algo | seeds | mean | sd over seeds | eval noise (sd) | tokens per run | seconds per run |",
+             "|---|---|---|---|---|---|---|"]
+    for algo, a in st["algorithms"].items():
+        lines.append(f"| {algo} | {a['seeds']} | {f(scale * a['mean'])} | {f(scale * a['sd'])} | "
+                     f"{f(scale * a['eval_noise'])} | {f(a['tokens'], 0)} | {f(a['seconds'], 0)} |")
+    lines += ["", (f"Paired differences over common seeds ({key} in {unit}, A − B), {lvl}% bootstrap interval, "
+                   f"minimal detectable effect (MDE) at {pw}% power; “not detected” where the interval holds 0."), "",
+              "| A − B | pairs | mean | sd | interval | MDE | verdict |", "|---|---|---|---|---|---|---|"]
+    for p in st["pairs"]:
+        lines.append(f"| {p['a']} − {p['b']} | {p['n']} | {f(scale * p['mean'])} | {f(scale * p['sd'])} | "
+                     f"[{f(scale * p['ci_low'])}, {f(scale * p['ci_high'])}] | {f(scale * p['mde'])} | {p['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _no_nan(obj: Any) -> Any:
+    """`obj` with every float nan as None (JSON has no nan)."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_no_nan(v) for v in obj]
+    return obj
+
+
 def _mean_curves(metrics_by_seed: list[list[dict]]) -> list[dict]:
     steps: dict[int, list[dict]] = {}
     for rows in metrics_by_seed:
@@ -80,11 +160,16 @@ def write_compare_report(out: Path, algos: Sequence[str], seeds: Sequence[int], 
             rd = out / "runs" / f"{algo}_seed{seed}"
             res = run_summary(rd)
             if res is not None:
+                rows = read_metrics(rd / "rl" / "metrics.jsonl")
+                from aepo.eval.stats import eval_noise
+
+                res = {**res, "tokens": run_tokens(rows), "eval_noise": eval_noise(_eval_records(rd))}
                 runs.append(res)
-                metr.append(read_metrics(rd / "rl" / "metrics.jsonl"))
+                metr.append(rows)
         if runs:
             results[algo] = runs
             curves[algo] = _mean_curves(metr)
+    stats = compare_statistics(results)
     plots = []
     if curves:
         keys = [("reward/mean", "reward (mean)"), ("reward/accuracy", "training accuracy"),
@@ -107,12 +192,14 @@ def write_compare_report(out: Path, algos: Sequence[str], seeds: Sequence[int], 
           f"Command: `{command}`", "",
           f"Same SFT model, same rollout budget (rollout.n rows per prompt), seeds {list(seeds)}; "
           f"held-out pass@k from {eval_n} samples per question; mean ± sd over seeds.", "",
-          compare_table(results, eval_n), *[f"![{p.stem}]({p.name})" for p in plots]]
+          compare_table(results, eval_n), "## Statistics", "", statistics_markdown(stats),
+          *[f"![{p.stem}]({p.name})" for p in plots]]
     missing = [f"{a}/seed{s}" for a in algos for s in seeds if run_summary(out / "runs" / f"{a}_seed{s}") is None]
     if missing:
         md += ["", f"Not finished yet: {', '.join(missing)}"]
     atomic_write_text(out / "compare.md", "\n".join(md) + "\n")
     atomic_write_json(out / "compare.json", results)
+    atomic_write_json(out / "compare_stats.json", _no_nan(stats))
     return out / "compare.md"
 
 

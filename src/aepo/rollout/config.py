@@ -25,12 +25,12 @@ class RolloutConfig:
     # (aepo's own models), "hermes" JSON in <tool_call> ... </tool_call> with results as `tool`
     # messages of the chat template (Qwen and most pretrained chat models; docs/algorithms.md 2.1)
     tool_format: str = "tags"
-    strategy: str = "aepo"  # a registered strategy (`aepo.rollout.strategies`): independent | arpo | aepo
+    strategy: str = "aepo"  # a registered strategy (`aepo.rollout.strategies`): independent | arpo | aepo | random
     n: int = 8  # k: rows per prompt, one group
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling (1.0: off)
     top_k: int = 0  # top-k sampling (0: off)
-    max_response_tokens: int = 256  # tokens the model may write per row (tool results not counted)
+    max_response_tokens: int = 256  # the budget of a row's whole response, tool-result tokens included
     max_tool_calls: int = 6  # tool calls per row; the system prompt of chat models states it
     max_result_tokens: int = 128  # a tool result is cut to this many tokens (its closing tag kept)
     # a segment's entropy: the sum of its first n_probe token entropies / log|V|, rescaled by
@@ -38,21 +38,29 @@ class RolloutConfig:
     n_probe: int = 20
     # ARPO entropy-based adaptive branching
     initial_rollouts: int = 0  # m; 0 means n // 2
-    branch_alpha: float = 0.5
+    # alpha, the base of the branch score alpha + beta dH. Kept apart from branch_tau: with the
+    # threshold rule a chain branches when beta dH > tau - alpha, i.e. dH > 0.5 at the defaults,
+    # so beta (and AEPO's gamma) sets the bar; alpha = tau would make it "dH > 0" whatever beta
+    # is (docs/algorithms.md section 3.2). `released` does not use alpha (its base is U(0, 1))
+    branch_alpha: float = 0.4
     branch_beta: float = 0.2  # ARPO beta; AEPO's gamma below
     branch_children: int = 1  # Z
+    # strategy "random" (the control): the probability that a decision branches, whatever dH is
+    random_branch_p: float = 0.5
     # AEPO dynamic entropy-balanced rollout
     premonitor: bool = True
     beta_pm: float = 0.5
     reuse_probe: bool = True
     branch_gamma: float = 0.2
     branch_penalty: float = 0.05  # lambda_pen
-    branch_tau: float = 0.5
+    branch_tau: float = 0.5  # tau, the bar of the threshold and released rules (0.5 in the released code)
     # ARPO and AEPO branch rule (docs/algorithms.md section 3.3): "threshold" the paper, "released" the
     # authors' code (random base U), "sample" Bernoulli(P); the default is chosen from demo
     # measurements given in rollout.strategies.branch_decision
     branch_decision: Literal["threshold", "released", "sample"] = "threshold"
-    penalty_scope: Literal["chain", "prompt"] = "chain"  # "prompt" is the released behaviour
+    # l of the penalty: "chain" one per chain (the paper); "prompt" the released counter, one per
+    # prompt, updated once per round, fills counted (docs/algorithms.md section 3.3 item 2)
+    penalty_scope: Literal["chain", "prompt"] = "chain"
     m_compat: bool = False  # released code: int(k * sigmoid) + 1
     segment_entropy_compat: bool = False  # released code: plain sum over n_probe, no length rescale
     # vllm backend: top-k log-probs per token for the probe entropy (vLLM returns no full

@@ -11,6 +11,8 @@ group, with row_id 0..n-1. They differ only in which rows exist:
   finished prompts are filled with global rows.
 - aepo: m chosen per prompt by entropy pre-monitoring; branching by the same rule on
   (alpha + gamma dH)(1 - lambda l), l = consecutive branched tool steps.
+- random: ARPO's tree with every decision a coin of probability rollout.random_branch_p (the
+  control for "does branching on dH beat branching anywhere?").
 
 Both use `branch_decision` (threshold / released / sample). Every decision is observable: each
 row's `Trajectory.decisions` lists the decisions on its chain and `Trajectory.m` its prompt's
@@ -37,6 +39,7 @@ __all__ = [
     "AepoRollout",
     "ArpoRollout",
     "IndependentRollout",
+    "RandomBranchRollout",
     "PromptGroup",
     "RolloutStrategy",
     "aepo_branch_probability",
@@ -114,7 +117,9 @@ def branch_decision(
     factor f = max(0, 1 - lambda_pen * l):
 
     - "threshold" (the paper): p = (alpha + coef * dH) * f, branch when p > tau. Deterministic
-      given dH; for ARPO (f = 1, alpha = tau = 0.5) it branches exactly when dH > 0.
+      given dH; for ARPO (f = 1) it branches when coef * dH > tau - alpha, i.e. dH > 0.5 at the
+      defaults alpha = 0.4, coef = 0.2, tau = 0.5 (with alpha = tau it would be dH > 0 whatever
+      coef is, docs/algorithms.md section 3.2).
     - "released" (the authors' code): p = (U + coef * dH) * f with U = rng.random() ~ U(0, 1),
       branch when p >= tau (tau = 0.5 is the released constant).
     - "sample": p = clip((alpha + coef * dH) * f, 0, 1), branch when rng.random() < p.
@@ -124,8 +129,9 @@ def branch_decision(
     here: a decision that wants to branch on a prompt with no budget left does not branch.
 
     Default `threshold`, from the demo (runs/demo: tiny Qwen3 after SFT, 24 held-out test
-    questions x 5 seeds, k = 8, n_probe = 20, demo rollout settings, alpha/gamma/lambda/tau as
-    in docs/algorithms.md; AEPO; "with budget" = decisions taken while the prompt had budget left):
+    questions x 5 seeds, k = 8, n_probe = 20, demo rollout settings, alpha = tau = 0.5 (the
+    default alpha was 0.5 then), gamma = 0.2, lambda = 0.05; AEPO; "with budget" = decisions
+    taken while the prompt had budget left):
 
         rule       decisions  branch rate       branches/  P(branch | dH>0)  branches   unique
                               all / with budget prompt     / P(.. | dH<=0)   with dH>0  rows/8
@@ -148,6 +154,8 @@ def branch_decision(
     of 596 vs 75% of 491 for `sample`). Its cost: with dH > 0 at most decisions it branches at
     95% of them while budget lasts, so the budget goes to the earliest high-dH steps, and it is
     deterministic given dH; the AEPO penalty still bites (l = 1 needs dH > 0.13, l = 2 dH > 0.28).
+    That spending at nearly every step, with gamma inert, is why alpha is now 0.4 (dH > 0.5 at
+    l = 0, 0.63 at l = 1, 0.78 at l = 2).
     `released` has the distribution of `sample` at l = 0 (P(U + coef dH >= 0.5) = 0.5 + coef dH).
     """
     f = _penalty_factor(penalty, l)
@@ -200,6 +208,7 @@ class PromptGroup:
     branches: int = 0
     l_values: list[int] = field(default_factory=list)  # l used at each branch decision
     l_prompt: int = 0  # the single per-prompt l of penalty_scope="prompt"
+    new_rows_this_round: bool = False  # a branch or fill row was made this round (penalty_scope="prompt")
     probe: RowState | None = None  # AEPO probe while it runs
     probe_tool_entropies: list[float] = field(default_factory=list)
     h_root: float | None = None
@@ -247,6 +256,8 @@ class RolloutStrategy:
         self.agent = Agent(sampler, tokenizer, tool_fn, cfg)
         self.groups: list[PromptGroup] = []
         self.decisions: list[dict[str, Any]] = []
+        self.fills: list[dict[str, int]] = []  # {"round", "prompt", "rows"} per fill
+        self.round = 0  # the index of the current round (one agent step for every active row)
         self._live: set[int] = set()
 
     # -------------------------------------------------------------- sampler rows
@@ -293,6 +304,7 @@ class RolloutStrategy:
             made.append(child.traj.row_id)
         if made:
             g.branches += 1
+            g.new_rows_this_round = True
         return made
 
     # -------------------------------------------------------------- hooks
@@ -307,7 +319,13 @@ class RolloutStrategy:
     def end_turn(self, g: PromptGroup) -> None:
         """After a turn: fill a prompt whose rows all finished while budget remains."""
         if not g.probing and not g.active() and g.budget_left > 0:
-            self.start_globals(g, g.budget_left)
+            rows = g.budget_left
+            self.start_globals(g, rows)
+            g.new_rows_this_round = True
+            self.fills.append({"round": self.round, "prompt": g.index, "rows": rows})
+
+    def end_round(self) -> None:
+        """After every prompt's `end_turn` of a round."""
 
     # -------------------------------------------------------------- main loop
 
@@ -325,6 +343,7 @@ class RolloutStrategy:
                 self._live.add(handle)
                 self.groups.append(PromptGroup(i, str(pid), list(ids), self.cfg.n, handle))
             self.begin(self.groups)
+            self.round = 0
             while True:
                 active = [s for g in self.groups for s in g.active()]
                 if not active:
@@ -337,6 +356,10 @@ class RolloutStrategy:
                     for s in g.rows:
                         if s.finished:
                             self._release_state(s)
+                self.end_round()
+                for g in self.groups:
+                    g.new_rows_this_round = False
+                self.round += 1
         finally:
             for handle in list(self._live):
                 self._release(handle)
@@ -369,6 +392,7 @@ class RolloutStrategy:
             "h_root": [g.h_root for g in self.groups],
             "h_tool": [g.h_tool for g in self.groups],
             "decisions": list(self.decisions),
+            "fills": list(self.fills),
             "generate_calls": self.agent.generate_calls,
             "tool_fn_calls": self.agent.tool_fn_calls,
         }
@@ -379,10 +403,15 @@ class RolloutStrategy:
         """The branch decision for `s` at `outcome` (the segment after a new tool result) by the
         `rollout.branch_decision` rule -> (p, branched, budget_left). Records it on the row's
         trajectory (`Trajectory.decisions`) before any fork, so a child inherits it."""
+        return self._decide_with(g, s, outcome, self.cfg.branch_decision, self.cfg.branch_alpha, coef, penalty, l)
+
+    def _decide_with(
+        self, g: PromptGroup, s: RowState, outcome: TurnOutcome, rule: str, alpha: float, coef: float,
+        penalty: float = 0.0, l: int = 0,
+    ) -> tuple[float, bool, int]:
         delta_h = outcome.entropy - s.h_init
         budget_left = g.budget_left
-        p, wants = branch_decision(self.cfg.branch_decision, self.cfg.branch_alpha, coef, delta_h,
-                                   penalty, l, self.cfg.branch_tau, self.rng)
+        p, wants = branch_decision(rule, alpha, coef, delta_h, penalty, l, self.cfg.branch_tau, self.rng)
         branched = bool(wants and budget_left > 0)
         # the tool-call index of the decision: the results before the measured segment (the
         # turn's own tool call, if the segment made one, already ran and is not counted)
@@ -398,7 +427,7 @@ class RolloutStrategy:
         children: list[int],
     ) -> None:
         self.decisions.append({
-            "prompt": g.index, "row_id": s.traj.row_id, "position": outcome.segment_start,
+            "prompt": g.index, "row_id": s.traj.row_id, "round": self.round, "position": outcome.segment_start,
             "turn": s.traj.decisions[-1]["turn"], "rule": self.cfg.branch_decision,
             "h_init": s.h_init, "h_now": outcome.entropy, "dH": outcome.entropy - s.h_init,
             "p": p, "l": l, "budget_left": budget_left, "branched": bool(children), "children": children,
@@ -497,14 +526,46 @@ class AepoRollout(RolloutStrategy):
         per_prompt = cfg.penalty_scope == "prompt"
         l = g.l_prompt if per_prompt else s.l
         p, branched, budget_left = self.decide(g, s, outcome, cfg.branch_gamma, cfg.branch_penalty, l)
-        # a branched step extends the run of consecutive branches, any other step resets it;
-        # set before forking so the children start with the chain's new l
+        # chain scope: a branched step extends the chain's run of consecutive branches, any other
+        # step resets it; set before forking so the children start with the chain's new l.
+        # Prompt scope changes l only at the end of the round (`end_round`).
         s.l = l + 1 if branched else 0
-        if per_prompt:
-            g.l_prompt = s.l
         children = self.branch(g, s, outcome.segment_start) if branched else []
         g.l_values.append(l)
         self._log_decision(g, s, outcome, p, l, budget_left, children)
+
+    def end_round(self) -> None:
+        """penalty_scope="prompt", the released counter (docs/algorithms.md section 3.3 item 2):
+        one l per prompt, read by every decision of a round and updated once after it. When the
+        round made any new row in the batch (a branch or a fill), each prompt's l becomes l + 1 if
+        that prompt got new rows (fills count) and 0 otherwise; a round without new rows anywhere
+        leaves every l as it was."""
+        if self.cfg.penalty_scope != "prompt" or not any(g.new_rows_this_round for g in self.groups):
+            return
+        for g in self.groups:
+            g.l_prompt = g.l_prompt + 1 if g.new_rows_this_round else 0
+
+
+@register_strategy("random")
+class RandomBranchRollout(RolloutStrategy):
+    """The random-branch control (docs/algorithms.md section 3.4): ARPO's tree (m global rows,
+    a decision after every tool result, fills) with each decision a coin of probability
+    rollout.random_branch_p, whatever dH is. dH is still measured and logged."""
+
+    def begin(self, groups: list[PromptGroup]) -> None:
+        for g in groups:
+            g.m = default_global_budget(self.cfg)
+            self.start_globals(g, g.m)
+
+    def on_tool_feedback(self, g: PromptGroup, outcome: TurnOutcome) -> None:
+        s = outcome.state
+        if s.probe:
+            return
+        p = self.cfg.random_branch_p
+        # the "sample" rule with a constant score: alpha = p, no entropy term, no penalty
+        _, branched, budget_left = self._decide_with(g, s, outcome, "sample", p, 0.0)
+        children = self.branch(g, s, outcome.segment_start) if branched else []
+        self._log_decision(g, s, outcome, p, 0, budget_left, children)
 
 
 def rollout(

@@ -89,6 +89,16 @@ def overlong_penalty(length: int, max_len: int, buffer: int, factor: float) -> f
     return -min(1.0, (length - (max_len - buffer)) / buffer) * factor
 
 
+def overlong_shaping(traj: Trajectory, cfg: Config) -> float:
+    """DAPO's overlong reward term of one row (docs/algorithms.md section 5): `overlong_penalty`
+    with L = the tokens the policy generated (response_mask 1), so tool results never count
+    against the row, L_max = rollout.max_response_tokens, buffer actor.overlong_buffer, factor
+    actor.overlong_penalty. 0 when the buffer is 0 (off)."""
+    a = cfg.actor
+    return overlong_penalty(sum(traj.response_mask), cfg.rollout.max_response_tokens, a.overlong_buffer,
+                            a.overlong_penalty)
+
+
 class RLTrainer:
     """Runs `cfg.trainer.total_steps` RL steps on `tasks` and writes metrics and checkpoints."""
 
@@ -167,9 +177,7 @@ class RLTrainer:
                                  format_penalty=self.cfg.reward.format_penalty,
                                  qa_metric=self.cfg.reward.qa_metric, tool_format=r.tool_format)
             tr.score = s
-            tr.reward = float(s["reward"]) + overlong_penalty(
-                len(tr.response_ids), r.max_response_tokens, self.cfg.actor.overlong_buffer,
-                self.cfg.actor.overlong_penalty)
+            tr.reward = float(s["reward"]) + overlong_shaping(tr, self.cfg)
         return trajs, stats
 
     def check_engine(self, step: int) -> float | None:
@@ -210,10 +218,11 @@ class RLTrainer:
         """Training tensors, advantages and (when configured) re-scored pi_old and reference
         log-probs; `metrics`, when given, receives `rollout_logprob_diff`.
 
-        For an estimator with a per-token step (adv_estimator "aepo") the advantages here are its
-        base, the group part (GRPO's A_i): the entropy factor (1 + alpha_H z(H_t)) needs the
-        current policy's entropies, so `update` applies it per micro-batch (`micro_advantages`,
-        docs/algorithms.md section 4). With
+        For an estimator with a per-token step (adv_estimator "aepo") the group part (GRPO's
+        A_i) comes first; the entropy factor (1 + alpha_H z(H_t)) needs the current policy's
+        entropies: with actor.adv_entropy_scope "batch" (default) one no-grad pass over the batch
+        gives them and z is taken over the whole batch here; with "micro" `update` applies the
+        factor per micro-batch (`micro_advantages`, docs/algorithms.md section 4). With
         actor.tree_attribution "hard", a token a branch row copied from its parent is trained
         once, with the mean advantage of the rows holding it (`algos.hard_attribution`)."""
         a = self.cfg.actor
@@ -226,42 +235,58 @@ class RLTrainer:
             parent, position = tree_links(trajs)
             batch.advantages, batch.loss_mask = algos.hard_attribution(
                 batch.advantages, batch.loss_mask, parent, position)
-        if self.recompute_old_log_prob:
+        step = algos.advantage_spec(a.adv_estimator).per_token
+        batch_entropy = step is not None and a.adv_entropy_scope == "batch"
+        entropy = None
+        if self.recompute_old_log_prob or batch_entropy:
             self.model.eval()
+            scored, entropy = self._score(self.model, batch, with_entropy=batch_entropy)
+        if self.recompute_old_log_prob:
             sampler_lp = batch.old_log_prob
-            batch.old_log_prob = self._score(self.model, batch)
+            batch.old_log_prob = scored
             if metrics is not None:
                 diff = (sampler_lp - batch.old_log_prob).abs() * batch.loss_mask
                 metrics["rollout_logprob_diff"] = float(diff.sum() / batch.loss_mask.sum().clamp_min(1))
+        if batch_entropy:
+            # the estimator's per-token step over the whole batch, once, with the entropies of the
+            # policy before the update (docs/algorithms.md section 4, actor.adv_entropy_scope)
+            batch.advantages = step(batch.advantages, entropy, batch.loss_mask, **algos.per_token_config(a))
         if self.ref_model is not None and a.kl_coef > 0:
-            batch.ref_log_prob = self._score(self.ref_model, batch)
+            batch.ref_log_prob, _ = self._score(self.ref_model, batch)
         elif a.kl_coef > 0 and is_peft_model(self.model):
             self.model.eval()
             with adapters_disabled(self.model):
-                batch.ref_log_prob = self._score(self.model, batch)
+                batch.ref_log_prob, _ = self._score(self.model, batch)
         return batch
 
-    def _score(self, model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
-        """log pi(token) of every response token under `model`, in micro-batches, without grad."""
+    def _score(self, model: torch.nn.Module, batch: TokenBatch,
+               with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log pi(token) of every response token under `model`, and with `with_entropy` the token
+        entropies H_t, in micro-batches without grad (the split changes no value)."""
         micro = max(1, self.cfg.trainer.ppo_micro_batch_size)
         out = torch.zeros_like(batch.old_log_prob)
+        ent_out = torch.zeros_like(batch.old_log_prob) if with_entropy else None
         with torch.no_grad():
             for s in range(0, len(batch), micro):
                 ids = batch.input_ids[s : s + micro].to(self.device)
                 mask = batch.loss_mask[s : s + micro]
-                lp, _ = token_logprobs_and_entropy(  # rows are right-padded: no attention mask needed
-                    model, ids, None, self.cfg.rollout.temperature, with_entropy=False, mask=mask.to(self.device))
+                lp, ent = token_logprobs_and_entropy(  # rows are right-padded: no attention mask needed
+                    model, ids, None, self.cfg.rollout.temperature, with_entropy=with_entropy,
+                    mask=mask.to(self.device))
                 out[s : s + micro] = lp.float().cpu()
-        return out
+                if ent_out is not None and ent is not None:
+                    ent_out[s : s + micro] = ent.float().cpu()
+        return out, ent_out
 
     def micro_advantages(self, mu: TokenBatch, entropy: torch.Tensor) -> torch.Tensor:
-        """The advantages one micro-batch's loss uses: the batch's, or the estimator's per-token
-        step on them (adv_estimator "aepo": A_i (1 + alpha_H z(H_t)) with z over this
-        micro-batch's valid tokens of `entropy`), with the detached entropies of the training
-        forward pass (not the sampler's `rollout_entropy`)."""
+        """The advantages one micro-batch's loss uses: the batch's (with actor.adv_entropy_scope
+        "batch" they already hold the estimator's per-token step, taken in `make_batch`), or with
+        scope "micro" the estimator's per-token step on them (adv_estimator "aepo":
+        A_i (1 + alpha_H z(H_t)) with z over this micro-batch's valid tokens of `entropy`), with
+        the detached entropies of the training forward pass (not the sampler's `rollout_entropy`)."""
         a = self.cfg.actor
         step = algos.advantage_spec(a.adv_estimator).per_token
-        if step is None:
+        if step is None or a.adv_entropy_scope == "batch":
             return mu.advantages
         return step(mu.advantages, entropy.detach(), mu.loss_mask, **algos.per_token_config(a))
 
@@ -299,6 +324,9 @@ class RLTrainer:
                 totals = {"batch_num_tokens": float(mb_mask.sum()),
                           "batch_num_seqs": float((mb_mask.sum(-1) > 0).sum())}
                 self.optimizer.zero_grad(set_to_none=True)
+                epo_on = a.epo and step >= a.epo_start_step
+                # EPO over the mini-batch: its entropy totals first, when it spans several micro-batches
+                epo_batch = self._epo_batch(batch, mb_idx, micro) if epo_on and len(mb_idx) > micro else None
                 for u in range(0, len(mb_idx), micro):
                     mu = batch.select(mb_idx[u : u + micro]).to(self.device)
                     share = len(mu) / len(mb_idx)
@@ -313,13 +341,14 @@ class RLTrainer:
                                             a.loss_agg_mode, **totals)
                         total = total + a.kl_coef * kl
                         m["kl_ref"] = float(kl.detach()) / max(share, 1e-12)
-                    if a.epo:
-                        # per turn index against each turn's own history when the batch has turn ids
+                    if epo_on:
+                        # per turn index against each turn's own history when the batch has turn ids;
+                        # with epo_batch this micro-batch's part of the mini-batch's regulariser
                         reg, rm = algos.epo_regularizer(
                             ent, mu.loss_mask, self.entropy_history, step, t.total_steps,
                             entropy_coef=a.epo_entropy_coef, kappa_l=a.epo_band_low, kappa_r=a.epo_band_high,
-                            band_coef=a.epo_band_coef, turn_ids=mu.turn_ids)
-                        total = total + share * reg
+                            band_coef=a.epo_band_coef, turn_ids=mu.turn_ids, batch=epo_batch)
+                        total = total + (reg if epo_batch is not None else share * reg)
                         m.update(rm)
                     total.backward()
                     ent_mean = float((ent.detach() * mu.loss_mask).sum() / mu.loss_mask.sum().clamp_min(1))
@@ -349,6 +378,34 @@ class RLTrainer:
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         return out
 
+    def _epo_batch(self, batch: TokenBatch, idx: torch.Tensor, micro: int) -> algos.EpoBatch:
+        """The entropy totals of the rows `idx` (one mini-batch) under the current model, by
+        micro-batches without grad: what `epo_regularizer(..., batch=...)` needs so that the
+        EPO band and bonus are those of the mini-batch's mean entropies (docs/algorithms.md
+        section 5), whatever the micro-batch size."""
+        total, count = 0.0, 0.0
+        turn_sum: Counter = Counter()
+        turn_n: Counter = Counter()
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for u in range(0, len(idx), micro):
+                mu = batch.select(idx[u : u + micro]).to(self.device)
+                _, ent = token_logprobs_and_entropy(self.model, mu.input_ids, None, self.cfg.rollout.temperature,
+                                                    mask=mu.loss_mask)
+                valid = mu.loss_mask.bool()
+                total += float(ent[valid].double().sum())
+                count += float(valid.sum())
+                if mu.turn_ids is not None:
+                    tids = mu.turn_ids.to(ent.device)
+                    for turn in torch.unique(tids[valid & (tids >= 0)]).tolist():
+                        sel = valid & (tids == turn)
+                        turn_sum[int(turn)] += float(ent[sel].double().sum())
+                        turn_n[int(turn)] += float(sel.sum())
+        self.model.train(was_training)
+        return algos.EpoBatch(n_tokens=count, h_bar=total / max(count, 1.0), turn_tokens=dict(turn_n),
+                              turn_means={k: turn_sum[k] / turn_n[k] for k in turn_n})
+
     # ------------------------------------------------------------------ loop
     def train_step(self, step: int) -> dict[str, Any]:
         t0 = time.time()
@@ -359,7 +416,8 @@ class RLTrainer:
         actor: dict[str, float] = {}
         batch = self.make_batch(trajs, actor) if trajs else None
         a = self.cfg.actor
-        if batch is not None and (bool(batch.advantages.abs().sum() > 0) or a.kl_coef > 0 or a.epo):
+        if batch is not None and (bool(batch.advantages.abs().sum() > 0) or a.kl_coef > 0
+                                  or (a.epo and step >= a.epo_start_step)):
             actor.update(self.update(batch, step))
         else:
             # no learning signal (every group's rewards equal): skip the forward/backward passes,
@@ -587,6 +645,8 @@ def rollout_metrics(trajs: list[Trajectory], stats: dict) -> dict[str, float]:
         "tool_calls": float(np.mean([t.n_tool_calls for t in trajs])),
         "response_length": float(np.mean([len(t.response_ids) for t in trajs])),
         "rows": float(len(trajs)),
+        # tokens the sampler generated: a branch row's copied prefix was generated once, by its parent
+        "generated_tokens": float(sum(sum(t.response_mask[t.branch_position or 0:]) for t in trajs)),
     }
     groups: dict[str, list[Trajectory]] = {}
     for t in trajs:
