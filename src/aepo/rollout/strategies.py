@@ -547,15 +547,10 @@ class AepoRollout(RolloutStrategy):
 
 
 @register_strategy("random")
-class RandomBranchRollout(RolloutStrategy):
+class RandomBranchRollout(ArpoRollout):
     """The random-branch control (docs/algorithms.md section 3.4): ARPO's tree (m global rows,
     a decision after every tool result, fills) with each decision a coin of probability
     rollout.random_branch_p, whatever dH is. dH is still measured and logged."""
-
-    def begin(self, groups: list[PromptGroup]) -> None:
-        for g in groups:
-            g.m = default_global_budget(self.cfg)
-            self.start_globals(g, g.m)
 
     def on_tool_feedback(self, g: PromptGroup, outcome: TurnOutcome) -> None:
         s = outcome.state
