@@ -196,6 +196,16 @@ def test_train_and_world_build_use_the_demo_world(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert [t.question for t in seen["tasks"]] == [r["question"] for r in demo_world(3).train]
     assert seen["tasks"][0].question == demo.train[0]["question"]
+    # the world is written beside the run and its corpus named in the run config the model carries,
+    # so `aepo eval` of the trained model searches what training searched
+    import yaml
+
+    run = tmp_path / "run"
+    assert World.load(run / "world").corpus == demo.corpus
+    for saved in (run / "config.yaml", run / "final" / "aepo_run.yaml"):
+        if saved.exists():
+            assert yaml.safe_load(saved.read_text())["tools"]["search_corpus"] == str((run / "world" / "corpus.jsonl").resolve())
+    assert (run / "final" / "aepo_run.yaml").exists()
 
 
 def test_ctrl_c_in_train_says_how_to_resume(tmp_path, monkeypatch):

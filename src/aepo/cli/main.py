@@ -214,8 +214,7 @@ def train(
         out_dir = Path(cfg.out_dir)
         check_output_dir(out_dir, "out_dir")
         check_output_dir(out_dir / "final", "out_dir")
-        check_run_dir(out_dir, cfg, resume=resume, force=force)
-        corpus = None
+        corpus, world = None, None
         if cfg.data.train:
             tasks = load_dataset(cfg.data.train, prompt_key=cfg.data.prompt_key or None,
                                  answer_key=cfg.data.answer_key or None)
@@ -226,6 +225,14 @@ def train(
 
             world = demo_world(cfg.data.world_seed, level=cfg.data.world_level)
             tasks, corpus = world_tasks(world.train), world.corpus
+            t = cfg.tools
+            if "search" in t.enabled and not (t.search_corpus or t.search_cache or t.search_url):
+                # the run searches the world's corpus: written beside the run (out_dir/world/), and
+                # named in the run config, so the trained model is evaluated with the same search
+                t.search_corpus = str((out_dir / "world" / "corpus.jsonl").resolve())
+        check_run_dir(out_dir, cfg, resume=resume, force=force)
+        if world is not None:
+            world.save(out_dir / "world")  # corpus, train and test splits (the held-out questions)
         runner = build_tool_runner(cfg.tools, corpus_docs=corpus)
         set_threads(cfg.trainer.threads)
         model, tok = load_model(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype)
