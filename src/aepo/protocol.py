@@ -32,10 +32,14 @@ RESULT_OPEN = f"<{RESULT_TAG}>\n"  # what the environment writes before a tool r
 RESULT_CLOSE = f"\n</{RESULT_TAG}>"  # ... and after it
 
 ActionKind = Literal["tool", "answer", "none", "malformed"]
+# how the result text of a call the environment could not act on begins, in every tool format
+# (aepo.formats): the trainer tells protocol errors from tool errors by it
+MALFORMED_CALL = "Error: malformed call"
 Part = tuple[Literal["model", "tool"], str]  # who wrote a piece of a response, and its text
 
 __all__ = [
     "ANSWER_TAG",
+    "MALFORMED_CALL",
     "RESULT_CLOSE",
     "RESULT_OPEN",
     "RESULT_TAG",
@@ -218,7 +222,7 @@ def parse_action(segment_text: str) -> Action:
     if start < 0:
         return Action(
             "malformed", tag,
-            error=f"Error: malformed call: {closing} without a matching {opening}; "
+            error=f"{MALFORMED_CALL}: {closing} without a matching {opening}; "
             f"write {opening}...{closing}.",
         )
     argument = body[start + len(opening):].strip()
@@ -227,7 +231,7 @@ def parse_action(segment_text: str) -> Action:
     if not argument:
         return Action(
             "malformed", tag,
-            error=f"Error: malformed call: empty argument in {opening}{closing}.",
+            error=f"{MALFORMED_CALL}: empty argument in {opening}{closing}.",
         )
     return Action("tool", tag, argument)
 

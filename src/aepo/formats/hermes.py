@@ -27,7 +27,7 @@ from typing import Any
 from aepo import protocol
 from aepo.formats import ToolFormat, register_format
 from aepo.formats.tags import DEFAULT_EOS_TOKENS
-from aepo.protocol import Action, Part, checked_role
+from aepo.protocol import MALFORMED_CALL, Action, Part, checked_role
 from aepo.tools import get_tool_spec
 
 __all__ = ["CALL_CLOSE", "CALL_OPEN", "HermesFormat", "system_text", "tool_schemas"]
@@ -136,7 +136,7 @@ class HermesFormat(ToolFormat):
             body = text[: -len(CALL_CLOSE)]
             start = body.rfind(CALL_OPEN)
             if start < 0:
-                return Action("malformed", "tool_call", error=f"Error: {CALL_CLOSE} without {CALL_OPEN}.")
+                return Action("malformed", "tool_call", error=f"{MALFORMED_CALL}: {CALL_CLOSE} without {CALL_OPEN}.")
             return _parse_call(body[start + len(CALL_OPEN):])
         if finish == "eos":
             return Action("answer", protocol.ANSWER_TAG, text)
@@ -248,9 +248,9 @@ def _parse_call(payload: str) -> Action:
     try:
         obj = json.loads(payload.strip())
     except json.JSONDecodeError as e:
-        return Action("malformed", "tool_call", error=f"Error: the tool call is not valid JSON ({e.msg}); {usage}.")
+        return Action("malformed", "tool_call", error=f"{MALFORMED_CALL}: not valid JSON ({e.msg}); {usage}.")
     if not isinstance(obj, dict):
-        return Action("malformed", "tool_call", error=f"Error: the tool call must be a JSON object; {usage}.")
+        return Action("malformed", "tool_call", error=f"{MALFORMED_CALL}: not a JSON object; {usage}.")
     name, args = obj.get("name"), obj.get("arguments", {})
     if isinstance(args, str):
         try:
@@ -261,15 +261,15 @@ def _parse_call(payload: str) -> Action:
 
     if not isinstance(name, str) or name not in tool_names():
         return Action("malformed", "tool_call",
-                      error=f"Error: unknown tool {name!r}; tools: {', '.join(tool_names())}.")
+                      error=f"{MALFORMED_CALL}: unknown tool {name!r}; tools: {', '.join(tool_names())}.")
     if not isinstance(args, dict):
-        return Action("malformed", name, error=f"Error: 'arguments' must be a JSON object; {usage}.")
+        return Action("malformed", name, error=f"{MALFORMED_CALL}: 'arguments' must be a JSON object; {usage}.")
     key = get_tool_spec(name).argument
     value = args.get(key)
     if value is None and len(args) == 1:
         value = next(iter(args.values()))
     if not isinstance(value, (str, int, float)) or not str(value).strip():
-        return Action("malformed", name, error=f"Error: the call to {name} needs a non-empty {key!r} argument.")
+        return Action("malformed", name, error=f"{MALFORMED_CALL}: {name} needs a non-empty {key!r} argument.")
     return Action("tool", name, str(value).strip())
 
 

@@ -39,6 +39,7 @@ from aepo.config import Config, check_loggers, run_config_files, save_config
 from aepo.data.datasets import TaskRow
 from aepo.data.prompting import run_prompt
 from aepo.models.lora import adapters_disabled, apply_lora, is_peft_model, policy_module, trainable_parameters
+from aepo.protocol import MALFORMED_CALL
 from aepo.rewards import score_trajectory
 from aepo.rollout.audit import audit_rows
 from aepo.rollout.sampler import SamplerBackend, build_backend
@@ -683,9 +684,9 @@ def rollout_metrics(trajs: list[Trajectory], stats: dict) -> dict[str, float]:
     return out
 
 
-# The result text parse_action (aepo.protocol) gives a call the environment could not act
-# on: a closing tag without its opening tag, or an empty argument.
-MALFORMED_CALL_PREFIX = "Error: malformed call"
+# The result text every tool format gives a call the environment could not act on (a closing
+# tag without its opening tag, an empty argument, invalid JSON, an unknown tool): aepo.protocol's.
+MALFORMED_CALL_PREFIX = MALFORMED_CALL
 # A tool failing on more than this share of at least FAILING_TOOL_MIN_CALLS calls in a step is logged.
 FAILING_TOOL_RATE = 0.5
 FAILING_TOOL_MIN_CALLS = 4
