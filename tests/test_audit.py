@@ -125,3 +125,40 @@ def test_audit_refuses_rows_without_token_records(chat_model, tmp_path):
         del r["response_ids"]
     res = run_audit(chat_model, rows, tmp_path)
     assert res.exit_code == 2 and "response_ids" in res.output and "aepo rollout" in res.output
+
+
+def test_analyze_branching_prompts_and_scores_in_the_models_tool_format(chat_model, tmp_path, monkeypatch):
+    """`aepo analyze branching` builds prompts with the run's one prompt builder and scores rows
+    with the run's tool format (hermes here), as rollout, eval and training do."""
+    from aepo.eval import branching
+    from aepo.formats import get_format
+    from aepo.models.loading import load_tokenizer
+    from aepo.types import SegmentRecord, Trajectory
+
+    seen = {}
+
+    def fake(sampler, tok, tool_fn, prompts, score, cfg, **kw):
+        seen.update(prompts=prompts, score=score, cfg=cfg)
+        return {"states": 0, "auroc_dH_vs_uncertainty": None, "arms": {}}
+
+    monkeypatch.setattr(branching, "analyze_branching", fake)
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"question": "2*3?", "answer": ["6"]}) + "\n")
+    res = runner.invoke(app, ["analyze", "branching", "--model", str(chat_model), "--data", str(data), "--k", "2",
+                              "--continuations", "2", "--out", str(tmp_path / "b.json"), "--device", "cpu",
+                              "--chat-template", "rollout.tool_format=hermes", "tools.enabled=[calc]"])
+    assert res.exit_code == 0, res.output
+    tok = load_tokenizer(chat_model)
+    assert seen["cfg"].tool_format == "hermes"
+    assert [ids for _, ids in seen["prompts"]] == [encode_prompt("2*3?", tok, chat_template=True, tools=["calc"],
+                                                                 tool_format="hermes")]
+    call = '<tool_call>\n{"name": "calc", "arguments": {"expression": "2*3"}}\n</tool_call>'
+    parts = [call, get_format("hermes").result_text(tok, "6"), "6"]
+    text, segments = "", []
+    for role, piece in zip(("model", "tool", "model"), parts):
+        segments.append(SegmentRecord(role, len(text), len(text) + len(piece), None, piece))
+        text += piece
+    traj = Trajectory(prompt_id=seen["prompts"][0][0], row_id=0, prompt_ids=[], segments=segments, text=text,
+                      finish_reason="answer")
+    s = seen["score"](traj)
+    assert s["format_ok"] and s["acc"] == 1.0, s

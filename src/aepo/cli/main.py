@@ -531,9 +531,10 @@ def rollout_cmd(
     from aepo.config import ConfigError
     from aepo.console import StepProgress
     from aepo.data.datasets import load_dataset
-    from aepo.data.prompting import encode_prompt
+    from aepo.data.prompting import run_prompt
     from aepo.io import check_output_file, write_jsonl
     from aepo.models.loading import check_model_dir, resolve_device
+    from aepo.rollout.audit import row_record
     from aepo.rollout.strategies import rollout, strategy_names
     from aepo.tools import build_tool_runner
 
@@ -573,10 +574,8 @@ def rollout_cmd(
         _, tok, engine = _load_for_sampling(model, device, rcfg, dtype=cfg.model.dtype)
     except (ConfigError, *BAD_INPUT) as e:
         fail(str(e))
-    chat_template = cfg.model.chat_template
     sampler = engine.sampler(seed)
-    prompts = [(t.id, encode_prompt(t.question, tok, chat_template=chat_template, max_tool_calls=rcfg.max_tool_calls,
-                                    tools=cfg.tools.enabled, tool_format=rcfg.tool_format)) for t in tasks]
+    prompts = [(t.id, run_prompt(t.question, tok, cfg)) for t in tasks]
     batches = [prompts[i : i + batch_prompts] for i in range(0, len(prompts), batch_prompts)]
     rng = random.Random(seed)
     trajs, parts = [], []
@@ -593,8 +592,6 @@ def rollout_cmd(
         runner.close()
         engine.close()
     stats = {**_merge_rollout_stats(parts, trajs), **engine.stats()}
-    from aepo.rollout.audit import row_record
-
     rows = [row_record(tr, tok, rcfg.tool_format) for tr in trajs]
     write_jsonl(out, rows)
     stats_path = out.with_name(out.stem + ".stats.json")
@@ -755,7 +752,7 @@ def analyze_branching_cmd(
 
     from aepo.config import ConfigError
     from aepo.data.datasets import load_dataset
-    from aepo.data.prompting import encode_prompt
+    from aepo.data.prompting import run_prompt
     from aepo.eval.branching import analyze_branching
     from aepo.io import atomic_write_json, check_output_file
     from aepo.models.loading import check_model_dir, resolve_device
@@ -798,10 +795,10 @@ def analyze_branching_cmd(
     def score(traj: Any) -> dict[str, float]:
         task = by_id[traj.prompt_id]
         return score_trajectory(traj, task.answers, task.data_source, multi_tool_bonus=cfg.reward.multi_tool_bonus,
-                                format_penalty=cfg.reward.format_penalty, qa_metric=cfg.reward.qa_metric)
+                                format_penalty=cfg.reward.format_penalty, qa_metric=cfg.reward.qa_metric,
+                                tool_format=cfg.rollout.tool_format)
 
-    prompts = [(t.id, encode_prompt(t.question, tok, chat_template=cfg.model.chat_template,
-                                    max_tool_calls=cfg.rollout.max_tool_calls, tools=cfg.tools.enabled)) for t in tasks]
+    prompts = [(t.id, run_prompt(t.question, tok, cfg)) for t in tasks]
     t0 = time.time()
     try:
         with torch.no_grad():
