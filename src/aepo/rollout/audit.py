@@ -72,6 +72,8 @@ def _decode(tok: Any, ids: Sequence[int]) -> str:
 
 def _ids_text(tr: Trajectory, tok: Any, fmt: Any) -> str | None:
     calls = iter(tr.tool_calls)
+    before, after = fmt.wrapper(tok)
+    head, tail = tok.encode(before, add_special_tokens=False), tok.encode(after, add_special_tokens=False)
     for k, seg in enumerate(tr.segments):
         ids = tr.response_ids[seg.start:seg.end]
         if _decode(tok, ids) != seg.text:
@@ -80,10 +82,9 @@ def _ids_text(tr: Trajectory, tok: Any, fmt: Any) -> str | None:
             call = next(calls, None)
             if call is None:
                 return f"tool segment {k} has no tool call record"
-            before, after = fmt.wrapper(tok)
+            # encoded in one piece when uncut, else wrapper + cut body + wrapper (ToolFormat.result_ids)
             whole = list(tok.encode(before + call.result + after, add_special_tokens=False))
-            parts = [*tok.encode(before, add_special_tokens=False), *tok.encode(call.result, add_special_tokens=False),
-                     *tok.encode(after, add_special_tokens=False)]
+            parts = [*head, *tok.encode(call.result, add_special_tokens=False), *tail]
             if ids not in (whole, parts):
                 return f"tool segment {k}: its ids are not what the format appends for the result the model saw"
     return None
@@ -123,15 +124,21 @@ def _reward_input(tr: Trajectory, tok: Any) -> str | None:
 
 
 def _segment_actions(tr: Trajectory, fmt: Any) -> list[tuple[int, str]]:
-    """(segment index, action kind) of each model segment, the last one read with the row's finish."""
-    model = [k for k, s in enumerate(tr.segments) if s.role == "model"]
+    """(segment index, action kind) of each model segment, the last one read with the row's finish.
+    A row that ended on an answer is read as every generation that can end one ends: at a stop
+    string (tags: `</answer>`) or at the end of turn (hermes: the last message)."""
     out = []
-    for k in model:
+    for k, seg in enumerate(tr.segments):
+        if seg.role != "model":
+            continue
         last = k == len(tr.segments) - 1
-        finish = tr.finish_reason if last and tr.finish_reason in ("eos", "length") else "stop"
-        if last and tr.finish_reason == "answer" and fmt.name == "hermes":
-            finish = "eos"
-        out.append((k, fmt.parse_action(tr.segments[k].text, finish).kind))
+        if last and tr.finish_reason == "answer":
+            read = [fmt.parse_action(seg.text, finish).kind for finish in ("stop", "eos")]
+            kind = "answer" if "answer" in read else read[0]
+        else:
+            kind = fmt.parse_action(seg.text, tr.finish_reason if last and tr.finish_reason in ("eos", "length")
+                                    else "stop").kind
+        out.append((k, kind))
     return out
 
 
