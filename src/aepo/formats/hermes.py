@@ -101,6 +101,15 @@ def _probe_messages(result: str | None) -> list[dict]:
 
 
 @functools.lru_cache(maxsize=16)
+def _markers(tokenizer: Any) -> tuple[str, ...]:
+    """What tool output must not contain unescaped: the format's markers and the tokenizer's
+    special and added tokens (`<|im_end|>`, ...), which would open or close a turn."""
+    specials = [t for t in (getattr(tokenizer, "all_special_tokens", None) or []) if t.startswith("<")]
+    added = [t for t in (getattr(tokenizer, "get_added_vocab", dict)() or {}) if t.startswith("<")]
+    return (*MARKERS, *specials, *added)
+
+
+@functools.lru_cache(maxsize=16)
 def _wrapper(tokenizer: Any) -> tuple[str, str]:
     """(before, after) the tool output in what the template appends after a call: from the end of
     the assistant's call text to the next assistant turn's generation prompt."""
@@ -147,9 +156,7 @@ class HermesFormat(ToolFormat):
         return _wrapper(tokenizer)
 
     def escape(self, tokenizer: Any, text: str) -> str:
-        specials = [t for t in (getattr(tokenizer, "all_special_tokens", None) or []) if t.startswith("<")]
-        added = [t for t in (getattr(tokenizer, "get_added_vocab", dict)() or {}) if t.startswith("<")]
-        return protocol.escape_strings(protocol.escape_protocol_tags(text), [*MARKERS, *specials, *added])
+        return protocol.escape_strings(protocol.escape_protocol_tags(text), _markers(tokenizer))
 
     def demo_segments(self, segments: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
         out = []
@@ -195,7 +202,8 @@ class HermesFormat(ToolFormat):
                     return False, "a message before a tool result must end with one tool call"
                 if _parse_call(calls[0]).kind != "tool":
                     return False, "invalid tool call"
-        if not (self.answer_span(parts[-1][1]) or (None, ""))[1].strip():
+        found = self.answer_span(parts[-1][1])
+        if found is None or not found[1].strip():
             return False, "empty final message"
         return True, "ok"
 
