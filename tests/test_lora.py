@@ -328,18 +328,9 @@ SMALL = [
 def test_train_writes_an_adapter_that_eval_and_merge_load(model_dir, tmp_path):
     data = _questions(tmp_path)
     out = tmp_path / "run"
-    res = runner.invoke(
-        app,
-        [
-            "train",
-            str(CONFIG),
-            f"model.path={model_dir}",
-            f"data.train={data}",
-            f"out_dir={out}",
-            "actor.lora.rank=8",
-            *SMALL,
-        ],
-    )
+    train = ["train", str(CONFIG), f"model.path={model_dir}", f"data.train={data}", f"out_dir={out}",
+             "actor.lora.rank=8", *SMALL]
+    res = runner.invoke(app, train)
     assert res.exit_code == 0, res.output
     final = out / "final"
     assert (final / ADAPTER_CONFIG).is_file() and (final / "aepo_run.yaml").is_file()
@@ -390,19 +381,7 @@ def test_train_writes_an_adapter_that_eval_and_merge_load(model_dir, tmp_path):
     res = runner.invoke(app, ["model", "info", str(final)])
     assert res.exit_code == 0 and "qwen3" in res.output, res.output
     # resume from the adapter checkpoints: nothing left to train, and it says so
-    res = runner.invoke(
-        app,
-        [
-            "train",
-            str(CONFIG),
-            f"model.path={model_dir}",
-            f"data.train={data}",
-            f"out_dir={out}",
-            "actor.lora.rank=8",
-            *SMALL,
-            "--resume",
-        ],
-    )
+    res = runner.invoke(app, [*train, "--resume"])
     assert res.exit_code == 0 and "resuming from step 2" in res.output, res.output
     # merge: a plain HF model computing what base + adapter computes
     from aepo.models.loading import load_model
