@@ -26,7 +26,7 @@ from typing import Any
 
 from aepo import protocol
 from aepo.formats import ToolFormat, register_format
-from aepo.formats.tags import DEFAULT_EOS_TOKENS
+from aepo.formats.tags import strip_eos
 from aepo.protocol import MALFORMED_CALL, Action, Part, checked_role
 from aepo.tools import get_tool_spec
 
@@ -215,7 +215,7 @@ class HermesFormat(ToolFormat):
         if found is not None:
             return start + found[0], found[1]
         body = _THINK_RE.sub(lambda m: " " * len(m.group(0)), final)
-        stripped = _strip_end(body)
+        stripped = strip_eos(body)
         if not stripped.strip():
             return None
         lead = len(stripped) - len(stripped.lstrip())
@@ -237,17 +237,6 @@ class HermesFormat(ToolFormat):
                  {"role": "assistant", "content": "<think>p</think>\na"}]
         renders = [_render(tokenizer, turns[:k], generation=False) for k in range(2, len(turns) + 1)]
         return all(b.startswith(a) for a, b in zip(renders, renders[1:]))
-
-
-def _strip_end(text: str) -> str:
-    s = text.rstrip()
-    changed = True
-    while changed:
-        changed = False
-        for tok in DEFAULT_EOS_TOKENS:
-            if s.endswith(tok):
-                s, changed = s[: -len(tok)].rstrip(), True
-    return s
 
 
 def _parse_call(payload: str) -> Action:

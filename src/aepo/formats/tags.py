@@ -22,7 +22,7 @@ from aepo.protocol import (
 from aepo.tools import tool_names, tool_usage
 
 __all__ = ["DEFAULT_EOS_TOKENS", "TagsFormat", "chat_messages", "check_format", "check_format_parts", "prompt_text",
-           "system_prompt"]
+           "strip_eos", "system_prompt"]
 
 _RESULT_OPEN, _RESULT_CLOSE = f"<{RESULT_TAG}>", f"</{RESULT_TAG}>"
 
@@ -65,7 +65,8 @@ DEFAULT_EOS_TOKENS: tuple[str, ...] = (
 
 
 
-def _strip_eos(text: str, eos_tokens: Sequence[str]) -> str:
+def strip_eos(text: str, eos_tokens: Sequence[str] = DEFAULT_EOS_TOKENS) -> str:
+    """`text` without trailing whitespace and end-of-sequence strings (any number, any order)."""
     s = text.rstrip()
     changed = True
     while changed:
@@ -139,7 +140,7 @@ def check_format_parts(
     if not parts[k][1][start:end].strip():
         return False, f"empty <{ANSWER_TAG}>"
     tail = parts[k][1][end + len(f"</{ANSWER_TAG}>") :] + "".join(t for _, t in parts[k + 1 :])
-    if _strip_eos(tail, eos_tokens):
+    if strip_eos(tail, eos_tokens):
         return False, f"text after </{ANSWER_TAG}>"
     return True, "ok"
 
