@@ -212,6 +212,9 @@ def test_eval_never_reuses_samples_of_another_model_or_other_settings(demo_dir, 
     # batching decides the sampling seeds, so it keys the samples too
     other_batching = runner.invoke(app, ["eval", str(demo_dir / "sft"), "eval.batch_prompts=8", *data])
     assert other_batching.exit_code == 2 and "eval.batch_prompts: 32 -> 8" in other_batching.output
+    # the tool format decides the prompts, the parsing and the reward
+    other_format = runner.invoke(app, ["eval", str(demo_dir / "sft"), *data, "--tool-format", "hermes"])
+    assert other_format.exit_code == 2 and "rollout.tool_format" in other_format.output, other_format.output
     same = runner.invoke(app, ["eval", str(demo_dir / "sft"), *data])
     assert same.exit_code == 0, same.output  # the same model and settings: the samples are reused
     forced = runner.invoke(app, ["eval", str(demo_dir / "rl" / "final"), *data, "--force"])

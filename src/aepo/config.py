@@ -614,7 +614,7 @@ from aepo.io import RUN_CONFIG_FILE  # noqa: E402 - the name a model directory's
 EVAL_KEYS = (
     "model.chat_template", "model.dtype",
     "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_response_tokens",
-    "rollout.max_tool_calls", "rollout.max_result_tokens",
+    "rollout.max_tool_calls", "rollout.max_result_tokens", "rollout.tool_format",
     "tools.enabled", "tools.search_cache", "tools.search_corpus", "tools.search_url", "tools.search_topk",
     "tools.search_max_chars", "tools.timeout", "tools.python_timeout", "tools.python_memory_mb",
     "reward.multi_tool_bonus", "reward.format_penalty", "reward.qa_metric",
