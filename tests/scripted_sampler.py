@@ -142,10 +142,16 @@ class ScriptedSampler:
         return [self._generate_one(r, b, stop) for r, b in zip(rows, budgets)]
 
     def _generate_one(self, row: int, budget: int, stop: Sequence[str]) -> Generation:
+        return self._reply(row, budget, stop)
+
+    def _reply(self, row: int, budget: int, stop: Sequence[str], draw: int | None = None) -> Generation:
+        """The row's next segment from the script, appended to the row; `draw` defaults to
+        the number of earlier samples of the same context."""
         tokens = self._get(row)
         context = self.tok.decode(tokens)
-        draw = self.draws[context]
-        self.draws[context] += 1
+        if draw is None:
+            draw = self.draws[context]
+            self.draws[context] += 1
         reply = self.script(context, draw)
         if isinstance(reply, str):
             reply = Reply(reply)
@@ -247,3 +253,67 @@ def hand_trajectory(*parts: tuple[str, str], finish: str = "answer") -> Trajecto
         t.segments.append(SegmentRecord(role, start, start + len(ids), None, text))  # type: ignore[arg-type]
     t.text = CharTokenizer().decode(t.response_ids)
     return t
+
+
+class ScriptedStepSampler(ScriptedSampler):
+    """A ScriptedSampler with a running batch (`open_batch`, as `TorchSampler`'s `SlotBatch`):
+    each running row emits one token of its reply per `step`. The reply to a row's context is
+    `script(context, draw)` with draw = the row's key (row_id + 100 * kind), not a call count,
+    so what a row samples does not depend on the order rows ran in. `stats` records the most
+    rows that ran in one step."""
+
+    can_step = True
+
+    def __init__(self, tokenizer: CharTokenizer, script: Script) -> None:
+        super().__init__(tokenizer, script)
+        self.batch: _ScriptedBatch | None = None
+
+    def open_batch(self, stop: Sequence[str] = (), max_rows: int = 256) -> _ScriptedBatch:
+        self.batch = _ScriptedBatch(self, tuple(stop), max_rows)
+        return self.batch
+
+
+class _ScriptedBatch:
+    def __init__(self, sampler: ScriptedStepSampler, stop: tuple[str, ...], max_rows: int) -> None:
+        self.s, self.stop, self.max_rows = sampler, stop, max_rows
+        self.rows: dict[int, tuple[Generation, list[int]]] = {}  # row -> (whole reply, emitted)
+        self.steps = self.row_steps = self.widest = 0
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    @property
+    def free(self) -> int:
+        return self.max_rows - len(self.rows)
+
+    def generated(self, row: int) -> int:
+        return len(self.rows[row][1])
+
+    def entropies(self, row: int) -> list[float]:
+        full, emitted = self.rows[row]
+        return full.entropies[:len(emitted)]
+
+    def start(self, row: int, budget: int, key: Sequence[int]) -> None:
+        assert row not in self.rows and len(self.rows) < self.max_rows and budget >= 1
+        kind, _, row_id = key
+        tokens = self.s._get(row)
+        n = len(tokens)
+        full = self.s._reply(row, budget, self.stop, draw=row_id + 100 * kind)
+        del tokens[n:]  # emitted one per step below
+        self.rows[row] = (full, [])
+
+    def step(self) -> list[tuple[int, Generation]]:
+        self.steps += 1
+        self.row_steps += len(self.rows)
+        self.widest = max(self.widest, len(self.rows))
+        ended = []
+        for row in list(self.rows):
+            full, emitted = self.rows[row]
+            token = full.token_ids[len(emitted)]
+            emitted.append(token)
+            self.s._get(row).append(token)
+            if len(emitted) == len(full.token_ids):
+                del self.rows[row]
+                ended.append((row, full))
+        return ended

@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["RolloutConfig"]
+__all__ = ["SCHEDULERS", "RolloutConfig"]
+
+SCHEDULERS = ("auto", "continuous", "turns")
 
 
 @dataclass
@@ -21,6 +23,14 @@ class RolloutConfig:
     # a GPU, where a decode step costs about the same at 8 rows as at 64; on the CPU demo it
     # saves nothing (benchmarks/RESULTS.md, "The agent loop's turn barrier")
     pause_below: float = 0.0
+    # how rows are scheduled (docs/algorithms.md section 3.5): "continuous" one running batch
+    # that rows join and leave at any step (a row waiting on a tool leaves, a branch joins at
+    # once; the torch backend on a Llama-family model); "turns" one generate call per turn of
+    # all rows; "auto" continuous where it applies on the CPU, turns otherwise (CUDA, where the
+    # turn scheduler's decode steps are CUDA graphs; vLLM; penalty_scope=prompt, whose counter
+    # is defined per turn)
+    scheduler: Literal["auto", "continuous", "turns"] = "auto"
+    max_active_rows: int = 256  # continuous scheduler: rows decoding at once; the others wait
     # how the model calls tools (`aepo.formats`): "tags" the paper's <search> ... </search> protocol
     # (aepo's own models), "hermes" JSON in <tool_call> ... </tool_call> with results as `tool`
     # messages of the chat template (Qwen and most pretrained chat models; docs/algorithms.md 2.1)

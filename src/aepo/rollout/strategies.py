@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aepo.rollout.agent import Agent, RowState, ToolFn, TurnOutcome, fork_row_state
-from aepo.rollout.config import RolloutConfig
-from aepo.types import Sampler, Trajectory
+from aepo.rollout.config import SCHEDULERS, RolloutConfig
+from aepo.rollout.sampler.streams import row_uniform
+from aepo.rollout.scheduler import ContinuousScheduler, supports_continuous
+from aepo.types import Generation, Sampler, Trajectory
 
 __all__ = [
     "BRANCH_DECISIONS",
@@ -191,6 +193,17 @@ def default_global_budget(cfg: RolloutConfig) -> int:
     return max(1, min(cfg.n, cfg.initial_rollouts or cfg.n // 2))
 
 
+class _Draw:
+    """A `random.Random` stand-in whose `random()` is one given number: a decision's own draw
+    under the continuous scheduler (`row_uniform` of the prompt, row and tool call)."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
 # ----------------------------------------------------------------------------- per-prompt state
 
 
@@ -210,6 +223,7 @@ class PromptGroup:
     l_prompt: int = 0  # the single per-prompt l of penalty_scope="prompt"
     new_rows_this_round: bool = False  # a branch or fill row was made this round (penalty_scope="prompt")
     probe: RowState | None = None  # AEPO probe while it runs
+    root: int | None = None  # sampler row of AEPO's H_root sample while the continuous scheduler runs it
     probe_tool_entropies: list[float] = field(default_factory=list)
     h_root: float | None = None
     h_tool: float | None = None
@@ -259,6 +273,25 @@ class RolloutStrategy:
         self.fills: list[dict[str, int]] = []  # {"round", "prompt", "rows"} per fill
         self.round = 0  # the index of the current round (one agent step for every active row)
         self._live: set[int] = set()
+        self.scheduler: ContinuousScheduler | None = None
+        if cfg.scheduler not in SCHEDULERS:
+            raise ValueError(f"rollout.scheduler must be one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}")
+        if cfg.scheduler == "continuous" and not supports_continuous(sampler):
+            raise ValueError(f"rollout.scheduler=continuous needs a sampler with a running batch (the torch "
+                             f"backend on a Llama-family model); {type(sampler).__name__} has none: use "
+                             f"rollout.scheduler=turns or auto")
+
+    def continuous(self) -> bool:
+        """Whether this rollout runs on the continuous scheduler (`aepo.rollout.scheduler`):
+        `continuous`, or `auto` on a CPU sampler that supports it with penalty_scope=chain (on
+        CUDA the turn scheduler replays its decode steps as CUDA graphs, which the continuous
+        batch does not yet)."""
+        if self.cfg.scheduler == "continuous":
+            return True
+        if self.cfg.scheduler == "turns" or self.cfg.penalty_scope == "prompt":
+            return False
+        device = getattr(getattr(self.sampler, "device", None), "type", None)
+        return supports_continuous(self.sampler) and device == "cpu"
 
     # -------------------------------------------------------------- sampler rows
 
@@ -344,22 +377,11 @@ class RolloutStrategy:
                 self.groups.append(PromptGroup(i, str(pid), list(ids), self.cfg.n, handle))
             self.begin(self.groups)
             self.round = 0
-            while True:
-                active = [s for g in self.groups for s in g.active()]
-                if not active:
-                    break
-                for outcome in self.agent.step(active):
-                    if outcome.follows_tool:
-                        self.on_tool_feedback(self.groups[outcome.state.group], outcome)
-                for g in self.groups:
-                    self.end_turn(g)
-                    for s in g.rows:
-                        if s.finished:
-                            self._release_state(s)
-                self.end_round()
-                for g in self.groups:
-                    g.new_rows_this_round = False
-                self.round += 1
+            if self.continuous():
+                self.scheduler = ContinuousScheduler(self, self.cfg.max_active_rows)
+                self.scheduler.run()
+            else:
+                self.run_turns()
         finally:
             for handle in list(self._live):
                 self._release(handle)
@@ -372,6 +394,26 @@ class RolloutStrategy:
                 s.traj.m = g.m
                 trajectories.append(s.traj)
         return trajectories, self.stats()
+
+    def run_turns(self) -> None:
+        """The turn scheduler: one `Agent.step` (one generate call) for every active row of
+        every prompt per round; decisions, fills and releases after each round."""
+        while True:
+            active = [s for g in self.groups for s in g.active()]
+            if not active:
+                break
+            for outcome in self.agent.step(active):
+                if outcome.follows_tool:
+                    self.on_tool_feedback(self.groups[outcome.state.group], outcome)
+            for g in self.groups:
+                self.end_turn(g)
+                for s in g.rows:
+                    if s.finished:
+                        self._release_state(s)
+            self.end_round()
+            for g in self.groups:
+                g.new_rows_this_round = False
+            self.round += 1
 
     def stats(self) -> dict[str, Any]:
         """Batch statistics of the rollout (docs/algorithms.md section 3.3 item 3)."""
@@ -395,7 +437,25 @@ class RolloutStrategy:
             "fills": list(self.fills),
             "generate_calls": self.agent.generate_calls,
             "tool_fn_calls": self.agent.tool_fn_calls,
+            **self.schedule_stats(rows),
         }
+
+    def schedule_stats(self, rows: list[Trajectory]) -> dict[str, Any]:
+        """How the rollout was scheduled: `decode_steps` (sampling steps of the batch, prefill
+        steps included), `mean_active_rows` (tokens per step), `critical_path_tokens` (the most
+        model tokens of any row, inherited prefix included)."""
+        out: dict[str, Any] = {
+            "scheduler": "continuous" if self.scheduler is not None else "turns",
+            "critical_path_tokens": max((sum(t.response_mask) for t in rows), default=0),
+        }
+        if self.scheduler is not None:
+            out.update(self.scheduler.stats())
+        else:
+            steps, row_steps = getattr(self.sampler, "steps", None), getattr(self.sampler, "row_steps", None)
+            if steps is not None:
+                out["decode_steps"] = steps
+                out["mean_active_rows"] = row_steps / steps if steps else 0.0
+        return out
 
     def decide(
         self, g: PromptGroup, s: RowState, outcome: TurnOutcome, coef: float, penalty: float, l: int
@@ -411,11 +471,14 @@ class RolloutStrategy:
     ) -> tuple[float, bool, int]:
         delta_h = outcome.entropy - s.h_init
         budget_left = g.budget_left
-        p, wants = branch_decision(rule, alpha, coef, delta_h, penalty, l, self.cfg.branch_tau, self.rng)
-        branched = bool(wants and budget_left > 0)
         # the tool-call index of the decision: the results before the measured segment (the
         # turn's own tool call, if the segment made one, already ran and is not counted)
         turn = sum(1 for seg in s.traj.segments if seg.role == "tool" and seg.end <= outcome.segment_start)
+        rng = self.rng
+        if self.scheduler is not None:  # its own draw, whatever order the decisions come in
+            rng = _Draw(row_uniform(self.scheduler.decision_seed, (3, g.index, s.traj.row_id), turn))
+        p, wants = branch_decision(rule, alpha, coef, delta_h, penalty, l, self.cfg.branch_tau, rng)
+        branched = bool(wants and budget_left > 0)
         s.traj.decisions.append({
             "dH": float(delta_h), "l": int(l), "p": float(p), "branched": branched,
             "turn": turn, "row_id": s.traj.row_id,
@@ -483,16 +546,24 @@ class AepoRollout(RolloutStrategy):
                 g.m = default_global_budget(self.cfg)
                 self.start_globals(g, g.m)
             return
-        # H_root: one short sample per prompt, all prompts in one generate call.
+        # H_root: one short sample per prompt, all prompts in one generate call; the continuous
+        # scheduler runs them as rows of its batch beside the probes (`root_sampled`)
         roots = [self._fork(g.base_row) for g in groups]
-        gens = self.agent.generate(roots, self.cfg.n_probe)
-        for g, handle, gen in zip(groups, roots, gens):
-            g.h_root = self.agent.segment_entropy(gen.entropies[: self.cfg.n_probe])
-            self._release(handle)
+        if self.continuous():
+            for g, handle in zip(groups, roots):
+                g.root = handle
+        else:
+            for g, handle, gen in zip(groups, roots, self.agent.generate(roots, self.cfg.n_probe)):
+                self.root_sampled(g, gen)
+                self._release(handle)
         # One probe trajectory per prompt, run to completion before m is chosen.
         for g in groups:
             g.probe = self.new_global(g, row_id=0)
             g.probe.probe = True
+
+    def root_sampled(self, g: PromptGroup, gen: Generation) -> None:
+        """H_root from the prompt's root sample (its first n_probe token entropies)."""
+        g.h_root = self.agent.segment_entropy(gen.entropies[: self.cfg.n_probe])
 
     def _finish_probe(self, g: PromptGroup) -> None:
         probe = g.probe
@@ -510,7 +581,7 @@ class AepoRollout(RolloutStrategy):
 
     def end_turn(self, g: PromptGroup) -> None:
         if g.probe is not None:
-            if not g.probe.finished:
+            if not g.probe.finished or g.h_root is None:
                 return
             self._finish_probe(g)
         super().end_turn(g)

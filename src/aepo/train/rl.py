@@ -653,7 +653,8 @@ def rollout_metrics(trajs: list[Trajectory], stats: dict) -> dict[str, float]:
     for t in trajs:
         groups.setdefault(t.prompt_id, []).append(t)
     out["diversity"] = float(mean_diversity([[t.text for t in g] for g in groups.values()]))
-    for k in ("branches", "mean_l", "unique_rows", "dynamic_sampling_kept", "prefix_cache_hit_rate"):
+    for k in ("branches", "mean_l", "unique_rows", "dynamic_sampling_kept", "prefix_cache_hit_rate", "decode_steps",
+              "mean_active_rows"):
         v = stats.get(k)
         if isinstance(v, (int, float)):
             out[k] = float(v)

@@ -63,14 +63,19 @@ def _write(
     col0: int,
     write_col: torch.Tensor | None,
 ) -> None:
-    """Store one layer's new keys and values [b, kv_heads, Q, hd] at columns col0.. (or at the
-    column held by the tensor `write_col`) of its cache [b, kv_heads, S, hd]."""
+    """Store one layer's new keys and values [b, kv_heads, Q, hd] at columns col0.. of its cache
+    [b, kv_heads, S, hd], or at the columns held by the tensor `write_col`: [1] (one column for
+    every row) or [b, Q] (each row's own columns, the continuous batch's ragged rows)."""
     if write_col is None:
         keys[:, :, col0 : col0 + k.shape[2]] = k
         values[:, :, col0 : col0 + v.shape[2]] = v
-    else:
+    elif write_col.dim() == 1:
         keys.index_copy_(2, write_col, k)
         values.index_copy_(2, write_col, v)
+    else:
+        index = write_col[:, None, :, None].expand(k.shape)
+        keys.scatter_(2, index, k)
+        values.scatter_(2, index, v)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -228,11 +233,14 @@ class LeanBatch:
     def __init__(
         self,
         model: torch.nn.Module,
-        layout: Layout,
+        layout: Layout | None,
         keys: torch.Tensor,
         values: torch.Tensor,
         packed: PackedModel | None = None,
+        positions: int | None = None,
     ):
+        """`positions`: the rope table's length when there is no layout (`layout` None: the
+        continuous batch's slot cache, `aepo.rollout.sampler.continuous`)."""
         inner = model.model
         self.packed = packed
         self.embed = inner.embed_tokens
@@ -265,7 +273,10 @@ class LeanBatch:
         self.layout = layout
         self.keys = keys
         self.values = values
-        self.rope_table = self._rope_table(layout, keys)
+        if layout is not None:
+            decode_columns = layout.total_len - layout.cache_len - layout.pending_len
+            positions = int(layout.next_positions.max()) + decode_columns + 1
+        self.rope_table = self._rope_table(int(positions or 0), keys)
         self.graphs: DecodeGraphs | None = None
         self.cache_version = 0  # bumped when `keys`/`values` are replaced (grow, keep)
 
@@ -274,12 +285,10 @@ class LeanBatch:
         static-shape steps eagerly (any device; what the CPU tests check)."""
         self.graphs = DecodeGraphs(self, capture)
 
-    def _rope_table(self, layout: Layout, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """cos/sin for every position this batch reaches, when they do not depend on length."""
+    def _rope_table(self, length: int, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos/sin for positions 0..length-1, when they do not depend on the sequence's length."""
         if getattr(self.rotary, "rope_type", None) not in STATIC_ROPE_TYPES:
             return None
-        decode_columns = layout.total_len - layout.cache_len - layout.pending_len
-        length = int(layout.next_positions.max()) + decode_columns + 1
         positions = torch.arange(length, device=keys.device)[None]
         cos, sin = self.rotary(torch.empty(0, dtype=keys.dtype, device=keys.device), positions)
         return cos[0], sin[0]

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from aepo.rollout.sampler.continuous import SlotBatch
 from aepo.rollout.sampler.hf import HFBatch
 from aepo.rollout.sampler.layout import DECODE_BLOCK, Layout, truncate_chunks
 from aepo.rollout.sampler.lean import (
@@ -153,7 +154,12 @@ class TorchSampler(RowTable):
             self.generator.seed()
         else:
             self.generator.manual_seed(int(seed))
+        # the per-row streams of a continuous batch (`SlotBatch`) start from this
+        self.seed = int(self.generator.initial_seed())
+        self.batch: SlotBatch | None = None
         self._own_cache: dict = {}
+        self.steps = 0  # sampling steps of `generate` (its prefill's first token included)
+        self.row_steps = 0  # tokens sampled by them
         self._packed: PackedModel | None = None
 
     # ---------------------------------------------------------------- row bookkeeping
@@ -172,12 +178,33 @@ class TorchSampler(RowTable):
 
     def fork(self, row: int, position: int | None = None) -> int:
         """New row with the first `position` tokens of `row` (all when None), sharing its cache."""
+        if self.batch is not None:
+            self.batch.flush(row)
         state, n = self._fork_length(row, position)
         n_cached = min(state.n_cached, n)
         chunks = truncate_chunks(state.chunks, n_cached)
         open_kept = len(state.open) - (len(state.ids) - n)  # of a paused segment, before `position`
         return self._add(Row(ids=state.ids[:n], chunks=chunks, n_cached=n_cached,
                              open=state.open[:open_kept] if open_kept > 0 else []))
+
+    def release(self, row: int) -> None:
+        """Free a row's memory (and its slot in a running batch); the handle is invalid afterwards."""
+        if self.batch is not None:
+            self.batch.drop(row)
+        RowTable.release(self, row)
+
+    @property
+    def can_step(self) -> bool:
+        """Whether `open_batch` works: the continuous batch needs the lean forward."""
+        return self.lean
+
+    def open_batch(self, stop: Sequence[str] = (), max_rows: int = 256) -> SlotBatch:
+        """The sampler's running batch (`SlotBatch`) for rows that stop at `stop`; rows join
+        with `start(row, budget, key)` and advance with `step()`. One per sampler."""
+        if self.batch is not None:
+            raise ValueError("this sampler already has a running batch")
+        self.batch = SlotBatch(self, stop, max_rows)
+        return self.batch
 
     def cached_length(self, row: int) -> int:
         """How many of the row's tokens already have keys/values in its cache."""
@@ -242,8 +269,11 @@ class TorchSampler(RowTable):
 
     # ---------------------------------------------------------------- sampling
 
-    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tokens [B], their log-probs and the entropies under softmax(logits / T), float32."""
+    def _sample(
+        self, logits: torch.Tensor, uniforms: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens [B], their log-probs and the entropies under softmax(logits / T), float32.
+        `uniforms` [B, 1]: the numbers to invert the CDF at (default: from the generator)."""
         logits = logits.float()
         scaled = logits / self.temperature if self.temperature not in (0.0, 1.0) else logits
         logp = torch.log_softmax(scaled, dim=-1)
@@ -258,7 +288,7 @@ class TorchSampler(RowTable):
         if self.temperature == 0:
             tokens = logits.argmax(-1)
         else:
-            tokens = self._draw(self._filtered(scaled, probs))
+            tokens = self._draw(self._filtered(scaled, probs), uniforms)
         token_logp = logp.gather(-1, tokens[:, None])[:, 0]
         return tokens, token_logp, entropy
 
@@ -275,14 +305,15 @@ class TorchSampler(RowTable):
             weights = torch.zeros_like(weights).scatter_(-1, order, sorted_p)
         return weights
 
-    def _draw(self, weights: torch.Tensor) -> torch.Tensor:
+    def _draw(self, weights: torch.Tensor, uniforms: torch.Tensor | None = None) -> torch.Tensor:
         """One index per row with probability proportional to `weights` (inverse-CDF sampling).
 
         One uniform number per row instead of one per vocabulary entry (what
         `torch.multinomial` draws), which dominates the step time of small models.
         """
         cdf = torch.cumsum(weights, dim=-1)
-        u = torch.rand(weights.shape[0], 1, generator=self.generator, device=weights.device)
+        u = uniforms if uniforms is not None else torch.rand(
+            weights.shape[0], 1, generator=self.generator, device=weights.device)
         tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
         tokens = tokens.clamp_(max=weights.shape[-1] - 1)
         # Float rounding at the very top of the CDF could land on an excluded tail token.
@@ -352,6 +383,27 @@ class TorchSampler(RowTable):
         on next turn) and the active rows still have more than `PAUSE_MIN_TOKENS` to go."""
         stopped = any(f is not None and f[0] == "stop" for f in finish)
         return stopped and max(budgets[i] - len(generated[i]) for i in active) > PAUSE_MIN_TOKENS
+
+    def _segment_finish(
+        self, generated: list[int], spec: _StopSpec, budget: int, before: list[int] | None = None
+    ) -> tuple[str, str | None] | None:
+        """How a segment whose last token was just sampled ends: ("eos" | "stop" | "length",
+        the stop string matched), or None while it goes on. `before`: the tokens of the same
+        segment from a paused call, so a stop string spanning the pause is found."""
+        token = generated[-1]
+        if token in self.eos_token_ids:
+            return ("eos", None)
+        if token in spec.token_stops:
+            return ("stop", spec.token_stops[token])
+        if (
+            spec.candidates is not None
+            and spec.candidates[token]
+            and (matched := self._text_stop((before or []) + generated, spec)) is not None
+        ):
+            return ("stop", matched)
+        if len(generated) >= budget:
+            return ("length", None)
+        return None
 
     def _layout(self, states: list[Row], use_cached: list[int], budget: int) -> Layout:
         device = self.device
@@ -476,6 +528,8 @@ class TorchSampler(RowTable):
         step = 0
         while True:
             tokens, token_logp, entropy = self._sample(logits)
+            self.steps += 1
+            self.row_steps += sum(1 for i in slots if finish[i] is None)
             if slot_rows is None:
                 logprob_cols.append(token_logp)
                 entropy_cols.append(entropy)
@@ -487,18 +541,7 @@ class TorchSampler(RowTable):
                 if finish[i] is not None:
                     continue
                 generated[i].append(token)
-                if token in self.eos_token_ids:
-                    finish[i] = ("eos", None)
-                elif token in spec.token_stops:
-                    finish[i] = ("stop", spec.token_stops[token])
-                elif (
-                    spec.candidates is not None
-                    and spec.candidates[token]
-                    and (matched := self._text_stop(states[i].open + generated[i], spec)) is not None
-                ):
-                    finish[i] = ("stop", matched)
-                elif len(generated[i]) >= budgets[i]:
-                    finish[i] = ("length", None)
+                finish[i] = self._segment_finish(generated[i], spec, budgets[i], states[i].open)
             active = [k for k, i in enumerate(slots) if finish[i] is None]
             if not active:
                 break

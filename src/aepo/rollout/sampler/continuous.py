@@ -1,0 +1,303 @@
+"""A running decode batch for the torch sampler: rows join and leave at any step.
+
+`TorchSampler.generate` runs a fixed set of rows until each stops, so an agent turn waits for
+its longest row. `SlotBatch` instead keeps one batch running across turns, tools and tree
+branches (the scheduler in `aepo.rollout.scheduler` drives it):
+
+- each running row owns a *slot* of one cache [layers, slots, kv_heads, columns, head_dim]
+  and its keys fill that slot's columns 0..len-1, so rows of any lengths share a decode step
+  without padding each other's positions (a step attends to each row's own columns, masked);
+- `start(row, budget, key)` queues a row; at the next `step` its pending tokens (a prompt, a
+  tool result, a branch's fork point) are prefilled from its cache chunks (`LeanBatch.prefill`,
+  passes of similar lengths) beside the decode step, and it samples its first token there;
+- `step()` gives every running row one token and returns the rows whose segment ended (stop
+  string, EOS, budget); a row that ends leaves its new positions as one cache chunk, exactly as
+  after `generate`, so forks share them and a tool result is appended as usual;
+- a row's token is drawn from the uniform number `row_uniform(seed, key, position)`, so what
+  a row samples does not depend on which rows ran beside it (`aepo.rollout.sampler.streams`).
+
+Slots freed in the middle are refilled from the end (`_compact`), and the decode step runs over
+the occupied prefix only. Llama-family models only (the lean forward); others use the turn
+scheduler.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from aepo.rollout.sampler.layout import DECODE_BLOCK, truncate_chunks
+from aepo.rollout.sampler.lean import LeanBatch
+from aepo.rollout.sampler.streams import row_uniforms
+from aepo.types import Generation
+
+if TYPE_CHECKING:
+    from aepo.rollout.sampler.torch_sampler import TorchSampler
+
+__all__ = ["SlotBatch"]
+
+
+@dataclass
+class _Running:
+    """A row in the batch: its budget, stream key and the segment generated so far."""
+
+    budget: int
+    key: tuple[int, ...]
+    slot: int = -1  # -1 until its prefill ran
+    chunk_start: int = 0  # cache positions before this are in the row's chunks
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
+
+
+class SlotBatch:
+    """One running batch of a `TorchSampler`'s rows (see the module docstring)."""
+
+    def __init__(self, sampler: TorchSampler, stop: Sequence[str], max_rows: int = 256) -> None:
+        if not sampler.lean:
+            raise ValueError("SlotBatch needs the lean (Llama-family) forward")
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.s = sampler
+        self.spec = sampler._stop_spec(tuple(stop))
+        self.max_rows = int(max_rows)
+        model = sampler.model
+        self.layers = int(model.config.num_hidden_layers)
+        self.n_kv = int(model.config.num_key_value_heads)
+        self.head_dim = int(model.model.layers[0].self_attn.head_dim)
+        self.packed = sampler._packed_weights()
+        self.keys = self.values = None  # type: ignore[assignment]
+        self.lens: list[int] = []  # per slot: cached positions, -1 when free
+        self.owner: list[int] = []  # per slot: the row handle, -1 when free
+        self.rows: dict[int, _Running] = {}
+        self.joining: list[int] = []
+        self.done: list[tuple[int, Generation]] = []  # rows started with a budget of 0
+        self.decoder: LeanBatch | None = None
+        self.steps = 0  # steps that decoded or prefilled a token
+        self.row_steps = 0  # tokens generated (the sum of the steps' batch sizes)
+
+    # ---------------------------------------------------------------- rows in and out
+
+    @property
+    def active(self) -> int:
+        """Rows started and not yet ended."""
+        return len(self.rows)
+
+    @property
+    def free(self) -> int:
+        """Rows that can still start before the batch is full."""
+        return self.max_rows - len(self.rows)
+
+    def generated(self, row: int) -> int:
+        """Tokens the running `row` has generated in its current segment."""
+        return len(self.rows[row].tokens)
+
+    def entropies(self, row: int) -> list[float]:
+        """The token entropies of the running `row`'s current segment so far."""
+        return self.rows[row].entropies
+
+    def start(self, row: int, budget: int, key: Sequence[int]) -> None:
+        """Queue `row` to generate one segment of at most `budget` tokens from the next step."""
+        state = self.s._row(row)
+        if row in self.rows:
+            raise ValueError(f"row {row} is already running")
+        if budget < 0:
+            raise ValueError(f"budget must be >= 0, got {budget}")
+        if budget == 0:
+            self.done.append((row, Generation(token_ids=[], logprobs=[], entropies=[], finish="length")))
+            return
+        if len(self.rows) >= self.max_rows:
+            raise ValueError(f"the batch is full ({self.max_rows} rows)")
+        state.open = []
+        self.rows[row] = _Running(budget=int(budget), key=tuple(int(k) for k in key))
+        self.joining.append(row)
+
+    def flush(self, row: int) -> None:
+        """Move a running row's new cache positions into its chunks (before a fork reads them)."""
+        run = self.rows.get(row)
+        if run is None or run.slot < 0:
+            return
+        state = self.s._row(row)
+        end = self.lens[run.slot]
+        if end > run.chunk_start:
+            chunk = (self.keys[:, run.slot, :, run.chunk_start:end].clone(),
+                     self.values[:, run.slot, :, run.chunk_start:end].clone())
+            state.chunks = truncate_chunks(state.chunks, run.chunk_start) + [chunk]
+            state.n_cached = end
+            run.chunk_start = end
+
+    def drop(self, row: int) -> None:
+        """Forget a running row without a result (its sampler row is being released)."""
+        run = self.rows.pop(row, None)
+        if run is None:
+            return
+        if row in self.joining:
+            self.joining.remove(row)
+        if run.slot >= 0:
+            self._free_slot(run.slot)
+
+    def _leave(self, row: int) -> Generation:
+        run = self.rows[row]
+        self.flush(row)
+        self._free_slot(run.slot)
+        del self.rows[row]
+        return Generation(token_ids=run.tokens, logprobs=run.logprobs, entropies=run.entropies,
+                          finish="length", stop=None)
+
+    # ---------------------------------------------------------------- the cache
+
+    def _alloc(self, slots: int, columns: int) -> None:
+        """At least `slots` slots and `columns` usable columns (plus the scratch column, the
+        last, where free slots write during a decode step)."""
+        have_slots = 0 if self.keys is None else self.keys.shape[1]
+        have_cols = 0 if self.keys is None else self.keys.shape[3] - 1
+        if slots <= have_slots and columns <= have_cols:
+            return
+        new_slots = max(slots, min(self.max_rows, 2 * have_slots), 1)
+        new_cols = max(columns, 2 * have_cols) if columns > have_cols else have_cols
+        new_cols = -(-new_cols // DECODE_BLOCK) * DECODE_BLOCK
+        shape = (self.layers, new_slots, self.n_kv, new_cols + 1, self.head_dim)
+        keys = torch.zeros(shape, dtype=self.s.dtype, device=self.s.device)
+        values = torch.zeros_like(keys)
+        if self.keys is not None:
+            keys[:, :have_slots, :, :have_cols] = self.keys[:, :, :, :have_cols]
+            values[:, :have_slots, :, :have_cols] = self.values[:, :, :, :have_cols]
+        self.keys, self.values = keys, values
+        self.lens += [-1] * (new_slots - len(self.lens))
+        self.owner += [-1] * (new_slots - len(self.owner))
+        self.decoder = LeanBatch(self.s.model, None, keys, values, packed=self.packed, positions=new_cols + 1)
+
+    def _take_slot(self, columns: int) -> int:
+        free = next((i for i, n in enumerate(self.lens) if n < 0), None)
+        if free is None:
+            free = len(self.lens)
+        self._alloc(free + 1, columns + 1)
+        return free
+
+    def _free_slot(self, slot: int) -> None:
+        self.lens[slot] = -1
+        self.owner[slot] = -1
+
+    def _compact(self) -> None:
+        """Move the last occupied slots into the holes below them, so a decode step's prefix of
+        slots is mostly occupied."""
+        used = [i for i, n in enumerate(self.lens) if n >= 0]
+        if not used:
+            return
+        top = used[-1] + 1
+        holes = [i for i in range(top) if self.lens[i] < 0]
+        if len(holes) <= max(2, top // 4):
+            return
+        for hole in holes:
+            src = max(i for i, n in enumerate(self.lens) if n >= 0)
+            if src <= hole:
+                break
+            n = self.lens[src]
+            self.keys[:, hole, :, :n] = self.keys[:, src, :, :n]
+            self.values[:, hole, :, :n] = self.values[:, src, :, :n]
+            row = self.owner[src]
+            self.lens[hole], self.owner[hole] = n, row
+            self.rows[row].slot = hole
+            self._free_slot(src)
+
+    # ---------------------------------------------------------------- one step
+
+    def step(self) -> list[tuple[int, Generation]]:
+        """Give every running row one token; return (row, Generation) for the segments that
+        ended (the rows leave the batch). Rows started with budget 0 are returned at once."""
+        ended, self.done = self.done, []
+        handles: list[int] = []
+        logits: list[torch.Tensor] = []
+        decoding = [r for r, run in self.rows.items() if run.slot >= 0]
+        with torch.inference_mode():
+            if decoding:
+                logits.append(self._decode(decoding))
+                handles += decoding
+            if self.joining:
+                joined, out = self._prefill(self.joining)
+                self.joining = []
+                logits.append(out)
+                handles += joined
+            if not handles:
+                return ended
+            rows = [self.s._row(h) for h in handles]
+            u = row_uniforms(self.s.seed, [self.rows[h].key for h in handles], [len(r.ids) for r in rows])
+            uniforms = torch.tensor(u, dtype=torch.float32, device=self.s.device)[:, None]
+            tokens, token_logp, entropy = self.s._sample(torch.cat(logits), uniforms)
+        self.steps += 1
+        self.row_steps += len(handles)
+        for h, state, token, lp, ent in zip(handles, rows, tokens.tolist(), token_logp.tolist(),
+                                            entropy.tolist()):
+            run = self.rows[h]
+            state.ids.append(token)
+            run.tokens.append(token)
+            run.logprobs.append(lp)
+            run.entropies.append(ent)
+            reason = self.s._segment_finish(run.tokens, self.spec, run.budget)
+            if reason is not None:
+                gen = self._leave(h)
+                gen.finish, gen.stop = reason
+                ended.append((h, gen))
+        with torch.inference_mode():
+            self._compact()
+        return ended
+
+    def _decode(self, decoding: list[int]) -> torch.Tensor:
+        """One token for every row already in a slot: each writes its pending token at its
+        own next column and attends to its columns only."""
+        running = {self.rows[h].slot: h for h in decoding}
+        top = max(running) + 1
+        kv_len = max(self.lens[slot] for slot in running) + 1
+        self._alloc(top, kv_len)
+        scratch = self.keys.shape[3] - 1
+        tokens, positions, cols, lengths = [], [], [], []
+        for slot in range(top):
+            h = running.get(slot)
+            if h is None:  # free slot: computes a throwaway row into the scratch column
+                tokens.append(0)
+                positions.append(0)
+                cols.append(scratch)
+                lengths.append(1)
+            else:
+                n = self.lens[slot]
+                tokens.append(self.s._rows[h].ids[-1])
+                positions.append(n)
+                cols.append(n)
+                lengths.append(n + 1)
+        device = self.s.device
+        length = torch.tensor(lengths, device=device)
+        mask = (torch.arange(kv_len, device=device)[None] < length[:, None])[:, None, None]
+        col = torch.tensor(cols, device=device)[:, None]
+        out = self.decoder._forward(  # type: ignore[union-attr]
+            torch.tensor(tokens, device=device)[:, None], torch.tensor(positions, device=device)[:, None],
+            0, kv_len, mask, self.keys[:, :top], self.values[:, :top], write_col=col)
+        for slot in running:
+            self.lens[slot] += 1
+        return out[torch.tensor([self.rows[h].slot for h in decoding], device=device)]
+
+    def _prefill(self, joining: list[int]) -> tuple[list[int], torch.Tensor]:
+        """Prefill the joining rows' pending tokens (a left-padded batch of their chunks, as
+        `generate` does), copy each row's cache into a free slot; logits of their last tokens."""
+        s = self.s
+        pending = {h: len(s._rows[h].ids) - min(s._rows[h].n_cached, len(s._rows[h].ids) - 1) for h in joining}
+        order = sorted(joining, key=lambda h: -pending[h])
+        states = [s._rows[h] for h in order]
+        use_cached = [min(st.n_cached, len(st.ids) - 1) for st in states]
+        layout = s._layout(states, use_cached, 1)
+        c_len, p_len = layout.cache_len, layout.pending_len
+        keys, values = s._gather_cache(states, use_cached, c_len + p_len, c_len)
+        logits = LeanBatch(s.model, layout, keys, values, packed=self.packed).prefill()
+        for i, (h, st, cached) in enumerate(zip(order, states, use_cached)):
+            n = len(st.ids)
+            slot = self._take_slot(n + 1)
+            k_slot, v_slot = self.keys[:, slot], self.values[:, slot]
+            k_slot[:, :, :cached] = keys[:, i, :, c_len - cached:c_len]
+            v_slot[:, :, :cached] = values[:, i, :, c_len - cached:c_len]
+            k_slot[:, :, cached:n] = keys[:, i, :, c_len + p_len - (n - cached):c_len + p_len]
+            v_slot[:, :, cached:n] = values[:, i, :, c_len + p_len - (n - cached):c_len + p_len]
+            self.lens[slot], self.owner[slot] = n, h
+            run = self.rows[h]
+            run.slot, run.chunk_start = slot, cached
+        return order, logits

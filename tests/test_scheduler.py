@@ -1,0 +1,112 @@
+"""The continuous scheduler: the same trees under any batch limit and tool latency, the
+trees' invariants, steps against the logical critical path, and its refusals."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+from scripted_sampler import CharTokenizer, FakeTools, Reply, ScriptedSampler, ScriptedStepSampler, nats
+from test_strategies import check_invariants, prompts_of
+
+from aepo.config import RolloutConfig
+from aepo.rollout import rollout
+
+TOK = CharTokenizer()
+
+
+def branchy(ctx: str, draw: int) -> Reply:
+    """Two or three searches, then an answer; entropies after a result vary with the row and
+    the step, so some decisions branch and some do not, and replies differ in length."""
+    k = ctx.count("<result>")
+    if k == 0:
+        return Reply(f"<search>q{draw % 3}</search>", nats(0.01, TOK))
+    if k < 2 + draw % 2:
+        h = 0.15 * ((draw * 7 + k * 3) % 5)
+        return Reply("hm" * (1 + (draw + k) % 4) + f"<search>r{k}.{draw % 4}</search>", nats(h, TOK))
+    return Reply(f"<answer>a{draw % 5}</answer>", nats(0.02, TOK))
+
+
+class SlowTools(FakeTools):
+    """FakeTools whose calls take a time set by the argument (0-3 ms), so results arrive in an
+    order unrelated to the calls'."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+
+    def __call__(self, calls):
+        with self.lock:
+            delay = self.rng.random() * 0.003
+        time.sleep(delay)
+        return super().__call__(calls)
+
+
+def run(strategy, max_rows, tools=None, scheduler="continuous", rule="threshold", **kw):
+    sampler = ScriptedStepSampler(TOK, branchy)
+    cfg = RolloutConfig(n=6, max_response_tokens=120, max_tool_calls=4, n_probe=4, scheduler=scheduler,
+                        max_active_rows=max_rows, branch_decision=rule, branch_alpha=0.3, **kw)
+    prompts = prompts_of("alpha?", "beta beta?", "gamma?")
+    trajs, stats = rollout(strategy, prompts, sampler, TOK, tools or FakeTools(), cfg, random.Random(5))
+    return trajs, stats, sampler, prompts
+
+
+def per_prompt(decisions):
+    return sorted(((d["prompt"], d["row_id"], d["dH"], d["children"]) for d in decisions), key=lambda x: x[0])
+
+
+def summary(trajs):
+    return [(t.row_id, t.parent_row_id, t.branch_position, t.response_ids, t.response_mask, t.finish_reason,
+             [(d["dH"], d["branched"], d["turn"]) for d in t.decisions], t.m) for t in trajs]
+
+
+@pytest.mark.parametrize("strategy,rule", [("independent", "threshold"), ("arpo", "threshold"),
+                                           ("aepo", "threshold"), ("aepo", "sample"), ("random", "threshold")])
+def test_the_same_trees_under_any_batch_limit_and_tool_latency(strategy, rule):
+    base, stats, sampler, prompts = run(strategy, 64, rule=rule)
+    check_invariants(base, stats, sampler, prompts, 6)
+    assert stats["scheduler"] == "continuous"
+    if strategy != "independent":
+        assert stats["branches"] > 0  # the script makes branching happen
+    for max_rows, seed in ((1, 0), (3, 1), (7, 2)):
+        trajs, other, sampler, _ = run(strategy, max_rows, tools=SlowTools(seed), rule=rule)
+        assert summary(trajs) == summary(base), (max_rows, seed)
+        assert sampler.batch.widest <= max_rows
+        # each prompt's decisions in the same order (prompts interleave as the schedule goes)
+        assert per_prompt(other["decisions"]) == per_prompt(stats["decisions"])
+
+
+def test_steps_follow_the_critical_path_when_rows_never_wait():
+    """With room for every row, the batch takes about as many steps as the logical critical
+    path (tools run beside the batch; a row can lose a step waiting for its result)."""
+    _, stats, _, _ = run("arpo", 256)
+    assert stats["decode_steps"] >= stats["logical_steps"] >= stats["critical_path_tokens"]
+    assert stats["decode_steps"] <= 1.3 * stats["logical_steps"] + 5
+    _, narrow, _, _ = run("arpo", 2)
+    assert narrow["decode_steps"] > 2 * stats["decode_steps"]  # two rows at a time: far more steps
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="penalty_scope=prompt"):
+        run("aepo", 8, penalty_scope="prompt")
+    with pytest.raises(ValueError, match="max_active_rows"):
+        run("aepo", 0)
+    sampler = ScriptedSampler(TOK, branchy)  # no running batch
+    cfg = RolloutConfig(n=2, scheduler="continuous")
+    with pytest.raises(ValueError, match="scheduler=continuous"):
+        rollout("independent", prompts_of("a?"), sampler, TOK, FakeTools(), cfg, random.Random(0))
+    with pytest.raises(ValueError, match="rollout.scheduler must be one of"):
+        rollout("independent", prompts_of("a?"), sampler, TOK, FakeTools(), RolloutConfig(scheduler="x"),
+                random.Random(0))
+
+
+def test_a_crashing_tool_is_an_error_result_not_a_crash():
+    def boom(calls):
+        raise RuntimeError("tool down")
+
+    trajs, stats, _, _ = run("arpo", 16, tools=boom)
+    calls = [c for t in trajs for c in t.tool_calls]
+    assert calls and all(c.ok is False and c.result.startswith("Error") for c in calls)
+    assert any("tool down" in c.result for c in calls)
