@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_torch_sampler import check_against_full, make_model
 
 from aepo.models.tokenizer import build_tokenizer
 from aepo.rollout.sampler import TorchSampler
 from aepo.rollout.sampler.streams import RowKey, row_uniform
-from test_torch_sampler import check_against_full, make_model
 
 torch.set_num_threads(1)
 

@@ -106,7 +106,7 @@ def test_a_crashing_tool_is_an_error_result_not_a_crash():
     def boom(calls):
         raise RuntimeError("tool down")
 
-    trajs, stats, _, _ = run("arpo", 16, tools=boom)
+    trajs, _, _, _ = run("arpo", 16, tools=boom)
     calls = [c for t in trajs for c in t.tool_calls]
     assert calls and all(c.ok is False and c.result.startswith("Error") for c in calls)
     assert any("tool down" in c.result for c in calls)

@@ -22,7 +22,6 @@ Add a strategy with `@register_strategy("name")` on a `RolloutStrategy` subclass
 """
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -30,6 +29,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aepo.rollout.agent import Agent, RowState, ToolFn, TurnOutcome, fork_row_state
+from aepo.rollout.branching import (
+    BRANCH_DECISIONS,
+    aepo_branch_probability,
+    aepo_global_budget,
+    arpo_branch_probability,
+    branch_decision,
+    default_global_budget,
+)
 from aepo.rollout.config import SCHEDULERS, RolloutConfig
 from aepo.rollout.sampler.streams import row_uniform
 from aepo.rollout.scheduler import ContinuousScheduler, supports_continuous
@@ -41,8 +48,8 @@ __all__ = [
     "AepoRollout",
     "ArpoRollout",
     "IndependentRollout",
-    "RandomBranchRollout",
     "PromptGroup",
+    "RandomBranchRollout",
     "RolloutStrategy",
     "aepo_branch_probability",
     "aepo_global_budget",
@@ -80,117 +87,6 @@ def get_strategy(name: str) -> type[RolloutStrategy]:
     if name not in STRATEGIES:
         raise ValueError(f"unknown rollout strategy {name!r}; valid: {', '.join(STRATEGIES)}")
     return STRATEGIES[name]
-
-
-# ----------------------------------------------------------------------------- formulas
-
-
-def _clip01(x: float) -> float:
-    return min(1.0, max(0.0, x))
-
-
-def arpo_branch_probability(alpha: float, beta: float, delta_h: float) -> float:
-    """ARPO: P = clip(alpha + beta * dH, 0, 1), dH = H_now - H_init."""
-    return _clip01(alpha + beta * delta_h)
-
-
-def _penalty_factor(penalty: float, l: int) -> float:
-    """1 - lambda_pen * l, floored at 0: a long run of branches can stop branching, never invert
-    the sign of the score (only reachable when lambda_pen * l > 1)."""
-    return max(0.0, 1.0 - penalty * l)
-
-
-def aepo_branch_probability(alpha: float, gamma: float, delta_h: float, penalty: float, l: int) -> float:
-    """AEPO: P = clip((alpha + gamma * dH) * (1 - lambda_pen * l), 0, 1), l = consecutive
-    branched tool steps."""
-    return _clip01((alpha + gamma * delta_h) * _penalty_factor(penalty, l))
-
-
-BRANCH_DECISIONS = ("threshold", "released", "sample")
-
-
-def branch_decision(
-    rule: str, alpha: float, coef: float, delta_h: float, penalty: float, l: int, tau: float,
-    rng: random.Random,
-) -> tuple[float, bool]:
-    """The branch decision of ARPO and AEPO (docs/algorithms.md section 3.2, 3.3) -> (p, branch).
-
-    `coef` is ARPO's beta or AEPO's gamma; ARPO passes penalty = 0, l = 0. With the penalty
-    factor f = max(0, 1 - lambda_pen * l):
-
-    - "threshold" (the paper): p = (alpha + coef * dH) * f, branch when p > tau. Deterministic
-      given dH; for ARPO (f = 1) it branches when coef * dH > tau - alpha, i.e. dH > 0.5 at the
-      defaults alpha = 0.4, coef = 0.2, tau = 0.5 (with alpha = tau it would be dH > 0 whatever
-      coef is, docs/algorithms.md section 3.2).
-    - "released" (the authors' code): p = (U + coef * dH) * f with U = rng.random() ~ U(0, 1),
-      branch when p >= tau (tau = 0.5 is the released constant).
-    - "sample": p = clip((alpha + coef * dH) * f, 0, 1), branch when rng.random() < p.
-
-    `p` is the score the rule compared (a probability only for "sample"). "released" and
-    "sample" draw one rng.random() each; "threshold" draws nothing. The budget is not checked
-    here: a decision that wants to branch on a prompt with no budget left does not branch.
-
-    Default `threshold`, from the demo (runs/demo: tiny Qwen3 after SFT, 24 held-out test
-    questions x 5 seeds, k = 8, n_probe = 20, demo rollout settings, alpha = tau = 0.5 (the
-    default alpha was 0.5 then), gamma = 0.2, lambda = 0.05; AEPO; "with budget" = decisions
-    taken while the prompt had budget left):
-
-        rule       decisions  branch rate       branches/  P(branch | dH>0)  branches   unique
-                              all / with budget prompt     / P(.. | dH<=0)   with dH>0  rows/8
-        threshold  700        0.42 / 0.76       2.44       0.95 / 0.00       100%       7.04
-        released   746        0.34 / 0.64       2.13       0.68 / 0.47        86%       6.98
-        sample     740        0.32 / 0.58       1.99       0.61 / 0.44        85%       6.93
-
-    m (chosen before any decision, so the same under every rule): 2..5, mean 3.75, std 0.69;
-    H_root - H_tool mean -0.27, std 0.70; dH mean 0.71, std 0.85-0.90, range -0.37..6.2, > 0 at
-    80-82% of decisions (the chain's first segment, H_init, is calmer than the segments after
-    tool results). ARPO (m = 4) gives the same picture: threshold 1.00 / 0.00, 3.16 branches per
-    prompt; released 0.67 / 0.48; sample 0.60 / 0.48. So does the RL-trained model (AEPO:
-    threshold 0.91 / 0.00, released 0.67 / 0.47, sample 0.58 / 0.47).
-    Why `threshold`: under `sample` and `released` the entropy term is nearly inert again,
-    gamma * dH (about 0.14) against a coin of 0.5 moves the branch rate only from 0.44-0.47 to
-    0.61-0.68; `threshold` branches on dH alone and that is a sensible signal here: among the
-    branches `sample` made (10 seeds), the child's final answer differs from its parent's in 83%
-    of the branches at dH > 0 but only 28% at dH <= 0 (most of those children repeat the
-    parent), and `threshold` never spends budget there (children differing from the parent: 80%
-    of 596 vs 75% of 491 for `sample`). Its cost: with dH > 0 at most decisions it branches at
-    95% of them while budget lasts, so the budget goes to the earliest high-dH steps, and it is
-    deterministic given dH; the AEPO penalty still bites (l = 1 needs dH > 0.13, l = 2 dH > 0.28).
-    That spending at nearly every step, with gamma inert, is why alpha is now 0.4 (dH > 0.5 at
-    l = 0, 0.63 at l = 1, 0.78 at l = 2).
-    `released` has the distribution of `sample` at l = 0 (P(U + coef dH >= 0.5) = 0.5 + coef dH).
-    """
-    f = _penalty_factor(penalty, l)
-    if rule == "threshold":
-        p = (alpha + coef * delta_h) * f
-        return p, p > tau
-    if rule == "released":
-        p = (rng.random() + coef * delta_h) * f
-        return p, p >= tau
-    if rule == "sample":
-        p = _clip01((alpha + coef * delta_h) * f)
-        return p, rng.random() < p
-    raise ValueError(f"rollout.branch_decision must be one of {', '.join(BRANCH_DECISIONS)}, got {rule!r}")
-
-
-def aepo_global_budget(n: int, h_root: float, h_tool: float, beta_pm: float, compat: bool = False) -> int:
-    """AEPO pre-monitoring: m = clamp(round(n * sigmoid(beta_pm * (H_root - H_tool))), 1, n).
-
-    `round` is half-up (2.5 -> 3). `compat` reproduces the released code: int(n * sigmoid) + 1,
-    clamped to [1, n].
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    x = beta_pm * (h_root - h_tool)
-    sig = 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-    share = n * sig
-    m = int(share) + 1 if compat else math.floor(share + 0.5)
-    return max(1, min(n, m))
-
-
-def default_global_budget(cfg: RolloutConfig) -> int:
-    """m without pre-monitoring: rollout.initial_rollouts, or n // 2 when it is 0 (at least 1)."""
-    return max(1, min(cfg.n, cfg.initial_rollouts or cfg.n // 2))
 
 
 class _Draw:
