@@ -269,8 +269,13 @@ class ScriptedStepSampler(ScriptedSampler):
         self.batch: _ScriptedBatch | None = None
 
     def open_batch(self, stop: Sequence[str] = (), max_rows: int = 256) -> _ScriptedBatch:
-        self.batch = _ScriptedBatch(self, tuple(stop), max_rows)
+        assert self.batch is None, "a running batch is open"
+        self.batch = self.last_batch = _ScriptedBatch(self, tuple(stop), max_rows)
         return self.batch
+
+    def close_batch(self) -> None:
+        assert self.batch is not None and not self.batch.active
+        self.batch = None
 
 
 class _ScriptedBatch:

@@ -142,3 +142,52 @@ def test_row_uniform_is_a_fixed_function():
     assert row_uniform(8, (0, 1, 2), 5) != a and row_uniform(7, (0, 1, 3), 5) != a
     mean = sum(values) / len(values)
     assert abs(mean - 0.5) < 0.03
+
+
+def test_warmed_prompt_rows_fork_into_the_decode_step(model, tok):
+    """`warm` caches a prompt once; its forks start with one token to feed (no prefill pass)
+    and still match a full forward."""
+    s = TorchSampler(model, tok, temperature=1.0, seed=2)
+    batch = s.open_batch()
+    base = s.new_row(tok.encode(TEXTS[1]))
+    batch.warm([base])
+    assert s.cached_length(base) == len(s.tokens(base))
+    kids = [s.fork(base) for _ in range(3)]
+    for k, row in enumerate(kids):
+        batch.start(row, 6, RowKey(0, 0, k))
+    out = run_all(batch, {})
+    assert len({tuple(out[r][0].token_ids) for r in kids}) > 1  # own streams
+    for row in kids:
+        check_against_full(model, s.tokens(row), len(s.tokens(base)), out[row][0], 1.0)
+
+
+def test_a_real_model_rollout_is_the_same_under_any_batch_limit(tok):
+    """Rows of an ARPO rollout with a (random) Qwen3 keep their tokens when at most 2 rows decode
+    at once instead of all: per-row streams, decisions in logical order, and float results that
+    do not move with the batch's composition here."""
+    import random
+
+    from scripted_sampler import FakeTools
+
+    from aepo.config import RolloutConfig
+    from aepo.rollout import rollout
+
+    model = make_model("qwen3", len(tok), seed=4)
+    prompts = [(f"p{i}", tok.encode(t)) for i, t in enumerate(TEXTS[:2])]
+
+    def run(max_rows):
+        cfg = RolloutConfig(n=4, max_response_tokens=16, n_probe=4, scheduler="continuous",
+                            max_active_rows=max_rows, temperature=1.0)
+        s = TorchSampler(model, tok, temperature=1.0, seed=9)
+        trajs, stats = rollout("aepo", prompts, s, tok, FakeTools(), cfg, random.Random(1))
+        assert s.n_rows == 0 and s.batch is None  # the batch is closed: the sampler takes another rollout
+        again, _ = rollout("independent", prompts[:1], s, tok, FakeTools(), cfg, random.Random(1))
+        assert len(again) == 4 and s.n_rows == 0
+        return [(t.row_id, t.response_ids, t.logprobs) for t in trajs], stats
+
+    wide, stats = run(64)
+    narrow, narrow_stats = run(2)
+    assert [r[:2] for r in narrow] == [r[:2] for r in wide]
+    for (_, _, a), (_, _, b) in zip(narrow, wide):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    assert narrow_stats["decode_steps"] > stats["decode_steps"]

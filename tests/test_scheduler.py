@@ -73,7 +73,7 @@ def test_the_same_trees_under_any_batch_limit_and_tool_latency(strategy, rule):
     for max_rows, seed in ((1, 0), (3, 1), (7, 2)):
         trajs, other, sampler, _ = run(strategy, max_rows, tools=SlowTools(seed), rule=rule)
         assert summary(trajs) == summary(base), (max_rows, seed)
-        assert sampler.batch.widest <= max_rows
+        assert sampler.last_batch.widest <= max_rows
         # each prompt's decisions in the same order (prompts interleave as the schedule goes)
         assert per_prompt(other["decisions"]) == per_prompt(stats["decisions"])
 

@@ -61,6 +61,8 @@ class ContinuousScheduler:
         self.cfg = strategy.cfg
         self.batch = strategy.sampler.open_batch(stop=self.agent.format.stop_strings(),
                                                  max_rows=max_active_rows)
+        if hasattr(self.batch, "warm"):  # each prompt's tokens cached once, before its rows fork it
+            self.batch.warm([g.base_row for g in strategy.groups])
         self.ready: deque[RowState] = deque()
         self.running: dict[int, RowState] = {}  # sampler handle -> row
         self.clock: dict[int, int] = {}  # id(row) -> logical time of its next token
@@ -227,6 +229,12 @@ class ContinuousScheduler:
             for s in g.rows:
                 if s.finished and not self.waiting_events.get(id(s)):
                     self.st._release_state(s)
+
+    def close(self) -> None:
+        """Hand the sampler back without a running batch (a later rollout opens its own)."""
+        close = getattr(self.st.sampler, "close_batch", None)
+        if close is not None:
+            close()
 
     def stats(self) -> dict[str, Any]:
         """Scheduling counters: steps of the batch, rows per step, the logical critical path."""

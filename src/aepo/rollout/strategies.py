@@ -182,7 +182,7 @@ class RolloutStrategy:
         `continuous`, or `auto` on a CPU sampler that supports it with penalty_scope=chain (on
         CUDA the turn scheduler replays its decode steps as CUDA graphs, which the continuous
         batch does not yet)."""
-        if self.cfg.scheduler == "continuous":
+        if self.scheduler is not None or self.cfg.scheduler == "continuous":
             return True
         if self.cfg.scheduler == "turns" or self.cfg.penalty_scope == "prompt":
             return False
@@ -271,16 +271,19 @@ class RolloutStrategy:
                 handle = self.sampler.new_row(list(ids))
                 self._live.add(handle)
                 self.groups.append(PromptGroup(i, str(pid), list(ids), self.cfg.n, handle))
-            self.begin(self.groups)
-            self.round = 0
             if self.continuous():
                 self.scheduler = ContinuousScheduler(self, self.cfg.max_active_rows)
+            self.begin(self.groups)
+            self.round = 0
+            if self.scheduler is not None:
                 self.scheduler.run()
             else:
                 self.run_turns()
         finally:
             for handle in list(self._live):
                 self._release(handle)
+            if self.scheduler is not None:
+                self.scheduler.close()
         trajectories = []
         for g in self.groups:
             if len(g.rows) != g.n:  # an invariant of the budget accounting

@@ -204,20 +204,44 @@ class SlotBatch:
 
     # ---------------------------------------------------------------- one step
 
+    def warm(self, rows: Sequence[int]) -> None:
+        """Cache every token of `rows` (prompts that many rows will fork): one prefill here
+        instead of one per fork, whose first step then feeds a single token."""
+        todo = [h for h in rows if self.s._row(h).n_cached < len(self.s._row(h).ids)]
+        if not todo:
+            return
+        with torch.inference_mode():
+            order, _, keys, values, c_len, p_len = self._prefill_batch(todo)
+            for i, h in enumerate(order):
+                st = self.s._row(h)
+                cached = min(st.n_cached, len(st.ids) - 1)
+                n = len(st.ids)
+                chunk = (torch.cat([keys[:, i, :, c_len - cached:c_len],
+                                    keys[:, i, :, c_len + p_len - (n - cached):c_len + p_len]], dim=2),
+                         torch.cat([values[:, i, :, c_len - cached:c_len],
+                                    values[:, i, :, c_len + p_len - (n - cached):c_len + p_len]], dim=2))
+                st.chunks, st.n_cached = [chunk], n
+
     def step(self) -> list[tuple[int, Generation]]:
         """Give every running row one token; return (row, Generation) for the segments that
         ended (the rows leave the batch). Rows started with budget 0 are returned at once."""
         ended, self.done = self.done, []
         handles: list[int] = []
         logits: list[torch.Tensor] = []
-        decoding = [r for r, run in self.rows.items() if run.slot >= 0]
         with torch.inference_mode():
+            joining, self.joining = self.joining, []
+            heavy = []
+            for h in joining:  # one token to feed (a fork of a cached row): straight into the decode step
+                if self._pending(h) == 1:
+                    self._place(h)
+                else:
+                    heavy.append(h)
+            decoding = [r for r, run in self.rows.items() if run.slot >= 0]
             if decoding:
                 logits.append(self._decode(decoding))
                 handles += decoding
-            if self.joining:
-                joined, out = self._prefill(self.joining)
-                self.joining = []
+            if heavy:
+                joined, out = self._prefill(heavy)
                 logits.append(out)
                 handles += joined
             if not handles:
@@ -277,18 +301,45 @@ class SlotBatch:
             self.lens[slot] += 1
         return out[torch.tensor([self.rows[h].slot for h in decoding], device=device)]
 
-    def _prefill(self, joining: list[int]) -> tuple[list[int], torch.Tensor]:
-        """Prefill the joining rows' pending tokens (a left-padded batch of their chunks, as
-        `generate` does), copy each row's cache into a free slot; logits of their last tokens."""
+    def _pending(self, row: int) -> int:
+        state = self.s._row(row)
+        return len(state.ids) - min(state.n_cached, len(state.ids) - 1)
+
+    def _place(self, row: int) -> None:
+        """Copy a row's cached chunks into a free slot (all its tokens but the last)."""
+        state = self.s._row(row)
+        cached = len(state.ids) - 1
+        slot = self._take_slot(cached + 1)
+        col = 0
+        for keys, values in truncate_chunks(state.chunks, cached):
+            n = keys.shape[2]
+            self.keys[:, slot, :, col:col + n] = keys
+            self.values[:, slot, :, col:col + n] = values
+            col += n
+        self.lens[slot], self.owner[slot] = cached, row
+        run = self.rows[row]
+        run.slot, run.chunk_start = slot, cached
+
+    def _prefill_batch(self, rows: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+        """The rows' pending tokens prefilled in a left-padded batch of their chunks, as `generate`
+        does -> (rows longest pending first, logits of their last tokens, keys, values, C, P)."""
         s = self.s
-        pending = {h: len(s._rows[h].ids) - min(s._rows[h].n_cached, len(s._rows[h].ids) - 1) for h in joining}
-        order = sorted(joining, key=lambda h: -pending[h])
+        order = sorted(rows, key=lambda h: -self._pending(h))
         states = [s._rows[h] for h in order]
         use_cached = [min(st.n_cached, len(st.ids) - 1) for st in states]
         layout = s._layout(states, use_cached, 1)
         c_len, p_len = layout.cache_len, layout.pending_len
         keys, values = s._gather_cache(states, use_cached, c_len + p_len, c_len)
         logits = LeanBatch(s.model, layout, keys, values, packed=self.packed).prefill()
+        return order, logits, keys, values, c_len, p_len
+
+    def _prefill(self, joining: list[int]) -> tuple[list[int], torch.Tensor]:
+        """Prefill the joining rows' pending tokens and copy each row's cache into a free slot;
+        logits of their last tokens."""
+        s = self.s
+        order, logits, keys, values, c_len, p_len = self._prefill_batch(joining)
+        states = [s._rows[h] for h in order]
+        use_cached = [min(st.n_cached, len(st.ids) - 1) for st in states]
         for i, (h, st, cached) in enumerate(zip(order, states, use_cached)):
             n = len(st.ids)
             slot = self._take_slot(n + 1)

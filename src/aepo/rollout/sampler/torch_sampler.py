@@ -206,6 +206,12 @@ class TorchSampler(RowTable):
         self.batch = SlotBatch(self, stop, max_rows)
         return self.batch
 
+    def close_batch(self) -> None:
+        """End the running batch (its rows keep their tokens and cache chunks)."""
+        if self.batch is not None and self.batch.active:
+            raise ValueError(f"the running batch still has {self.batch.active} rows")
+        self.batch = None
+
     def cached_length(self, row: int) -> int:
         """How many of the row's tokens already have keys/values in its cache."""
         return self._row(row).n_cached
