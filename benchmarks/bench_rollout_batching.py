@@ -4,14 +4,15 @@
 
 Builds the demo's RL trainer (its world, SFT model, tools and `configs/demo.yaml`: 24 prompts x
 8 rows, AEPO with pre-monitoring and branching; `--algo arpo` / `grpo` for the other trees) and collects the rollouts of the first
-`--steps` RL steps twice, once per `rollout.scheduler` (`continuous`, `turns`), alternating.
+`--steps` RL steps once per arm, alternating: `continuous` (the default), `speculative`
+(continuous with `rollout.speculate=true`) and `turns`.
 Prints one JSON line per scheduler with `decode_steps` (sampling steps of the batch, prefill
 steps included), `critical_path_tokens` (the most model tokens any row holds, root to leaf,
 inherited prefix included), `logical_steps` (continuous only: the steps a schedule with
 unlimited rows and instant tools would need, AEPO's probe before its prompt's rows included),
 `mean_active_rows` (tokens per step), `rows`, `seconds` (rollout wall time, tools included),
 `cpu_seconds` (the process's CPU time over the same span: steadier on a shared machine),
-`tokens` and `accuracy` (the mean reward of the rows). Results: benchmarks/RESULTS.md,
+`tokens`, `accuracy` (the mean reward of the rows) and `speculative_dropped_tokens`. Results: benchmarks/RESULTS.md,
 "Continuous batching".
 """
 from __future__ import annotations
@@ -22,7 +23,12 @@ import time
 from pathlib import Path
 
 
-def collect(demo: Path, scheduler: str, steps: int, max_rows: int, algo: str = "aepo") -> dict:
+ARMS = {"continuous": ["rollout.scheduler=continuous"],
+        "speculative": ["rollout.scheduler=continuous", "rollout.speculate=true"],
+        "turns": ["rollout.scheduler=turns"]}
+
+
+def collect(demo: Path, arm: str, steps: int, max_rows: int, algo: str = "aepo") -> dict:
     import torch
 
     from aepo.config import load_config
@@ -32,15 +38,15 @@ def collect(demo: Path, scheduler: str, steps: int, max_rows: int, algo: str = "
     from aepo.train.rl import RLTrainer
 
     torch.manual_seed(0)
-    out = Path("/tmp") / f"bench_rollout_batching_{scheduler}"
-    overrides = [f"algo={algo}", "trainer.save_every=0", f"out_dir={out}", f"rollout.scheduler={scheduler}",
+    out = Path("/tmp") / f"bench_rollout_batching_{arm}"
+    overrides = [f"algo={algo}", "trainer.save_every=0", f"out_dir={out}", *ARMS[arm],
                  f"rollout.max_active_rows={max_rows}"]
     cfg = load_config(DEMO_CONFIG, overrides)
     model, tok = load_model(demo / "sft", device="cpu")
     world = World.load(demo / "world")
     runner = build_tools(world, cfg.tools)
     totals = {"decode_steps": 0, "critical_path_tokens": 0, "logical_steps": 0, "row_steps": 0.0,
-              "rows": 0, "seconds": 0.0, "cpu_seconds": 0.0, "tokens": 0, "reward": 0.0}
+              "rows": 0, "seconds": 0.0, "cpu_seconds": 0.0, "tokens": 0, "reward": 0.0, "dropped": 0}
     try:
         trainer = RLTrainer(cfg, model, tok, world_tasks(world.train), runner.run, out)
         for step in range(steps):
@@ -53,19 +59,21 @@ def collect(demo: Path, scheduler: str, steps: int, max_rows: int, algo: str = "
             totals["row_steps"] += r["decode_steps"] * r["mean_active_rows"]
             totals["critical_path_tokens"] += r["critical_path_tokens"]
             totals["logical_steps"] += r.get("logical_steps", 0)
+            totals["dropped"] += r.get("speculative_dropped_tokens", 0)
             totals["rows"] += len(trajs)
             totals["tokens"] += sum(sum(t.response_mask) for t in trajs)
             totals["reward"] += sum(t.reward for t in trajs)
     finally:
         runner.close()
     steps_ = totals["decode_steps"]
-    return {"scheduler": scheduler, "algo": algo, "rl_steps": steps, "decode_steps": steps_,
+    return {"scheduler": arm, "algo": algo, "rl_steps": steps, "decode_steps": steps_,
             "critical_path_tokens": totals["critical_path_tokens"],
             "logical_steps": totals["logical_steps"] or None,
             "mean_active_rows": round(totals["row_steps"] / steps_, 2) if steps_ else 0.0,
             "rows": totals["rows"], "seconds": round(totals["seconds"], 2),
             "cpu_seconds": round(totals["cpu_seconds"], 2), "tokens": totals["tokens"],
-            "accuracy": round(totals["reward"] / totals["rows"], 4) if totals["rows"] else 0.0}
+            "accuracy": round(totals["reward"] / totals["rows"], 4) if totals["rows"] else 0.0,
+            "speculative_dropped_tokens": totals["dropped"]}
 
 
 def main() -> None:
@@ -74,6 +82,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="RL steps whose rollouts are collected")
     ap.add_argument("--max-active-rows", type=int, default=256)
     ap.add_argument("--algo", default="aepo", help="the preset (its rollout strategy): aepo, arpo, grpo, ...")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+                    help="continuous (the default scheduler), speculative (rollout.speculate=true), turns")
     ap.add_argument("--repeats", type=int, default=1, help="alternating runs of each scheduler")
     ap.add_argument("--json", action="store_true", help="one JSON line per run (default: also a summary)")
     args = ap.parse_args()
@@ -81,12 +91,12 @@ def main() -> None:
         raise SystemExit(f"{args.demo}/sft not found: run `aepo demo` first or pass --demo")
     results = []
     for _ in range(args.repeats):
-        for scheduler in ("continuous", "turns"):
-            res = collect(args.demo, scheduler, args.steps, args.max_active_rows, args.algo)
+        for arm in args.arms:
+            res = collect(args.demo, arm, args.steps, args.max_active_rows, args.algo)
             results.append(res)
             print(json.dumps(res), flush=True)
     if not args.json:
-        for scheduler in ("continuous", "turns"):
+        for scheduler in args.arms:
             runs = [r for r in results if r["scheduler"] == scheduler]
             best = min(r["seconds"] for r in runs)
             cpu = min(r["cpu_seconds"] for r in runs)

@@ -273,6 +273,11 @@ class ScriptedStepSampler(ScriptedSampler):
         self.batch = self.last_batch = _ScriptedBatch(self, tuple(stop), max_rows)
         return self.batch
 
+    def release(self, row: int) -> None:
+        if self.batch is not None:
+            self.batch.rows.pop(row, None)
+        super().release(row)
+
     def close_batch(self) -> None:
         assert self.batch is not None and not self.batch.active
         self.batch = None

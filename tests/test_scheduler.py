@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from concurrent.futures import Future
 
 import pytest
 from scripted_sampler import CharTokenizer, FakeTools, Reply, ScriptedSampler, ScriptedStepSampler, nats
@@ -12,6 +13,7 @@ from test_strategies import check_invariants, prompts_of
 
 from aepo.config import RolloutConfig
 from aepo.rollout import rollout
+from aepo.rollout import scheduler as scheduler_module
 
 TOK = CharTokenizer()
 
@@ -78,14 +80,52 @@ def test_the_same_trees_under_any_batch_limit_and_tool_latency(strategy, rule):
         assert per_prompt(other["decisions"]) == per_prompt(stats["decisions"])
 
 
-def test_steps_follow_the_critical_path_when_rows_never_wait():
-    """With room for every row, the batch takes about as many steps as the logical critical
-    path (tools run beside the batch; a row can lose a step waiting for its result)."""
-    _, stats, _, _ = run("arpo", 256)
-    assert stats["decode_steps"] >= stats["logical_steps"] >= stats["critical_path_tokens"]
-    assert stats["decode_steps"] <= 1.3 * stats["logical_steps"] + 5
+class InlineExecutor:
+    """A ThreadPoolExecutor stand-in that runs each call at once: tools that are always done
+    by the next step (a real step takes milliseconds; a scripted one microseconds)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args):
+        fut = Future()
+        fut.set_result(fn(*args))
+        return fut
+
+
+def test_steps_follow_the_critical_path_when_rows_never_wait(monkeypatch):
+    """With room for every row, tools done by the next step and speculation, the batch takes as
+    many steps as the longest row's tokens; without speculation each branch waits for its
+    decision."""
+    monkeypatch.setattr(scheduler_module, "ThreadPoolExecutor", InlineExecutor)
+    _, spec, _, _ = run("arpo", 256, speculate=True)
+    assert spec["decode_steps"] >= spec["logical_steps"] >= spec["critical_path_tokens"]
+    assert spec["decode_steps"] == spec["logical_steps"] == spec["critical_path_tokens"]
+    _, plain, _, _ = run("arpo", 256)
+    assert plain["decode_steps"] > spec["decode_steps"]
+    assert plain["speculative_dropped_tokens"] == 0 < spec["speculative_dropped_tokens"]
     _, narrow, _, _ = run("arpo", 2)
-    assert narrow["decode_steps"] > 2 * stats["decode_steps"]  # two rows at a time: far more steps
+    assert narrow["decode_steps"] > 2 * plain["decode_steps"]  # two rows at a time: far more steps
+
+
+@pytest.mark.parametrize("strategy", ["arpo", "aepo", "random"])
+def test_speculation_changes_the_schedule_not_the_trees(strategy):
+    """Branches started at their fork point and AEPO's global rows started beside the probe
+    are the rows the decisions make, or are dropped: the trees are those of the plain run."""
+    base, stats, _, prompts = run(strategy, 64)
+    for max_rows, seed in ((64, None), (3, 4)):
+        trajs, spec, sampler, _ = run(strategy, max_rows, speculate=True,
+                                      tools=SlowTools(seed) if seed is not None else None)
+        check_invariants(trajs, spec, sampler, prompts, 6)
+        assert summary(trajs) == summary(base)
+        assert per_prompt(spec["decisions"]) == per_prompt(stats["decisions"])
+    assert spec["decode_steps"] != stats["decode_steps"]
 
 
 def test_refusals():

@@ -41,7 +41,7 @@ def segment_entropy_value(
     return float(segment_entropy(list(entropies), n_probe=n_probe, vocab_size=vocab_size, reduce=reduce))
 
 
-@dataclass
+@dataclass(eq=False)
 class RowState:
     """One live chain: its sampler row, its growing Trajectory and the branching bookkeeping.
 
@@ -63,6 +63,8 @@ class RowState:
     open_start: int | None = None
     finished: bool = False
     released: bool = False
+    # the continuous scheduler's stream key for a branch (`aepo.rollout.scheduler.branch_stream`)
+    stream: tuple[int, ...] | None = None
 
     @property
     def response_len(self) -> int:

@@ -31,6 +31,10 @@ class RolloutConfig:
     # is defined per turn)
     scheduler: Literal["auto", "continuous", "turns"] = "auto"
     max_active_rows: int = 256  # continuous scheduler: rows decoding at once; the others wait
+    # continuous scheduler: start the rows a pending decision may make before it is taken (a
+    # branch at its fork point, AEPO's global rows beside its probe) and drop those it does not
+    # make. The same trees; fewer steps for more tokens (docs/algorithms.md section 3.5)
+    speculate: bool = False
     # how the model calls tools (`aepo.formats`): "tags" the paper's <search> ... </search> protocol
     # (aepo's own models), "hermes" JSON in <tool_call> ... </tool_call> with results as `tool`
     # messages of the chat template (Qwen and most pretrained chat models; docs/algorithms.md 2.1)

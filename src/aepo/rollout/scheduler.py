@@ -30,13 +30,13 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
-from aepo.rollout.agent import RowState, TurnOutcome
+from aepo.rollout.agent import RowState, TurnOutcome, fork_row_state
 from aepo.rollout.sampler.streams import RowKey
 
 if TYPE_CHECKING:
     from aepo.rollout.strategies import PromptGroup, RolloutStrategy
 
-__all__ = ["ContinuousScheduler", "supports_continuous"]
+__all__ = ["ContinuousScheduler", "branch_stream", "supports_continuous"]
 
 
 def supports_continuous(sampler: Any) -> bool:
@@ -55,10 +55,11 @@ class ContinuousScheduler:
             raise ValueError("rollout.penalty_scope=prompt counts rounds of the turn scheduler; "
                              "set rollout.scheduler=turns with it")
         self.st = strategy
-        # the base of each decision's own draw (`row_uniform`), taken from the strategy's rng
-        self.decision_seed = strategy.rng.getrandbits(62)
         self.agent = strategy.agent
         self.cfg = strategy.cfg
+        # the base of each decision's own draw (`row_uniform`), taken from the strategy's rng
+        self.decision_seed = strategy.rng.getrandbits(62)
+        self.speculate = bool(strategy.cfg.speculate)
         self.batch = strategy.sampler.open_batch(stop=self.agent.format.stop_strings(),
                                                  max_rows=max_active_rows)
         if hasattr(self.batch, "warm"):  # each prompt's tokens cached once, before its rows fork it
@@ -74,10 +75,22 @@ class ContinuousScheduler:
         self.roots: dict[int, PromptGroup] = {}  # sampler handle -> group of a running H_root sample
         self.root_queue: deque[PromptGroup] = deque()
         self.root_clock: dict[int, int] = {}  # group -> logical time after its H_root sample
+        # speculation (rollout.speculate): rows a pending decision may confirm, run before it
+        self.spec: dict[int, RowState] = {}  # id(row) -> a speculative row not yet adopted
+        self.spec_children: dict[tuple[int, int], list[RowState]] = {}  # (id(parent), turn) -> children
+        self.spec_globals: dict[int, dict[int, RowState]] = {}  # group -> row_id -> AEPO global row
+        # speculative rows dropped, kept alive so that their id() is never reused in this rollout
+        self.dropped: dict[int, RowState] = {}
+        self.dropped_tokens = 0
+        self.globals_at = 0  # logical start of the rows made when a probe ends
 
     # ---------------------------------------------------------------- bookkeeping
 
-    def _key(self, s: RowState) -> RowKey:
+    def _key(self, s: RowState) -> tuple[int, ...]:
+        """A row's stream key: branches by (parent, tool call, child index), so a branch samples
+        the same tokens whether it started at its decision or speculatively before it."""
+        if s.stream is not None:
+            return s.stream
         return RowKey(1 if s.probe else 0, s.group, s.traj.row_id)
 
     def _now(self, s: RowState) -> int:
@@ -95,6 +108,11 @@ class ContinuousScheduler:
                 if not s.finished:
                     self.ready.append(s)
 
+    def _live(self, g: PromptGroup) -> list[RowState]:
+        """Rows of `g` that may still take a decision: unfinished rows and speculative ones."""
+        rows = [s for s in g.rows if not s.finished]
+        return rows + [s for s in self.spec.values() if s.group == g.index and not s.finished]
+
     # ---------------------------------------------------------------- main loop
 
     def run(self) -> None:
@@ -103,6 +121,8 @@ class ContinuousScheduler:
                 self.roots[g.root] = g
                 self.root_queue.append(g)
             self._admit_new(g, 0)
+            if self.speculate and g.probe is not None:
+                self._speculate_globals(g)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="aepo-tools") as pool:
             self.pool = pool
             while True:
@@ -141,10 +161,17 @@ class ContinuousScheduler:
                 s.awaiting_decision = False
                 entropy = self.agent.segment_entropy(self.batch.entropies(handle)[:n])
                 outcome = TurnOutcome(s, s.response_len, entropy, True, None)  # type: ignore[arg-type]
-                self._event(s, self.clock[id(s)] + n - 1, outcome)
+                self._event(s, self.clock[id(s)] + n - 1, self.clock[id(s)], outcome)
 
-    def _event(self, s: RowState, time: int, outcome: TurnOutcome) -> None:
-        heapq.heappush(self.events.setdefault(s.group, []), (time, s.traj.row_id, id(outcome), outcome))
+    def _event(self, s: RowState, time: int, fork_time: int, outcome: TurnOutcome) -> None:
+        """A decision measured at logical `time`; its branches' clocks start at `fork_time`
+        (the parent's first token after the tool result). A probe's measurements only feed
+        H_tool (a mean), so they are taken at once."""
+        if s.probe:
+            self.st.on_tool_feedback(self.st.groups[s.group], outcome)
+            return
+        heapq.heappush(self.events.setdefault(s.group, []),
+                       (time, s.traj.row_id, id(outcome), (fork_time, outcome)))
         self.waiting_events[id(s)] = self.waiting_events.get(id(s), 0) + 1
 
     def _admit(self) -> None:
@@ -158,6 +185,7 @@ class ContinuousScheduler:
                 continue
             if s.response_len >= budget:
                 s.finish("length")
+                self._drop_children_of(s)
                 continue
             self.running[s.row] = s
             self.batch.start(s.row, budget - s.response_len, self._key(s))
@@ -182,7 +210,8 @@ class ContinuousScheduler:
         else:
             s.finish(gen.finish if gen.finish in ("eos", "length") else "eos")
         if outcome.follows_tool:  # a segment shorter than n_probe: measured at its end
-            self._event(s, self.clock[id(s)] - 1, outcome)
+            n = len(gen.token_ids)
+            self._event(s, self.clock[id(s)] - 1, self.clock[id(s)] - n, outcome)
 
     def _collect_tools(self, block: bool) -> None:
         if not self.tools:
@@ -199,33 +228,132 @@ class ContinuousScheduler:
 
     def _tool_results(self, rows: list[RowState], calls: list[Any]) -> None:
         for s, call in zip(rows, calls):
+            if id(s) in self.dropped:
+                continue
             self.agent._append_result(s, call)
             if not s.finished:
                 self.ready.append(s)
+                if self.speculate and self.st.branching and not s.probe and id(s) not in self.spec:
+                    self._speculate_children(s)
+
+    # ---------------------------------------------------------------- speculation
+
+    def _speculate_children(self, s: RowState) -> None:
+        """Start the Z branches a decision on this tool result may make, at the fork point."""
+        g = self.st.groups[s.group]
+        turn = s.n_tool_calls
+        kids = []
+        for z in range(min(self.cfg.branch_children, g.budget_left)):
+            child = fork_row_state(self.st.sampler, s, s.response_len, row_id=-1)
+            child.stream = branch_stream(g.index, s.traj.row_id, turn, z)
+            self.st._live.add(child.row)
+            self.spec[id(child)] = child
+            self.known.add(id(child))
+            self.clock[id(child)] = self.clock[id(s)]
+            self.ready.append(child)
+            kids.append(child)
+        if kids:
+            self.spec_children[(id(s), turn)] = kids
+
+    def _speculate_globals(self, g: PromptGroup) -> None:
+        """AEPO: start the global rows beside the probe (clocks rebased when m is known)."""
+        first = 1 if self.cfg.reuse_probe else 0
+        rows = {}
+        for row_id in range(first, g.n):
+            s = self.st.new_global(g, row_id=row_id)
+            self.spec[id(s)] = s
+            self.known.add(id(s))
+            self.clock[id(s)] = 0
+            self.ready.append(s)
+            rows[row_id] = s
+        self.spec_globals[g.index] = rows
+
+    def adopt_child(self, parent: RowState, position: int, z: int, row_id: int) -> RowState | None:
+        """The speculative branch z of `parent` at `position`, now row `row_id` (None: none)."""
+        turn = sum(1 for seg in parent.traj.segments if seg.role == "tool" and seg.end <= position)
+        kids = self.spec_children.get((id(parent), turn))
+        if not kids or z >= len(kids):
+            return None
+        child = kids[z]
+        kids[z] = None  # type: ignore[call-overload]
+        self._adopt(child, row_id, 0)
+        return child
+
+    def adopt_global(self, g: PromptGroup, row_id: int) -> RowState | None:
+        """The speculative global row `row_id` of a prompt whose probe just ended, if any."""
+        s = self.spec_globals.get(g.index, {}).pop(row_id, None)
+        if s is not None:
+            self._adopt(s, row_id, self.globals_at)
+        return s
+
+    def _adopt(self, s: RowState, row_id: int, shift: int) -> None:
+        """Make a speculative row a row of its prompt: its row_id and (globals) its clock, with
+        its queued decisions re-keyed."""
+        del self.spec[id(s)]
+        s.traj.row_id = row_id
+        self.clock[id(s)] += shift
+        heap = self.events.get(s.group)
+        if heap:
+            self.events[s.group] = [
+                (t + shift, row_id, k, v) if v[1].state is s else (t, r, k, v) for t, r, k, v in heap]
+            heapq.heapify(self.events[s.group])
+
+    def _drop(self, s: RowState) -> None:
+        """Forget a speculative row no decision made: its tokens, its slot, its decisions."""
+        self.spec.pop(id(s), None)
+        self.dropped[id(s)] = s
+        self.dropped_tokens += sum(s.traj.response_mask[s.traj.branch_position or 0:])
+        if s.row in self.running:
+            self.dropped_tokens += self.batch.generated(s.row)
+            del self.running[s.row]
+        if any(r is s for r in self.ready):
+            self.ready = deque(r for r in self.ready if r is not s)
+        heap = self.events.get(s.group)
+        if heap:
+            self.events[s.group] = [e for e in heap if e[3][1].state is not s]
+            heapq.heapify(self.events[s.group])
+        self.waiting_events.pop(id(s), None)
+        s.finished = True
+        self.st._release_state(s)
+        self._drop_children_of(s)
+
+    def _drop_children_of(self, s: RowState, turn: int | None = None) -> None:
+        for key in [k for k in self.spec_children if k[0] == id(s) and (turn is None or k[1] == turn)]:
+            for child in self.spec_children.pop(key):
+                if child is not None:
+                    self._drop(child)
+
+    # ---------------------------------------------------------------- decisions
 
     def _settle(self) -> None:
-        """Take every decision that can no longer be preceded, then let each prompt fill or
-        finish its probe (`end_turn`), and free the rows nobody can fork any more."""
+        """Take every decision that can no longer be preceded, let each prompt finish its probe
+        or fill (`end_turn`), and free the rows nobody can fork any more."""
         for g in self.st.groups:
+            if g.probe is not None:
+                self.globals_at = max(self.clock[id(g.probe)], self.root_clock.get(g.index, 0))
+                self.st.end_turn(g)
+                if g.probe is not None:
+                    continue  # while m is unknown, no decision of the prompt is taken
+                for s in self.spec_globals.pop(g.index, {}).values():
+                    self._drop(s)
+                self._admit_new(g, self.globals_at)
             heap = self.events.get(g.index)
-            if heap:
-                live = [s for s in ([g.probe] if g.probe is not None else []) + g.rows if not s.finished]
-                horizon = min((self._now(s) for s in live), default=None)
-                while heap and (horizon is None or heap[0][0] < horizon):
-                    t, _, _, outcome = heapq.heappop(heap)
-                    s = outcome.state
-                    self.st.on_tool_feedback(g, outcome)
-                    self.waiting_events[id(s)] -= 1
-                    self._admit_new(g, t + 1)
-                    if horizon is not None:  # children may start before the horizon
-                        live = [r for r in g.rows if not r.finished]
-                        horizon = min((self._now(r) for r in live), default=None)
-            if g.probe is not None or not any(not s.finished for s in g.rows):
-                rows = ([g.probe] if g.probe is not None else []) + g.rows
-                at = max([self.clock[id(s)] for s in rows] + [self.root_clock.get(g.index, 0)])
-                if not heap:
-                    self.st.end_turn(g)
-                    self._admit_new(g, at)
+            while heap:
+                horizon = min((self._now(s) for s in self._live(g)), default=None)
+                if horizon is not None and heap[0][0] >= horizon:
+                    break
+                _, _, _, (fork_time, outcome) = heapq.heappop(heap)
+                s = outcome.state
+                self.st.on_tool_feedback(g, outcome)
+                self.waiting_events[id(s)] -= 1
+                turn = sum(1 for seg in s.traj.segments if seg.role == "tool" and seg.end <= outcome.segment_start)
+                self._drop_children_of(s, turn)
+                self._admit_new(g, fork_time)
+                heap = self.events.get(g.index)
+            if not heap and not any(not s.finished for s in g.rows):
+                at = max([self.clock[id(s)] for s in g.rows], default=0)
+                self.st.end_turn(g)  # a fill, when the prompt's rows ended with budget left
+                self._admit_new(g, at)
             for s in g.rows:
                 if s.finished and not self.waiting_events.get(id(s)):
                     self.st._release_state(s)
@@ -237,8 +365,14 @@ class ContinuousScheduler:
             close()
 
     def stats(self) -> dict[str, Any]:
-        """Scheduling counters: steps of the batch, rows per step, the logical critical path."""
+        """Scheduling counters: steps of the batch, rows per step, the logical critical path,
+        tokens spent on speculative rows that no decision made."""
         b = self.batch
         return {"scheduler": "continuous", "decode_steps": b.steps + getattr(self.st.sampler, "steps", 0),
                 "mean_active_rows": b.row_steps / b.steps if b.steps else 0.0,
-                "logical_steps": self.max_clock}
+                "logical_steps": self.max_clock, "speculative_dropped_tokens": self.dropped_tokens}
+
+
+def branch_stream(group: int, parent_row: int, turn: int, z: int) -> tuple[int, int, int]:
+    """The stream key of branch z of row `parent_row` at its tool call `turn`."""
+    return (4 + z, group, parent_row * 1024 + turn)

@@ -39,7 +39,7 @@ from aepo.rollout.branching import (
 )
 from aepo.rollout.config import SCHEDULERS, RolloutConfig
 from aepo.rollout.sampler.streams import row_uniform
-from aepo.rollout.scheduler import ContinuousScheduler, supports_continuous
+from aepo.rollout.scheduler import ContinuousScheduler, branch_stream, supports_continuous
 from aepo.types import Generation, Sampler, Trajectory
 
 __all__ = [
@@ -146,6 +146,7 @@ class RolloutStrategy:
     branch decision taken after each tool call."""
 
     name = ""
+    branching = False  # whether a decision after a tool result may fork the row (speculation)
 
     def __init__(
         self, sampler: Sampler, tokenizer: Any, tool_fn: ToolFn, cfg: RolloutConfig, rng: random.Random
@@ -207,11 +208,12 @@ class RolloutStrategy:
             self._release(s.row)
 
     def new_global(self, g: PromptGroup, row_id: int | None = None) -> RowState:
-        """A fresh row from the prompt (forked from the prompt's base row)."""
-        traj = Trajectory(
-            prompt_id=g.prompt_id, row_id=len(g.rows) if row_id is None else row_id,
-            prompt_ids=list(g.prompt_ids),
-        )
+        """A fresh row from the prompt (forked from the prompt's base row), or the continuous
+        scheduler's speculative row of that row_id (`rollout.speculate`)."""
+        row_id = len(g.rows) if row_id is None else row_id
+        if self.scheduler is not None and (row := self.scheduler.adopt_global(g, row_id)) is not None:
+            return row
+        traj = Trajectory(prompt_id=g.prompt_id, row_id=row_id, prompt_ids=list(g.prompt_ids))
         return RowState(row=self._fork(g.base_row), group=g.index, traj=traj)
 
     def start_globals(self, g: PromptGroup, count: int) -> None:
@@ -221,13 +223,17 @@ class RolloutStrategy:
     def branch(self, g: PromptGroup, parent: RowState, position: int) -> list[int]:
         """Up to Z children of `parent` at response offset `position`, within the budget."""
         made = []
-        for _ in range(min(self.cfg.branch_children, g.budget_left)):
-            child = fork_row_state(self.sampler, parent, position, row_id=len(g.rows))
+        turn = sum(1 for seg in parent.traj.segments if seg.role == "tool" and seg.end <= position)
+        for z in range(min(self.cfg.branch_children, g.budget_left)):
+            child = None
+            if self.scheduler is not None:  # a branch already running speculatively
+                child = self.scheduler.adopt_child(parent, position, z, row_id=len(g.rows))
+            if child is None:
+                child = fork_row_state(self.sampler, parent, position, row_id=len(g.rows))
+            child.stream = branch_stream(g.index, parent.traj.row_id, turn, z)
             # the chain's decisions up to the branch point (the one that forks it included),
             # as the child inherits the tool calls up to there
-            child.traj.decisions = [
-                dict(d) for d in parent.traj.decisions if d["turn"] <= child.n_tool_calls
-            ]
+            child.traj.decisions = [dict(d) for d in parent.traj.decisions if d["turn"] <= turn]
             self._live.add(child.row)
             g.rows.append(child)
             made.append(child.traj.row_id)
@@ -411,6 +417,8 @@ class ArpoRollout(RolloutStrategy):
     """ARPO entropy-based adaptive branching (docs/algorithms.md section 3.2), with the released defects
     fixed: H_init belongs to the chain, dH is measured after the new tool result."""
 
+    branching = True
+
     def begin(self, groups: list[PromptGroup]) -> None:
         for g in groups:
             g.m = default_global_budget(self.cfg)
@@ -429,6 +437,8 @@ class ArpoRollout(RolloutStrategy):
 class AepoRollout(RolloutStrategy):
     """AEPO dynamic entropy-balanced rollout (docs/algorithms.md section 3.3): entropy pre-monitoring sets
     m per prompt; branching is penalised after consecutive branched tool steps."""
+
+    branching = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -227,6 +227,75 @@ def pack_llama_weights(model: torch.nn.Module) -> PackedModel | None:
     )
 
 
+class _LayerOps:
+    """One decoder layer's projections for `LeanBatch._forward`, on hidden states [b*Q, H]."""
+
+    def qkv(self, x: torch.Tensor, b: int, q_len: int, cos: torch.Tensor, sin: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [b, Q, Hq, hd], k and v [b, Q, Hkv, hd]: projected, q/k-normed, q and k rotated."""
+        raise NotImplementedError
+
+    def attn_out(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x + o_proj(attention output [b*Q, Hq*hd])."""
+        raise NotImplementedError
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """x + mlp(post-attention norm(x))."""
+        raise NotImplementedError
+
+
+class _ModuleOps(_LayerOps):
+    """The HF layer's own submodules (any dtype, LoRA-wrapped projections included)."""
+
+    def __init__(self, layer: torch.nn.Module, batch: LeanBatch) -> None:
+        self.layer, self.attn, self.batch = layer, layer.self_attn, batch
+
+    def qkv(self, x, b, q_len, cos, sin):  # type: ignore[no-untyped-def]
+        bt, attn = self.batch, self.attn
+        h = bt._norm(self.layer.input_layernorm, x)
+        q = attn.q_proj(h).view(b, q_len, bt.n_heads, bt.head_dim)
+        k = attn.k_proj(h).view(b, q_len, bt.n_kv, bt.head_dim)
+        v = attn.v_proj(h).view(b, q_len, bt.n_kv, bt.head_dim)
+        if bt.qk_norm:
+            q = bt._norm(attn.q_norm, q)
+            k = bt._norm(attn.k_norm, k)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def attn_out(self, x, out):  # type: ignore[no-untyped-def]
+        return x + self.attn.o_proj(out)
+
+    def mlp(self, x):  # type: ignore[no-untyped-def]
+        return x + self.layer.mlp(self.batch._norm(self.layer.post_attention_layernorm, x))
+
+
+class _PackedOps(_LayerOps):
+    """The packed weights (`_PackedLayer`): one matmul for q/k/v, one for gate/up, the residual
+    adds fused into the output matmuls, one norm and one rotation for q and k together."""
+
+    def __init__(self, layer: _PackedLayer, batch: LeanBatch) -> None:
+        self.p, self.batch = layer, batch
+
+    def qkv(self, x, b, q_len, cos, sin):  # type: ignore[no-untyped-def]
+        p, bt = self.p, self.batch
+        n_q, n_kv = bt.n_heads, bt.n_kv
+        h = F.rms_norm(x, (x.shape[-1],), p.norm1, p.norm1_eps)
+        qkv = F.linear(h, p.qkv, p.qkv_bias).view(b, q_len, n_q + 2 * n_kv, bt.head_dim)
+        qk, v = qkv[:, :, : n_q + n_kv], qkv[:, :, n_q + n_kv :]
+        if p.qk_norm is not None:
+            qk = F.rms_norm(qk, (bt.head_dim,), None, p.qk_norm_eps) * p.qk_norm
+        qk = qk * cos + _rotate_half(qk) * sin
+        return qk[:, :, :n_q], qk[:, :, n_q:], v
+
+    def attn_out(self, x, out):  # type: ignore[no-untyped-def]
+        x = torch.addmm(x, out, self.p.out.t())
+        return x if self.p.out_bias is None else x + self.p.out_bias
+
+    def mlp(self, x):  # type: ignore[no-untyped-def]
+        p = self.p
+        gate, up = F.linear(F.rms_norm(x, (x.shape[-1],), p.norm2, p.norm2_eps), p.gate_up).chunk(2, dim=-1)
+        return torch.addmm(x, F.silu(gate) * up, p.down.t())
+
+
 class LeanBatch:
     """Llama-family forward on a preallocated [layers, B, kv_heads, S, head_dim] cache."""
 
@@ -270,6 +339,11 @@ class LeanBatch:
         self.fused_norm = keys.dtype == torch.float32 and all(
             type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") for m in norms
         )
+        self.scaling = float(attn.scaling)
+        if packed is not None:
+            self.ops: list[_LayerOps] = [_PackedOps(layer, self) for layer in packed.layers]
+        else:
+            self.ops = [_ModuleOps(layer, self) for layer in self.layers]
         self.layout = layout
         self.keys = keys
         self.values = values
@@ -279,6 +353,13 @@ class LeanBatch:
         self.rope_table = self._rope_table(int(positions or 0), keys)
         self.graphs: DecodeGraphs | None = None
         self.cache_version = 0  # bumped when `keys`/`values` are replaced (grow, keep)
+
+    def head(self, last: torch.Tensor) -> torch.Tensor:
+        """Logits [b, V] of the last hidden states [b, hidden]."""
+        if self.packed is not None:
+            p = self.packed
+            return F.linear(F.rms_norm(last, (last.shape[-1],), p.norm, p.norm_eps), p.lm_head)
+        return self.lm_head(self._norm(self.norm, last))
 
     def use_decode_graphs(self, capture: bool = True) -> None:
         """Replay decode steps as CUDA graphs (`DecodeGraphs`); `capture=False` runs the same
@@ -312,120 +393,45 @@ class LeanBatch:
     ) -> torch.Tensor:
         """Run tokens [b, Q] at columns col0.. of the (row-sliced) cache, attending to columns
         k0..kv_len (`mask` [b, 1, Q, kv_len - k0]; earlier ones are padding for every row);
-        logits of the last column. `write_col` (a [1] tensor, Q = 1) gives the column to write
-        as a tensor instead of `col0`, so the step's shapes do not depend on it (CUDA graphs)."""
+        logits of the last column. `write_col` gives the columns to write as a tensor instead
+        of `col0`: [1] (Q = 1, so the step's shapes do not depend on it: CUDA graphs) or [b, Q]
+        (each row's own columns). Each layer's projections come from its `_LayerOps` (the HF
+        modules, or the packed weights); the attention and the cache are the same for both."""
         b, q_len = tokens.shape
-        hd, n_kv, g = self.head_dim, self.n_kv, self.groups
+        n_kv, g, width = self.n_kv, self.groups, kv_len - k0
         x = self.embed(tokens)
         if self.rope_table is not None:
             cos, sin = self.rope_table[0][positions], self.rope_table[1][positions]
         else:
             cos, sin = self.rotary(x, positions)
-        if self.packed is not None:
-            return self._forward_packed(x, cos, sin, col0, kv_len, mask, keys, values, k0, write_col)
-        cos, sin = cos[:, None], sin[:, None]  # [b, 1, Q, hd]
-        additive_mask = None
-        if q_len == 1:
-            grouped_mask = mask  # [b, 1, 1, kv] broadcasts over the G stacked queries
-            if self.manual_decode:
-                additive_mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
-                    ~mask, float("-inf")
-                )
-        else:
-            grouped_mask = mask.expand(b, g, q_len, kv_len - k0).reshape(b, 1, g * q_len, kv_len - k0)
-        for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = self._norm(layer.input_layernorm, x)
-            q = attn.q_proj(h).view(b, q_len, self.n_heads, hd)
-            k = attn.k_proj(h).view(b, q_len, n_kv, hd)
-            v = attn.v_proj(h).view(b, q_len, n_kv, hd)
-            if self.qk_norm:
-                q = self._norm(attn.q_norm, q)
-                k = self._norm(attn.k_norm, k)
-            q = q.transpose(1, 2)
-            k = k.transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            _write(keys[index], values[index], k, v.transpose(1, 2), col0, write_col)
-            # GQA: the G query heads of one kv head become G*Q queries against that kv head.
-            qg = q.reshape(b, n_kv, g * q_len, hd)
-            layer_keys, layer_values = keys[index, :, :, k0:kv_len], values[index, :, :, k0:kv_len]
-            if additive_mask is not None:
-                scores = torch.matmul(qg, layer_keys.transpose(-1, -2)) * attn.scaling + additive_mask
-                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(qg.dtype)
-                out = torch.matmul(probs, layer_values)
-            else:
-                out = F.scaled_dot_product_attention(
-                    qg, layer_keys, layer_values, attn_mask=grouped_mask, scale=attn.scaling
-                )
-            out = out.reshape(b, self.n_heads, q_len, hd).transpose(1, 2).reshape(b, q_len, self.n_heads * hd)
-            x = x + attn.o_proj(out)
-            x = x + layer.mlp(self._norm(layer.post_attention_layernorm, x))
-        return self.lm_head(self._norm(self.norm, x[:, -1]))
-
-    def _forward_packed(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        col0: int,
-        kv_len: int,
-        mask: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        k0: int = 0,
-        write_col: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """`_forward` on packed weights: one matmul for q/k/v, one for gate/up, residual adds
-        fused into the output matmuls, one norm and one RoPE for q and k together."""
-        packed = self.packed
-        assert packed is not None
-        b, q_len, hidden = x.shape
-        hd, n_kv, g, n_q = self.head_dim, self.n_kv, self.groups, self.n_heads
         cos, sin = cos[:, :, None], sin[:, :, None]  # [b, Q, 1, hd]: broadcast over heads
+        x = x.reshape(b * q_len, -1)
         decode = q_len == 1 and self.manual_decode
-        if decode:
-            additive = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(
-                ~mask, float("-inf")
-            )
-            additive = additive.expand(b, n_kv, g, kv_len - k0).reshape(b * n_kv, g, kv_len - k0)
+        if decode:  # single-query attention by two matmuls: about 2x SDPA's CPU kernel here
+            additive = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+            additive = additive.expand(b, n_kv, g, width).reshape(b * n_kv, g, width)
         else:
-            grouped_mask = mask.expand(b, g, q_len, kv_len - k0).reshape(b, 1, g * q_len, kv_len - k0)
-        x = x.reshape(b * q_len, hidden)
-        scaling = self.layers[0].self_attn.scaling
-        for index, layer in enumerate(packed.layers):
-            h = F.rms_norm(x, (hidden,), layer.norm1, layer.norm1_eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(b, q_len, n_q + 2 * n_kv, hd)
-            qk, v = qkv[:, :, : n_q + n_kv], qkv[:, :, n_q + n_kv :]
-            if layer.qk_norm is not None:
-                qk = F.rms_norm(qk, (hd,), None, layer.qk_norm_eps) * layer.qk_norm
-            qk = qk * cos + _rotate_half(qk) * sin
-            q, k = qk[:, :, :n_q], qk[:, :, n_q:]
+            grouped_mask = mask.expand(b, g, q_len, width).reshape(b, 1, g * q_len, width)
+        for index, ops in enumerate(self.ops):
+            q, k, v = ops.qkv(x, b, q_len, cos, sin)  # [b, Q, heads, hd], normed and rotated
             _write(keys[index], values[index], k.transpose(1, 2), v.transpose(1, 2), col0, write_col)
             layer_keys, layer_values = keys[index, :, :, k0:kv_len], values[index, :, :, k0:kv_len]
             if decode:
-                scores = torch.baddbmm(
-                    additive,
-                    q.reshape(b * n_kv, g, hd),
-                    layer_keys.reshape(b * n_kv, kv_len - k0, hd).transpose(1, 2),
-                    alpha=scaling,
-                )
-                out = torch.bmm(torch.softmax(scores, dim=-1), layer_values.reshape(b * n_kv, kv_len - k0, hd))
-                out = out.view(b, n_q * hd)
+                scores = torch.baddbmm(additive, q.reshape(b * n_kv, g, self.head_dim),
+                                       layer_keys.reshape(b * n_kv, width, self.head_dim).transpose(1, 2),
+                                       alpha=self.scaling)
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+                out = torch.bmm(probs, layer_values.reshape(b * n_kv, width, self.head_dim))
+                out = out.view(b, self.n_heads * self.head_dim)
             else:
-                qg = q.transpose(1, 2).reshape(b, n_kv, g * q_len, hd)
-                out = F.scaled_dot_product_attention(
-                    qg, layer_keys, layer_values, attn_mask=grouped_mask, scale=scaling
-                )
-                out = out.reshape(b, n_q, q_len, hd).transpose(1, 2).reshape(b * q_len, n_q * hd)
-            x = torch.addmm(x, out, layer.out.t())
-            if layer.out_bias is not None:
-                x = x + layer.out_bias
-            h = F.rms_norm(x, (hidden,), layer.norm2, layer.norm2_eps)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = torch.addmm(x, F.silu(gate) * up, layer.down.t())
-        last = x.view(b, q_len, hidden)[:, -1]
-        return F.linear(F.rms_norm(last, (hidden,), packed.norm, packed.norm_eps), packed.lm_head)
+                # GQA: the G query heads of one kv head become G*Q queries against that kv head.
+                qg = q.transpose(1, 2).reshape(b, n_kv, g * q_len, self.head_dim)
+                out = F.scaled_dot_product_attention(qg, layer_keys, layer_values, attn_mask=grouped_mask,
+                                                     scale=self.scaling)
+                out = out.reshape(b, self.n_heads, q_len, self.head_dim).transpose(1, 2)
+                out = out.reshape(b * q_len, self.n_heads * self.head_dim)
+            x = ops.mlp(ops.attn_out(x, out))
+        return self.head(x.view(b, q_len, -1)[:, -1])
 
     def prefill(self) -> torch.Tensor:
         """Logits after each row's pending tokens. Rows sorted by pending length, longest
