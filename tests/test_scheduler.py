@@ -46,8 +46,20 @@ class SlowTools(FakeTools):
         return super().__call__(calls)
 
 
-def run(strategy, max_rows, tools=None, scheduler="continuous", rule="threshold", **kw):
-    sampler = ScriptedStepSampler(TOK, branchy)
+def long_probe(ctx: str, draw: int) -> Reply:
+    """AEPO's probe (draw >= 100) makes four searches; the other rows one or two, short: rows
+    started beside the probe end before it does."""
+    k = ctx.count("<result>")
+    if draw >= 100:
+        return Reply(f"<search>p{k}</search>", nats(0.01, TOK)) if k < 4 else Reply("<answer>p</answer>")
+    h = nats(0.01 if k == 0 else 0.15 * ((draw + k) % 5), TOK)  # dH > 1 branches at some steps
+    if k < 1 + draw % 2:
+        return Reply(f"<search>r{k}.{draw % 3}</search>", h)
+    return Reply(f"<answer>a{draw % 5}</answer>", h)
+
+
+def run(strategy, max_rows, tools=None, scheduler="continuous", rule="threshold", script=branchy, **kw):
+    sampler = ScriptedStepSampler(TOK, script)
     cfg = RolloutConfig(n=6, max_response_tokens=120, max_tool_calls=4, n_probe=4, scheduler=scheduler,
                         max_active_rows=max_rows, branch_decision=rule, branch_alpha=0.3, **kw)
     prompts = prompts_of("alpha?", "beta beta?", "gamma?")
@@ -114,13 +126,16 @@ def test_steps_follow_the_critical_path_when_rows_never_wait(monkeypatch):
     assert narrow["decode_steps"] > 2 * plain["decode_steps"]  # two rows at a time: far more steps
 
 
-@pytest.mark.parametrize("strategy", ["arpo", "aepo", "random"])
-def test_speculation_changes_the_schedule_not_the_trees(strategy):
+@pytest.mark.parametrize("strategy,script", [("arpo", branchy), ("aepo", branchy), ("random", branchy),
+                                             ("aepo", long_probe)])
+def test_speculation_changes_the_schedule_not_the_trees(strategy, script):
     """Branches started at their fork point and AEPO's global rows started beside the probe
-    are the rows the decisions make, or are dropped: the trees are those of the plain run."""
-    base, stats, _, prompts = run(strategy, 64)
+    are the rows the decisions make, or are dropped: the trees are those of the plain run
+    (also when the speculative rows end before the probe does)."""
+    base, stats, _, prompts = run(strategy, 64, script=script)
+    assert stats["branches"] > 0
     for max_rows, seed in ((64, None), (3, 4)):
-        trajs, spec, sampler, _ = run(strategy, max_rows, speculate=True,
+        trajs, spec, sampler, _ = run(strategy, max_rows, speculate=True, script=script,
                                       tools=SlowTools(seed) if seed is not None else None)
         check_invariants(trajs, spec, sampler, prompts, 6)
         assert summary(trajs) == summary(base)

@@ -295,7 +295,8 @@ class ContinuousScheduler:
         heap = self.events.get(s.group)
         if heap:
             self.events[s.group] = [
-                (t + shift, row_id, k, v) if v[1].state is s else (t, r, k, v) for t, r, k, v in heap]
+                (t + shift, row_id, k, (v[0] + shift, v[1])) if v[1].state is s else (t, r, k, v)
+                for t, r, k, v in heap]
             heapq.heapify(self.events[s.group])
 
     def _drop(self, s: RowState) -> None:

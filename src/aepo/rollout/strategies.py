@@ -493,6 +493,10 @@ class AepoRollout(RolloutStrategy):
             if not g.probe.finished or g.h_root is None:
                 return
             self._finish_probe(g)
+            if self.scheduler is not None:
+                # rows started speculatively may have ended already: the continuous scheduler
+                # fills only once their decisions are taken
+                return
         super().end_turn(g)
 
     # -------------------------------------------------------------- branching
