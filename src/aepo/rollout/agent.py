@@ -225,23 +225,31 @@ class Agent:
                 continue
             outcome = self._record_segment(s, gen)
             outcomes.append(outcome)
-            action = outcome.action
-            if action.kind == "answer":
-                s.finish("answer")
-            elif action.kind in ("tool", "malformed"):
-                if s.n_tool_calls >= self.cfg.max_tool_calls:
-                    s.finish("max_tool_calls")
-                elif s.response_len >= budget:
-                    s.finish("length")
-                else:
-                    pending.append((s, action))
-            else:
-                s.finish(gen.finish if gen.finish in ("eos", "length") else "eos")
+            if self.end_segment(s, outcome, gen):
+                pending.append((s, outcome.action))
         if pending:
             calls = self._run_tools([a for _, a in pending])
             for (s, _), call in zip(pending, calls):
                 self._append_result(s, call)
         return outcomes
+
+    def end_segment(self, s: RowState, outcome: TurnOutcome, gen: Generation) -> bool:
+        """What a finished segment's action does to its row: an answer, EOS or the budget
+        finishes it, and so does a tool call past max_tool_calls or the token budget. True when
+        the row waits for a tool result (its call, well-formed or not, is `outcome.action`)."""
+        action = outcome.action
+        if action.kind == "answer":
+            s.finish("answer")
+        elif action.kind in ("tool", "malformed"):
+            if s.n_tool_calls >= self.cfg.max_tool_calls:
+                s.finish("max_tool_calls")
+            elif s.response_len >= self.cfg.max_response_tokens:
+                s.finish("length")
+            else:
+                return True
+        else:
+            s.finish(gen.finish if gen.finish in ("eos", "length") else "eos")
+        return False
 
     def _record_tokens(self, s: RowState, gen: Generation) -> None:
         """Append a generation's tokens, log-probs and entropies to the row's trajectory."""

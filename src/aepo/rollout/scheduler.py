@@ -195,20 +195,12 @@ class ContinuousScheduler:
         self.clock[id(s)] += len(gen.token_ids)
         self.max_clock = max(self.max_clock, self.clock[id(s)])
         outcome = self.agent._record_segment(s, gen)
-        action = outcome.action
-        if action.kind == "answer":
-            s.finish("answer")
-        elif action.kind in ("tool", "malformed"):
-            if s.n_tool_calls >= self.cfg.max_tool_calls:
-                s.finish("max_tool_calls")
-            elif s.response_len >= self.cfg.max_response_tokens:
-                s.finish("length")
-            elif action.kind == "malformed":
+        if self.agent.end_segment(s, outcome, gen):
+            action = outcome.action
+            if action.kind == "malformed":  # its error result needs no tool
                 self._tool_results([s], self.agent._run_tools([action]))
             else:
                 self.tools.append((self.pool.submit(self.agent._run_tools, [action]), [s]))
-        else:
-            s.finish(gen.finish if gen.finish in ("eos", "length") else "eos")
         if outcome.follows_tool:  # a segment shorter than n_probe: measured at its end
             n = len(gen.token_ids)
             self._event(s, self.clock[id(s)] - 1, self.clock[id(s)] - n, outcome)
