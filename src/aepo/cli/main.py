@@ -690,9 +690,9 @@ def data_to_verl(
 ) -> None:
     """Benchmark rows as verl's RL parquet (data_source, prompt, ability, reward_model,
     extra_info), with the system prompt the local trainer uses; reward them in verl with
-    aepo.integrations.verl_task.compute_score."""
+    aepo.integrations.verl.task.compute_score."""
     from aepo.data.datasets import load_dataset
-    from aepo.integrations.verl_task import write_verl_parquet
+    from aepo.integrations.verl.task import write_verl_parquet
     from aepo.io import check_output_file
     from aepo.tools import tool_names
 

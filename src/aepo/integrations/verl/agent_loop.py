@@ -35,7 +35,7 @@ strategies need the k rows of a prompt to come from one coordinated tree, so:
 - **Faults.** A request that fails or does not answer within `request_timeout_s` is sent again
   up to `request_retries` times, after `retry_backoff_s` * 2**i; then the tree fails, every
   session of the prompt raises, verl marks the prompt failed and aepo's trainer mode drops it
-  from the step (`aepo.integrations.verl_trainer`). The tools are built when the loop is
+  from the step (`aepo.integrations.verl.trainer`). The tools are built when the loop is
   constructed, so a Python sandbox this node cannot hold refuses there, with the fix.
 
 **Branch entropy.** verl's server returns only the sampled token's log-prob, not the
@@ -53,7 +53,7 @@ entropies in its own forward pass.
 the agent-loop YAML entry (`actor_rollout_ref.rollout.agent.agent_loop_config_path`), which wins:
 
     - name: aepo_tree
-      _target_: aepo.integrations.verl_agent_loop.AepoTreeAgentLoop
+      _target_: aepo.integrations.verl.agent_loop.AepoTreeAgentLoop
       strategy: aepo            # any rollout.* key of aepo (docs/algorithms.md), without "rollout."
       max_tool_calls: 6
       n_probe: 20
@@ -67,8 +67,8 @@ are refused here; `n` is the number of sessions verl starts (`actor_rollout_ref.
 Select the loop with `actor_rollout_ref.rollout.agent.default_agent_loop=aepo_tree` (or an
 `agent_name` column). Importing this module registers the loop when verl is installed; in Ray
 worker processes use `+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=
-aepo.integrations.verl_trainer.register`, which also registers aepo's losses, estimators and
-trainer modes (`aepo.integrations.verl_main` checks the hook before Ray starts).
+aepo.integrations.verl.trainer.register`, which also registers aepo's losses, estimators and
+trainer modes (`aepo.integrations.verl.main` checks the hook before Ray starts).
 
 Each session's `AgentLoopOutput` carries the row's prompt, response, `response_mask` (0 on tool
 results), the sampler's log-probs (0.0 on tool results) and, in `extra_fields`, `row_id`,
@@ -133,7 +133,7 @@ __all__ = [
 AGENT_LOOP_NAME = "aepo_tree"
 logger = logging.getLogger(__name__)
 
-_INSTALL_HINT = ("aepo.integrations.verl_agent_loop needs verl, which cannot be imported: `pip install aepo[verl]` "
+_INSTALL_HINT = ("aepo.integrations.verl.agent_loop needs verl, which cannot be imported: `pip install aepo[verl]` "
                  "(README, 'verl'), then register() again")
 # rollout.* keys that belong to the sampling engine, which is verl's here -> where to set them
 _SAMPLER_KEYS = {
@@ -172,7 +172,7 @@ class LoopSettings:
     request_timeout_s: float = 600.0  # one attempt of one request (a row's turn)
     request_retries: int = 2  # a failed or timed-out request is sent again this many times
     retry_backoff_s: float = 1.0  # before retry i (0-based) wait retry_backoff_s * 2**i
-    # read by aepo's trainer modes, not the loop (aepo.integrations.verl_trainer): the step stops
+    # read by aepo's trainer modes, not the loop (aepo.integrations.verl.trainer): the step stops
     # when fewer than this fraction of its prompts' trees survived (failed trees are dropped)
     min_tree_fraction: float = 0.5
     # alpha_H of the aepo_entropy advantage (docs/algorithms.md section 4); None: aepo's default

@@ -1,4 +1,4 @@
-"""`python -m aepo.integrations.verl_main`: verl's `main_ppo`, with aepo's checks before Ray starts.
+"""`python -m aepo.integrations.verl.main`: verl's `main_ppo`, with aepo's checks before Ray starts.
 
 The command line is verl's (`python -m verl.trainer.main_ppo`: hydra overrides, `--config-path`,
 `--config-name`), and after the checks verl's own `main` runs unchanged. The checks exist
@@ -31,14 +31,16 @@ from aepo.integrations.verl import ADV_ESTIMATOR_NAMES, POLICY_LOSS_NAMES, _cfg_
 
 __all__ = ["SETUP_HOOKS", "loop_options", "main", "preflight"]
 
-SETUP_HOOKS = ("aepo.integrations.verl_trainer.register", "aepo.integrations.verl_agent_loop.register",
-               "aepo.integrations.verl.register")
+SETUP_HOOKS = ("aepo.integrations.verl.trainer.register", "aepo.integrations.verl.agent_loop.register",
+               "aepo.integrations.verl.register",
+               # the paths of aepo <= 0.x's flat modules, still in command lines (`verl_alias`)
+               "aepo.integrations.verl_trainer.register", "aepo.integrations.verl_agent_loop.register")
 _HOOK_KEY = "ray_kwargs.ray_init.runtime_env.worker_process_setup_hook"
 
 
 def loop_options(config: Any) -> dict[str, Any]:
     """The aepo_tree entry's keys in verl's agent-loop YAML (`rollout.agent.agent_loop_config_path`)."""
-    from aepo.integrations.verl_agent_loop import AGENT_LOOP_NAME
+    from aepo.integrations.verl.agent_loop import AGENT_LOOP_NAME
 
     path = _cfg_get(config, "actor_rollout_ref.rollout.agent.agent_loop_config_path", None)
     if not path:
@@ -56,8 +58,8 @@ def loop_options(config: Any) -> dict[str, Any]:
 def preflight(config: Any) -> None:
     """Check what aepo's pieces need from `config` and this node (module docstring); ConfigError
     names the key or the node setting and what to do."""
-    from aepo.integrations.verl_agent_loop import check_tools, loop_settings
-    from aepo.integrations.verl_trainer import TRAINER_PREFIX, check_trainer_config, uses_tree_loop
+    from aepo.integrations.verl.agent_loop import check_tools, loop_settings
+    from aepo.integrations.verl.trainer import TRAINER_PREFIX, check_trainer_config, uses_tree_loop
 
     mode = str(_cfg_get(config, "trainer.v1.trainer_mode", "sync"))
     use_v1 = bool(_cfg_get(config, "trainer.use_v1", True))

@@ -18,7 +18,7 @@ in the trainer process only, one batch at a time). Everything else is verl's cod
 selects it on verl's own entry point, and aepo needs no launcher of its own:
 
     python -m verl.trainer.main_ppo trainer.v1.trainer_mode=aepo_sync algorithm.adv_estimator=aepo_entropy
-        +ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=aepo.integrations.verl_trainer.register ...
+        +ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=aepo.integrations.verl.trainer.register ...
 
 The setup hook runs `register()` in every Ray process (the TaskRunner that builds the trainer, the
 actor workers, the agent-loop workers), which registers aepo's losses and estimators, the
@@ -76,7 +76,7 @@ ENTROPY_ESTIMATORS: tuple[str, ...] = ("aepo_entropy",)  # verl estimators that 
 TRAINER_PREFIX = "aepo_"
 ENTROPY_FIELD = "entropy"  # the V1 trainer's TransferQueue field for the old-policy entropies
 
-_INSTALL_HINT = ("aepo.integrations.verl_trainer needs verl's V1 trainer (verl >= 0.9 and TransferQueue): "
+_INSTALL_HINT = ("aepo.integrations.verl.trainer needs verl's V1 trainer (verl >= 0.9 and TransferQueue): "
                  "`pip install aepo[verl]` (README, 'verl (cluster scale)')")
 _TRAINER_CLASSES: dict[str, type] = {}
 
@@ -101,7 +101,7 @@ def bound_entropies(name: str, entropys: torch.Tensor, **extra: Any) -> Iterator
     original = registry.get(name)
     if original is None:
         raise ValueError(f"advantage estimator {name!r} is not registered in verl; run "
-                         "aepo.integrations.verl_trainer.register() in this process (the Ray setup hook)")
+                         "aepo.integrations.verl.trainer.register() in this process (the Ray setup hook)")
 
     def with_entropies(*args: Any, **kwargs: Any) -> Any:
         mask = kwargs.get("response_mask", args[1] if len(args) > 1 else None)
@@ -178,7 +178,7 @@ class EntropyAdvantageMixin:
 def aepo_settings(config: Any) -> dict[str, Any]:
     """`actor_rollout_ref.rollout.custom.aepo` as a plain dict (empty when unset)."""
     from aepo.integrations.verl import _cfg_get
-    from aepo.integrations.verl_agent_loop import _plain
+    from aepo.integrations.verl.agent_loop import _plain
 
     value = _plain(_cfg_get(config, "actor_rollout_ref.rollout.custom.aepo", None) or {})
     return dict(value) if isinstance(value, dict) else {}
@@ -187,7 +187,7 @@ def aepo_settings(config: Any) -> dict[str, Any]:
 def uses_tree_loop(config: Any) -> bool:
     """Whether verl's agent loop is aepo_tree for this run (its default agent loop)."""
     from aepo.integrations.verl import _cfg_get
-    from aepo.integrations.verl_agent_loop import AGENT_LOOP_NAME
+    from aepo.integrations.verl.agent_loop import AGENT_LOOP_NAME
 
     return str(_cfg_get(config, "actor_rollout_ref.rollout.agent.default_agent_loop", "")) == AGENT_LOOP_NAME
 
@@ -265,7 +265,7 @@ def trainer_class(verl_mode: str) -> type:
     cls = type(name, (EntropyAdvantageMixin, parent), {
         "verl_mode": verl_mode, "__module__": __name__, "__qualname__": name,
         "__doc__": f"verl's {parent.__name__} (trainer_mode={verl_mode!r}) with aepo's entropy hook "
-                   "(aepo.integrations.verl_trainer).",
+                   "(aepo.integrations.verl.trainer).",
     })
     globals()[name] = cls  # importable by name, for pickling
     _TRAINER_CLASSES[verl_mode] = cls
@@ -297,7 +297,7 @@ def register(*, losses: bool = True, agent_loop: bool = True, trainers: bool = T
 
         names += register_losses()
     if agent_loop:
-        from aepo.integrations.verl_agent_loop import register as register_loop
+        from aepo.integrations.verl.agent_loop import register as register_loop
 
         names.append(register_loop(losses=False))
     if trainers:

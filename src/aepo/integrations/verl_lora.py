@@ -1,0 +1,4 @@
+"""Old path of `aepo.integrations.verl.lora` (verl command lines use it): the same module."""
+from aepo.integrations._alias import alias
+
+alias(globals(), "aepo.integrations.verl.lora")
