@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from aepo.algos.presets import PRESETS
+from aepo.algos.presets import ALGO_PRESETS
 from aepo.config import ConfigError, load_config, parse_override, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,12 +16,12 @@ def test_defaults_are_the_aepo_preset():
     assert cfg.actor.policy_loss == "aepo" and cfg.actor.adv_estimator == "aepo"
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(ALGO_PRESETS))
 def test_every_preset_loads(name):
     cfg = load_config(None, [f"algo={name}"])
     assert cfg.algo == name
-    assert cfg.rollout.strategy == PRESETS[name]["rollout"]["strategy"]
-    for k, v in PRESETS[name]["actor"].items():
+    assert cfg.rollout.strategy == ALGO_PRESETS[name]["rollout"]["strategy"]
+    for k, v in ALGO_PRESETS[name]["actor"].items():
         assert getattr(cfg.actor, k) == v
 
 

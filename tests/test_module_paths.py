@@ -85,3 +85,40 @@ def test_the_sandbox_child_runs_as_a_script_from_its_folder():
     r = subprocess.run([sys.executable, "-I", "-S", str(launch._CHILD), "{not json"], capture_output=True,
                        text=True, timeout=60, check=False, cwd="/")
     assert r.returncode != 0 and "JSONDecodeError" in r.stderr and "ModuleNotFoundError" not in r.stderr
+
+
+def test_import_aepo_is_cheap():
+    """`import aepo` loads no submodule and no torch; the API names load on first use."""
+    code = ("import sys, aepo\n"
+            "print(sorted(m for m in sys.modules if m.startswith('aepo.') or m.split('.')[0] in "
+            "('torch', 'transformers', 'numpy')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert r.stdout.strip() == "[]", r.stdout
+
+
+@pytest.mark.parametrize("name, home", [
+    ("Config", "aepo.config.Config"), ("load_config", "aepo.config.load_config"),
+    ("RLTrainer", "aepo.train.rl.RLTrainer"), ("evaluate", "aepo.eval.runner.evaluate_tasks"),
+    ("register_policy_loss", "aepo.algos.losses.register_policy_loss"),
+    ("register_advantage", "aepo.algos.advantages.register_advantage"),
+    ("register_tool", "aepo.tools.registry.register_tool"),
+    ("register_strategy", "aepo.rollout.strategies.register_strategy"),
+    ("register_format", "aepo.formats.register_format"), ("Registry", "aepo.registry.Registry"),
+])
+def test_the_top_level_api_is_the_modules_own_objects(name, home):
+    import aepo
+
+    module, attr = home.rsplit(".", 1)
+    assert getattr(aepo, name) is getattr(importlib.import_module(module), attr)
+    assert name in dir(aepo) and name in aepo.__all__
+
+
+def test_an_unknown_top_level_name_lists_the_api():
+    import aepo
+
+    with pytest.raises(AttributeError, match="no attribute 'Trainer'.*RLTrainer"):
+        aepo.Trainer  # noqa: B018
+    from aepo import load_config
+
+    cfg = load_config(None, ["algo=grpo"])
+    assert cfg.actor.adv_estimator == "grpo"

@@ -570,9 +570,9 @@ def validate(cfg: Config) -> None:
     _check(ev.n >= 1, "eval.n", ev.n, ">= 1 (samples per question)")
     _check(ev.limit >= 0, "eval.limit", ev.limit, ">= 0 (0: every question)")
     _check(ev.batch_prompts >= 1, "eval.batch_prompts", ev.batch_prompts, ">= 1")
-    from aepo.models.factory import PRESETS
+    from aepo.models.factory import MODEL_PRESETS
 
-    _check_name("demo.model_preset", dm.model_preset, PRESETS)
+    _check_name("demo.model_preset", dm.model_preset, MODEL_PRESETS)
     for key, value in (("demo.n_demos", dm.n_demos), ("demo.demo_worlds", dm.demo_worlds),
                        ("demo.tokenizer_worlds", dm.tokenizer_worlds), ("demo.vocab_size", dm.vocab_size)):
         _check(value >= 1, key, value, ">= 1")
