@@ -174,5 +174,5 @@ def audit_metrics(trajs: list[Trajectory], tokenizer: Any, tool_format: str, *,
     first = next(((c, v[0]) for c, v in found.items() if v), None) if warn else None
     if first is not None:
         warnings.warn(f"rollout audit: {first[0]} violated ({first[1]}); the metrics audit/* count such "
-                      "rows every step (warned once)", RuntimeWarning, stacklevel=3)
+                      "rows every step (warned once)", RuntimeWarning, stacklevel=2)
     return {f"audit/{c}": float(len(v)) for c, v in found.items()}, first is not None
