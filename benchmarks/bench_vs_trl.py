@@ -61,7 +61,7 @@ def matmul_gflops(threads: int, device: torch.device, dtype: torch.dtype, repeat
 
 
 def build_model(name: str, tok, device: torch.device, dtype: torch.dtype):
-    """A built-in preset (`aepo.models.factory.PRESETS`) or `qwen3-0.6b` (Qwen3-0.6B's shapes,
+    """A built-in preset (`aepo.models.factory.MODEL_PRESETS`) or `qwen3-0.6b` (Qwen3-0.6B's shapes,
     vocabulary 151,936), random weights from seed 0, in `dtype` on `device`."""
     from aepo.models.factory import init_model
 
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=500)
     ap.add_argument("--model", "--preset", dest="model", default="tiny",
-                    help="model: a preset of aepo.models.factory.PRESETS (tiny, small, ...) or qwen3-0.6b")
+                    help="model: a preset of aepo.models.factory.MODEL_PRESETS (tiny, small, ...) or qwen3-0.6b")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda runs both models in bf16)")
     ap.add_argument("--micro", type=int, default=None, help="rows per micro-batch (default: all rows)")
     ap.add_argument("--trl-gradient-checkpointing", action="store_true",

@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--drills", type=int, default=2400, help="recall drills")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--preset", default=None, help="model size (aepo.models.factory.PRESETS); default: the demo's")
+    ap.add_argument("--preset", default=None, help="model size (aepo.models.factory.MODEL_PRESETS); default: the demo's")
     args = ap.parse_args()
 
     from aepo.demo.stages import (

@@ -23,22 +23,22 @@ HERE = Path(__file__).resolve().parent
 PACKAGE = HERE.parent / "src" / "aepo"
 
 MUTATIONS = {
- "no_uid_switch": [("sandbox.py", "return _UidSlot() if _host_root() else _NoSlot()", "return _NoSlot()")],
- "no_proc_sys_ro": [("sandbox_child.py", '    mount(proc + "/sys", proc + "/sys", None, MS_BIND | MS_REC)\n', ""),
-                    ("sandbox.py", '("proc_sys_writable", True, "/proc/sys is writable"),', "")],
- "no_ns_sysctls": [("sandbox_child.py", "    set_namespace_limits(proc)\n", "")],
- "no_mask_no_uid_switch": [("sandbox_child.py", 'and (name in PROC_MASKED or not st.st_mode & 0o004)', 'and False'),
-                           ("sandbox.py", "return _UidSlot() if _host_root() else _NoSlot()", "return _NoSlot()")],
- "socket_denylist": [("sandbox_child.py", "SOCKET_FAMILIES = (2, 10)", "SOCKET_FAMILIES = tuple(f for f in range(64) if f != 1)"),
-                     ("sandbox.py", '("vsock_blocked", False, "vsock sockets are not refused"),', "")],
- "memfd_allowed": [("sandbox_child.py", '"iopl", "ioperm", "memfd_create", "memfd_secret",', '"iopl", "ioperm",'),
-                   ("sandbox.py", '("memfd_blocked", False, "memfd_create is not refused"),', "")],
- "no_ro_no_uid_switch": [("sandbox_child.py", '    mount(proc + "/sys", proc + "/sys", None, MS_BIND | MS_REC)\n', ""),
-                    ("sandbox.py", '("proc_sys_writable", True, "/proc/sys is writable"),', ""),
-                    ("sandbox.py", "return _UidSlot() if _host_root() else _NoSlot()", "return _NoSlot()")],
- "no_setsid": [("sandbox_child.py", "        os.setsid()  # its own session", "        pass  # its own session")],
- "init_handlers_no_pid1_filter": [("sandbox_child.py", '        signal.signal(signum, signal.SIG_DFL)', '        signal.signal(signum, signal.default_int_handler)'),
-                     ("sandbox_child.py", '    jump_if(JEQ, 1, "eperm")\n', '')],
+ "no_uid_switch": [("sandbox/host.py", "return _UidSlot() if _host_root() else _NoSlot()", "return _NoSlot()")],
+ "no_proc_sys_ro": [("sandbox/child.py", '    mount(proc + "/sys", proc + "/sys", None, MS_BIND | MS_REC)\n', ""),
+                    ("sandbox/__init__.py", '("proc_sys_writable", True, "/proc/sys is writable"),', "")],
+ "no_ns_sysctls": [("sandbox/child.py", "    set_namespace_limits(proc)\n", "")],
+ "no_mask_no_uid_switch": [("sandbox/child.py", 'and (name in PROC_MASKED or not st.st_mode & 0o004)', 'and False'),
+                           ("sandbox/host.py", "return _UidSlot() if _host_root() else _NoSlot()", "return _NoSlot()")],
+ "socket_denylist": [("sandbox/seccomp.py", "SOCKET_FAMILIES = (2, 10)", "SOCKET_FAMILIES = tuple(f for f in range(64) if f != 1)"),
+                     ("sandbox/__init__.py", '("vsock_blocked", False, "vsock sockets are not refused"),', "")],
+ "memfd_allowed": [("sandbox/seccomp.py", '"iopl", "ioperm", "memfd_create", "memfd_secret",', '"iopl", "ioperm",'),
+                   ("sandbox/__init__.py", '("memfd_blocked", False, "memfd_create is not refused"),', "")],
+ "no_ro_no_uid_switch": [("sandbox/child.py", '    mount(proc + "/sys", proc + "/sys", None, MS_BIND | MS_REC)\n', ""),
+                    ("sandbox/__init__.py", '("proc_sys_writable", True, "/proc/sys is writable"),', ""),
+                    ("sandbox/host.py", "return _UidSlot() if _host_root() else _NoSlot()", "return _NoSlot()")],
+ "no_setsid": [("sandbox/child.py", "        os.setsid()  # its own session", "        pass  # its own session")],
+ "init_handlers_no_pid1_filter": [("sandbox/child.py", '        signal.signal(signum, signal.SIG_DFL)', '        signal.signal(signum, signal.default_int_handler)'),
+                     ("sandbox/seccomp.py", '    jump_if(JEQ, 1, "eperm")\n', '')],
 }
 
 

@@ -443,7 +443,7 @@ def test_entropy_advantage_without_entropy_explains_how_to_enable(make_verl):
     v.register(core)
     b = outcome_batch()
     fn = core.get_adv_estimator_fn("aepo_entropy")
-    with pytest.raises(ValueError, match=r"trainer_mode=aepo_sync.*verl_trainer.register") as err:
+    with pytest.raises(ValueError, match=r"trainer_mode=aepo_sync.*verl.trainer.register") as err:
         fn(token_level_rewards=b["token_level_rewards"], response_mask=b["response_mask"],
            index=b["index"], config={}, reward_baselines=None)
     assert "reward_baselines" in str(err.value) and "aepo_grpo" in str(err.value)

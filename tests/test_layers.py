@@ -11,7 +11,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "aepo"
 
 # lowest first; packages on one line are independent of each other
 LAYERS: list[set[str]] = [
-    {"aepo", "aepo.io", "aepo.errors", "aepo.types", "aepo.console"},
+    {"aepo", "aepo.io", "aepo.errors", "aepo.types", "aepo.catalogue", "aepo.registry"},
+    {"aepo.console"},
     {"aepo.tools"},
     {"aepo.protocol", "aepo.algos"},
     {"aepo.formats"},

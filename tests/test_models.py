@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from aepo.cli import app
-from aepo.models.factory import PRESETS, count_parameters, init_model, model_config
+from aepo.models.factory import MODEL_PRESETS, count_parameters, init_model, model_config
 from aepo.models.loading import check_model_dir, load_model, resolve_device, resolve_dtype
 from aepo.models.tokenizer import build_tokenizer, read_corpus
 from aepo.protocol import tag_tokens
@@ -164,7 +164,7 @@ def test_presets_have_the_documented_sizes(tok):
     micro = init_model(None, tok, preset="micro")
     assert micro.config.num_hidden_layers == 2 and micro.config.hidden_size == 128
     assert 0.35e6 < count_parameters(micro) - micro.get_input_embeddings().weight.numel() < 0.45e6
-    assert set(PRESETS) == {"micro", "tiny", "small"}
+    assert set(MODEL_PRESETS) == {"micro", "tiny", "small"}
 
 
 def test_same_seed_same_weights_and_global_rng_untouched(tok):

@@ -29,7 +29,9 @@ from typer.testing import CliRunner
 import aepo
 from aepo.cli import app
 from aepo.config import ConfigError, ToolsConfig
-from aepo.tools import build_tool_runner, sandbox_child
+from aepo.tools import build_tool_runner
+from aepo.tools.sandbox import child as sandbox_child
+from aepo.tools.sandbox import seccomp
 from aepo.tools import sandbox as sandbox_module
 from aepo.tools.sandbox import SCRATCH_PREFIX, PythonSandbox, SandboxError, remove_stale_scratch_dirs
 
@@ -207,7 +209,7 @@ def test_filter_numbers_match_the_kernel_headers():
         if not header.exists():
             continue
         defined = dict(re.findall(r"#define __NR(?:3264)?_(\w+)\s+(\d+)", header.read_text()))
-        table = {**sandbox_child._ARCH[machine][1], **sandbox_child._COMMON}
+        table = {**seccomp._ARCH[machine][1], **seccomp._COMMON}
         for name, number in table.items():
             if name in defined:
                 assert int(defined[name]) == number, (machine, name)
@@ -220,10 +222,10 @@ def test_filter_numbers_match_the_kernel_headers():
 @pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
 @pytest.mark.parametrize("deny_fork", [False, True])
 def test_filter_program_is_well_formed(monkeypatch, machine, deny_fork):
-    monkeypatch.setattr(sandbox_child.platform, "machine", lambda: machine)
-    program = sandbox_child._filter_program(deny_fork)
+    monkeypatch.setattr(seccomp.platform, "machine", lambda: machine)
+    program = seccomp.filter_program(deny_fork)
     assert len(program) < 256
-    denied = {sandbox_child._ARCH[machine][1].get(n, sandbox_child._COMMON.get(n)) for n in sandbox_child.DENIED}
+    denied = {seccomp._ARCH[machine][1].get(n, seccomp._COMMON.get(n)) for n in seccomp.DENIED}
     compared = {k for op, _, _, k in program if op == 0x15}
     assert denied - {None} <= compared
     for i, (op, jt, jf, _) in enumerate(program):

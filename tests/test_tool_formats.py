@@ -18,7 +18,7 @@ from aepo.rewards import score_trajectory
 from aepo.rewards.format import trajectory_parts
 from aepo.rollout.config import RolloutConfig
 from aepo.rollout.strategies import rollout
-from aepo.train.rl import is_malformed_call
+from aepo.rollout.metrics import is_malformed_call
 from aepo.train.sft import encode_demonstration
 from aepo.types import ToolCall
 
@@ -56,7 +56,7 @@ def test_hermes_parse_action(text, finish, kind, tag, argument):
         assert (action.tag, action.argument) == (tag, argument)
     if kind == "malformed":
         assert action.error.startswith("Error:")
-        # the trainer counts it as a protocol error, not as a failing tool (train.rl.is_malformed_call)
+        # the trainer counts it as a protocol error, not as a failing tool (rollout.metrics.is_malformed_call)
         assert is_malformed_call(ToolCall(name=action.tag or "", argument="", result=action.error, ok=False))
 
 

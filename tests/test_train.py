@@ -24,7 +24,8 @@ from aepo.train import rl as rl_module
 from aepo.train import batch as batch_module
 from aepo.train.batch import collate, length_chunks, token_logprobs_and_entropy
 from aepo.train.checkpoint import STATE_FILE, CheckpointError, latest_checkpoint
-from aepo.train.rl import RLTrainer, own_tool_calls, rollout_metrics, tool_metrics
+from aepo.rollout.metrics import own_tool_calls, rollout_metrics, tool_metrics
+from aepo.train.rl import RLTrainer
 from aepo.types import SegmentRecord, ToolCall, Trajectory
 
 
@@ -220,7 +221,7 @@ def test_recompute_old_log_prob_scores_with_the_trainers_model(tok, world, runne
     stats: dict = {}
     same = trainer.make_batch(trajs, stats)
     assert torch.allclose(same.old_log_prob, sampled, atol=1e-4)
-    assert stats["rollout_logprob_diff"] < 1e-4
+    assert stats["actor/rollout_logprob_diff"] < 1e-4
 
     # the trainer's weights move after sampling (as with a stale or bf16 sampler)
     with torch.no_grad():
@@ -232,7 +233,7 @@ def test_recompute_old_log_prob_scores_with_the_trainers_model(tok, world, runne
     expect = full.gather(-1, moved.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(moved.old_log_prob[mask], expect[mask], atol=1e-5)
     assert (moved.old_log_prob[~mask] == 0).all()
-    assert stats["rollout_logprob_diff"] > 1e-3
+    assert stats["actor/rollout_logprob_diff"] > 1e-3
     assert not torch.allclose(moved.old_log_prob[mask], sampled[mask], atol=1e-3)
 
 
@@ -453,7 +454,7 @@ def test_error_timeout_and_malformed_counts(caplog):
         ToolCall("python", "print(1)", "1", seconds=0.5),
         ToolCall(malformed.tag or "", malformed.argument, malformed.error, ok=False),
     ]
-    with caplog.at_level(logging.WARNING, logger="aepo.train.rl"):
+    with caplog.at_level(logging.WARNING, logger="aepo.rollout.metrics"):
         m = rollout_metrics([make_row(0, calls[:4]), make_row(1, calls[4:])], {})
     assert m["tools/search/calls"] == 4
     assert m["tools/search/error_rate"] == 0.75 and m["tools/search/timeout_rate"] == 0.5
@@ -472,7 +473,7 @@ def test_error_timeout_and_malformed_counts(caplog):
 def test_failing_tool_warning_threshold(caplog, n_calls, n_failed, warned):
     calls = [ToolCall("calc", str(i), "Error: CalcError: division by zero" if i < n_failed else "1",
                       ok=i >= n_failed) for i in range(n_calls)]
-    with caplog.at_level(logging.WARNING, logger="aepo.train.rl"):
+    with caplog.at_level(logging.WARNING, logger="aepo.rollout.metrics"):
         tool_metrics([make_row(0, calls)])
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == int(warned)
@@ -487,7 +488,7 @@ def test_a_retriever_that_is_down_shows_in_the_step_metrics(caplog):
     search = SearchTool([HttpBackend(f"http://127.0.0.1:{port}/retrieve", timeout=2)])
     with ToolRunner([search], timeout=10) as tools:
         calls = tools.run([("search", f"q{i}") for i in range(4)])
-    with caplog.at_level(logging.WARNING, logger="aepo.train.rl"):
+    with caplog.at_level(logging.WARNING, logger="aepo.rollout.metrics"):
         m = tool_metrics([make_row(0, calls[:2]), make_row(1, calls[2:])])
     assert m["tools/search/calls"] == 4 and m["tools/search/error_rate"] == 1.0
     assert m["tools/search/timeout_rate"] == 0.0

@@ -181,10 +181,10 @@ def test_aepo_advantage_uses_the_training_forward_entropy(tmp_path):
     assert len(grads) == 1
     assert_grads_close(grads[0], model_h[0])
     assert grads_differ(grads[0], sampler_h[0])
-    assert out["pg_loss"] == pytest.approx(model_h[1], abs=1e-6)
+    assert out["actor/pg_loss"] == pytest.approx(model_h[1], abs=1e-6)
     # the logged advantages are the ones the loss used (the shaped ones), token-weighted
-    assert out["adv_mean"] == pytest.approx(float(shaped.mean()), abs=1e-6)
-    assert out["adv_abs_mean"] == pytest.approx(float(shaped.abs().mean()), abs=1e-6)
+    assert out["actor/adv_mean"] == pytest.approx(float(shaped.mean()), abs=1e-6)
+    assert out["actor/adv_abs_mean"] == pytest.approx(float(shaped.abs().mean()), abs=1e-6)
 
 
 @pytest.mark.parametrize("scope", ["micro", "batch"])
@@ -277,8 +277,8 @@ def test_epo_band_uses_each_turns_own_history(tmp_path):
     tr.entropy_history = hist
     out = tr.update(tr.make_batch(trajs), 3)
     expected = ((0.2 * h0) ** 2 + (h1 / 2) ** 2) / 2
-    assert out["epo_band_turns"] == 2.0
-    assert out["epo_band_penalty"] == pytest.approx(expected, rel=1e-4)
+    assert out["actor/epo_band_turns"] == 2.0
+    assert out["actor/epo_band_penalty"] == pytest.approx(expected, rel=1e-4)
     # history: one more value per turn (this step's mean entropy of that turn)
     assert hist.value(0) == pytest.approx((2.4 * h0 + h0) / 2, rel=1e-4)
     assert hist.value(1) == pytest.approx((2 * h1 / 3 + h1) / 3, rel=1e-4)
@@ -361,7 +361,7 @@ def test_hard_attribution_in_make_batch(tmp_path):
     # the update trains on the hard batch without error, and only on owned tokens
     tr = trainer_for(model, tmp_path, **{"actor.tree_attribution": "hard"})
     out = tr.update(tr.make_batch(trajs), 0)
-    assert math.isfinite(out["pg_loss"])
+    assert math.isfinite(out["actor/pg_loss"])
 
 
 def test_hard_attribution_on_arpo_tree_rollouts(tmp_path):
@@ -421,7 +421,7 @@ def test_hard_attribution_on_arpo_tree_rollouts(tmp_path):
     assert any(len(rows) > 1 for rows in holders.values())
     tr = trainer_for(model, tmp_path, **{"actor.tree_attribution": "hard", "actor.recompute_old_log_prob": True})
     out = tr.update(tr.make_batch(trajs), 0)
-    assert math.isfinite(out["pg_loss"]) and out["grad_norm"] > 0
+    assert math.isfinite(out["actor/pg_loss"]) and out["actor/grad_norm"] > 0
 
 
 # ----------------------------------------------------------------------------- clipped-token entropy
@@ -451,14 +451,14 @@ def test_entropy_of_clipped_and_all_tokens(tmp_path):
     valid = torch.cat([e[torch.tensor(t.response_mask, dtype=torch.bool)] for e, t in zip(ents, trajs)])
     tr = trainer_for(model, tmp_path)
     out = tr.update(tr.make_batch(trajs), 0)
-    assert out["entropy_clipped"] == pytest.approx(float(sum(clipped) / 3), rel=1e-5)
-    assert out["entropy_all"] == pytest.approx(float(valid.mean()), rel=1e-5)
+    assert out["actor/entropy_clipped"] == pytest.approx(float(sum(clipped) / 3), rel=1e-5)
+    assert out["actor/entropy_all"] == pytest.approx(float(valid.mean()), rel=1e-5)
     n_valid = valid.numel()
-    assert out["clipfrac_upper"] + out["clipfrac_lower"] == pytest.approx(3 / n_valid)
+    assert out["actor/clipfrac_upper"] + out["actor/clipfrac_lower"] == pytest.approx(3 / n_valid)
     # on-policy batch (r = 1): nothing clipped, so no entropy_clipped value (not a misleading 0)
     tr2 = trainer_for(tiny_model(seed=7), tmp_path)
     out2 = tr2.update(tr2.make_batch(make_trajs(tr2.model, rewards, seed=3)), 0)
-    assert "entropy_clipped" not in out2 and out2["entropy_all"] == pytest.approx(out["entropy_all"], rel=1e-5)
+    assert "actor/entropy_clipped" not in out2 and out2["actor/entropy_all"] == pytest.approx(out["actor/entropy_all"], rel=1e-5)
 
 
 def _epo_trainer(model, tmp_path, micro, **over):
@@ -503,7 +503,7 @@ def test_epo_band_is_the_mini_batchs_whatever_the_micro_batch(tmp_path):
     assert_grads_close(results[2][0], results[6][0], atol=1e-6, rtol=1e-4)
     expected = ((2.4 * 0.5 * h0 - h0) ** 2 + (h1 - 1.5 * h1 / 3) ** 2) / 2  # by hand
     for micro in (6, 2):
-        assert results[micro][1]["epo_band_penalty"] == pytest.approx(expected, rel=1e-4)
+        assert results[micro][1]["actor/epo_band_penalty"] == pytest.approx(expected, rel=1e-4)
     # the former per-micro-batch band: each micro-batch's own means, weighted by row share
     from aepo.algos import epo_regularizer
     tr = _epo_trainer(model, tmp_path, 2)
@@ -538,7 +538,7 @@ def test_epo_start_step_gates_the_regulariser(tmp_path):
         model.load_state_dict(sd)
         grads[name] = g[0]
         if name == "gated":
-            assert "epo_band_penalty" not in out
+            assert "actor/epo_band_penalty" not in out
             assert tr.entropy_history.value(0) != hist.value(0)  # the history is kept before the gate
     assert_grads_close(grads["gated"], grads["off"])
     assert grads_differ(grads["gated"], grads["on"])

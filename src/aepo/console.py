@@ -17,9 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-SHOWN = [("loss", "loss"), ("accuracy", "acc"), ("reward/mean", "R"), ("reward/accuracy", "acc"), ("rollout/entropy", "H"),
-         ("rollout/tool_calls", "tools"), ("rollout/branches", "br"), ("actor/pg_loss", "loss"),
-         ("actor/grad_norm", "|g|")]
+from aepo.catalogue import format_value, shown
 
 console = Console(stderr=True)
 
@@ -43,12 +41,9 @@ def printable(text: str) -> str:
 
 
 def format_metrics(m: dict[str, Any]) -> str:
-    parts = []
-    for key, short in SHOWN:
-        v = m.get(key)
-        if isinstance(v, (int, float)):
-            parts.append(f"{short}={v:.3g}")
-    return " ".join(parts)
+    """The progress line's `short=value` parts: the catalogue's console metrics present in `m`."""
+    return " ".join(f"{c.short}={format_value(c, v)}" for c in shown("console")
+                    if isinstance(v := m.get(c.key), (int, float)))
 
 
 class StepProgress:

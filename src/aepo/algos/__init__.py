@@ -29,7 +29,7 @@ from aepo.algos.losses import (
     policy_loss_names,
     register_policy_loss,
 )
-from aepo.algos.presets import PRESETS, get_preset, preset_names
+from aepo.algos.presets import ALGO_PRESETS, get_preset, preset_names
 from aepo.algos.regularizers import (
     KL_KINDS,
     EntropyHistory,
@@ -46,7 +46,7 @@ __all__ = [
     "AGG_MODES",
     "KL_KINDS",
     "POLICY_LOSS_REGISTRY",
-    "PRESETS",
+    "ALGO_PRESETS",
     "AdvantageInputs",
     "EntropyHistory",
     "EpoBatch",

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from aepo.registry import Registry
+
 __all__ = [
     "ADVANTAGE_REGISTRY",
     "ADVANTAGE_SPECS",
@@ -39,7 +41,7 @@ __all__ = [
 ]
 
 AdvantageFn = Callable[..., torch.Tensor]
-ADVANTAGE_REGISTRY: dict[str, AdvantageFn] = {}
+ADVANTAGE_REGISTRY: Registry[AdvantageFn] = Registry("advantage estimator", sort=True)
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,7 @@ def register_advantage(
     `config`, `base` and `per_token` tell a trainer how to run it (`AdvantageSpec`)."""
 
     def decorator(fn: AdvantageFn) -> AdvantageFn:
-        if name in ADVANTAGE_REGISTRY and ADVANTAGE_REGISTRY[name] is not fn:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGE_REGISTRY[name] = fn
+        ADVANTAGE_REGISTRY.register(name, fn)
         ADVANTAGE_SPECS[name] = AdvantageSpec(config=dict(config or {}), base=base, per_token=per_token)
         return fn
 
@@ -123,14 +123,12 @@ def per_token_config(actor: Any) -> dict[str, Any]:
 
 def advantage_names() -> list[str]:
     """Names accepted by `compute_advantages`."""
-    return sorted(ADVANTAGE_REGISTRY)
+    return ADVANTAGE_REGISTRY.names()
 
 
 def get_advantage_fn(name: str) -> AdvantageFn:
     """The registered estimator `name`; ValueError listing the valid names otherwise."""
-    if name not in ADVANTAGE_REGISTRY:
-        raise ValueError(f"unknown advantage estimator {name!r}; valid: {', '.join(advantage_names())}")
-    return ADVANTAGE_REGISTRY[name]
+    return ADVANTAGE_REGISTRY.get(name)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from aepo.registry import Registry
+
 __all__ = [
     "AGG_MODES",
     "POLICY_LOSS_REGISTRY",
@@ -132,7 +134,7 @@ class PolicyLossSpec:
     config: Mapping[str, str] = field(default_factory=dict)
 
 
-POLICY_LOSS_REGISTRY: dict[str, PolicyLossSpec] = {}
+POLICY_LOSS_REGISTRY: Registry[PolicyLossSpec] = Registry("policy loss", sort=True)
 
 
 def register_policy_loss(
@@ -143,9 +145,8 @@ def register_policy_loss(
     `config` maps its options to `actor.*` fields (`policy_loss_config`)."""
 
     def decorator(fn: LossFn) -> LossFn:
-        if name in POLICY_LOSS_REGISTRY and POLICY_LOSS_REGISTRY[name].fn is not fn:
-            raise ValueError(f"policy loss {name!r} is already registered")
-        POLICY_LOSS_REGISTRY[name] = PolicyLossSpec(fn=fn, default_clip_high=clip_high, config=dict(config or {}))
+        POLICY_LOSS_REGISTRY.register(name, PolicyLossSpec(fn=fn, default_clip_high=clip_high, config=dict(config or {})),
+                                      same=lambda old, new: old.fn is new.fn)
         return fn
 
     return decorator
@@ -174,7 +175,7 @@ def policy_loss_config(actor: Any) -> dict[str, Any]:
 
 def policy_loss_names() -> list[str]:
     """Names accepted by `policy_loss`."""
-    return sorted(POLICY_LOSS_REGISTRY)
+    return POLICY_LOSS_REGISTRY.names()
 
 
 def get_policy_loss_fn(name: str) -> LossFn:
@@ -183,9 +184,7 @@ def get_policy_loss_fn(name: str) -> LossFn:
 
 
 def _get_spec(name: str) -> PolicyLossSpec:
-    if name not in POLICY_LOSS_REGISTRY:
-        raise ValueError(f"unknown policy loss {name!r}; valid: {', '.join(policy_loss_names())}")
-    return POLICY_LOSS_REGISTRY[name]
+    return POLICY_LOSS_REGISTRY.get(name)
 
 
 # ----------------------------------------------------------------------------- shared pieces

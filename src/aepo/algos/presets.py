@@ -10,7 +10,7 @@ from typing import Any
 
 _PPO = {"policy_loss": "ppo", "clip_ratio_low": 0.2, "clip_ratio_high": 0.2}
 
-PRESETS: dict[str, dict[str, Any]] = {
+ALGO_PRESETS: dict[str, dict[str, Any]] = {
     "grpo": {"rollout": {"strategy": "independent"}, "actor": {"adv_estimator": "grpo", **_PPO}},
     "reinforce_pp": {
         "rollout": {"strategy": "independent"},
@@ -58,11 +58,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset_names() -> list[str]:
-    return list(PRESETS)
+    return list(ALGO_PRESETS)
 
 
 def get_preset(name: str) -> dict[str, Any]:
     """The config fields of preset `name`; ValueError listing the valid names otherwise."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(PRESETS)}")
-    return copy.deepcopy(PRESETS[name])
+    if name not in ALGO_PRESETS:
+        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(ALGO_PRESETS)}")
+    return copy.deepcopy(ALGO_PRESETS[name])

@@ -16,7 +16,8 @@ import numpy as np
 
 from aepo.algos.presets import preset_names
 from aepo.console import console
-from aepo.eval.plots import plot_bars, plot_curves
+from aepo.eval.plots import panels, plot_bars, plot_curves
+from aepo.eval.report import compare_columns
 from aepo.io import atomic_write_json, atomic_write_text
 from aepo.rollout.analyses import analysis_stats, entropy_stats
 from aepo.train.records import read_metrics
@@ -37,15 +38,7 @@ def run_summary(run_dir: Path) -> dict[str, Any] | None:
 
 def compare_table(results: dict[str, list[dict[str, Any]]], k: int) -> str:
     """Markdown table, mean ± sd over seeds, one row per algorithm."""
-    cols = [("pass@1", "pass@1", 100), (f"pass@{k}", f"pass@{k}", 100), ("tool_calls", "tool calls", 1),
-            ("diversity", "diversity", 1), ("consecutive_high_entropy_rate", "consecutive high-H steps (%)", 100),
-            ("branch_concentration", "branches on top-3 chains (%)", 100),
-            ("branch_top1_share", "branches on top chain (%)", 100),
-            ("branch_top1_over_uniform", "top chain vs uniform over branchable chains (x)", 1),
-            ("branch_rate", "branch rate (%)", 100),
-            ("m_std", "sd of m", 1), ("entropy_clipped", "H clipped tokens", 1), ("entropy_all", "H all tokens", 1),
-            ("final_entropy", "final entropy", 1), ("entropy_variation", "entropy sd over training", 1),
-            ("wall_seconds", "wall (s)", 1)]
+    cols = compare_columns(k)  # the catalogue's `table` view
     head = "| algo | seeds | " + " | ".join(c[1] for c in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for algo, runs in results.items():
@@ -172,14 +165,7 @@ def write_compare_report(out: Path, algos: Sequence[str], seeds: Sequence[int], 
     stats = compare_statistics(results)
     plots = []
     if curves:
-        keys = [("reward/mean", "reward (mean)"), ("reward/accuracy", "training accuracy"),
-                ("rollout/entropy", "token entropy"), ("rollout/tool_calls", "tool calls per rollout"),
-                ("rollout/consecutive_high_entropy_rate", "share of high-entropy tool steps in consecutive runs"),
-                ("rollout/branch_concentration", "share of branches on the top-3 chains"),
-                ("rollout/branch_top1_share", "share of branches on the most branched chain"),
-                ("rollout/m_std", "spread of m across prompts (sd)"),
-                ("rollout/branch_rate", "branch decisions that branched")]
-        plots.append(plot_curves(curves, out / "compare_curves.png", keys=keys,
+        plots.append(plot_curves(curves, out / "compare_curves.png", keys=panels("compare"),
                                  title="mean over seeds, one line per algorithm"))
         bars, errors = {}, {}
         for algo, runs in results.items():

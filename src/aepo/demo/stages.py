@@ -19,6 +19,7 @@ import torch
 from aepo.config import QUICK_DEMO, Config, DemoConfig, load_config
 from aepo.console import console
 from aepo.eval.plots import plot_bars, plot_curves
+from aepo.eval.report import training_table
 from aepo.eval.runner import evaluate_tasks, summarize
 from aepo.io import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 from aepo.train.threads import set_threads
@@ -386,13 +387,7 @@ def write_report(out: Path, cfg: Config, sft: dict, rl: dict, wall: float,
         lines.append(f"| {name} | " + " | ".join(pct(s.get(k)) for k in ks_sorted) +
                      f" | {pct(s.get('f1'))} | {num(s.get('tool_calls'))} | {num(s.get('response_length'))} | "
                      f"{num(s.get('diversity'))} |")
-    lines += ["", "## Training", "",
-              "| | first step | last step |", "|---|---|---|"]
-    for key in ("reward/mean", "reward/accuracy", "rollout/entropy", "rollout/tool_calls", "rollout/branches",
-                "rollout/m_mean", "rollout/m_std", "rollout/dH_std", "rollout/branch_rate",
-                "rollout/consecutive_high_entropy_rate", "rollout/branch_concentration", "actor/entropy_clipped",
-                "actor/entropy_all", "rollout/response_length"):
-        lines.append(f"| {key} | {num(first.get(key))} | {num(last.get(key))} |")
+    lines += ["", "## Training", "", *training_table(first, last)]
     from aepo.rollout.analyses import analysis_stats, entropy_stats
 
     run_level = {**analysis_stats(metrics), **entropy_stats(metrics)} if metrics else {}

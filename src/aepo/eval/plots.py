@@ -10,14 +10,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-PANELS = [
-    ("reward/mean", "reward (mean)"),
-    ("reward/accuracy", "training accuracy"),
-    ("rollout/entropy", "token entropy (nats)"),
-    ("rollout/tool_calls", "tool calls per rollout"),
-    ("rollout/branches", "branches per step"),
-    ("rollout/response_length", "response length (tokens)"),
-]
+from aepo.catalogue import get_metric, shown
+
+
+def panels(view: str = "plot") -> list[tuple[str, str]]:
+    """(key, label) of the catalogue's metrics in `view` ("plot": the demo's curves, "compare")."""
+    return [(m.key, m.label) for m in shown(view)]
 
 
 def _smooth(y: np.ndarray, w: int) -> np.ndarray:
@@ -29,11 +27,13 @@ def _smooth(y: np.ndarray, w: int) -> np.ndarray:
 
 
 def plot_curves(runs: dict[str, Sequence[dict]], out_path: str | Path, *,
-                keys: Sequence[tuple[str, str]] = PANELS, smooth: int = 5, title: str = "") -> Path:
-    """Plot `keys` against step for each named run (a list of per-step metric dicts)."""
-    keys = [(k, lab) for k, lab in keys if any(any(k in r for r in rows) for rows in runs.values())]
+                keys: Sequence[tuple[str, str]] | None = None, smooth: int = 5, title: str = "") -> Path:
+    """Plot `keys` (default: the catalogue's `plot` panels) against step for each named run (a
+    list of per-step metric dicts); panels no run has are left out."""
+    keys = [(k, lab) for k, lab in (panels() if keys is None else keys)
+            if any(any(k in r for r in rows) for rows in runs.values())]
     if not keys:
-        keys = [("reward/mean", "reward (mean)")]
+        keys = [("reward/mean", get_metric("reward/mean").label)]
     cols = 2 if len(keys) > 1 else 1
     nrows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 3.2 * nrows), squeeze=False)

@@ -20,6 +20,7 @@ from typing import Any
 
 from aepo.errors import ConfigError
 from aepo.protocol import Action, Part
+from aepo.registry import Registry
 
 __all__ = ["ToolFormat", "format_names", "get_format", "register_format"]
 
@@ -119,28 +120,23 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 
 
-_FORMATS: dict[str, ToolFormat] = {}
+_FORMATS: Registry[ToolFormat] = Registry(
+    "tool format", error=ConfigError,
+    unknown="rollout.tool_format={name!r} is not a registered tool format; registered: {names}")
 
 
 def register_format(fmt: ToolFormat) -> ToolFormat:
     """Add `fmt` under `fmt.name` (idempotent for the same class); returns it."""
-    old = _FORMATS.get(fmt.name)
-    if old is not None and type(old) is not type(fmt):
-        raise ValueError(f"tool format {fmt.name!r} is already registered")
-    _FORMATS[fmt.name] = fmt
-    return fmt
+    return _FORMATS.register(fmt.name, fmt, same=lambda old, new: type(old) is type(new))
 
 
 def format_names() -> tuple[str, ...]:
-    return tuple(_FORMATS)
+    return tuple(_FORMATS.names())
 
 
 def get_format(name: str) -> ToolFormat:
     """The registered format `name`; ConfigError naming the registered ones otherwise."""
-    if name not in _FORMATS:
-        raise ConfigError(f"rollout.tool_format={name!r} is not a registered tool format; registered: "
-                          f"{', '.join(_FORMATS)}")
-    return _FORMATS[name]
+    return _FORMATS.get(name)
 
 
 from aepo.formats import hermes, tags  # noqa: F401  (registration)

@@ -13,7 +13,7 @@ _EXPORTS = {
     "build_tokenizer": "aepo.models.tokenizer",
     "read_corpus": "aepo.models.tokenizer",
     "save_tokenizer": "aepo.models.tokenizer",
-    "PRESETS": "aepo.models.factory",
+    "MODEL_PRESETS": "aepo.models.factory",
     "init_model": "aepo.models.factory",
     "model_config": "aepo.models.factory",
     "count_parameters": "aepo.models.factory",

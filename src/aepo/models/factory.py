@@ -36,7 +36,7 @@ class ModelPreset:
     max_position_embeddings: int = 4096
 
 
-PRESETS: dict[str, ModelPreset] = {
+MODEL_PRESETS: dict[str, ModelPreset] = {
     # ~0.39 M non-embedding parameters (+ 128 per vocabulary entry): the demo's model. On the demo
     # world it learns faster per second than "tiny" and reaches a higher SFT accuracy in the same
     # number of optimizer steps (benchmarks/RESULTS.md, "Demo: learning status").
@@ -69,8 +69,8 @@ ARCHITECTURES = ("qwen3", "qwen2", "llama")
 
 def check_model_args(preset: str, arch: str) -> None:
     """ValueError naming a preset or arch that is not built in, with the valid choices."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown model arch {arch!r}; choose one of {list(ARCHITECTURES)}")
 
@@ -80,7 +80,7 @@ def model_config(
 ) -> PretrainedConfig:
     """The HF config of a built-in model: `preset` sizes, `arch` family, vocab of `tokenizer`."""
     check_model_args(preset, arch)
-    p = PRESETS[preset]
+    p = MODEL_PRESETS[preset]
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=p.hidden_size,

@@ -30,8 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from aepo.catalogue import shown
+
 __all__ = [
-    "ANALYSIS_KEYS", "analysis_stats", "branch_concentration", "branch_top1_over_uniform", "entropy_stats",
+    "analysis_keys", "analysis_stats", "branch_concentration", "branch_top1_over_uniform", "entropy_stats",
     "high_entropy_runs",
     "rollout_analyses", "tool_step_shifts",
 ]
@@ -166,19 +168,18 @@ def entropy_stats(metrics: list[dict]) -> dict[str, float]:
     return {"final_entropy": float(np.mean(tail)), "entropy_variation": float(np.std(ent))}
 
 
-ANALYSIS_KEYS = ("rollout/consecutive_high_entropy_rate", "rollout/high_entropy_step_rate",
-                 "rollout/branch_concentration", "rollout/branch_top1_share",
-                 "rollout/branch_top1_over_uniform", "rollout/branch_rate",
-                 "rollout/m_std", "rollout/dH_std", "actor/entropy_clipped", "actor/entropy_all")
-"""Per-step metrics of the paper's analyses (this module, the trainer's clip and branch figures),
-averaged over a run's steps for the comparison; run-level keys drop the namespace."""
+def analysis_keys() -> list[str]:
+    """Per-step metrics averaged over a run's steps for the comparison (the catalogue's `run`
+    view: the paper's analyses, the trainer's clip and branch figures); run-level keys drop the
+    namespace."""
+    return [m.key for m in shown("run")]
 
 
 def analysis_stats(metrics: list[dict]) -> dict[str, float]:
     """Run-level means of the per-step analyses (steps that report a key), and the longest
     run of consecutive high-entropy tool steps seen."""
     out: dict[str, float] = {}
-    for key in ANALYSIS_KEYS:
+    for key in analysis_keys():
         vals = [m[key] for m in metrics if isinstance(m.get(key), (int, float))]
         if vals:
             out[key.split("/")[-1]] = float(np.mean(vals))

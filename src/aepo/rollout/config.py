@@ -63,9 +63,9 @@ class RolloutConfig:
     random_branch_p: float = 0.5
     # AEPO dynamic entropy-balanced rollout
     premonitor: bool = True
-    beta_pm: float = 0.5
-    reuse_probe: bool = True
-    branch_gamma: float = 0.2
+    beta_pm: float = 0.5  # beta_pm of pre-monitoring: m = round(n sigmoid(beta_pm (H_root - H_tool)))
+    reuse_probe: bool = True  # keep the pre-monitoring probe row as one of the m global rows
+    branch_gamma: float = 0.2  # AEPO gamma: the weight of dH in the branch score
     branch_penalty: float = 0.05  # lambda_pen
     branch_tau: float = 0.5  # tau, the bar of the threshold and released rules (0.5 in the released code)
     # ARPO and AEPO branch rule (docs/algorithms.md section 3.3): "threshold" the paper, "released" the
@@ -81,7 +81,7 @@ class RolloutConfig:
     # distribution; docs/algorithms.md section 1 gives the tail correction), and engine keywords
     # passed to vllm.LLM as they are (e.g. {gpu_memory_utilization: 0.4, enforce_eager: true})
     entropy_top_k: int = 20
-    engine_options: dict[str, Any] = field(default_factory=dict)
+    engine_options: dict[str, Any] = field(default_factory=dict)  # vllm.LLM keywords, as above
     # a sampler engine other than the trainer's own model (vllm): after every weight sync, the
     # mean |log-prob difference| per token of a fixed probe sequence between the trainer and the
     # engine must be at most this, else the run stops (aepo.rollout.sampler.sync_check); 0: off

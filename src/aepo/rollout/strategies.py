@@ -37,6 +37,7 @@ from aepo.rollout.branching import (
     branch_decision,
     default_global_budget,
 )
+from aepo.registry import Registry
 from aepo.rollout.config import SCHEDULERS, RolloutConfig
 from aepo.rollout.sampler.streams import row_uniform
 from aepo.rollout.scheduler import ContinuousScheduler, branch_stream, supports_continuous
@@ -62,31 +63,27 @@ __all__ = [
     "strategy_names",
 ]
 
-STRATEGIES: dict[str, type[RolloutStrategy]] = {}
+STRATEGIES: Registry[type[RolloutStrategy]] = Registry("rollout strategy")
 
 
 def register_strategy(name: str) -> Callable[[type[RolloutStrategy]], type[RolloutStrategy]]:
     """Class decorator: make a RolloutStrategy subclass available as `rollout.strategy=name`."""
 
     def deco(cls: type[RolloutStrategy]) -> type[RolloutStrategy]:
-        if name in STRATEGIES:
-            raise ValueError(f"rollout strategy {name!r} is already registered")
+        STRATEGIES.register(name, cls, same=lambda old, new: False)  # a name is taken once
         cls.name = name
-        STRATEGIES[name] = cls
         return cls
 
     return deco
 
 
 def strategy_names() -> list[str]:
-    return list(STRATEGIES)
+    return STRATEGIES.names()
 
 
 def get_strategy(name: str) -> type[RolloutStrategy]:
     """The strategy class registered as `name`; ValueError listing the valid names otherwise."""
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown rollout strategy {name!r}; valid: {', '.join(STRATEGIES)}")
-    return STRATEGIES[name]
+    return STRATEGIES.get(name)
 
 
 class _Draw:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aepo.errors import ConfigError
+from aepo.registry import Registry
 
 __all__ = ["ToolSpec", "build_tool_runner", "get_tool_spec", "register_tool", "tool_names", "tool_usage"]
 
@@ -41,7 +42,7 @@ class ToolSpec:
     description: str = ""
 
 
-_TOOLS: dict[str, ToolSpec] = {}
+_TOOLS: Registry[ToolSpec] = Registry("tool", error=ConfigError, unknown="unknown tool {name!r}; registered: {names}")
 
 
 def register_tool(spec: ToolSpec) -> ToolSpec:
@@ -49,22 +50,17 @@ def register_tool(spec: ToolSpec) -> ToolSpec:
     if not _NAME_RE.fullmatch(spec.name) or spec.name in _RESERVED:
         raise ValueError(f"tool name {spec.name!r} must be lower-case letters, digits and _ "
                          f"(starting with a letter) and not one of {_RESERVED}")
-    old = _TOOLS.get(spec.name)
-    if old is not None and old != spec:
-        raise ValueError(f"tool {spec.name!r} is already registered")
-    _TOOLS[spec.name] = spec
-    return spec
+    return _TOOLS.register(spec.name, spec, same=lambda old, new: old == new)
 
 
 def tool_names() -> tuple[str, ...]:
     """Registered tool names, in registration order."""
-    return tuple(_TOOLS)
+    return tuple(_TOOLS.names())
 
 
 def get_tool_spec(name: str) -> ToolSpec:
-    if name not in _TOOLS:
-        raise ConfigError(f"unknown tool {name!r}; registered: {', '.join(_TOOLS)}")
-    return _TOOLS[name]
+    """The registered tool `name`; ConfigError naming the registered ones otherwise."""
+    return _TOOLS.get(name)
 
 
 def tool_usage(names: tuple[str, ...] | list[str]) -> list[str]:

@@ -108,6 +108,36 @@ def collate(trajectories: Sequence[Trajectory], pad_id: int) -> TokenBatch:
     return TokenBatch(ids, attn, mask, old, ent, turn_ids=turns)
 
 
+def tree_links(trajs: Sequence[Trajectory]) -> tuple[list[int], list[int]]:
+    """For `algos.hard_attribution` on a collated batch of `trajs`: per row, the batch index of
+    its parent (-1 for a root) and the column where it left the parent (prompt length - 1 +
+    branch_position, since column j of the batch scores token j + 1; 0 for a root).
+
+    The parent is the row of the same prompt whose row_id is `parent_row_id`. A row whose
+    parent is not in the batch is treated as a root (its copied prefix is then trained once per
+    such row, as with soft attribution). A row whose response does not start with its parent's
+    first branch_position tokens is a data error (ValueError)."""
+    index = {(t.prompt_id, t.row_id): i for i, t in enumerate(trajs)}
+    if len(index) != len(trajs):
+        raise ValueError("tree_links: (prompt_id, row_id) must be unique within the batch")
+    parent, position = [], []
+    for t in trajs:
+        j = None if t.parent_row_id is None or t.branch_position is None else index.get(
+            (t.prompt_id, t.parent_row_id))
+        if j is None:
+            parent.append(-1)
+            position.append(0)
+            continue
+        bp, par = t.branch_position, trajs[j]
+        if (list(par.prompt_ids) != list(t.prompt_ids) or bp > len(par.response_ids)
+                or list(par.response_ids[:bp]) != list(t.response_ids[:bp])):
+            raise ValueError(f"row {t.prompt_id}/{t.row_id}: its first {bp} response tokens are not "
+                             f"those of its parent row {t.parent_row_id}")
+        parent.append(j)
+        position.append(len(t.prompt_ids) - 1 + bp)
+    return parent, position
+
+
 # Architectures whose logits are exactly `lm_head(last hidden state)`: for these the head (the
 # largest matmul of a small model) runs only at the positions a loss reads, which in agent
 # trajectories are a minority (prompts and tool results are never scored).
@@ -243,3 +273,22 @@ def _scored(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
         entropy = torch.zeros_like(logp)
         entropy[select] = h
     return logp, entropy
+
+
+def score_tokens(model: torch.nn.Module, batch: TokenBatch, micro: int, temperature: float, device: torch.device,
+                 *, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(token) of every response token of `batch` under `model`, and with `with_entropy`
+    the token entropies H_t, in micro-batches of `micro` rows without grad (the split changes no
+    value); on the CPU, shaped like `batch.old_log_prob`."""
+    out = torch.zeros_like(batch.old_log_prob)
+    ent_out = torch.zeros_like(batch.old_log_prob) if with_entropy else None
+    with torch.no_grad():
+        for s in range(0, len(batch), micro):
+            ids = batch.input_ids[s : s + micro].to(device)
+            mask = batch.loss_mask[s : s + micro]
+            lp, ent = token_logprobs_and_entropy(  # rows are right-padded: no attention mask needed
+                model, ids, None, temperature, with_entropy=with_entropy, mask=mask.to(device))
+            out[s : s + micro] = lp.float().cpu()
+            if ent_out is not None and ent is not None:
+                ent_out[s : s + micro] = ent.float().cpu()
+    return out, ent_out

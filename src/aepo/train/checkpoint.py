@@ -313,3 +313,82 @@ def check_run_dir(out_dir: str | Path, cfg: Any, *, resume: bool, force: bool = 
     total = getattr(getattr(cfg, "trainer", None), "total_steps", None)
     left = f"; trainer.total_steps={total}: nothing left to train" if isinstance(total, int) and step >= total else ""
     return RunStart(step, ck, f"resuming from step {step} ({ck}){left}")
+
+
+def start_fresh(root: str | Path, *, force: bool = False) -> int:
+    """Clear `root` for a run that starts at step 0 (the step returned): what a kill left is
+    removed, and with `force` the old run's checkpoints too, which would otherwise mix with (and
+    be pruned with) the new run's."""
+    remove_incomplete_checkpoints(root)
+    if force:
+        for ck in checkpoint_dirs(root):
+            prune_checkpoint(ck)
+    return 0
+
+
+def load_checkpoint_weights(ck: Path, model: torch.nn.Module) -> None:
+    """Load checkpoint `ck`'s weights into `model`: the adapter of a LoRA (peft) model, else the
+    full state dict (the tied lm_head may be absent). A file that cannot be read, or weights
+    that do not fit the model, raise CheckpointError saying what to do."""
+    from safetensors.torch import load_file
+
+    from aepo.models.lora import is_peft_model
+
+    if is_peft_model(model):
+        _load_adapter(ck, model)
+        return
+    weights = {}
+    for f in sorted(ck.glob("*.safetensors")):
+        try:
+            weights.update(load_file(str(f)))
+        except Exception as e:  # noqa: BLE001 - a damaged file, whatever safetensors calls it
+            raise CheckpointError(f"checkpoint {f} is corrupted ({type(e).__name__}: {e}); "
+                                  f"delete {ck} to resume from the previous one") from None
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise CheckpointError(f"checkpoint {ck} does not fit the model ({str(e).splitlines()[0]}); "
+                              "resume with the model the run started from") from None
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {ck} does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}; resume with the model the run started from")
+    model.tie_weights()
+
+
+def _load_adapter(ck: Path, model: torch.nn.Module) -> None:
+    """Load the adapter weights of checkpoint `ck` into the wrapped model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from aepo.models.lora import ADAPTER_WEIGHTS
+
+    f = ck / ADAPTER_WEIGHTS
+    try:
+        weights = load_file(str(f))
+    except Exception as e:  # noqa: BLE001 - missing or damaged, whatever safetensors calls it
+        raise CheckpointError(f"checkpoint {ck}: its adapter {f.name} cannot be read ({type(e).__name__}: {e}); "
+                              f"delete {ck} to resume from the previous one") from None
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as e:  # shape mismatch: another rank or model
+        raise CheckpointError(f"checkpoint {ck} does not fit the model ({str(e).splitlines()[0]}); resume with "
+                              "the model and actor.lora settings the run started from") from None
+    lora_missing = [k for k in result.missing_keys if "lora_" in k]
+    if lora_missing or result.unexpected_keys:
+        raise CheckpointError(f"checkpoint {ck}: its adapter does not match the model's (missing "
+                              f"{lora_missing[:3]}, unexpected {list(result.unexpected_keys)[:3]}); resume with "
+                              "the actor.lora settings the run started from")
+
+
+def restore_trainer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
+                          entropy_history: Any) -> int:
+    """Optimizer, scheduler, RNG and entropy history of a checkpoint's state; the step to continue from."""
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scheduler"):
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    extra = state.get("extra", {})
+    if "entropy_history" in extra:
+        entropy_history.load_state_dict(extra["entropy_history"])
+    return int(state["step"])

@@ -34,31 +34,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-REWARD_KEYS = {"reward_mean": "mean", "reward_std": "std", "accuracy": "accuracy", "f1": "f1",
-               "format_ok": "format_ok", "dynamic_sampling_kept": "dynamic_sampling_kept"}
-
-
-def step_metrics(rollout: dict[str, float], actor: dict[str, float], timing: dict[str, float]) -> dict[str, float]:
-    """One step's metrics under namespaces, the keys of metrics.jsonl, TensorBoard and wandb:
-    `reward/` (mean, std, accuracy, f1, format_ok), `rollout/` (entropy of the sampled tokens,
-    tool calls, length, m and dH spread, branching and the paper's analyses, finish/<reason>),
-    `tools/<name>/` (calls, error and timeout rates), `audit/<check>` (rows that violate a token-level
-    check, `aepo.rollout.audit`), `actor/` (the update: pg_loss, grad_norm,
-    entropy_all / entropy_clipped of the training pass, clip fractions, lr, ...) and
-    `timing/` (seconds: rollout, step)."""
-    out: dict[str, float] = {}
-    for k, v in rollout.items():
-        if k in REWARD_KEYS:
-            out[f"reward/{REWARD_KEYS[k]}"] = v
-        elif k.startswith(("tools/", "audit/")):
-            out[k] = v
-        else:
-            out[f"rollout/{k}"] = v
-    out.update({f"actor/{k}": v for k, v in actor.items()})
-    out.update({f"timing/{k}": v for k, v in timing.items()})
-    return out
-
-
 class MetricsLogger:
     """Appends one JSON line per step; on resume, drops lines past the resumed step."""
 

@@ -1,225 +1,18 @@
-"""Typed run configuration: dataclasses loaded from YAML with dotted command-line overrides.
-
-Names follow verl where the concept is the same (`rollout.n`, `clip_ratio_low`,
-`clip_ratio_high`, `loss_agg_mode`, `ppo_mini_batch_size`, `ppo_epochs`), so moving between
-the two feels familiar. Every unknown key or bad value fails before any work, naming the key
-and the valid choices.
-
-    cfg = load_config("configs/demo.yaml", ["algo=grpo", "rollout.n=8"])
-"""
+"""Loading a run configuration: YAML files and dotted overrides onto the schema (`aepo.config.schema`),
+presets, plugins, validation, saving, and a model directory's own settings (RUN_CONFIG_FILE)."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from aepo.config.schema import Config
 from aepo.errors import ConfigError
-from aepo.rollout.config import RolloutConfig
-from aepo.tools.config import ToolsConfig
-
-__all__ = ["EVAL_KEYS", "LOGGER_PACKAGES", "QUICK_DEMO", "RUN_CONFIG_FILE", "AlgoConfig", "Config", "ConfigError",
-           "DataConfig", "DemoConfig", "EvalConfig", "LoraConfig", "ModelConfig", "RewardConfig", "RolloutConfig", "SFTConfig",
-           "ToolsConfig", "TrainerConfig", "apply_mapping", "apply_preset", "check_loggers", "config_value", "config_yaml",
-           "import_plugins", "load_config", "model_config", "parse_override", "run_config_files", "save_config",
-           "to_dict", "validate"]
-
-
-@dataclass
-class ModelConfig:
-    path: str = ""  # local HF directory; empty: the demo builds its own tiny model
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights and compute
-    device: str = "auto"  # auto (CUDA when there is one) | cpu | cuda | cuda:N
-    gradient_checkpointing: bool = False  # recompute activations in the update: less memory, more time
-    chat_template: bool = False  # wrap prompts with the tokenizer's chat template
-
-
-@dataclass
-class LoraConfig:
-    """LoRA adapters on the policy (`actor.lora`, built with peft): with rank > 0, training (RL
-    and SFT) updates only the adapters, the KL reference is the same model with its adapters
-    disabled, and saved models are adapter directories (README, "LoRA")."""
-
-    rank: int = 0  # adapter rank r; 0: off (full fine-tuning)
-    alpha: float = 16.0  # scaling numerator: the update is (alpha / rank) B A
-    dropout: float = 0.0  # dropout on the adapters' input while training
-    # module names (or name suffixes) to adapt; empty: the architecture's default
-    # (aepo.models.lora.DEFAULT_TARGETS: attention and MLP projections of Llama/Qwen/Mistral/...)
-    target_modules: list[str] = field(default_factory=list)
-
-
-@dataclass
-class AlgoConfig:
-    """Advantage, policy loss and regularisers. `algo=NAME` fills these from a preset."""
-
-    # names are the registries' (`aepo.algos`): adv_estimator grpo | rloo | reinforce_pp | aepo;
-    # policy_loss ppo | dapo | gppo | cispo | aepo | clip_cov | kl_cov, plus any registered later
-    adv_estimator: str = "grpo"
-    norm_adv_by_std_in_grpo: bool = True
-    # alpha_H of the aepo estimator (A_i (1 + alpha_H z(H_t)), docs/algorithms.md section 4)
-    entropy_adv_alpha: float = 0.2
-    # where z(H_t) of that estimator is taken: "batch" over the whole step's batch, with the
-    # entropies of the policy before the update (one extra no-grad forward pass; the memory
-    # setting ppo_micro_batch_size no longer changes the algorithm), or "micro" over each
-    # micro-batch of the training pass (the released actor)
-    adv_entropy_scope: Literal["batch", "micro"] = "batch"
-    # tree rollouts (ARPO/AEPO branching): "soft" trains a shared prefix once per row that holds
-    # it; "hard" trains it once, with the mean advantage of those rows (docs/algorithms.md section 4)
-    tree_attribution: Literal["soft", "hard"] = "soft"
-    policy_loss: str = "ppo"
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2
-    clip_ratio_c: float = 3.0
-    loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum(-norm)
-    cispo_clip_low: float = 1.0  # CISPO importance-weight clip (eps_l_is, eps_h_is)
-    cispo_clip_high: float = 0.28
-    clip_cov_ratio: float = 0.0002
-    clip_cov_lb: float = 1.0
-    clip_cov_ub: float = 5.0
-    kl_cov_ratio: float = 0.002
-    kl_cov_coef: float = 1.0
-    epo: bool = False
-    epo_entropy_coef: float = 0.001  # lambda_H
-    epo_band_low: float = 0.5  # kappa_l
-    epo_band_high: float = 1.5  # kappa_r
-    epo_band_coef: float = 1.0
-    # the first training step (0-based) whose loss gets the EPO regulariser; the entropy history
-    # is kept from step 0 either way. 0: from the start (the paper); the released code waits
-    # until step 25 (docs/algorithms.md section 5)
-    epo_start_step: int = 0
-    # re-score each rollout with the trainer's model before the update (verl's old_log_prob):
-    # needed when the sampler is not the trainer's own fp32 model (vLLM, bf16 kernels)
-    recompute_old_log_prob: bool = False
-    kl_coef: float = 0.0  # KL to the reference policy; 0 = no reference model
-    kl_type: str = "k3"  # k1 | k2 | k3
-    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
-    # DAPO overlong reward shaping, 0 = off (the dapo preset: 64): a row whose generated tokens L
-    # (tool results not counted) exceed rollout.max_response_tokens - buffer loses
-    # overlong_penalty * min(1, (L - (max - buffer)) / buffer) reward
-    overlong_buffer: int = 0
-    overlong_penalty: float = 1.0
-    # options of a registered loss / estimator that have no field above: {option: value}
-    # (each function's keyword-only parameters; checked against them before any work)
-    policy_loss_options: dict[str, Any] = field(default_factory=dict)
-    adv_estimator_options: dict[str, Any] = field(default_factory=dict)
-    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters instead of full fine-tuning
-
-
-@dataclass
-class TrainerConfig:
-    total_steps: int = 60
-    prompts_per_step: int = 16
-    ppo_mini_batch_size: int = 64  # rows per optimizer step
-    ppo_micro_batch_size: int = 64  # rows per forward/backward (gradient accumulation)
-    ppo_epochs: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    seed: int = 0
-    save_every: int = 20
-    keep_last: int = 2
-    # torch threads; 0: OMP_NUM_THREADS when set, else the cores this process may use (aepo.train.threads.set_threads)
-    threads: int = 0
-    logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])
-
-
-@dataclass
-class DataConfig:
-    train: str = ""  # JSONL/parquet; empty: the demo world's train split
-    prompt_key: str = ""  # empty: auto-detect (question, problem, prompt, query)
-    answer_key: str = ""  # empty: auto-detect (answer, answers, golden_answers, target)
-    world_seed: int = 0
-    world_level: int = 2
-
-
-@dataclass
-class RewardConfig:
-    multi_tool_bonus: float = 0.0
-    format_penalty: float = -1.0
-    # QA reward: token F1 (the paper's; pays 0.67 for "Paris London" against gold "Paris") or
-    # exact match (em: 1 only for a committed correct answer); docs/algorithms.md section 7
-    qa_metric: Literal["f1", "em"] = "f1"
-
-
-@dataclass
-class SFTConfig:
-    """`aepo sft` and the demo's SFT stage. The defaults are the demo's: small batches, one pass
-    (a small model learns to copy from search results only after enough optimizer steps;
-    benchmarks/RESULTS.md, "SFT batch size")."""
-
-    epochs: int = 1
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
-    batch_size: int = 8  # examples per optimizer step
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    max_len: int = 512  # tokens per example; longer ones are cut
-    seed: int = 0
-
-
-@dataclass
-class EvalConfig:
-    """`aepo eval` and the demo's evaluations: samples per question and which questions."""
-
-    n: int = 1  # samples per question (pass@k for k <= n)
-    limit: int = 0  # the first `limit` questions of each file; 0: all of them
-    seed: int = 0
-    batch_prompts: int = 32  # questions rolled out together
-
-
-@dataclass
-class DemoConfig:
-    """The demo's sizes (`aepo demo`, `aepo compare`); `aepo demo --quick` is the about-a-minute
-    variant (QUICK_DEMO). Its SFT, RL and evaluation settings are the `sft`, `trainer` and
-    `eval` sections."""
-
-    world_size: str = "small"
-    world_level: int = 2
-    # Two layers: SFT steps 2.2x cheaper than "tiny"'s four, and a better SFT model after the same
-    # 1,600 steps (29% held-out pass@1 against 24%; benchmarks/RESULTS.md, "Demo: learning status").
-    model_preset: str = "micro"
-    n_demos: int = 10400  # expert demonstrations, from `demo_worlds` sample worlds
-    vocab_size: int = 2400
-    demo_worlds: int = 40
-    tokenizer_worlds: int = 4
-    recall_drills: int = 2400  # name -> number recall drills mixed into SFT (aepo.train.sft.recall_drills)
-
-
-QUICK_DEMO = ["demo.n_demos=200", "demo.tokenizer_worlds=2", "demo.demo_worlds=2", "demo.recall_drills=50",
-              "trainer.total_steps=2", "eval.n=2", "eval.limit=16"]
-"""What `--quick` changes (before the command line's own overrides): about a minute in all."""
-
-
-@dataclass
-class Config:
-    algo: str = "aepo"  # a preset (aepo.algos.presets) that fills rollout.strategy and the actor section first
-    model: ModelConfig = field(default_factory=ModelConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    actor: AlgoConfig = field(default_factory=AlgoConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    tools: ToolsConfig = field(default_factory=ToolsConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
-    out_dir: str = "runs/default"  # aepo train: checkpoints, metrics.jsonl, config.yaml and final/
-    # modules (dotted names or .py paths) imported before the config is checked, so the losses,
-    # estimators, tools and strategies they register can be named in it (examples/extend/)
-    plugins: list[str] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- loading
+from aepo.io import RUN_CONFIG_FILE
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -570,9 +363,9 @@ def validate(cfg: Config) -> None:
     _check(ev.n >= 1, "eval.n", ev.n, ">= 1 (samples per question)")
     _check(ev.limit >= 0, "eval.limit", ev.limit, ">= 0 (0: every question)")
     _check(ev.batch_prompts >= 1, "eval.batch_prompts", ev.batch_prompts, ">= 1")
-    from aepo.models.factory import PRESETS
+    from aepo.models.factory import MODEL_PRESETS
 
-    _check_name("demo.model_preset", dm.model_preset, PRESETS)
+    _check_name("demo.model_preset", dm.model_preset, MODEL_PRESETS)
     for key, value in (("demo.n_demos", dm.n_demos), ("demo.demo_worlds", dm.demo_worlds),
                        ("demo.tokenizer_worlds", dm.tokenizer_worlds), ("demo.vocab_size", dm.vocab_size)):
         _check(value >= 1, key, value, ">= 1")
@@ -608,8 +401,6 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------- a model's own settings
-
-from aepo.io import RUN_CONFIG_FILE  # noqa: E402 - the name a model directory's run config has
 
 EVAL_KEYS = (
     "model.chat_template", "model.dtype",
@@ -674,80 +465,3 @@ def _has_key(cfg: Any, key: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-# ----------------------------------------------------------------------------- reference
-
-_FIELD_RE = re.compile(r"^    (\w+): [^=]+?(?:= (.*?))?(?:\s+#\s?(.*))?$")
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """{field: its comment} from the dataclass's source: the comment at the end of the field's
-    line, after the comment lines just above it (the schema documents itself in one place)."""
-    import inspect
-
-    docs: dict[str, str] = {}
-    above: list[str] = []
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            above.append(stripped.lstrip("#").strip())
-            continue
-        m = _FIELD_RE.match(line)
-        if m and m.group(1) in {f.name for f in dataclasses.fields(cls)}:
-            docs[m.group(1)] = " ".join([*above, m.group(3) or ""]).strip()
-        above = []
-    return docs
-
-
-def config_reference() -> str:
-    """docs/config.md: every key of the schema with its type, default and description."""
-    lines = ["# Configuration reference", "",
-             "Every command reads this one schema (`aepo.config.Config`): YAML files and dotted",
-             "overrides (`rollout.n=8`) set its keys, and a command's flags are aliases of them",
-             "(`aepo.cli.common.FLAGS`). Generated from the dataclasses by",
-             "`python -c \"from aepo.config import config_reference; print(config_reference(), end='')\" > docs/config.md`.",
-             ""]
-    cfg = Config()
-    top = [f for f in dataclasses.fields(Config) if not dataclasses.is_dataclass(getattr(cfg, f.name))]
-    lines += ["## Top level", "", "| key | default | description |", "|---|---|---|"]
-    docs = field_docs(Config)
-    for f in top:
-        lines.append(f"| `{f.name}` | `{_default_text(getattr(cfg, f.name))}` | {docs.get(f.name, '')} |")
-    for f in dataclasses.fields(Config):
-        section = getattr(cfg, f.name)
-        if not dataclasses.is_dataclass(section):
-            continue
-        cls = type(section)
-        lines += ["", f"## `{f.name}` ({cls.__name__})", ""]
-        if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
-            lines += [" ".join(cls.__doc__.split()), ""]
-        lines += ["| key | type | default | description |", "|---|---|---|---|"]
-        lines += _reference_rows(section, f.name)
-    return "\n".join(lines) + "\n"
-
-
-def _reference_rows(section: Any, prefix: str) -> list[str]:
-    """The reference table's rows for the fields of dataclass `section`, keys under `prefix`;
-    a nested section (actor.lora) gets one row per field of its own."""
-    cls = type(section)
-    docs = field_docs(cls)
-    hints = _hints(cls)
-    rows = []
-    for sub in dataclasses.fields(cls):
-        value = getattr(section, sub.name)
-        if dataclasses.is_dataclass(value):
-            rows += _reference_rows(value, f"{prefix}.{sub.name}")
-            continue
-        kind = str(hints[sub.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
-        rows.append(f"| `{prefix}.{sub.name}` | {kind.replace('|', '&#124;')} | "
-                    f"`{_default_text(value)}` | {docs.get(sub.name, '').replace('|', '&#124;')} |")
-    return rows
-
-
-def _default_text(value: Any) -> str:
-    if isinstance(value, tuple):
-        value = list(value)
-    if isinstance(value, (list, dict, bool)) or value is None or value == "":
-        return json.dumps(value)
-    return str(value)

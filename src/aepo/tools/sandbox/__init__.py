@@ -1,7 +1,7 @@
 """Run untrusted Python (model-written code) in an isolated, resource-limited child process.
 
 The policy under training is optimised to find any path to reward, so the program is treated
-as hostile. In the default mode, "strict", every run gets (`aepo.tools.sandbox_child` builds it):
+as hostile. In the default mode, "strict", every run gets (`child.py` builds it):
 
 - **Its own file system.** A minimal root on a tmpfs: read-only binds of what Python needs (the
   interpreter, its standard library, the installed packages of its environment and the
@@ -49,19 +49,13 @@ None, the value's repr is printed (`sys.displayhook`).
 
 from __future__ import annotations
 
-import fcntl
-import functools
 import json
 import logging
 import os
-import selectors
-import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +64,18 @@ from typing import Any, Literal
 from aepo.errors import ConfigError
 from aepo.tools.registry import ToolSpec, register_tool
 from aepo.tools.runner import truncate_result
+from aepo.tools.sandbox.host import (
+    PROGRAM_UID_BASE,
+    SCRATCH_PREFIX,  # noqa: F401 - part of this package's interface (tests, `aepo tools python`)
+    SandboxError,
+    _nproc_does_not_bind,
+    _ScratchDir,
+    _uid_slot,
+    _UidSlot,  # noqa: F401 - the uid slots are tested through this package
+    python_binds,
+    remove_stale_scratch_dirs,
+)
+from aepo.tools.sandbox.launch import _Launch, _launch, _parse_status, _runner_source
 
 logger = logging.getLogger(__name__)
 
@@ -85,18 +91,8 @@ CHILD_ENVIRONMENT: dict[str, str] = {
 
 SandboxMode = Literal["strict", "limits-only"]
 SANDBOX_MODES: tuple[str, ...] = ("strict", "limits-only")
-SCRATCH_PREFIX = "aepo-sandbox-"
-
-_CHILD = Path(__file__).with_name("sandbox_child.py")
-_RUNNER = Path(__file__).with_name("sandbox_runner.py")
-_SYSTEM_LIBRARY_DIRS = ("/lib", "/lib64", "/lib32", "/libx32", "/usr/lib", "/usr/lib64", "/usr/lib32",
-                        "/usr/libx32")
 _PROBE_TIMEOUT_S = 20.0
-_BACKSTOP_S = 2.0  # the parent kills the whole tree this long after the inner watchdog should have
-_DRAIN_AFTER_KILL_S = 1.0
-_GRACE_AFTER_EXIT_S = 0.25  # output still in flight when the program has exited
 _STDERR_TAIL_CHARS = 800
-_STALE_AFTER_S = 60.0
 _UNAVAILABLE_HINT = (
     "The strict sandbox needs Linux user namespaces and seccomp. Enable unprivileged user "
     "namespaces (sysctl user.max_user_namespaces > 0 and kernel.unprivileged_userns_clone=1; on "
@@ -107,10 +103,6 @@ _UNAVAILABLE_HINT = (
     "hide host files or block the network by name: tools.python_isolation=limits-only "
     "(`aepo tools python --isolation limits-only`)."
 )
-
-
-class SandboxError(RuntimeError):
-    """The sandbox itself could not run (not a failure of the program it was given)."""
 
 
 @dataclass(frozen=True)
@@ -192,352 +184,7 @@ def _limits(cpu_seconds: int, memory_mb: int, max_processes: int, max_file_mb: i
     }
 
 
-def _host_root() -> bool:
-    """True when this process is the host's root (uid 0 mapped to uid 0 of the first namespace):
-    then the sandbox can map its program to an unprivileged host uid."""
-    return os.geteuid() == 0 and _nproc_does_not_bind()
-
-
-def _nproc_does_not_bind() -> bool:
-    """True when RLIMIT_NPROC cannot stop a fork bomb: the caller is (mapped to) the host's root."""
-    uid = os.geteuid()
-    if uid == 0:
-        return True
-    try:
-        with open("/proc/self/uid_map") as f:
-            for line in f:
-                inside, outside, count = map(int, line.split())
-                if inside <= uid < inside + count:
-                    return outside + (uid - inside) == 0
-    except (OSError, ValueError):
-        pass
-    return False
-
-
-# ----------------------------------------------------------------------------- what Python needs
-
-_LAYOUT_SCRIPT = r"""
-import json, os, site, sys, sysconfig
-paths = {os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable))}
-paths.update(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib"))
-paths.update(site.getsitepackages())
-paths.update(p for p in sys.path if p.endswith("lib-dynload"))
-libdir = sysconfig.get_config_var("LIBDIR") or ""
-if libdir and os.path.exists(os.path.join(libdir, sysconfig.get_config_var("LDLIBRARY") or "-")):
-    paths.add(libdir)
-cfg = os.path.join(sys.prefix, "pyvenv.cfg")
-if os.path.exists(cfg):
-    paths.add(cfg)
-print(json.dumps(sorted(p for p in paths if p and os.path.exists(p))))
-"""
-_layout_cache: dict[str, list[str]] = {}
-
-
-def _minimal_cover(paths: list[str]) -> list[str]:
-    """The paths that are not inside another one of them (binding those binds them all)."""
-    kept: list[str] = []
-    for p in sorted({os.path.normpath(p) for p in paths}):
-        if not any(p == k or p.startswith(k.rstrip("/") + "/") for k in kept):
-            kept.append(p)
-    return kept
-
-
-def python_binds(python: str) -> list[str]:
-    """Host paths bound read-only into the strict sandbox for interpreter `python`."""
-    if python not in _layout_cache:
-        try:
-            done = subprocess.run([python, "-I", "-c", _LAYOUT_SCRIPT], capture_output=True, text=True,
-                                  timeout=60, env={})
-            paths = json.loads(done.stdout) if done.returncode == 0 else None
-        except (OSError, subprocess.TimeoutExpired, ValueError):
-            paths = None
-        if not isinstance(paths, list):
-            raise SandboxError(f"cannot ask the interpreter {python!r} where its files are")
-        system = [d for d in _SYSTEM_LIBRARY_DIRS if os.path.lexists(d)]
-        # A symlinked system directory (/lib -> usr/lib) is recreated as a link to its target.
-        targets = [os.path.realpath(d) for d in system if os.path.islink(d)]
-        links = [d for d in system if os.path.islink(d)]
-        _layout_cache[python] = links + _minimal_cover([d for d in system if not os.path.islink(d)]
-                                                      + targets + paths)
-    return _layout_cache[python]
-
-
-# ----------------------------------------------------------------------------- scratch directories
-
-
-def _owner_pid(name: str) -> int | None:
-    parts = name[len(SCRATCH_PREFIX):].split("-", 1)
-    return int(parts[0]) if parts and parts[0].isdigit() else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_scratch_dirs(directory: str | Path | None = None) -> list[Path]:
-    """Remove this user's sandbox scratch directories left by runs that were killed.
-
-    A directory is in use while its owner holds an flock on it; one whose lock is free is stale
-    when its owner process is gone (or, for a reused PID, when it is older than a minute).
-    Returns the removed paths.
-    """
-    removed = []
-    base = Path(directory or tempfile.gettempdir())
-    try:
-        entries = list(base.glob(SCRATCH_PREFIX + "*"))
-    except OSError:
-        return removed
-    for path in entries:
-        try:
-            st = path.lstat()
-            if not path.is_dir() or path.is_symlink() or st.st_uid != os.geteuid():
-                continue
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # in use
-            owner = _owner_pid(path.name)
-            if (owner is not None and not _pid_alive(owner)) or time.time() - st.st_mtime > _STALE_AFTER_S:
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-        finally:
-            os.close(fd)
-    if removed:
-        logger.info("removed %d stale sandbox scratch directories under %s", len(removed), base)
-    return removed
-
-
-class _ScratchDir:
-    """A host directory for one run, locked (flock) while in use and removed afterwards."""
-
-    def __init__(self) -> None:
-        self.path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
-        self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-    def __enter__(self) -> Path:
-        return self.path
-
-    def __exit__(self, *exc: object) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-        os.close(self._fd)
-
-
-# ----------------------------------------------------------------------------- program uids
-
-PROGRAM_UID_BASE = int(os.environ.get("AEPO_SANDBOX_UID_BASE", "1900000000"))
-"""Under a root trainer, run k's program runs as host uid PROGRAM_UID_BASE + slot (and the same
-gid), a uid no account or file of the host has; AEPO_SANDBOX_UID_BASE moves the range."""
-PROGRAM_UID_SLOTS = 256
-_SLOT_DIR = Path("/run/aepo-sandbox-slots")
-
-
-class _UidSlot:
-    """An unprivileged host uid held by one sandbox run at a time across every process of the
-    host (an flock on a slot file), so no two concurrent programs share one process budget."""
-
-    def __init__(self) -> None:
-        self.uid: int | None = None
-        self._fd: int | None = None
-
-    def __enter__(self) -> int:
-        directory = _SLOT_DIR if os.access("/run", os.W_OK) else Path(tempfile.gettempdir(), "aepo-sandbox-slots")
-        directory.mkdir(mode=0o700, exist_ok=True)
-        st = directory.lstat()
-        if not directory.is_dir() or directory.is_symlink() or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            raise SandboxError(f"{directory} must be a directory of this user that no one else can write; "
-                               "remove it and run again")
-        start = (os.getpid() * 31 + threading.get_ident()) % PROGRAM_UID_SLOTS
-        order = [(start + i) % PROGRAM_UID_SLOTS for i in range(PROGRAM_UID_SLOTS)]
-        for i, slot in enumerate(order):
-            fd = os.open(directory / f"{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if i == len(order) - 1 else fcntl.LOCK_NB))
-            except OSError:
-                os.close(fd)
-                continue
-            self._fd, self.uid = fd, PROGRAM_UID_BASE + slot
-            return self.uid
-        raise SandboxError("no sandbox uid slot could be locked")  # pragma: no cover - the last one blocks
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # releases the lock
-            self._fd = None
-
-
-class _NoSlot:
-    """An ordinary user's sandbox: the program keeps the user's own uid (the only one it may map)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-def _uid_slot() -> _UidSlot | _NoSlot:
-    return _UidSlot() if _host_root() else _NoSlot()
-
-
-# ----------------------------------------------------------------------------- one launch
-
-
-class _BoundedReader:
-    """Collects a pipe's bytes, keeping the head (stdout) or the tail (stderr) up to a cap."""
-
-    def __init__(self, cap: int, keep_tail: bool) -> None:
-        self.cap, self.keep_tail = cap, keep_tail
-        self.data = bytearray()
-
-    def feed(self, chunk: bytes) -> None:
-        if self.keep_tail:
-            self.data += chunk
-            if len(self.data) > 2 * self.cap:
-                del self.data[: len(self.data) - self.cap]
-        elif len(self.data) < self.cap:
-            self.data += chunk[: self.cap - len(self.data)]
-
-    def text(self) -> str:
-        data = bytes(self.data[-self.cap :] if self.keep_tail else self.data)
-        return data.decode("utf-8", errors="replace")
-
-
-@dataclass
-class _Launch:
-    """Raw outcome of one sandbox process tree: output, the status pipe's text, whether it was killed."""
-
-    stdout: str
-    stderr: str
-    status: str
-    exit_code: int
-    timed_out: bool
-
-
-def _kill_group(pgid: int) -> None:
-    """SIGKILL a process group we created (the PID namespace dies with its first process)."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _launch(python: str, settings: dict, code: str, cwd: Path, timeout: float, output_cap: int) -> _Launch:
-    """Start the child (`sandbox_child.py`), feed it `code`, collect bounded output; the parent
-    kills the whole tree `_BACKSTOP_S` after `timeout` should the inner watchdog not have."""
-    status_read, status_write = os.pipe()
-    settings = {**settings, "status_fd": status_write, "parent_pid": os.getpid(), "timeout": timeout}
-    command = [python, "-I", "-S", str(_CHILD), json.dumps(settings)]
-    try:
-        child = subprocess.Popen(
-            command, cwd=cwd, env={}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, pass_fds=(status_write,), start_new_session=True,
-        )
-    except OSError as exc:
-        os.close(status_read)
-        raise SandboxError(f"cannot start the sandbox process {python!r}: {exc}") from exc
-    finally:
-        os.close(status_write)
-    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
-    streams = {
-        child.stdout.fileno(): _BoundedReader(output_cap, keep_tail=False),
-        child.stderr.fileno(): _BoundedReader(output_cap, keep_tail=True),
-        status_read: _BoundedReader(4096, keep_tail=True),
-    }
-    pending = memoryview(code.encode("utf-8"))
-    stdin_fd = child.stdin.fileno()
-    os.set_blocking(stdin_fd, False)
-    timed_out = killed = finished = False
-    deadline = time.monotonic() + timeout + _BACKSTOP_S
-    try:
-        with selectors.DefaultSelector() as selector:
-            for fd, reader in streams.items():
-                selector.register(fd, selectors.EVENT_READ, reader)
-            selector.register(stdin_fd, selectors.EVENT_WRITE, None)
-            while any(key.data is not None for key in selector.get_map().values()):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    if killed:  # killed, yet an escaped process holds the pipes: stop reading
-                        break
-                    # Past the backstop, or the program is done but a leftover process still
-                    # holds the output pipes: end them all.
-                    timed_out = not finished
-                    killed = True
-                    _kill_group(child.pid)
-                    deadline = time.monotonic() + _DRAIN_AFTER_KILL_S
-                    continue
-                for key, _ in selector.select(timeout=remaining):
-                    if key.data is None:  # the program's source, written as the pipe takes it
-                        try:
-                            pending = pending[os.write(stdin_fd, pending[:65536]):]
-                        except BlockingIOError:
-                            continue
-                        except BrokenPipeError:  # the child is gone; its status says why
-                            pending = pending[:0]
-                        if not len(pending):
-                            selector.unregister(stdin_fd)
-                            child.stdin.close()
-                        continue
-                    chunk = os.read(key.fd, 65536)
-                    if chunk:
-                        key.data.feed(chunk)
-                        continue
-                    selector.unregister(key.fd)
-                    if key.fd == status_read:  # the program and its supervisor have exited
-                        finished = True
-                        deadline = min(deadline, time.monotonic() + _GRACE_AFTER_EXIT_S)
-        try:  # the program may have closed its output and still be running
-            exit_code = child.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(child.pid)
-            exit_code = child.wait()
-    finally:
-        _kill_group(child.pid)  # stragglers of a limits-only run
-        child.wait()
-        for pipe in (child.stdin, child.stdout, child.stderr):
-            if not pipe.closed:
-                try:
-                    pipe.close()
-                except OSError:
-                    pass
-        os.close(status_read)
-    out, err, status = (streams[fd].text() for fd in streams)
-    return _Launch(out, err, status, exit_code, timed_out)
-
-
-def _parse_status(status: str) -> tuple[int | None, bool, str | None]:
-    """(program return code, timed out by the watchdog, setup failure message) from the status pipe."""
-    returncode, timed_out, failure = None, False, None
-    for line in status.splitlines():
-        if line.startswith("setup failed: "):
-            failure = line
-        elif line.startswith("{"):
-            try:
-                report = json.loads(line)
-                returncode, timed_out = int(report["returncode"]), bool(report.get("timed_out"))
-            except (ValueError, KeyError, TypeError):
-                pass
-    return returncode, timed_out, failure
-
-
 # ----------------------------------------------------------------------------- probe
-
-
-@functools.lru_cache(maxsize=1)
-def _runner_source() -> str:
-    """The program runner's source, read once per process (it is passed to every run)."""
-    return _RUNNER.read_text(encoding="utf-8")
 
 
 def _settings(mode: str, python: str, root: Path, scratch_mb: int, limits: dict, *, probe: bool,

@@ -29,7 +29,7 @@ verl conventions handled here:
 
 Ray: verl runs its trainer loop and its actor workers in separate Ray processes, each with its
 own registries, so registration must run in every process. Ray's setup hook does that:
-`+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=aepo.integrations.verl_trainer.register`
+`+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=aepo.integrations.verl.trainer.register`
 (this module's `register` alone is enough where only the losses and estimators are used).
 """
 from __future__ import annotations
@@ -311,7 +311,7 @@ _MISSING_ENTROPY = (
     "but verl passed none (extra keywords received: {received}). verl's V1 trainer computes them "
     "with the old log-probs but does not pass them to the estimator: select aepo's trainer mode, "
     "trainer.v1.trainer_mode=aepo_sync, with the setup hook "
-    "+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=aepo.integrations.verl_trainer.register "
+    "+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=aepo.integrations.verl.trainer.register "
     "(README, 'verl'). The legacy trainer (trainer.use_v1=false) has no such hook: use "
     "algorithm.adv_estimator=aepo_grpo there."
 )
