@@ -405,7 +405,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 EVAL_KEYS = (
     "model.chat_template", "model.dtype",
     "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_response_tokens",
-    "rollout.max_tool_calls", "rollout.max_result_tokens", "rollout.tool_format",
+    "rollout.max_tool_calls", "rollout.max_result_tokens", "rollout.tool_format", "rollout.scheduler",
     "tools.enabled", "tools.search_cache", "tools.search_corpus", "tools.search_url", "tools.search_topk",
     "tools.search_max_chars", "tools.timeout", "tools.python_timeout", "tools.python_memory_mb",
     "reward.multi_tool_bonus", "reward.format_penalty", "reward.qa_metric",
