@@ -10,8 +10,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from repo_paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "extend"
 
 TRAIN_ONE_STEP_EACH = """

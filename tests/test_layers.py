@@ -6,8 +6,9 @@ import ast
 from pathlib import Path
 
 import pytest
+from repo_paths import SRC as _SRC
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "aepo"
+SRC = _SRC / "aepo"
 
 # lowest first; packages on one line are independent of each other
 LAYERS: list[set[str]] = [

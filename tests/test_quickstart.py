@@ -11,8 +11,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+from repo_paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / "constraints.txt"
 
 
@@ -51,7 +51,7 @@ def _installed(name: str) -> str | None:
 def _imported_distributions() -> set[str]:
     """The installed distributions that aepo's sources and the tests import (top-level names)."""
     modules: set[str] = set()
-    for path in [*(ROOT / "src" / "aepo").rglob("*.py"), *(ROOT / "tests").glob("*.py"), ROOT / "quickstart.py"]:
+    for path in [*(ROOT / "src" / "aepo").rglob("*.py"), *(ROOT / "tests").rglob("*.py"), ROOT / "quickstart.py"]:
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
                 modules.update(alias.name.split(".")[0] for alias in node.names)

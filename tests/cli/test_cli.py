@@ -2,6 +2,7 @@
 import sys
 
 import pytest
+import repo_paths
 from typer.testing import CliRunner
 
 import aepo
@@ -66,9 +67,8 @@ def test_eval_missing_data_file(tmp_path):
 
 # ----------------------------------------------------------------- end to end with a micro model
 import json  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = repo_paths.SHARED / "data"
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_train_and_world_build_use_the_demo_world(tmp_path, monkeypatch):
     tok = build_tokenizer(demo.vocabulary_texts()[:50])
     model_dir = tmp_path / "m"
     init_model(model_dir, tok)
-    config = Path(__file__).resolve().parents[1] / "src" / "aepo" / "configs" / "demo.yaml"
+    config = repo_paths.SRC / "aepo" / "configs" / "demo.yaml"
     res = runner.invoke(app, ["train", str(config), f"model.path={model_dir}", "data.world_seed=3",
                               f"out_dir={tmp_path / 'run'}"])
     assert res.exit_code == 0, res.output
@@ -219,7 +219,7 @@ def test_ctrl_c_in_train_says_how_to_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(rl.RLTrainer, "fit", interrupted)
     model_dir = tmp_path / "m"
     init_model(model_dir, build_tokenizer(["a few words of text"]))
-    config = Path(__file__).resolve().parents[1] / "src" / "aepo" / "configs" / "demo.yaml"
+    config = repo_paths.SRC / "aepo" / "configs" / "demo.yaml"
     monkeypatch.setattr("sys.argv", ["aepo", "train", str(config), f"model.path={model_dir}",
                                      f"out_dir={tmp_path / 'run'}"])
     res = runner.invoke(app, sys.argv[1:])

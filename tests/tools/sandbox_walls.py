@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PACKAGE = HERE.parent / "src" / "aepo"
+PACKAGE = HERE.parents[1] / "src" / "aepo"
 
 MUTATIONS = {
  "no_uid_switch": [("sandbox.py", "return _UidSlot() if _host_root() else _NoSlot()", "return _NoSlot()")],

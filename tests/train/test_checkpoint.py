@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import repo_paths
 import torch
 from safetensors.torch import save_file
 
@@ -32,7 +33,7 @@ from aepo.train.checkpoint import (
     save_checkpoint,
 )
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(repo_paths.SRC)
 
 
 class FakeModel:
