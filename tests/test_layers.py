@@ -1,5 +1,5 @@
 """The package reads as the pipeline: a module imports only from its own package or from
-packages below it (docs/layout in README "Layout"). Lazy imports inside functions count too."""
+packages below it (docs/usage.md, "Layout"). Lazy imports inside functions count too."""
 from __future__ import annotations
 
 import ast

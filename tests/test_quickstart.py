@@ -1,4 +1,4 @@
-"""constraints.txt: the exact versions the README's numbers were measured with, and quickstart.py's use of it."""
+"""constraints.txt: the exact versions the documented numbers were measured with, and quickstart.py's use of it."""
 from __future__ import annotations
 
 import ast
