@@ -152,3 +152,14 @@ def test_aepo_constraints_none_and_extras_skip_the_file(monkeypatch, tmp_path):
     other.write_text("numpy==2.4.6\n")
     monkeypatch.setenv("AEPO_CONSTRAINTS", str(other))
     assert qs._constraints_text(True) == "numpy==2.4.6\n"
+
+
+@pytest.mark.parametrize("extra", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_a_run_that_collects_no_tests_fails(tmp_path, monkeypatch, extra):
+    """pytest's exit status 5 (nothing collected, e.g. a mistyped path) is a failure of
+    `quickstart.py test`, serial or under pytest-xdist, never a pass."""
+    qs = _quickstart()
+    monkeypatch.setattr(qs, "ensure_env", lambda: None)  # the running interpreter is the venv
+    monkeypatch.setattr(qs, "PY", Path(sys.executable))
+    (tmp_path / "empty").mkdir()
+    assert qs.main(["test", "-q", "-p", "no:cacheprovider", *extra, str(tmp_path / "empty")]) == 1
