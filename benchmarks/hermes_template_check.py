@@ -10,6 +10,7 @@ checks the format's token handling, not the model.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import sys
@@ -65,6 +66,6 @@ def main(model_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(__doc__)
-    sys.exit(main(sys.argv[1]))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir", help="a model directory with a chat template (e.g. `aepo model import-smollm2`'s)")
+    sys.exit(main(ap.parse_args().model_dir))

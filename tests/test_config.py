@@ -1,12 +1,10 @@
 """Config loading: presets, YAML, dotted overrides and the errors for bad input."""
-from pathlib import Path
 
 import pytest
+from repo_paths import ROOT
 
 from aepo.algos.presets import ALGO_PRESETS
 from aepo.config import ConfigError, load_config, parse_override, save_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_the_aepo_preset():
@@ -96,11 +94,10 @@ def test_shipped_configs_load():
 
 def test_the_config_reference_is_the_schema():
     """docs/config.md is generated from the dataclasses: a new key without its doc line shows."""
-    from pathlib import Path
 
     from aepo.config import config_reference
 
-    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    doc = ROOT / "docs" / "config.md"
     assert doc.read_text() == config_reference(), (
         "docs/config.md is stale; regenerate it: python -c \"from aepo.config import config_reference; "
         "print(config_reference(), end='')\" > docs/config.md")

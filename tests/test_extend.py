@@ -10,13 +10,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from repo_paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "extend"
 
 TRAIN_ONE_STEP_EACH = """
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from tiny_models import tiny_qwen3
 from aepo.config import load_config
 from aepo.demo.stages import world_tasks
 from aepo.demo.world import build_world
@@ -32,11 +32,8 @@ world = build_world(seed=0)
 for overrides in RUNS:
     cfg = load_config(None, overrides)
     tok = build_tokenizer(world.vocabulary_texts())  # after the plugins: a new tool's tags are tokens
-    mcfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
-                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(mcfg)
+    model = tiny_qwen3(len(tok), tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                       eos_token_id=tok.eos_token_id)
     before = [p.detach().clone() for p in model.parameters()]
     runner = build_tool_runner(cfg.tools, corpus_docs=world.corpus)
     try:
@@ -51,7 +48,7 @@ for overrides in RUNS:
 def run(script: str, tmp_path: Path) -> str:
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-                               "PYTHONPATH": str(ROOT / "src")})
+                               "PYTHONPATH": f"{ROOT / 'src'}:{ROOT / 'tests'}"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

@@ -1,13 +1,14 @@
 """The package reads as the pipeline: a module imports only from its own package or from
-packages below it (docs/layout in README "Layout"). Lazy imports inside functions count too."""
+packages below it (docs/usage.md, "Layout"). Lazy imports inside functions count too."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 import pytest
+from repo_paths import SRC as _SRC
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "aepo"
+SRC = _SRC / "aepo"
 
 # lowest first; packages on one line are independent of each other
 LAYERS: list[set[str]] = [

@@ -1,4 +1,4 @@
-"""constraints.txt: the exact versions the README's numbers were measured with, and quickstart.py's use of it."""
+"""constraints.txt: the exact versions the documented numbers were measured with, and quickstart.py's use of it."""
 from __future__ import annotations
 
 import ast
@@ -11,8 +11,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+from repo_paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / "constraints.txt"
 
 
@@ -51,7 +51,7 @@ def _installed(name: str) -> str | None:
 def _imported_distributions() -> set[str]:
     """The installed distributions that aepo's sources and the tests import (top-level names)."""
     modules: set[str] = set()
-    for path in [*(ROOT / "src" / "aepo").rglob("*.py"), *(ROOT / "tests").glob("*.py"), ROOT / "quickstart.py"]:
+    for path in [*(ROOT / "src" / "aepo").rglob("*.py"), *(ROOT / "tests").rglob("*.py"), ROOT / "quickstart.py"]:
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
                 modules.update(alias.name.split(".")[0] for alias in node.names)
@@ -152,3 +152,14 @@ def test_aepo_constraints_none_and_extras_skip_the_file(monkeypatch, tmp_path):
     other.write_text("numpy==2.4.6\n")
     monkeypatch.setenv("AEPO_CONSTRAINTS", str(other))
     assert qs._constraints_text(True) == "numpy==2.4.6\n"
+
+
+@pytest.mark.parametrize("extra", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_a_run_that_collects_no_tests_fails(tmp_path, monkeypatch, extra):
+    """pytest's exit status 5 (nothing collected, e.g. a mistyped path) is a failure of
+    `quickstart.py test`, serial or under pytest-xdist, never a pass."""
+    qs = _quickstart()
+    monkeypatch.setattr(qs, "ensure_env", lambda: None)  # the running interpreter is the venv
+    monkeypatch.setattr(qs, "PY", Path(sys.executable))
+    (tmp_path / "empty").mkdir()
+    assert qs.main(["test", "-q", "-p", "no:cacheprovider", *extra, str(tmp_path / "empty")]) == 1

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# AEPO in verl 0.9.1 (README, "verl (cluster scale)"): the aepo_tree agent loop, the aepo loss and
+# AEPO in verl 0.9.1 (docs/verl.md): the aepo_tree agent loop, the aepo loss and
 # the aepo_entropy advantage on verl's own trainer, no verl source edit. Run from the repository root:
 #
 #   bash examples/verl/run.sh                          # Qwen3-14B, 8 GPUs, the paper's settings
@@ -11,7 +11,7 @@
 #   TRAIN    questions to train on (any file `aepo data to-verl` reads); VAL the validation questions
 #   SEARCH   aepo's search cache (JSON) for the search tool (aepo_qwen3_8gpu only)
 #   PYTHON   the interpreter with aepo[verl-gpu] installed (default: .venv-verl/bin/python, else python3);
-#            README "verl (cluster scale)", Install
+#            docs/verl.md, "Install"
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -101,7 +101,7 @@ def merge_command(
     force: bool = typer.Option(False, "--force", help="Replace OUT when it already holds a model."),
 ) -> None:
     """Fold a LoRA adapter into its base model (from the adapter's aepo_run.yaml) and save a plain
-    HF model directory, with the adapter's run config (README, "LoRA")."""
+    HF model directory, with the adapter's run config (docs/usage.md, "LoRA")."""
     from aepo.config import RUN_CONFIG_FILE
     from aepo.io import check_output_dir
     from aepo.models.factory import count_parameters

@@ -379,7 +379,7 @@ def validate(cfg: Config) -> None:
             found = False
         if not found:
             raise ConfigError("rollout.backend=vllm, but vLLM is not installed in this environment; install it "
-                              "with `AEPO_EXTRAS=vllm python3 quickstart.py test` (README, 'vLLM backend'), or "
+                              "with `AEPO_EXTRAS=vllm python3 quickstart.py test` (docs/gpu.md, 'vLLM backend'), or "
                               "sample with the built-in engine: rollout.backend=torch (--backend torch)")
 
 

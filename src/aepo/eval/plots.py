@@ -1,6 +1,7 @@
 """PNG plots of training curves: one run, or several runs overlaid (one line per algorithm)."""
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,11 +61,7 @@ def plot_curves(runs: dict[str, Sequence[dict]], out_path: str | Path, *,
     fig.tight_layout()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out_path)
-    return out_path
+    return _save(fig, out_path)
 
 
 def plot_bars(values: dict[str, dict[str, float]], out_path: str | Path, *, title: str = "",
@@ -88,9 +85,14 @@ def plot_bars(values: dict[str, dict[str, float]], out_path: str | Path, *, titl
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    return _save(fig, Path(out_path))
+
+
+def _save(fig: plt.Figure, out_path: Path) -> Path:
+    """Write `fig` as a PNG through a uniquely named temporary file: two processes writing the
+    same plot (the runs of `aepo compare --jobs N`) never move each other's file away."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(out_path)
+    atomic_write_bytes(out_path, buf.getvalue())
     return out_path

@@ -1,4 +1,4 @@
-"""LoRA adapters on a causal LM (`actor.lora`, README "LoRA"), built with peft.
+"""LoRA adapters on a causal LM (`actor.lora`, docs/usage.md, "LoRA"), built with peft.
 
 - `check_lora(model, lora)` names the modules an adapter would wrap, or raises LoraError (one
   line) for an architecture without matching modules or a rank above a wrapped layer's width;

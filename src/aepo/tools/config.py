@@ -22,7 +22,7 @@ class ToolsConfig:
     python_timeout: float = 10.0  # the sandbox's own wall-clock limit (at most `timeout`)
     python_memory_mb: int = 512  # the sandbox's address-space limit
     # "strict": namespaces, a minimal root and a system-call filter, or refuse to run;
-    # "limits-only": resource limits only, the program can read host files (README "Security")
+    # "limits-only": resource limits only, the program can read host files (docs/security.md)
     python_isolation: Literal["strict", "limits-only"] = "strict"
     # settings of tools that have no fields of their own: {tool name: {option: value}}, handed
     # to the tool's builder (`aepo.tools.registry`)

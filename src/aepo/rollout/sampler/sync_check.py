@@ -4,7 +4,7 @@ After every weight (or adapter) sync the trainer scores a fixed probe sequence t
 own model (`probe_logprobs`) and with the engine (`SamplerBackend.probe_logprobs`), and
 `check_sync` compares the two per-token log-probs. An engine that kept stale weights, or never
 received the adapter, gives log-probs of an older policy; the run then stops with a SyncError
-instead of training on samples from the wrong model (README, "LoRA"; `rollout.sync_tolerance`).
+instead of training on samples from the wrong model (docs/usage.md, "LoRA"; `rollout.sync_tolerance`).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ from aepo.types import Generation
 __all__ = ["VLLMBackend", "VLLMSampler", "vllm_missing_message"]
 
 INSTALL_HINT = ("install the vllm extra into the environment: AEPO_EXTRAS=vllm python3 quickstart.py test "
-                "(README, 'vLLM backend')")
+                "(docs/gpu.md, 'vLLM backend')")
 
 
 def vllm_missing_message(error: BaseException) -> str:

@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
-from aepo.models.tokenizer import build_tokenizer
 from aepo.rollout.sampler import TorchSampler, lean, supports_lean_forward, torch_sampler
 from aepo.rollout.sampler.layout import padded_ranges
 from aepo.types import Generation, Sampler
@@ -32,9 +31,7 @@ def sampler(model, tok, path: str = "packed", **kwargs) -> TorchSampler:
     return s
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer(None)
+# tok: the built-in tokenizer of tests/conftest.py
 
 
 def make_model(arch: str, vocab: int, seed: int = 0) -> torch.nn.Module:

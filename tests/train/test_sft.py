@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from tiny_models import tiny_qwen3
 
 from aepo.models.tokenizer import build_tokenizer
 from aepo.protocol import format_result
@@ -20,10 +20,7 @@ def tok():
 
 
 def model_for(tok):
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg)
+    return tiny_qwen3(len(tok), layers=1, pad_token_id=tok.pad_token_id)
 
 
 def test_mask_covers_exactly_the_model_segments(tok):

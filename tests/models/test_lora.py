@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from repo_paths import SRC
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 from typer.testing import CliRunner
 
@@ -310,7 +311,7 @@ def _questions(tmp_path: Path) -> Path:
     return data
 
 
-CONFIG = Path(__file__).resolve().parents[1] / "src" / "aepo" / "configs" / "demo.yaml"
+CONFIG = SRC / "aepo" / "configs" / "demo.yaml"
 SMALL = [
     "tools.enabled=[calc]",
     "rollout.n=2",

@@ -11,9 +11,9 @@ import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 
 import pytest
+from repo_paths import SHARED, SRC
 from typer.testing import CliRunner
 
 from aepo.cli import app
@@ -32,7 +32,6 @@ from aepo.tools.search import (
     tokenize,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SEARCH_CACHE = SHARED / "data" / "search_cache.json"
 
 DOCS = [
@@ -413,7 +412,6 @@ def test_bm25_backend_does_not_start_jax(tmp_path):
     memory in every process: BM25Backend hides JAX from that import."""
     import subprocess
     import sys
-    from pathlib import Path
 
     fake = tmp_path / "jax"
     fake.mkdir()
@@ -423,7 +421,7 @@ def test_bm25_backend_does_not_start_jax(tmp_path):
             "b = BM25Backend([{'text': 'paris is the capital of france'}])\n"
             "assert b.search('capital of france', 1)\n"
             "import sys; assert 'jax' not in sys.modules\n")
-    src = Path(__file__).resolve().parents[1] / "src"
+    src = SRC
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{tmp_path}:{src}"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -2,6 +2,7 @@
 import sys
 
 import pytest
+import repo_paths
 from typer.testing import CliRunner
 
 import aepo
@@ -66,27 +67,11 @@ def test_eval_missing_data_file(tmp_path):
 
 # ----------------------------------------------------------------- end to end with a micro model
 import json  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = repo_paths.SHARED / "data"
 
 
-@pytest.fixture(scope="module")
-def micro_dir(tmp_path_factory):
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
-    from aepo.models.tokenizer import build_tokenizer
-
-    d = tmp_path_factory.mktemp("micro")
-    tok = build_tokenizer(["question: who founded molto press? <search> molto press </search> <answer> x </answer>"])
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+# micro_dir: the one-layer micro model of tests/conftest.py
 
 
 def test_rollout_command_writes_one_row_per_sample(micro_dir, tmp_path):
@@ -190,7 +175,7 @@ def test_train_and_world_build_use_the_demo_world(tmp_path, monkeypatch):
     tok = build_tokenizer(demo.vocabulary_texts()[:50])
     model_dir = tmp_path / "m"
     init_model(model_dir, tok)
-    config = Path(__file__).resolve().parents[1] / "src" / "aepo" / "configs" / "demo.yaml"
+    config = repo_paths.SRC / "aepo" / "configs" / "demo.yaml"
     res = runner.invoke(app, ["train", str(config), f"model.path={model_dir}", "data.world_seed=3",
                               f"out_dir={tmp_path / 'run'}"])
     assert res.exit_code == 0, res.output
@@ -219,7 +204,7 @@ def test_ctrl_c_in_train_says_how_to_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(rl.RLTrainer, "fit", interrupted)
     model_dir = tmp_path / "m"
     init_model(model_dir, build_tokenizer(["a few words of text"]))
-    config = Path(__file__).resolve().parents[1] / "src" / "aepo" / "configs" / "demo.yaml"
+    config = repo_paths.SRC / "aepo" / "configs" / "demo.yaml"
     monkeypatch.setattr("sys.argv", ["aepo", "train", str(config), f"model.path={model_dir}",
                                      f"out_dir={tmp_path / 'run'}"])
     res = runner.invoke(app, sys.argv[1:])

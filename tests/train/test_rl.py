@@ -8,7 +8,8 @@ import socket
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from tiny_models import tiny_qwen3
+from transformers import AutoModelForCausalLM
 
 from aepo.algos.presets import preset_names
 from aepo.config import load_config
@@ -20,8 +21,8 @@ from aepo.rollout.agent import RowState, fork_row_state
 from aepo.tools.calc import Calculator
 from aepo.tools.runner import ToolRunner
 from aepo.tools.search import BM25Backend, HttpBackend, SearchTool
-from aepo.train import rl as rl_module
 from aepo.train import batch as batch_module
+from aepo.train import rl as rl_module
 from aepo.train.batch import collate, length_chunks, token_logprobs_and_entropy
 from aepo.train.checkpoint import STATE_FILE, CheckpointError, latest_checkpoint
 from aepo.rollout.metrics import own_tool_calls, rollout_metrics, tool_metrics
@@ -40,12 +41,8 @@ def tok(world):
 
 
 def micro_model(tok, seed=0):
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(cfg).eval()
+    return tiny_qwen3(len(tok), seed=seed, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id).eval()
 
 
 @pytest.fixture

@@ -35,22 +35,7 @@ def error_line(res, *needles: str, advice: bool = True) -> str:
     return line
 
 
-@pytest.fixture(scope="module")
-def micro_dir(tmp_path_factory) -> Path:
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
-    from aepo.models.tokenizer import build_tokenizer
-
-    d = tmp_path_factory.mktemp("micro")
-    tok = build_tokenizer(["question: who founded molto press? <search> molto press </search> <answer> x </answer>"])
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+# micro_dir: the one-layer micro model of tests/conftest.py
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import random
 import pytest
 from chat_templates import QWEN, chat_tokenizer
 from scripted_sampler import FakeTools, ScriptedSampler
+from tiny_models import save_tiny_qwen3
 from typer.testing import CliRunner
 
 from aepo.cli import app
@@ -23,18 +24,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     """A random one-layer Qwen3 with a Qwen-style chat template (tests/chat_templates.py)."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
-    d = tmp_path_factory.mktemp("chat")
-    tok = chat_tokenizer(QWEN)
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_qwen3(tmp_path_factory.mktemp("chat"), chat_tokenizer(QWEN))
 
 
 def rollout_rows(model, tmp_path, *extra: str) -> list[dict]:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from repo_paths import ROOT
 
 pytest.importorskip("verl.trainer.main_ppo", reason="verl cannot be imported (pip install aepo[verl])")
 
@@ -19,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from aepo.errors import ConfigError
 from aepo.integrations.verl_main import preflight
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "verl"
+EXAMPLES = ROOT / "examples" / "verl"
 SMOKE = ["--config-path", str(EXAMPLES), "--config-name", "smoke_1gpu"]
 
 

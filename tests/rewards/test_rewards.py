@@ -6,9 +6,9 @@ import json
 import sys
 import time
 import types
-from pathlib import Path
 
 import pytest
+from repo_paths import SHARED
 
 from aepo import rewards
 from aepo.rewards import (
@@ -26,7 +26,6 @@ from aepo.rewards import (
     scorer_name_for,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BENCH = SHARED / "data" / "benchmarks"
 
 # ----------------------------------------------------------------------------- QA matching

@@ -4,11 +4,11 @@ Neither needs verl installed: the parquet schema and the reward signature are ch
 and the parquet is read back by aepo's own loader.
 """
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import repo_paths
 from typer.testing import CliRunner
 
 from aepo.cli import app
@@ -18,7 +18,7 @@ from aepo.integrations.verl_task import compute_score, verl_rows
 from aepo.protocol import format_result
 
 runner = CliRunner()
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = repo_paths.SHARED / "data"
 ROWS = [
     {"id": "q1", "question": "Who founded Molto Press?", "answer": ["Ana Ruiz", "A. Ruiz"], "data_source": "hotpotqa"},
     {"id": "q2", "question": "What is 12 * 7?", "answer": "84", "data_source": "gsm8k"},

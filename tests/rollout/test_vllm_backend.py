@@ -1,7 +1,7 @@
 """The vLLM backend (rollout.backend=vllm) against the torch sampler, on CPU.
 
 Skipped where vLLM cannot be imported; set it up with `AEPO_EXTRAS=vllm python3 quickstart.py
-test tests/test_vllm_backend.py` (README, 'vLLM backend'). The engine runs in this process, as
+test tests/rollout/test_vllm_backend.py` (docs/gpu.md, 'vLLM backend'). The engine runs in this process, as
 in training; one engine serves the module's tests.
 """
 from __future__ import annotations

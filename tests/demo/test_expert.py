@@ -8,7 +8,6 @@ import random
 import re
 from collections import Counter, defaultdict
 
-import bm25s
 import pytest
 
 from aepo.demo.expert import (
@@ -23,6 +22,7 @@ from aepo.demo.expert import (
     run_expert,
 )
 from aepo.demo.world import World, build_world, word_split
+from aepo.tools.search import _import_bm25s  # bm25s without JAX (a JAX import claims GPU memory per process)
 
 TAG = re.compile(r"</?(think|search|calc|python|answer|result)>")
 MODEL_CALL = re.compile(r"^<think> [^<>]+ </think>\n<(search|calc|python)> ([^<>]+) </\1>$")
@@ -36,7 +36,7 @@ def make_tool(corpus: list[dict], with_title: bool = True, k: int = 3):
     def tok(text: str) -> list[str]:
         return re.findall(r"[a-z0-9]+", text.lower())
 
-    retriever = bm25s.BM25()
+    retriever = _import_bm25s().BM25()
     retriever.index(
         [tok((d["title"] + " " + d["text"]) if with_title else d["text"]) for d in corpus],
         show_progress=False,

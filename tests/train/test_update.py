@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, Qwen3Config
+from tiny_models import tiny_qwen3
 
 from aepo.algos import EntropyHistory
 from aepo.config import load_config
@@ -27,12 +27,8 @@ ALPHA = 0.5
 
 
 def tiny_model(seed=0, vocab=VOCAB):
-    cfg = Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
-                      pad_token_id=0, eos_token_id=1, initializer_range=0.2)  # entropies spread out
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(cfg).eval()
+    return tiny_qwen3(vocab, seed=seed, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1,
+                      initializer_range=0.2).eval()  # entropies spread out
 
 
 def trainer_for(model, tmp_path, **over):

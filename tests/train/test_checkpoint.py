@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import repo_paths
 import torch
 from safetensors.torch import save_file
 
@@ -32,7 +33,7 @@ from aepo.train.checkpoint import (
     save_checkpoint,
 )
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(repo_paths.SRC)
 
 
 class FakeModel:
@@ -140,6 +141,7 @@ def test_a_killed_save_leaves_nothing_resume_would_pick(tmp_path):
         from pathlib import Path
         sys.path.insert(0, {SRC!r})
         sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path.insert(0, {str(repo_paths.ROOT / 'tests')!r})  # the helpers test_checkpoint imports
         import torch
         from test_checkpoint import FakeModel, FakeTokenizer
         from aepo.train.checkpoint import save_checkpoint

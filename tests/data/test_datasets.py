@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from repo_paths import SHARED
 
 from aepo.data.datasets import TaskRow, load_dataset
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BENCH = SHARED / "data" / "benchmarks"
 BUNDLED = ["2wiki", "hotpotqa", "musique", "bamboogle", "gsm8k", "math500", "aime24", "aime25"]
 

@@ -22,10 +22,10 @@ from __future__ import annotations
 import asyncio
 import types
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import pytest
+from repo_paths import ROOT
 
 agent_loop = pytest.importorskip("verl.experimental.agent_loop.agent_loop",
                                  reason="verl's agent loop cannot be imported (pip install aepo[verl])")
@@ -48,7 +48,7 @@ from aepo.integrations import verl_agent_loop as loop_mod
 from aepo.integrations import verl_trainer
 from aepo.models.tokenizer import build_tokenizer
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "verl"
+EXAMPLES = ROOT / "examples" / "verl"
 K, PROMPTS, ALPHA, TEMPERATURE = 4, 3, 0.3, 0.7
 
 

@@ -1,8 +1,8 @@
 """Take each wall of the Python sandbox away in turn and show which hostile case then breaks.
 
-    python tests/sandbox_walls.py [MUTATION ...]      # as root; also runs the cases as nobody
+    python tests/tools/sandbox_walls.py [MUTATION ...]      # as root; also runs the cases as nobody
 
-Each mutation edits a copy of the package (never the checkout) and runs tests/sandbox_hostile.py
+Each mutation edits a copy of the package (never the checkout) and runs tests/tools/sandbox_hostile.py
 against it, as the current user and (when root, with setpriv) as nobody. A wall whose removal
 breaks no case would be untested; the walls overlap on purpose (under a root trainer the uid
 switch alone also keeps /proc/sys and root-only files shut), so some mutations remove two.
@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PACKAGE = HERE.parent / "src" / "aepo"
+PACKAGE = HERE.parents[1] / "src" / "aepo"
 
 MUTATIONS = {
  "no_uid_switch": [("sandbox/host.py", "return _UidSlot() if _host_root() else _NoSlot()", "return _NoSlot()")],
