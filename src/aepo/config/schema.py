@@ -25,7 +25,7 @@ class ModelConfig:
 class LoraConfig:
     """LoRA adapters on the policy (`actor.lora`, built with peft): with rank > 0, training (RL
     and SFT) updates only the adapters, the KL reference is the same model with its adapters
-    disabled, and saved models are adapter directories (README, "LoRA")."""
+    disabled, and saved models are adapter directories (docs/usage.md, "LoRA")."""
 
     rank: int = 0  # adapter rank r; 0: off (full fine-tuning)
     alpha: float = 16.0  # scaling numerator: the update is (alpha / rank) B A

@@ -312,7 +312,7 @@ _MISSING_ENTROPY = (
     "with the old log-probs but does not pass them to the estimator: select aepo's trainer mode, "
     "trainer.v1.trainer_mode=aepo_sync, with the setup hook "
     "+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=aepo.integrations.verl.trainer.register "
-    "(README, 'verl'). The legacy trainer (trainer.use_v1=false) has no such hook: use "
+    "(docs/verl.md). The legacy trainer (trainer.use_v1=false) has no such hook: use "
     "algorithm.adv_estimator=aepo_grpo there."
 )
 

@@ -133,7 +133,7 @@ AGENT_LOOP_NAME = "aepo_tree"
 logger = logging.getLogger(__name__)
 
 _INSTALL_HINT = ("aepo.integrations.verl.agent_loop needs verl, which cannot be imported: `pip install aepo[verl]` "
-                 "(README, 'verl'), then register() again")
+                 "(docs/verl.md), then register() again")
 # rollout.* keys that belong to the sampling engine, which is verl's here -> where to set them
 _SAMPLER_KEYS = {
     "backend": "actor_rollout_ref.rollout.name",

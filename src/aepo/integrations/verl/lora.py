@@ -1,4 +1,4 @@
-"""aepo's `actor.lora` as verl's own LoRA settings (README, "LoRA"): verl trains the adapters
+"""aepo's `actor.lora` as verl's own LoRA settings (docs/usage.md, "LoRA"): verl trains the adapters
 itself (peft on its FSDP actor, adapter-only syncs to its vLLM servers), so aepo only passes
 the values through as command-line overrides of `verl.trainer.main_ppo`."""
 

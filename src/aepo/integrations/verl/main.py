@@ -9,7 +9,7 @@ in the workers' logs. `preflight(config)` checks, on this node:
 - the aepo_tree settings (`actor_rollout_ref.rollout.custom.aepo` and the agent-loop YAML entry),
   as the loop reads them;
 - the trainer mode: `aepo_entropy` needs verl's V1 trainer in an `aepo_<mode>` mode, aepo_tree
-  needs the sync mode (README, "verl");
+  needs the sync mode (docs/verl.md);
 - the Ray setup hook that registers aepo in every worker;
 - the tools: the Python sandbox probes what isolation this node allows and refuses, with the
   fix, where strict isolation is impossible (a Docker/Kubernetes GPU node without user

@@ -36,7 +36,7 @@ per micro-batch instead (docs/algorithms.md section 4). With
 refused there.
 
 **What else the modes add.** At construction, `check_trainer_config` refuses aepo_tree under an
-async mode (a tree must come from one policy version; README, "verl") and keys verl's own config
+async mode (a tree must come from one policy version; docs/verl.md) and keys verl's own config
 would refuse later. Each step counts the trees that survived: a prompt whose tree failed (after
 the loop's retries) reaches verl's batch with no rows and the step trains on the rest, logging
 `aepo/rollout/failed_trees` and `aepo/rollout/tree_survival`; below `min_tree_fraction`
@@ -77,7 +77,7 @@ TRAINER_PREFIX = "aepo_"
 ENTROPY_FIELD = "entropy"  # the V1 trainer's TransferQueue field for the old-policy entropies
 
 _INSTALL_HINT = ("aepo.integrations.verl.trainer needs verl's V1 trainer (verl >= 0.9 and TransferQueue): "
-                 "`pip install aepo[verl]` (README, 'verl (cluster scale)')")
+                 "`pip install aepo[verl]` (docs/verl.md)")
 _TRAINER_CLASSES: dict[str, type] = {}
 
 
@@ -194,7 +194,7 @@ def uses_tree_loop(config: Any) -> bool:
 
 def check_trainer_config(config: Any, verl_mode: str) -> None:
     """ConfigError for settings aepo's trainer modes cannot run: aepo_tree under an async mode
-    (README, "verl": a tree must come from one policy version) and keys verl's own config refuses."""
+    (docs/verl.md: a tree must come from one policy version) and keys verl's own config refuses."""
     from aepo.errors import ConfigError
     from aepo.integrations.verl import _cfg_get
 

@@ -7,16 +7,10 @@ import pytest
 import torch
 from test_torch_sampler import check_against_full, make_model
 
-from aepo.models.tokenizer import build_tokenizer
 from aepo.rollout.sampler import TorchSampler
 from aepo.rollout.sampler.streams import RowKey, row_uniform
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer(None)
 
 
 @pytest.fixture(scope="module", params=["qwen3", "llama", "qwen2"])
