@@ -21,7 +21,7 @@ class RolloutConfig:
     # row stopped for a tool, the others pause and continue in the next turn's batch, so rows
     # waiting on a tool result need not wait for the turn's longest row (0 = off). Try 0.25 on
     # a GPU, where a decode step costs about the same at 8 rows as at 64; on the CPU demo it
-    # saves nothing (benchmarks/RESULTS.md, "The agent loop's turn barrier")
+    # saves nothing (benchmarks/RESULTS.md, "GPU, second session")
     pause_below: float = 0.0
     # how rows are scheduled (docs/algorithms.md section 3.5): "continuous" one running batch
     # that rows join and leave at any step (a row waiting on a tool leaves, a branch joins at
