@@ -185,6 +185,7 @@ class DemoConfig:
 
     world_size: str = "small"
     world_level: int = 2
+    world_kinds: str = ""  # e.g. "fork,fork_run,alias,multi_hop": only these kinds (aepo.demo.world.kinds_spec)
     # Two layers: SFT steps 2.2x cheaper than "tiny"'s four, and a better SFT model after the same
     # 1,600 steps (29% held-out pass@1 against 24%; benchmarks/RESULTS.md, "Demo: learning status").
     model_preset: str = "micro"
@@ -577,6 +578,13 @@ def validate(cfg: Config) -> None:
                        ("demo.tokenizer_worlds", dm.tokenizer_worlds), ("demo.vocab_size", dm.vocab_size)):
         _check(value >= 1, key, value, ">= 1")
     _check(dm.recall_drills >= 0, "demo.recall_drills", dm.recall_drills, ">= 0")
+    if dm.world_kinds:
+        from aepo.demo.world import parse_kinds
+
+        try:
+            parse_kinds(dm.world_kinds)
+        except ValueError as e:
+            raise ConfigError(f"demo.world_kinds: {e}") from None
     if r.backend == "vllm":
         import importlib.util
 

@@ -24,7 +24,8 @@ All text is lower case, uses a small closed vocabulary, and one relation keyword
 
 The package's modules: `templates` (wording, relations, question templates), `spec` (the
 knobs and their presets), `names` (fictional word generation), `entities` (people,
-organisations, cities and the `World`), `build` (a world from a seed).
+organisations, cities and the `World`), `build` (a world from a seed), `forks` (the fork
+kinds' namesakes, nickname groups and questions).
 """
 
 from aepo.demo.world.build import build_world, demo_world
@@ -39,8 +40,23 @@ from aepo.demo.world.entities import (
     calc_expression,
     subjects,
 )
+from aepo.demo.world.forks import expected_solve_rate, fork_candidates
 from aepo.demo.world.names import number_words, word_split
-from aepo.demo.world.spec import DATA_SOURCE, FORMAT_VERSION, KINDS, LEVELS, SIZES, WorldSpec, world_spec
+from aepo.demo.world.spec import (
+    ALL_KINDS,
+    DATA_SOURCE,
+    FORK_KINDS,
+    FORK_QUIET,
+    FORMAT_VERSION,
+    KINDS,
+    LEVELS,
+    SIZES,
+    WorldSpec,
+    has_forks,
+    kinds_spec,
+    parse_kinds,
+    world_spec,
+)
 from aepo.demo.world.templates import (
     BIRTH_YEARS,
     DOC_CITY,
@@ -50,6 +66,7 @@ from aepo.demo.world.templates import (
     DOC_PERSON,
     DOC_PERSON_NICK,
     FACT_PAIRS,
+    FORK_TEMPLATES,
     FOUNDED_YEARS,
     FOUNDER_AGE,
     NICKNAME_CLAUSE,
@@ -65,14 +82,18 @@ from aepo.demo.world.templates import (
     THINK_HEAD_MATH,
     THINK_LOOKUP,
     THINK_NOT_FOUND,
+    THINK_PICK,
     THINK_RESULT,
+    THINK_WHICH,
     TURN_AGES,
     Calc,
     Lookup,
     Template,
+    template_by_key,
 )
 
 __all__ = [
+    "ALL_KINDS",
     "BIRTH_YEARS",
     "DATA_SOURCE",
     "DOC_CITY",
@@ -82,6 +103,9 @@ __all__ = [
     "DOC_PERSON",
     "DOC_PERSON_NICK",
     "FACT_PAIRS",
+    "FORK_KINDS",
+    "FORK_QUIET",
+    "FORK_TEMPLATES",
     "FORMAT_VERSION",
     "FOUNDED_YEARS",
     "FOUNDER_AGE",
@@ -101,7 +125,9 @@ __all__ = [
     "THINK_HEAD_MATH",
     "THINK_LOOKUP",
     "THINK_NOT_FOUND",
+    "THINK_PICK",
     "THINK_RESULT",
+    "THINK_WHICH",
     "TURN_AGES",
     "Calc",
     "City",
@@ -117,8 +143,14 @@ __all__ = [
     "build_world",
     "calc_expression",
     "demo_world",
+    "expected_solve_rate",
+    "fork_candidates",
+    "has_forks",
+    "kinds_spec",
     "number_words",
+    "parse_kinds",
     "subjects",
+    "template_by_key",
     "word_split",
     "world_spec",
 ]

@@ -6,8 +6,15 @@ import random
 from collections.abc import Iterator
 
 from aepo.demo.world.entities import City, Org, Person, World
+from aepo.demo.world.forks import (
+    add_alias_groups,
+    add_namesakes,
+    fork_bindings,
+    fork_question_text,
+    is_ambiguous,
+)
 from aepo.demo.world.names import _Words
-from aepo.demo.world.spec import DATA_SOURCE, KINDS, WorldSpec, world_spec
+from aepo.demo.world.spec import DATA_SOURCE, FORK_KINDS, KINDS, WorldSpec, has_forks, kinds_spec, world_spec
 from aepo.demo.world.templates import (
     BIRTH_YEARS,
     DOC_CITY,
@@ -16,6 +23,7 @@ from aepo.demo.world.templates import (
     DOC_ORG,
     DOC_PERSON,
     DOC_PERSON_NICK,
+    FORK_TEMPLATES,
     FOUNDED_YEARS,
     FOUNDER_AGE,
     NICKNAME_CLAUSE,
@@ -26,10 +34,14 @@ from aepo.demo.world.templates import (
 )
 
 
-def demo_world(seed: int = 0, size: str = "small", level: int = 2) -> World:
+def demo_world(
+    seed: int = 0, size: str = "small", level: int = 2, kinds: str | tuple[str, ...] = ()
+) -> World:
     """The world `aepo demo --seed SEED` trains on (its names drawn from `name_seed=seed`), so
-    `aepo train` and `aepo world build` with the same seed give the SFT model its own world."""
-    return build_world(seed=seed, size=size, level=level, name_seed=seed)
+    `aepo train` and `aepo world build` with the same seed give the SFT model its own world.
+    `kinds` ("fork,fork_run,alias"; empty: the level's mix) asks only those kinds (`kinds_spec`)."""
+    spec = kinds_spec(world_spec(size, level), kinds) if kinds else None
+    return build_world(seed=seed, size=size, level=level, spec=spec, name_seed=seed)
 
 
 def build_world(
@@ -75,6 +87,9 @@ def build_world(
     people = _make_people(rng, spec, families, lasts, cities, orgs)
     _assign_founders(rng, orgs, people)
     _assign_nicknames(rng, spec, words, people)
+    if has_forks(spec):
+        add_namesakes(rng, orgs, people, cities)
+        add_alias_groups(rng, words, people, cities)
 
     world = World(
         seed=seed,
@@ -209,9 +224,10 @@ def _make_corpus(rng: random.Random, world: World) -> list[dict]:
 def _kind_counts(n: int, mix: dict[str, float]) -> dict[str, int]:
     """Split n questions over kinds by `mix` (largest remainders, in KINDS order)."""
     total = sum(mix.values())
-    exact = {k: n * mix.get(k, 0.0) / total for k in KINDS}
+    kinds = KINDS + tuple(k for k in FORK_KINDS if k in mix)
+    exact = {k: n * mix.get(k, 0.0) / total for k in kinds}
     counts = {k: int(v) for k, v in exact.items()}
-    for k in sorted(KINDS, key=lambda k: counts[k] - exact[k])[: n - sum(counts.values())]:
+    for k in sorted(kinds, key=lambda k: counts[k] - exact[k])[: n - sum(counts.values())]:
         counts[k] += 1
     return counts
 
@@ -267,22 +283,26 @@ def _make_questions(
     rng: random.Random, world: World, split: str, n: int, mix: dict[str, float]
 ) -> list[dict]:
     spec = world.spec
+    forky = has_forks(spec)
     rows: list[dict] = []
     seen: set[str] = set()
     for kind, count in _kind_counts(n, mix).items():
         if count == 0:
             continue
-        retry = kind == "retry"
+        retry, fork = kind == "retry", kind in FORK_KINDS
         pool = [
             t
-            for t in TEMPLATES.values()
-            if t.hops <= spec.max_hops and (t.retry_ok if retry else t.kind == kind)
+            for t in (FORK_TEMPLATES if fork else TEMPLATES).values()
+            if (fork or t.hops <= spec.max_hops) and (t.retry_ok if retry else t.kind == kind)
         ]
         if not pool:
             raise ValueError(f"no {kind} question fits WorldSpec.max_hops={spec.max_hops}")
-        three = [t for t in pool if t.hops == 3]
-        short = [t for t in pool if t.hops < 3] or three
-        streams = {t.key: _candidates(rng, world, split, t, retry) for t in pool}
+        three = [t for t in pool if t.hops == 3 and not fork]
+        short = [t for t in pool if t.hops < 3 or fork] or three
+        streams = {
+            t.key: fork_bindings(rng, world, split, t) if fork else _candidates(rng, world, split, t, retry)
+            for t in pool
+        }
         made = stalled = 0
         while made < count and stalled < 2000:  # stalled: tries since the last new question
             stalled += 1
@@ -293,7 +313,11 @@ def _make_questions(
             b = next(streams[template.key], None)
             if b is None:
                 continue
-            text = _question_text(world, template, b, retry)
+            if forky and not fork and is_ambiguous(world, template, b):
+                continue  # off the forks every name a chain looks up is unique
+            text = (
+                fork_question_text(world, template, b) if fork else _question_text(world, template, b, retry)
+            )
             if text in seen:
                 continue
             seen.add(text)

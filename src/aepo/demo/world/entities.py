@@ -9,9 +9,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from aepo.demo.world.names import _strip_fields, word_split
-from aepo.demo.world.spec import DATA_SOURCE, FORMAT_VERSION, WorldSpec
+from aepo.demo.world.spec import DATA_SOURCE, FORMAT_VERSION, WorldSpec, has_forks
 from aepo.demo.world.templates import (
+    DOC_PERSON,
+    DOC_PERSON_NICK,
     FACT_PAIRS,
+    FORK_TEMPLATES,
     NICKNAME_CLAUSE,
     NO_RESULTS,
     RELATIONS,
@@ -24,7 +27,9 @@ from aepo.demo.world.templates import (
     THINK_HEAD_MATH,
     THINK_LOOKUP,
     THINK_NOT_FOUND,
+    THINK_PICK,
     THINK_RESULT,
+    THINK_WHICH,
     Lookup,
     Template,
 )
@@ -106,6 +111,9 @@ class World:
             self._by_title[o.name] = ("org", o.id)
         for c in self.cities:
             self._by_title[c.name] = ("city", c.id)
+        self._same_name: dict[str, list[str]] = {}  # full name -> person ids (namesakes: 2 or more)
+        for p in self.people:
+            self._same_name.setdefault(p.name, []).append(p.id)
 
     # --- facts
 
@@ -155,19 +163,53 @@ class World:
             return [o.name, o.base]
         return [self.display(value)]
 
-    def execute(self, template: Template, bindings: dict) -> Value:
-        """The gold answer of a template over this world's true facts."""
+    def execute(self, template: Template, bindings: dict, pick: dict[str, Value] | None = None) -> Value:
+        """The gold answer of a template over this world's true facts (with `pick`, the answer
+        reached when variable v is taken to be pick[v], e.g. a namesake at a fork)."""
+        return self.trace(template, bindings, pick)[template.answer]
+
+    def trace(
+        self, template: Template, bindings: dict, pick: dict[str, Value] | None = None
+    ) -> dict[str, Value]:
+        """Every variable of a template's chain: bindings, then each step's outputs."""
+        pick = pick or {}
         env = bind_values(bindings)
+        env.update({k: v for k, v in pick.items() if k in env})
         for step in template.steps:
             if isinstance(step, Lookup):
                 for rel, out in zip(step.rels, step.outs):
-                    env[out] = self.fact(env[step.src], rel)
+                    env[out] = pick.get(out, self.fact(env[step.src], rel))
             else:
                 env[step.out] = (
                     "number" if step.op != "+" else "year",
                     apply_calc(step.op, int(env[step.a][1]), int(env[step.b][1])),
                 )
-        return env[template.answer]
+        return env
+
+    def namesakes(self, person_id: str) -> list[str]:
+        """Ids of the people with this person's full name, the person included."""
+        return list(self._same_name[self.person_by_id[person_id].name])
+
+    def nickname_holders(self, nick: str) -> list[str]:
+        """Ids of the people whose document names them by nickname `nick`."""
+        return [p.id for p in self.people if p.nickname == nick and p.nickname_indexed]
+
+    def person_doc(self, p: Person) -> str:
+        """The text of a person's corpus document."""
+        tmpl = DOC_PERSON_NICK if p.nickname_indexed else DOC_PERSON
+        city, org = self.city_by_id[p.birth_city].name, self.org_by_id[p.employer].name
+        return tmpl.format(name=p.name, nick=p.nickname, city=city, year=p.birth_year, org=org)
+
+    def entity_by_page(self, title: str, text: str) -> Value | None:
+        """The entity a result page is about; namesakes' pages (one title) are told apart by
+        their text (a page cut short must still hold the birth city)."""
+        ids = self._same_name.get(title, [])
+        if len(ids) < 2:
+            return self.entity_by_title(title)
+        text = text.split(" ...")[0].strip()  # a page cut short ends with " ...[truncated]"
+        found = [i for i in ids if self.person_doc(self.person_by_id[i]).startswith(text)]
+        city_ok = [i for i in found if self.city_by_id[self.person_by_id[i].birth_city].name in text]
+        return ("person", city_ok[0]) if len(city_ok) == 1 else None
 
     # --- text
 
@@ -191,6 +233,8 @@ class World:
         ]
         phrases += [r[3] for r in RELATIONS.values()] + list(FACT_PAIRS.values())
         phrases += [t.text for t in TEMPLATES.values()]
+        if has_forks(self.spec):  # only then, so that default worlds keep their vocabulary
+            phrases += [THINK_WHICH, THINK_PICK] + [t.text for t in FORK_TEMPLATES.values()]
         texts += [_strip_fields(p) for p in phrases]
         texts.append("0 1 2 3 4 5 6 7 8 9 + - ( ) print")
         return texts
@@ -294,8 +338,10 @@ def bind_values(bindings: dict) -> dict[str, Value]:
             env[var] = ("org", key)
         elif var == "n":
             env[var] = ("number", int(key))
+        elif var in ("k", "k2"):  # a fork's clue: a country of birth
+            env[var] = ("country", key)
         else:
-            raise ValueError(f"unknown binding variable {var!r}; valid: p, q, o, n")
+            raise ValueError(f"unknown binding variable {var!r}; valid: p, q, o, n, k, k2")
     return env
 
 

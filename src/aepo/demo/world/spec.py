@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 DATA_SOURCE = "demo_world"
 KINDS = ("one_hop", "multi_hop", "arithmetic", "retry")
+FORK_KINDS = ("fork", "fork_run", "alias")  # `kinds_spec`; aepo.demo.world.forks
+ALL_KINDS = KINDS + FORK_KINDS
 SIZES = ("small", "medium")
 LEVELS = (1, 2, 3)
 FORMAT_VERSION = 1
@@ -71,10 +73,10 @@ class WorldSpec:
             raise ValueError(f"WorldSpec.max_hops must be 1, 2 or 3, got {self.max_hops}")
         for split in ("train", "test"):
             mix = getattr(self, f"{split}_mix")
-            bad = sorted(set(mix) - set(KINDS))
+            bad = sorted(set(mix) - set(ALL_KINDS))
             if bad or not mix or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
                 raise ValueError(
-                    f"WorldSpec.{split}_mix must map some of {', '.join(KINDS)} to weights >= 0 "
+                    f"WorldSpec.{split}_mix must map some of {', '.join(ALL_KINDS)} to weights >= 0 "
                     f"with a positive sum, got {mix!r}"
                 )
 
@@ -144,3 +146,51 @@ def world_spec(size: str = "small", level: int = 2) -> WorldSpec:
     if level not in _LEVEL_PRESETS:
         raise ValueError(f"level must be one of {', '.join(map(str, LEVELS))}, got {level!r}")
     return WorldSpec(**_SIZE_PRESETS[size], **_LEVEL_PRESETS[level])
+
+
+# A world with fork kinds is quiet off the forks: few confusable twins, no family pages, fewer
+# nicknames, so that the uncertainty left after a tool result is the forks'.
+FORK_QUIET: dict = {
+    "twins_train": 0.3,
+    "twins_test": 0.3,
+    "family_docs": 0.0,
+    "nickname_share": 0.2,
+    "nickname_indexed": 0.0,  # documents name people by nickname only in the alias groups
+}
+
+
+def has_forks(spec: WorldSpec) -> bool:
+    """Whether a world of this spec asks fork, fork_run or alias questions."""
+    return any(k in FORK_KINDS for k in (*spec.train_mix, *spec.test_mix))
+
+
+def parse_kinds(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Kinds from "fork,fork_run,alias" (or a list): each one of ALL_KINDS, none twice."""
+    kinds = [k.strip() for k in (text.split(",") if isinstance(text, str) else text) if k.strip()]
+    bad = [k for k in kinds if k not in ALL_KINDS]
+    if bad or not kinds or len(set(kinds)) != len(kinds):
+        raise ValueError(
+            f"kinds {text!r}: give distinct names from {', '.join(ALL_KINDS)}, comma-separated"
+            + (f" ({', '.join(bad)} unknown)" if bad else "")
+        )
+    return tuple(kinds)
+
+
+def kinds_spec(spec: WorldSpec, kinds: str | list[str] | tuple[str, ...]) -> WorldSpec:
+    """`spec` asking only `kinds`, in equal shares in both splits; with a fork kind among them
+    the rest of the world is quiet (FORK_QUIET), it has 1.5x the people, 2x the organisations, a test share of at least 0.4 and 3/10 of the train
+    questions."""
+    mix = {k: 1.0 for k in parse_kinds(kinds)}
+    out = replace(spec, train_mix=dict(mix), test_mix=dict(mix))
+    if not has_forks(out):
+        return out
+    # a fork question starts at a person or an organisation of its split: more people and
+    # organisations per split, and 3/10 of the train questions, so that every split can hold its distinct ones
+    return replace(
+        out,
+        **FORK_QUIET,
+        base_people=round(1.5 * spec.base_people),
+        orgs=2 * spec.orgs,
+        test_share=max(spec.test_share, 0.4),
+        train_questions=spec.train_questions * 3 // 10,
+    )

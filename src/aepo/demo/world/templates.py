@@ -87,11 +87,14 @@ class Template:
     """A question form: its text, the steps that answer it and the answer variable."""
 
     key: str
-    kind: Literal["one_hop", "multi_hop", "arithmetic"]
+    kind: Literal["one_hop", "multi_hop", "arithmetic", "fork", "fork_run", "alias"]
     text: str
     steps: tuple[Lookup | Calc, ...]
     answer: str
     retry_ok: bool = False  # may be asked through a nickname ("retry" kind)
+    # (entity variable, clue variable): the entity's name is shared by 2-3 pages and the
+    # question tells them apart only by the clue, the country the entity was born in
+    forks: tuple[tuple[str, str], ...] = ()
 
     @property
     def hops(self) -> int:
@@ -227,3 +230,74 @@ TEMPLATES: dict[str, Template] = {
         ),
     ]
 }
+
+# ----------------------------------------------------------------------------- forks
+# Questions whose chain passes a name shared by two or three pages (namesakes, or people who
+# share a nickname): only the country of birth in the question tells them apart, and it is on
+# none of those pages. A verification search ("kasta tolva country") settles it; each
+# candidate leads to a different answer (`aepo.demo.world.forks`).
+
+THINK_WHICH = "which {name}?"
+THINK_PICK = "the {name} born in {city} is the one."
+
+FORK_TEMPLATES: dict[str, Template] = {
+    t.key: t
+    for t in [
+        Template(
+            "fork_o",
+            "fork",
+            "the founder of {o} was born in {k}. in which city is the company that founder works for based?",
+            (_l("o", "founder", "f"), _l("f", "employer", "o2"), _l("o2", "based_city", "a")),
+            "a",
+            forks=(("f", "k"),),
+        ),
+        Template(
+            "fork_p",
+            "fork",
+            "the founder of the company {p} works for was born in {k}. "
+            "in which city is the company that founder works for based?",
+            (
+                _l("p", "employer", "o"),
+                _l("o", "founder", "f"),
+                _l("f", "employer", "o2"),
+                _l("o2", "based_city", "a"),
+            ),
+            "a",
+            forks=(("f", "k"),),
+        ),
+        Template(
+            "alias_city",
+            "alias",
+            "the person nicknamed {nick} was born in {k}. in which city is the company {nick} works for based?",
+            (_l("p", "employer", "o"), _l("o", "based_city", "a")),
+            "a",
+            forks=(("p", "k"),),
+        ),
+        Template(
+            "alias_year",
+            "alias",
+            "the person nicknamed {nick} was born in {k}. in what year was the company {nick} works for founded?",
+            (_l("p", "employer", "o"), _l("o", "founded_year", "a")),
+            "a",
+            forks=(("p", "k"),),
+        ),
+        Template(
+            "fork_run",
+            "fork_run",
+            "the person nicknamed {nick} was born in {k}, and the founder of the company {nick} works for "
+            "was born in {k2}. which company does that founder work for?",
+            (_l("p", "employer", "o"), _l("o", "founder", "f"), _l("f", "employer", "a")),
+            "a",
+            forks=(("p", "k"), ("f", "k2")),
+        ),
+    ]
+}
+
+
+def template_by_key(key: str) -> Template:
+    """A question row's template, default or fork (KeyError naming the valid keys)."""
+    if key in TEMPLATES:
+        return TEMPLATES[key]
+    if key in FORK_TEMPLATES:
+        return FORK_TEMPLATES[key]
+    raise KeyError(f"unknown template {key!r}; valid: {', '.join([*TEMPLATES, *FORK_TEMPLATES])}")
