@@ -12,7 +12,7 @@ A fork question names such an entity and says only the country it was born in ("
 of dorva labs was born in keronia. ..."). The pages of the shared name state birth cities,
 not countries, so telling the candidates apart takes one more search ("kasta tolva country").
 Every fork question is kept only if each wrong candidate leads to another answer, so its gold
-answer is reachable only through the right one (docs/demo.md, "Fork worlds").
+answer is reachable only through the right one (docs/algorithms.md, "Fork worlds").
 """
 
 from __future__ import annotations

@@ -177,20 +177,22 @@ def parse_kinds(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def kinds_spec(spec: WorldSpec, kinds: str | list[str] | tuple[str, ...]) -> WorldSpec:
-    """`spec` asking only `kinds`, in equal shares in both splits; with a fork kind among them
-    the rest of the world is quiet (FORK_QUIET), it has 1.5x the people, 2x the organisations, a test share of at least 0.4 and 3/10 of the train
-    questions."""
-    mix = {k: 1.0 for k in parse_kinds(kinds)}
+    """`spec` asking only `kinds`, in equal shares in both splits. With a fork kind among them
+    the rest of the world is quiet (FORK_QUIET), and the world has 1.5x the people, 2x the
+    organisations and a test share of at least 0.4, and 3/40 of the size's train questions and
+    1/4 of its test questions per kind (150 and 75 for "small"), so that every split can hold
+    its distinct fork questions."""
+    names = parse_kinds(kinds)
+    mix = {k: 1.0 for k in names}
     out = replace(spec, train_mix=dict(mix), test_mix=dict(mix))
     if not has_forks(out):
         return out
-    # a fork question starts at a person or an organisation of its split: more people and
-    # organisations per split, and 3/10 of the train questions, so that every split can hold its distinct ones
     return replace(
         out,
         **FORK_QUIET,
         base_people=round(1.5 * spec.base_people),
         orgs=2 * spec.orgs,
         test_share=max(spec.test_share, 0.4),
-        train_questions=spec.train_questions * 3 // 10,
+        train_questions=len(names) * (spec.train_questions * 3 // 40),
+        test_questions=len(names) * (spec.test_questions // 4),
     )
