@@ -166,7 +166,9 @@ def test_expert_solves_fork_questions_at_the_stated_rate(world, search):
     fork demos verifies about half the time and solves each kind at its expected rate
     (docs/algorithms.md: about 0.71 for fork and alias, 0.50 for fork_run) within 0.08, three
     standard errors of 4 passes over 75 questions."""
-    tool = lambda name, arg: search(arg)  # noqa: E731
+    def tool(name: str, arg: str) -> str:
+        return search(arg)
+
     rows = [r for r in world.test if r["kind"] in FORK_KINDS]
     assert all(run_expert(r, world, tool, random.Random(0), ExpertNoise.clean()).correct for r in rows)
     rng = random.Random(0)
