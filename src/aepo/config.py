@@ -578,13 +578,6 @@ def validate(cfg: Config) -> None:
                        ("demo.tokenizer_worlds", dm.tokenizer_worlds), ("demo.vocab_size", dm.vocab_size)):
         _check(value >= 1, key, value, ">= 1")
     _check(dm.recall_drills >= 0, "demo.recall_drills", dm.recall_drills, ">= 0")
-    if dm.world_kinds:
-        from aepo.demo.world import parse_kinds
-
-        try:
-            parse_kinds(dm.world_kinds)
-        except ValueError as e:
-            raise ConfigError(f"demo.world_kinds: {e}") from None
     if r.backend == "vllm":
         import importlib.util
 

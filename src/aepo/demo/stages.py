@@ -341,7 +341,16 @@ def demo_config(algo: str = "aepo", seed: int = 0, overrides: list[str] | None =
     and evaluation), QUICK_DEMO with `quick`, then `overrides` (any key, `demo.*` included)."""
     ov = [f"algo={algo}", f"trainer.seed={seed}", f"sft.seed={seed}", f"eval.seed={seed}",
           *(QUICK_DEMO if quick else []), *(overrides or [])]
-    return load_config(DEMO_CONFIG, ov)
+    cfg = load_config(DEMO_CONFIG, ov)
+    if cfg.demo.world_kinds:  # checked here: aepo.config sits below the demo package
+        from aepo.config import ConfigError
+        from aepo.demo.world import parse_kinds
+
+        try:
+            parse_kinds(cfg.demo.world_kinds)
+        except ValueError as e:
+            raise ConfigError(f"demo.world_kinds: {e}") from None
+    return cfg
 
 
 def write_report(out: Path, cfg: Config, sft: dict, rl: dict, wall: float,
