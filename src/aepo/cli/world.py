@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aepo.cli.common import fail
-from aepo.demo.world import KINDS, LEVELS, SIZES, World, demo_world
+from aepo.demo.world import ALL_KINDS, LEVELS, SIZES, World, demo_world, parse_kinds
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
@@ -19,12 +19,13 @@ def world_table(world: World) -> Table:
     counts = world.counts()
     table = Table(title=f"demo world (seed {world.seed}, size {world.size}, level {world.level})")
     table.add_column("split")
-    for kind in KINDS:
+    kinds = [k for k in ALL_KINDS if k in world.spec.train_mix or k in world.spec.test_mix]
+    for kind in kinds:
         table.add_column(kind, justify="right")
     table.add_column("total", justify="right")
     for split in ("train", "test"):
         c = counts[split]
-        table.add_row(split, *(str(c.get(k, 0)) for k in KINDS), str(sum(c.values())))
+        table.add_row(split, *(str(c.get(k, 0)) for k in kinds), str(sum(c.values())))
     table.caption = (
         f"{len(world.corpus)} documents, {len(world.people)} people, {len(world.orgs)} organisations, "
         f"{len(world.cities)} cities, {len(world.vocabulary())} distinct words"
@@ -40,6 +41,12 @@ def build(
     seed: int = typer.Option(0, "--seed", help="World seed; the same seed writes identical files."),
     size: str = typer.Option("small", "--size", help=f"One of: {', '.join(SIZES)}."),
     level: int = typer.Option(2, "--level", help=f"Difficulty, one of: {', '.join(map(str, LEVELS))}."),
+    kinds: str = typer.Option(
+        "",
+        "--kinds",
+        help=f"Only these question kinds, comma-separated, from: {', '.join(ALL_KINDS)} (default: the "
+        "level's mix). With fork, fork_run or alias the rest of the world is quiet (docs/algorithms.md, 'Fork worlds').",
+    ),
 ) -> None:
     """Generate the demo world and write it to OUT."""
     from aepo.io import check_output_dir
@@ -49,8 +56,13 @@ def build(
             raise ValueError(f"--size {size!r} is not one of {', '.join(SIZES)}; pick one of those")
         if level not in LEVELS:
             raise ValueError(f"--level {level} is not one of {', '.join(map(str, LEVELS))}; pick one of those")
+        if kinds:
+            try:
+                parse_kinds(kinds)
+            except ValueError as e:
+                raise ValueError(f"--{e}") from None
         check_output_dir(out, "OUT")
-        world = demo_world(seed, size=size, level=level)
+        world = demo_world(seed, size=size, level=level, kinds=kinds)
     except ValueError as e:
         fail(str(e))
     world.save(out)

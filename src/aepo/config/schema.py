@@ -171,6 +171,7 @@ class DemoConfig:
 
     world_size: str = "small"  # demo world size: small | medium
     world_level: int = 2  # the demo world's difficulty level (1-3)
+    world_kinds: str = ""  # e.g. "fork,fork_run,alias,multi_hop": only these kinds (aepo.demo.world.kinds_spec)
     # Two layers: SFT steps 2.2x cheaper than "tiny"'s four, and a better SFT model after the same
     # 1,600 steps (29% held-out pass@1 against 24%; benchmarks/RESULTS.md, "Demo: learning status").
     model_preset: str = "micro"

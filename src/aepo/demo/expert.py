@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 
 from aepo.demo.world import (
     FACT_PAIRS,
+    FORK_TEMPLATES,
     RELATIONS,
     TEMPLATES,
     THINK_ANSWER,
@@ -34,7 +35,9 @@ from aepo.demo.world import (
     THINK_HEAD_MATH,
     THINK_LOOKUP,
     THINK_NOT_FOUND,
+    THINK_PICK,
     THINK_RESULT,
+    THINK_WHICH,
     Calc,
     Lookup,
     Value,
@@ -42,6 +45,7 @@ from aepo.demo.world import (
     apply_calc,
     bind_values,
     calc_expression,
+    template_by_key,
 )
 
 ToolFn = Callable[[str, str], str]
@@ -65,6 +69,8 @@ class ExpertNoise:
     unnecessary_call: repeat the last tool call before answering.
     skip_calc: do the arithmetic "in the head" instead of calling the calculator; the
         result is then wrong with probability `head_math_error` (off by 1 to 10).
+    skip_verify: at a fork (two or three pages of one name; aepo.demo.world.forks), take one
+        of them at random instead of searching their birth cities' countries to tell them apart.
     """
 
     wrong_trust: float = 0.15
@@ -74,6 +80,7 @@ class ExpertNoise:
     unnecessary_call: float = 0.1
     skip_calc: float = 0.5
     head_math_error: float = 0.5
+    skip_verify: float = 0.5
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -86,8 +93,16 @@ class ExpertNoise:
         """An expert that never errs on purpose."""
         return cls(**{f.name: 0.0 for f in fields(cls)})
 
+    @classmethod
+    def quiet(cls, skip_verify: float = 0.5) -> ExpertNoise:
+        """The fork worlds' expert: no mistake but skipping verification at forks (half the
+        time), so after an ambiguous result its policy is genuinely split and elsewhere it is
+        deterministic (it always searches again after a result without the target)."""
+        return cls(**{f.name: 0.0 for f in fields(cls)} | {"skip_verify": skip_verify})
+
 
 NOISE_KINDS = ("wrong_trust", "early_answer", "no_retry", "vague_query", "unnecessary_call", "skip_calc")
+FORK_NOISE_KINDS = ("skip_verify",)  # drawn only at the forks of fork worlds
 
 
 @dataclass
@@ -147,16 +162,17 @@ class _Episode:
         self, row: dict, world: World, tool_fn: ToolFn, rng: random.Random, noise: ExpertNoise, calc_tool: str
     ) -> None:
         key = row.get("template")
-        if key not in TEMPLATES:
+        if key not in TEMPLATES and key not in FORK_TEMPLATES:
             raise ValueError(
                 f"question row {row.get('id')!r} has template {key!r}; expected one of "
-                f"{', '.join(TEMPLATES)} (rows must come from build_world)"
+                f"{', '.join([*TEMPLATES, *FORK_TEMPLATES])} (rows must come from build_world)"
             )
         if calc_tool not in ("calc", "python"):
             raise ValueError(f"calc_tool must be 'calc' or 'python', got {calc_tool!r}")
         self.row, self.world, self.tool_fn, self.rng, self.noise = row, world, tool_fn, rng, noise
         self.calc_tool = calc_tool
-        self.template = TEMPLATES[key]
+        self.template = template_by_key(key)
+        self.clues = dict(self.template.forks)  # fork entity variable -> its clue variable
         self.env: dict[str, Value] = bind_values(row["bindings"])
         self.answer_type = world.execute(self.template, row["bindings"])[0]
         self.segments: list[Segment] = []
@@ -231,7 +247,58 @@ class _Episode:
 
     # --- steps
 
+    def _fork_lookup(self, step: Lookup) -> None:
+        """A lookup whose name is shared by 2-3 pages: verify which one the question means by
+        the country of its birth city (one search for all candidates' cities), or, at rate
+        `skip_verify`, take one at random."""
+        w = self.world
+        entity = self.env[step.src]
+        nick = (
+            w.person_by_id[entity[1]].nickname if step.src == "p" and "{nick}" in self.template.text else ""
+        )
+        label = nick or w.display(entity)
+        keyword = RELATIONS[step.rels[0]][1]
+        self.pending.append(THINK_LOOKUP.format(name=label))
+        pages = parse_search_result(self._call("search", f"{label} {keyword}"))
+        shown = [p for p in pages if (f"nicknamed {nick}," in p[1] if nick else p[0] == label)]
+        cands = [e for p in shown if (e := w.entity_by_page(*p)) is not None]
+        if not cands:
+            self.pending.append(THINK_NOT_FOUND.format(name=label))
+            self._guess()
+        pick = cands[0]
+        if len(cands) > 1 and self._draw("skip_verify", self.noise.skip_verify):
+            pick = self.rng.choice(cands)
+        elif len(cands) > 1:
+            cities = [w.display(w.fact(e, "born_city")) for e in cands]
+            self.pending += [THINK_WHICH.format(name=label), THINK_LOOKUP.format(name=" and ".join(cities))]
+            found: dict[str, str] = {}
+            for title, text in parse_search_result(self._call("search", " ".join(cities) + " country")):
+                city = w.entity_by_title(title)
+                if (
+                    city
+                    and city[0] == "city"
+                    and title in cities
+                    and (c := w.fact(city, "country")[1]) in text
+                ):
+                    found[title] = str(c)
+                    self.pending.append(RELATIONS["country"][3].format(s=title, v=c) + ".")
+            clue = self.env[self.clues[step.src]][1]
+            match = [(e, c) for e, c in zip(cands, cities) if found.get(c) == clue]
+            if match:
+                pick = match[0][0]
+                self.pending.append(THINK_PICK.format(name=label, city=match[0][1]))
+            else:
+                pick = self.rng.choice(cands)
+        values = [w.fact(pick, r) for r in step.rels]
+        self.env[step.src] = pick
+        for out, value in zip(step.outs, values):
+            self.env[out] = value
+        self.pending.append(self._fact_sentence(w.display(pick), step.rels, values))
+
     def _lookup(self, index: int, step: Lookup) -> None:
+        if step.src in self.clues:
+            self._fork_lookup(step)
+            return
         w = self.world
         entity = self.env[step.src]
         kind = entity[0]
@@ -392,6 +459,7 @@ def demonstrations(
 
 
 __all__ = [
+    "FORK_NOISE_KINDS",
     "NOISE_KINDS",
     "ExpertNoise",
     "ExpertRun",

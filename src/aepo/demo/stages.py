@@ -84,16 +84,17 @@ def stage_world(out: Path, plan: DemoPlan, seed: int) -> Any:
 
     wdir = (out / WORLD_DONE).parent
     if not (out / WORLD_DONE).exists():
-        demo_world(seed, size=plan.world_size, level=plan.world_level).save(wdir)
+        demo_world(seed, size=plan.world_size, level=plan.world_level, kinds=plan.world_kinds).save(wdir)
     return World.load(wdir)
 
 
 def sample_world(plan: DemoPlan, seed: int, base: int, index: int) -> Any:
     """Sample world `index` of series `base` for demo seed `seed`: it shares the demo world's
     name pool (`name_seed`) but none of its entities or facts."""
-    from aepo.demo.world import build_world
+    from aepo.demo.world import build_world, kinds_spec, world_spec
 
-    return build_world(seed=base + 97 * seed + index, size=plan.world_size, level=plan.world_level,
+    spec = kinds_spec(world_spec(plan.world_size, plan.world_level), plan.world_kinds) if plan.world_kinds else None
+    return build_world(seed=base + 97 * seed + index, size=plan.world_size, level=plan.world_level, spec=spec,
                        name_seed=seed)
 
 
@@ -122,7 +123,8 @@ def expert_demonstrations(plan: DemoPlan, seed: int, tools: Any = None) -> list[
     memorise answers: it has to copy names and facts out of the question and the search
     results. The demo world itself is new to the SFT model, on its train split (where RL
     trains) as on its test split (where both are evaluated)."""
-    from aepo.demo.expert import demonstrations
+    from aepo.demo.expert import ExpertNoise, demonstrations
+    from aepo.demo.world import has_forks
 
     per = max(1, plan.n_demos // plan.demo_worlds)
     demos: list[dict] = []
@@ -136,7 +138,9 @@ def expert_demonstrations(plan: DemoPlan, seed: int, tools: Any = None) -> list[
             def tool_fn(name: str, arg: str, tools: Any = r.tools) -> str:
                 return tools[name](arg)
 
-            demos += demonstrations(w, "train", tool_fn, n=per, seed=seed + i)
+            # a fork world's expert errs only by skipping verification at forks (ExpertNoise.quiet)
+            noise = ExpertNoise.quiet() if has_forks(w.spec) else None
+            demos += demonstrations(w, "train", tool_fn, n=per, seed=seed + i, noise=noise)
         finally:
             r.close()
     random.Random(seed).shuffle(demos)
@@ -263,6 +267,8 @@ def stage_keys(cfg: Config, seed: int) -> dict[str, dict[str, Any]]:
              or k in ("tools.search_topk", "tools.search_max_chars")}
     keys: dict[str, dict[str, Any]] = {}
     keys["world"] = {"seed": seed, "world_size": p["world_size"], "world_level": p["world_level"]}
+    if p["world_kinds"]:  # only when set, so that default runs keep their stage keys
+        keys["world"]["world_kinds"] = p["world_kinds"]
     keys["demonstrations"] = {"world": _digest(keys["world"]), "tools": tools, **{
         k: p[k] for k in ("n_demos", "demo_worlds", "tokenizer_worlds", "vocab_size", "model_preset")}}
     keys["SFT"] = {"start": _digest(keys["demonstrations"]), "device": cfg.model.device, "dtype": cfg.model.dtype,
@@ -336,7 +342,16 @@ def demo_config(algo: str = "aepo", seed: int = 0, overrides: list[str] | None =
     and evaluation), QUICK_DEMO with `quick`, then `overrides` (any key, `demo.*` included)."""
     ov = [f"algo={algo}", f"trainer.seed={seed}", f"sft.seed={seed}", f"eval.seed={seed}",
           *(QUICK_DEMO if quick else []), *(overrides or [])]
-    return load_config(DEMO_CONFIG, ov)
+    cfg = load_config(DEMO_CONFIG, ov)
+    if cfg.demo.world_kinds:  # checked here: aepo.config sits below the demo package
+        from aepo.config import ConfigError
+        from aepo.demo.world import parse_kinds
+
+        try:
+            parse_kinds(cfg.demo.world_kinds)
+        except ValueError as e:
+            raise ConfigError(f"demo.world_kinds: {e}") from None
+    return cfg
 
 
 def write_report(out: Path, cfg: Config, sft: dict, rl: dict, wall: float,

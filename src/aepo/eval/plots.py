@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from aepo.catalogue import get_metric, shown
+from aepo.io import atomic_write_bytes
 
 
 def panels(view: str = "plot") -> list[tuple[str, str]]:
