@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 __all__ = ["SCHEDULERS", "RolloutConfig"]
 
-SCHEDULERS = ("auto", "continuous", "turns")
+SCHEDULERS = ("turns", "continuous")
 
 
 @dataclass
@@ -23,13 +23,12 @@ class RolloutConfig:
     # a GPU, where a decode step costs about the same at 8 rows as at 64; on the CPU demo it
     # saves nothing (benchmarks/RESULTS.md, "GPU, second session")
     pause_below: float = 0.0
-    # how rows are scheduled (docs/algorithms.md section 3.5): "continuous" one running batch
-    # that rows join and leave at any step (a row waiting on a tool leaves, a branch joins at
-    # once; the torch backend on a Llama-family model); "turns" one generate call per turn of
-    # all rows; "auto" continuous where it applies on the CPU, turns otherwise (CUDA, where the
-    # turn scheduler's decode steps are CUDA graphs; vLLM; penalty_scope=prompt, whose counter
-    # is defined per turn)
-    scheduler: Literal["auto", "continuous", "turns"] = "auto"
+    # how rows are scheduled (docs/algorithms.md section 3.5): "turns" one generate call per turn
+    # of all rows; "continuous" one running batch that rows join and leave at any step (a row
+    # waiting on a tool leaves, a branch joins at once; the torch backend on a Llama-family model).
+    # "turns" is the default: on the CPU demo the continuous batch takes fewer steps but its
+    # steps cost more, 1.6x the rollout time (benchmarks/RESULTS.md, "Continuous batching")
+    scheduler: Literal["turns", "continuous"] = "turns"
     max_active_rows: int = 256  # continuous scheduler: rows decoding at once; the others wait
     # continuous scheduler: start the rows a pending decision may make before it is taken (a
     # branch at its fork point, AEPO's global rows beside its probe) and drop those it does not

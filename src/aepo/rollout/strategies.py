@@ -173,19 +173,12 @@ class RolloutStrategy:
         if cfg.scheduler == "continuous" and not supports_continuous(sampler):
             raise ValueError(f"rollout.scheduler=continuous needs a sampler with a running batch (the torch "
                              f"backend on a Llama-family model); {type(sampler).__name__} has none: use "
-                             f"rollout.scheduler=turns or auto")
+                             f"rollout.scheduler=turns")
 
     def continuous(self) -> bool:
-        """Whether this rollout runs on the continuous scheduler (`aepo.rollout.scheduler`):
-        `continuous`, or `auto` on a CPU sampler that supports it with penalty_scope=chain (on
-        CUDA the turn scheduler replays its decode steps as CUDA graphs, which the continuous
-        batch does not yet)."""
-        if self.scheduler is not None or self.cfg.scheduler == "continuous":
-            return True
-        if self.cfg.scheduler == "turns" or self.cfg.penalty_scope == "prompt":
-            return False
-        device = getattr(getattr(self.sampler, "device", None), "type", None)
-        return supports_continuous(self.sampler) and device == "cpu"
+        """Whether this rollout runs on the continuous scheduler (`aepo.rollout.scheduler`,
+        `rollout.scheduler=continuous`) rather than in turns."""
+        return self.scheduler is not None or self.cfg.scheduler == "continuous"
 
     # -------------------------------------------------------------- sampler rows
 
