@@ -36,7 +36,9 @@ from aepo.rollout.sampler.streams import RowKey
 if TYPE_CHECKING:
     from aepo.rollout.strategies import PromptGroup, RolloutStrategy
 
-__all__ = ["ContinuousScheduler", "branch_stream", "supports_continuous"]
+__all__ = ["TOOL_BATCHES", "ContinuousScheduler", "branch_stream", "supports_continuous"]
+
+TOOL_BATCHES = 8  # steps' tool batches that may run at once (each one tool_fn call)
 
 
 def supports_continuous(sampler: Any) -> bool:
@@ -71,6 +73,7 @@ class ContinuousScheduler:
         self.events: dict[int, list[tuple[int, int, int, TurnOutcome]]] = {}  # group -> heap
         self.waiting_events: dict[int, int] = {}  # id(row) -> its decisions not yet taken
         self.tools: list[tuple[Future, list[RowState]]] = []
+        self.step_calls: list[tuple[RowState, Any]] = []  # this step's well-formed tool calls
         self.max_clock = 0
         self.roots: dict[int, PromptGroup] = {}  # sampler handle -> group of a running H_root sample
         self.root_queue: deque[PromptGroup] = deque()
@@ -123,8 +126,8 @@ class ContinuousScheduler:
             self._admit_new(g, 0)
             if self.speculate and g.probe is not None:
                 self._speculate_globals(g)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="aepo-tools") as pool:
-            self.pool = pool
+        # several steps' calls may be in flight at once; each batch runs its calls concurrently
+        with ThreadPoolExecutor(max_workers=TOOL_BATCHES, thread_name_prefix="aepo-tools") as pool:
             while True:
                 self._collect_tools(block=False)
                 self._settle()
@@ -136,6 +139,10 @@ class ContinuousScheduler:
                             self._root_ended(self.roots.pop(handle), gen)
                         else:
                             self._segment_ended(self.running.pop(handle), gen)
+                    if self.step_calls:  # the step's calls in one tool_fn call, run concurrently
+                        rows, actions = zip(*self.step_calls)
+                        self.tools.append((pool.submit(self.agent._run_tools, list(actions)), list(rows)))
+                        self.step_calls = []
                     self._early_decisions()
                 elif self.tools:
                     self._collect_tools(block=True)
@@ -200,7 +207,7 @@ class ContinuousScheduler:
             if action.kind == "malformed":  # its error result needs no tool
                 self._tool_results([s], self.agent._run_tools([action]))
             else:
-                self.tools.append((self.pool.submit(self.agent._run_tools, [action]), [s]))
+                self.step_calls.append((s, action))
         if outcome.follows_tool:  # a segment shorter than n_probe: measured at its end
             n = len(gen.token_ids)
             self._event(s, self.clock[id(s)] - 1, self.clock[id(s)] - n, outcome)
