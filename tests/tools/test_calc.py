@@ -127,3 +127,38 @@ def test_cli_calc():
     assert failed.exit_code == 1 and "division by zero" in failed.output
     helped = runner.invoke(app, ["tools", "calc", "--help"])
     assert helped.exit_code == 0 and "arithmetic" in helped.output.lower()
+
+
+def test_concurrent_calls_never_parse_at_the_same_time(monkeypatch):
+    """The tool runner calls calc from several threads; CPython 3.11's ast.parse is not safe to
+    run in two threads at once (a valid call got "SystemError: AST constructor recursion depth
+    mismatch" on the demo), so calc serialises it. A parse that lingers shows any overlap."""
+    import ast
+    import threading
+    import time
+
+    real_parse, inside, overlaps = ast.parse, [0], []
+    lock = threading.Lock()
+
+    def slow_parse(*args, **kwargs):
+        with lock:
+            inside[0] += 1
+            overlaps.append(inside[0])
+        time.sleep(0.002)
+        try:
+            return real_parse(*args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(ast, "parse", slow_parse)
+    calc = Calculator()
+    results: list = []
+    threads = [threading.Thread(target=lambda k=k: results.append(calc.evaluate(f"{k} * 2 + 1")))
+               for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [k * 2 + 1 for k in range(8)]
+    assert max(overlaps) == 1

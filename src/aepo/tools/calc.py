@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import threading
 from collections.abc import Callable
 from typing import Union
 
@@ -148,6 +149,13 @@ def format_number(value: Number) -> str:
     return format(value, ".12g")
 
 
+# CPython 3.11 keeps the AST converter's recursion depth in per-interpreter state: two threads
+# in ast.parse at once can fail with "SystemError: AST constructor recursion depth mismatch"
+# (seen on the demo: a valid calc call of a concurrent tool batch got that error as its result).
+# The tool runner runs calls in threads, so the parse is serialised; it takes microseconds.
+_PARSE_LOCK = threading.Lock()
+
+
 class Calculator:
     """The "calc" tool: evaluate an arithmetic expression and return the result as text."""
 
@@ -163,7 +171,8 @@ class Calculator:
         if len(text) > MAX_EXPRESSION_CHARS:
             raise CalcError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
         try:
-            tree = ast.parse(text, mode="eval")
+            with _PARSE_LOCK:
+                tree = ast.parse(text, mode="eval")
         except (SyntaxError, ValueError) as exc:  # ValueError: integer literal too long
             raise CalcError(f"invalid expression: {getattr(exc, 'msg', exc)}") from None
         except (RecursionError, MemoryError):
