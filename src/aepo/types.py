@@ -105,3 +105,8 @@ class Trajectory:
     @property
     def n_tool_calls(self) -> int:
         return len(self.tool_calls)
+
+    def tool_results_before(self, position: int) -> int:
+        """Tool results that end at or before response offset `position` (the tool-call index
+        of a decision or branch point there)."""
+        return sum(1 for s in self.segments if s.role == "tool" and s.end <= position)

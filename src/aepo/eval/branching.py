@@ -139,7 +139,7 @@ def arm_metrics(groups: Sequence[Sequence[tuple[Trajectory, dict[str, float], in
             n_branch += 1
             disagree.append(float((s["acc"] > 0.5) != (g[parent][1]["acc"] > 0.5)))
             pos = t.branch_position or 0
-            depth.append(sum(1 for seg in t.segments if seg.role == "tool" and seg.end <= pos))
+            depth.append(t.tool_results_before(pos))
         branches.append(n_branch)
 
     def mean(xs: list[float]) -> float | None:

@@ -116,7 +116,7 @@ def own_tool_calls(traj: Trajectory) -> list[ToolCall]:
     """
     if traj.branch_position is None:
         return list(traj.tool_calls)
-    inherited = sum(1 for s in traj.segments if s.role == "tool" and s.end <= traj.branch_position)
+    inherited = traj.tool_results_before(traj.branch_position)
     return traj.tool_calls[inherited:]
 
 

@@ -68,8 +68,7 @@ class ContinuousScheduler:
             self.batch.warm([g.base_row for g in strategy.groups])
         self.ready: deque[RowState] = deque()
         self.running: dict[int, RowState] = {}  # sampler handle -> row
-        self.clock: dict[int, int] = {}  # id(row) -> logical time of its next token
-        self.known: set[int] = set()  # id(row) of every row seen
+        self.clock: dict[int, int] = {}  # id(row) -> logical time of its next token, for every row seen
         self.events: dict[int, list[tuple[int, int, int, TurnOutcome]]] = {}  # group -> heap
         self.waiting_events: dict[int, int] = {}  # id(row) -> its decisions not yet taken
         self.tools: list[tuple[Future, list[RowState]]] = []
@@ -105,8 +104,7 @@ class ContinuousScheduler:
         """Queue the rows of `g` made since the last look (branches, fills, post-probe rows),
         their clocks starting at `at`."""
         for s in ([g.probe] if g.probe is not None else []) + g.rows:
-            if id(s) not in self.known:
-                self.known.add(id(s))
+            if id(s) not in self.clock:
                 self.clock[id(s)] = at
                 if not s.finished:
                     self.ready.append(s)
@@ -247,7 +245,6 @@ class ContinuousScheduler:
             child.stream = branch_stream(g.index, s.traj.row_id, turn, z)
             self.st._live.add(child.row)
             self.spec[id(child)] = child
-            self.known.add(id(child))
             self.clock[id(child)] = self.clock[id(s)]
             self.ready.append(child)
             kids.append(child)
@@ -261,7 +258,6 @@ class ContinuousScheduler:
         for row_id in range(first, g.n):
             s = self.st.new_global(g, row_id=row_id)
             self.spec[id(s)] = s
-            self.known.add(id(s))
             self.clock[id(s)] = 0
             self.ready.append(s)
             rows[row_id] = s
@@ -269,7 +265,7 @@ class ContinuousScheduler:
 
     def adopt_child(self, parent: RowState, position: int, z: int, row_id: int) -> RowState | None:
         """The speculative branch z of `parent` at `position`, now row `row_id` (None: none)."""
-        turn = sum(1 for seg in parent.traj.segments if seg.role == "tool" and seg.end <= position)
+        turn = parent.traj.tool_results_before(position)
         kids = self.spec_children.get((id(parent), turn))
         if not kids or z >= len(kids):
             return None
@@ -346,7 +342,7 @@ class ContinuousScheduler:
                 s = outcome.state
                 self.st.on_tool_feedback(g, outcome)
                 self.waiting_events[id(s)] -= 1
-                turn = sum(1 for seg in s.traj.segments if seg.role == "tool" and seg.end <= outcome.segment_start)
+                turn = s.traj.tool_results_before(outcome.segment_start)
                 self._drop_children_of(s, turn)
                 self._admit_new(g, fork_time)
                 heap = self.events.get(g.index)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from aepo.registry import Registry
 from aepo.rollout.agent import Agent, RowState, ToolFn, TurnOutcome, fork_row_state
 from aepo.rollout.branching import (
     BRANCH_DECISIONS,
@@ -37,7 +38,6 @@ from aepo.rollout.branching import (
     branch_decision,
     default_global_budget,
 )
-from aepo.registry import Registry
 from aepo.rollout.config import SCHEDULERS, RolloutConfig
 from aepo.rollout.sampler.streams import row_uniform
 from aepo.rollout.scheduler import ContinuousScheduler, branch_stream, supports_continuous
@@ -213,7 +213,7 @@ class RolloutStrategy:
     def branch(self, g: PromptGroup, parent: RowState, position: int) -> list[int]:
         """Up to Z children of `parent` at response offset `position`, within the budget."""
         made = []
-        turn = sum(1 for seg in parent.traj.segments if seg.role == "tool" and seg.end <= position)
+        turn = parent.traj.tool_results_before(position)
         for z in range(min(self.cfg.branch_children, g.budget_left)):
             child = None
             if self.scheduler is not None:  # a branch already running speculatively
@@ -368,7 +368,7 @@ class RolloutStrategy:
         budget_left = g.budget_left
         # the tool-call index of the decision: the results before the measured segment (the
         # turn's own tool call, if the segment made one, already ran and is not counted)
-        turn = sum(1 for seg in s.traj.segments if seg.role == "tool" and seg.end <= outcome.segment_start)
+        turn = s.traj.tool_results_before(outcome.segment_start)
         rng = self.rng
         if self.scheduler is not None:  # its own draw, whatever order the decisions come in
             rng = _Draw(row_uniform(self.scheduler.decision_seed, (3, g.index, s.traj.row_id), turn))

@@ -138,13 +138,14 @@ class SlotBatch:
         if run.slot >= 0:
             self._free_slot(run.slot)
 
-    def _leave(self, row: int) -> Generation:
+    def _leave(self, row: int, finish: str, stop: str | None) -> Generation:
+        """The row's segment, which ended with `finish`; its new cache positions become a chunk."""
         run = self.rows[row]
         self.flush(row)
         self._free_slot(run.slot)
         del self.rows[row]
         return Generation(token_ids=run.tokens, logprobs=run.logprobs, entropies=run.entropies,
-                          finish="length", stop=None)
+                          finish=finish, stop=stop)  # type: ignore[arg-type]
 
     # ---------------------------------------------------------------- the cache
 
@@ -211,16 +212,10 @@ class SlotBatch:
         if not todo:
             return
         with torch.inference_mode():
-            order, _, keys, values, c_len, p_len = self._prefill_batch(todo)
-            for i, h in enumerate(order):
+            _, prefilled = self._prefill_batch(todo)
+            for h, (k_parts, v_parts) in prefilled:
                 st = self.s._row(h)
-                cached = min(st.n_cached, len(st.ids) - 1)
-                n = len(st.ids)
-                chunk = (torch.cat([keys[:, i, :, c_len - cached:c_len],
-                                    keys[:, i, :, c_len + p_len - (n - cached):c_len + p_len]], dim=2),
-                         torch.cat([values[:, i, :, c_len - cached:c_len],
-                                    values[:, i, :, c_len + p_len - (n - cached):c_len + p_len]], dim=2))
-                st.chunks, st.n_cached = [chunk], n
+                st.chunks, st.n_cached = [(torch.cat(k_parts, dim=2), torch.cat(v_parts, dim=2))], len(st.ids)
 
     def step(self) -> list[tuple[int, Generation]]:
         """Give every running row one token; return (row, Generation) for the segments that
@@ -261,9 +256,7 @@ class SlotBatch:
             run.entropies.append(ent)
             reason = self.s._segment_finish(run.tokens, self.spec, run.budget)
             if reason is not None:
-                gen = self._leave(h)
-                gen.finish, gen.stop = reason
-                ended.append((h, gen))
+                ended.append((h, self._leave(h, *reason)))
         with torch.inference_mode():
             self._compact()
         return ended
@@ -320,35 +313,38 @@ class SlotBatch:
         run = self.rows[row]
         run.slot, run.chunk_start = slot, cached
 
-    def _prefill_batch(self, rows: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    def _prefill_batch(self, rows: list[int]) -> tuple[torch.Tensor, list[tuple[int, tuple[list, list]]]]:
         """The rows' pending tokens prefilled in a left-padded batch of their chunks, as `generate`
-        does -> (rows longest pending first, logits of their last tokens, keys, values, C, P)."""
+        does -> (logits of their last tokens, longest pending first; per row, its handle and the
+        keys and values of all its tokens as [layers, kv_heads, n, head_dim] pieces: its cached
+        columns, then its pending ones)."""
         s = self.s
         order = sorted(rows, key=lambda h: -self._pending(h))
         states = [s._rows[h] for h in order]
         use_cached = [min(st.n_cached, len(st.ids) - 1) for st in states]
         layout = s._layout(states, use_cached, 1)
-        c_len, p_len = layout.cache_len, layout.pending_len
-        keys, values = s._gather_cache(states, use_cached, c_len + p_len, c_len)
+        c, p = layout.cache_len, layout.pending_len
+        keys, values = s._gather_cache(states, use_cached, c + p, c)
         logits = LeanBatch(s.model, layout, keys, values, packed=self.packed).prefill()
-        return order, logits, keys, values, c_len, p_len
+        pieces = []
+        for i, (h, st, cached) in enumerate(zip(order, states, use_cached)):
+            cols = (slice(c - cached, c), slice(c + p - (len(st.ids) - cached), c + p))
+            pieces.append((h, ([keys[:, i, :, cs] for cs in cols], [values[:, i, :, cs] for cs in cols])))
+        return logits, pieces
 
     def _prefill(self, joining: list[int]) -> tuple[list[int], torch.Tensor]:
         """Prefill the joining rows' pending tokens and copy each row's cache into a free slot;
-        logits of their last tokens."""
-        s = self.s
-        order, logits, keys, values, c_len, p_len = self._prefill_batch(joining)
-        states = [s._rows[h] for h in order]
-        use_cached = [min(st.n_cached, len(st.ids) - 1) for st in states]
-        for i, (h, st, cached) in enumerate(zip(order, states, use_cached)):
-            n = len(st.ids)
+        logits of their last tokens, in the order of the returned rows."""
+        logits, prefilled = self._prefill_batch(joining)
+        for h, (k_parts, v_parts) in prefilled:
+            n = len(self.s._row(h).ids)
             slot = self._take_slot(n + 1)
-            k_slot, v_slot = self.keys[:, slot], self.values[:, slot]
-            k_slot[:, :, :cached] = keys[:, i, :, c_len - cached:c_len]
-            v_slot[:, :, :cached] = values[:, i, :, c_len - cached:c_len]
-            k_slot[:, :, cached:n] = keys[:, i, :, c_len + p_len - (n - cached):c_len + p_len]
-            v_slot[:, :, cached:n] = values[:, i, :, c_len + p_len - (n - cached):c_len + p_len]
+            col = 0
+            for k, v in zip(k_parts, v_parts):
+                self.keys[:, slot, :, col:col + k.shape[2]] = k
+                self.values[:, slot, :, col:col + v.shape[2]] = v
+                col += k.shape[2]
             self.lens[slot], self.owner[slot] = n, h
             run = self.rows[h]
-            run.slot, run.chunk_start = slot, cached
-        return order, logits
+            run.slot, run.chunk_start = slot, k_parts[0].shape[2]
+        return [h for h, _ in prefilled], logits
