@@ -139,6 +139,29 @@ def test_check_lora_names_what_does_not_fit():
         check_lora(model, LoraConfig(rank=4))
 
 
+def test_layers_to_transform_adapts_only_those_layers_and_stops_the_backward_there():
+    model = tiny_model()
+    names = check_lora(model, LoraConfig(rank=4, layers_to_transform=[1]))
+    assert len(names) == 7 and all(".layers.1." in n for n in names)
+    with pytest.raises(LoraError, match=r"layers_to_transform: \[2\] are not decoder layers .*has 2"):
+        check_lora(model, LoraConfig(rank=4, layers_to_transform=[1, 2]))
+    wrapped = apply_lora(tiny_model(), LoraConfig(rank=4, layers_to_transform=[1]))
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 7 and all(".layers.1." in n for n in trainable)
+    # layer 0 holds no trainable parameter, so the backward pass never reaches it
+    reached = []
+    layer0 = policy_module(wrapped).model.layers[0]
+    layer0.register_full_backward_hook(lambda *a: reached.append(0))
+    layer1 = policy_module(wrapped).model.layers[1]
+    layer1.register_full_backward_hook(lambda *a: reached.append(1))
+    for p in wrapped.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    wrapped(input_ids=torch.tensor([[2, 3, 4]])).logits.sum().backward()
+    assert reached == [1]
+    assert load_config(None, ["actor.lora.layers_to_transform=[1]"]).actor.lora.layers_to_transform == [1]
+
+
 # ----------------------------------------------------------------------------- training
 
 

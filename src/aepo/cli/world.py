@@ -69,3 +69,39 @@ def build(
     console = Console()
     console.print(world_table(world))
     console.print(f"wrote {out}")
+
+
+@app.command("demos")
+def demos(
+    out: Path = typer.Argument(..., help="JSONL file to write: one {prompt, segments, answer, ...} row per demonstration."),
+    n: int = typer.Option(200, "--n", help="Demonstrations in all."),
+    worlds: int = typer.Option(2, "--worlds", help="Sample worlds they come from (none is the demo world itself)."),
+    seed: int = typer.Option(0, "--seed", help="Demo seed: the world the demonstrations prepare for (its name pool)."),
+    size: str = typer.Option("small", "--size", help=f"One of: {', '.join(SIZES)}."),
+    level: int = typer.Option(2, "--level", help=f"Difficulty, one of: {', '.join(map(str, LEVELS))}."),
+) -> None:
+    """Write expert tool-use demonstrations for `aepo sft` (the demo's SFT data): noisy expert
+    episodes on sample worlds that share the demo world's names but none of its facts, written
+    in the tags format; `aepo sft --tool-format hermes` rewrites them into the model's own format."""
+    from aepo.demo.stages import demo_config, expert_demonstrations
+    from aepo.io import write_jsonl
+
+    try:
+        if n < 1 or worlds < 1:
+            raise ValueError(f"--n and --worlds must be at least 1, got --n {n} --worlds {worlds}")
+        if size not in SIZES:
+            raise ValueError(f"--size {size!r} is not one of {', '.join(SIZES)}; pick one of those")
+        if level not in LEVELS:
+            raise ValueError(f"--level {level} is not one of {', '.join(map(str, LEVELS))}; pick one of those")
+        if out.is_dir():
+            raise ValueError(f"OUT {out} is a directory; give a .jsonl file name")
+    except ValueError as e:
+        fail(str(e))
+    cfg = demo_config(seed=seed, overrides=[f"demo.n_demos={n}", f"demo.demo_worlds={worlds}",
+                                            f"demo.world_size={size}", f"demo.world_level={level}"])
+    rows = expert_demonstrations(cfg.demo, seed, cfg.tools)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out, rows)
+    right = sum(r["correct"] for r in rows)
+    Console().print(f"wrote {out}: {len(rows)} demonstrations from {worlds} sample worlds, "
+                    f"{right} ({right / len(rows):.0%}) end with the right answer")

@@ -33,6 +33,9 @@ class LoraConfig:
     # module names (or name suffixes) to adapt; empty: the architecture's default
     # (aepo.models.lora.DEFAULT_TARGETS: attention and MLP projections of Llama/Qwen/Mistral/...)
     target_modules: list[str] = field(default_factory=list)
+    # decoder-layer indices to adapt (peft's layers_to_transform); empty: every layer. The top
+    # few layers only, e.g. [24,25,26,27,28,29] of 30, also cut the backward pass to those layers
+    layers_to_transform: list[int] = field(default_factory=list)
 
 
 @dataclass

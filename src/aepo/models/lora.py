@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,6 +137,8 @@ def check_lora(model: torch.nn.Module, lora: Any) -> list[str]:
         if any(name == t or name.endswith("." + t) for t in wanted)
     ]
     arch = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if lora.layers_to_transform and found:
+        found = _in_layers(model, found, lora.layers_to_transform)
     if not found:
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _layer_width(m)})
         raise LoraError(
@@ -155,6 +158,24 @@ def check_lora(model: torch.nn.Module, lora: Any) -> list[str]:
                 f"give a rank of at most {width}"
             )
     return [name for name, _ in found]
+
+
+def _in_layers(model: torch.nn.Module, found: list[tuple[str, torch.nn.Module]],
+               layers: list[int]) -> list[tuple[str, torch.nn.Module]]:
+    """The matches inside the decoder layers numbered `layers` (`.layers.<i>.` in the name);
+    LoraError for an index the model does not have."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    bad = [i for i in layers if i < 0 or (count is not None and i >= count)]
+    if bad:
+        raise LoraError(f"actor.lora.layers_to_transform: {bad} are not decoder layers of this model "
+                        f"(it has {count}, numbered 0-{(count or 1) - 1})")
+    pattern = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+    inside = []
+    for name, m in found:
+        hit = pattern.search(name)
+        if hit and int(hit.group(1)) in layers:
+            inside.append((name, m))
+    return inside
 
 
 def check_lora_dir(model_dir: str | Path, lora: Any) -> list[str]:
@@ -183,6 +204,7 @@ def apply_lora(model: torch.nn.Module, lora: Any, base_path: str | Path | None =
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=target_names(model, lora),
+        layers_to_transform=list(lora.layers_to_transform) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
