@@ -1,6 +1,8 @@
 """Continuous batching against the turn scheduler on the demo's AEPO rollout (CPU).
 
     .venv/bin/python benchmarks/bench_rollout_batching.py [--demo runs/demo] [--steps 2] [--json]
+    .venv/bin/python benchmarks/bench_rollout_batching.py --demo runs/smol --model runs/smol/sft \
+        --config examples/smollm2_hermes.yaml --set actor.lora.rank=0     # a 135M model (memory-bound steps)
 
 Builds the demo's RL trainer (its world, SFT model, tools and `configs/demo.yaml`: 24 prompts x
 8 rows, AEPO with pre-monitoring and branching; `--algo arpo` / `grpo` for the other trees) and collects the rollouts of the first
@@ -28,7 +30,8 @@ ARMS = {"continuous": ["rollout.scheduler=continuous"],
         "turns": ["rollout.scheduler=turns"]}
 
 
-def collect(demo: Path, arm: str, steps: int, max_rows: int, algo: str = "aepo") -> dict:
+def collect(demo: Path, arm: str, steps: int, max_rows: int, algo: str = "aepo", *, model_dir: Path | None = None,
+            config: Path | None = None, extra: list[str] | None = None) -> dict:
     import torch
 
     from aepo.config import load_config
@@ -40,9 +43,9 @@ def collect(demo: Path, arm: str, steps: int, max_rows: int, algo: str = "aepo")
     torch.manual_seed(0)
     out = Path("/tmp") / f"bench_rollout_batching_{arm}"
     overrides = [f"algo={algo}", "trainer.save_every=0", f"out_dir={out}", *ARMS[arm],
-                 f"rollout.max_active_rows={max_rows}"]
-    cfg = load_config(DEMO_CONFIG, overrides)
-    model, tok = load_model(demo / "sft", device="cpu")
+                 f"rollout.max_active_rows={max_rows}", *(extra or [])]
+    cfg = load_config(config or DEMO_CONFIG, overrides)
+    model, tok = load_model(model_dir or demo / "sft", device="cpu")
     world = World.load(demo / "world")
     runner = build_tools(world, cfg.tools)
     totals = {"decode_steps": 0, "critical_path_tokens": 0, "logical_steps": 0, "row_steps": 0.0,
@@ -78,7 +81,11 @@ def collect(demo: Path, arm: str, steps: int, max_rows: int, algo: str = "aepo")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--demo", type=Path, default=Path("runs/demo"), help="a finished `aepo demo` directory")
+    ap.add_argument("--demo", type=Path, default=Path("runs/demo"),
+                    help="a finished `aepo demo` directory (or any directory with the world in world/)")
+    ap.add_argument("--model", type=Path, default=None, help="the model rolled out (default: DEMO/sft)")
+    ap.add_argument("--config", type=Path, default=None, help="the run config (default: configs/demo.yaml)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides of the config")
     ap.add_argument("--steps", type=int, default=2, help="RL steps whose rollouts are collected")
     ap.add_argument("--max-active-rows", type=int, default=256)
     ap.add_argument("--algo", default="aepo", help="the preset (its rollout strategy): aepo, arpo, grpo, ...")
@@ -87,12 +94,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="alternating runs of each scheduler")
     ap.add_argument("--json", action="store_true", help="one JSON line per run (default: also a summary)")
     args = ap.parse_args()
-    if not (args.demo / "sft").is_dir():
-        raise SystemExit(f"{args.demo}/sft not found: run `aepo demo` first or pass --demo")
+    if not (args.model or args.demo / "sft").is_dir():
+        raise SystemExit(f"{args.model or args.demo / 'sft'} not found: run `aepo demo` first or pass --demo / --model")
     results = []
     for _ in range(args.repeats):
         for arm in args.arms:
-            res = collect(args.demo, arm, args.steps, args.max_active_rows, args.algo)
+            res = collect(args.demo, arm, args.steps, args.max_active_rows, args.algo, model_dir=args.model,
+                          config=args.config, extra=args.set)
             results.append(res)
             print(json.dumps(res), flush=True)
     if not args.json:

@@ -90,6 +90,8 @@ def test_parse_override_types():
 def test_shipped_configs_load():
     for p in (ROOT / "src" / "aepo" / "configs").glob("*.yaml"):
         load_config(p)
+    smol = load_config(ROOT / "examples" / "smollm2_hermes.yaml", ["model.path=x"])
+    assert (smol.rollout.tool_format, smol.model.chat_template, smol.actor.lora.layers_to_transform[0]) == ("hermes", True, 22)
 
 
 def test_the_config_reference_is_the_schema():

@@ -30,5 +30,16 @@ def test_help_prints_usage_and_runs_nothing(name, monkeypatch, capsys):
 
 def test_the_index_lists_every_script():
     index = (BENCH / "README.md").read_text()
-    missing = [name for name in [*SCRIPTS, "gpu_checks.sh"] if f"`{name}`" not in index]
+    shell = sorted(p.name for p in BENCH.glob("*.sh"))
+    missing = [name for name in [*SCRIPTS, *shell] if f"`{name}`" not in index]
     assert not missing, f"benchmarks/README.md does not index {missing}"
+
+
+def test_smollm2_script_help_runs_nothing(tmp_path):
+    """`--help` prints the usage and starts no command (no OUT directory appears)."""
+    import subprocess
+
+    res = subprocess.run(["bash", str(BENCH / "smollm2_hermes.sh"), "--help"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=30)
+    assert res.returncode == 0 and "smollm2_hermes.sh SMOLLM2_DIR [OUT]" in res.stdout
+    assert not (tmp_path / "runs").exists()

@@ -193,6 +193,28 @@ def test_train_and_world_build_use_the_demo_world(tmp_path, monkeypatch):
     assert (run / "final" / "aepo_run.yaml").exists()
 
 
+def test_world_demos_writes_the_demos_sft_data(tmp_path):
+    """`aepo world demos` writes what the demo's SFT stage trains on (same plan, same rows), in a
+    form `aepo sft` reads, from worlds other than the demo world."""
+    from aepo.demo.stages import demo_config, expert_demonstrations
+    from aepo.demo.world import demo_world
+    from aepo.io import read_jsonl
+    from aepo.train.sft import check_sft_rows
+
+    out = tmp_path / "demos.jsonl"
+    res = runner.invoke(app, ["world", "demos", str(out), "--n", "6", "--worlds", "2", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    cfg = demo_config(seed=3, overrides=["demo.n_demos=6", "demo.demo_worlds=2"])
+    rows = read_jsonl(out)
+    assert rows == json.loads(json.dumps(expert_demonstrations(cfg.demo, 3, cfg.tools)))
+    assert len(check_sft_rows(out)) == 6 and f"{sum(r['correct'] for r in rows)} (" in res.output
+    world = demo_world(3)
+    assert not {r["prompt"] for r in rows} & {q["question"] for q in world.train + world.test}
+    for bad, what in ((["--n", "0"], "--n and --worlds must be at least 1"), (["--level", "7"], "--level 7")):
+        res = runner.invoke(app, ["world", "demos", str(tmp_path / "x.jsonl"), *bad])
+        assert res.exit_code != 0 and what in res.output
+
+
 def test_ctrl_c_in_train_says_how_to_resume(tmp_path, monkeypatch):
     from aepo.models.factory import init_model
     from aepo.models.tokenizer import build_tokenizer

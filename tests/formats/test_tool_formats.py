@@ -60,6 +60,16 @@ def test_hermes_parse_action(text, finish, kind, tag, argument):
         assert is_malformed_call(ToolCall(name=action.tag or "", argument="", result=action.error, ok=False))
 
 
+def test_hermes_unknown_tool_error_names_no_undeclared_tool():
+    """The parser does not know the run's tools: its error must not advertise registered tools the
+    run never declared (a disabled `python` parses, and the runner refuses it with the run's list)."""
+    err = HERMES.parse_action('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', "stop").error
+    assert "'rm_rf'" in err and "declared in the system message" in err
+    assert not any(name in err for name in ("python", "calc", "search"))
+    action = HERMES.parse_action('<tool_call>{"name": "python", "arguments": {"code": "1"}}</tool_call>', "stop")
+    assert (action.kind, action.tag) == ("tool", "python")
+
+
 def test_registry_and_config():
     assert {"tags", "hermes"} <= set(format_names())
     cfg = Config()

@@ -258,7 +258,10 @@ def _parse_call(payload: str) -> Action:
 
     if not isinstance(name, str) or name not in tool_names():
         return Action("malformed", "tool_call",
-                      error=f"{MALFORMED_CALL}: unknown tool {name!r}; tools: {', '.join(tool_names())}.")
+                      # not the registry's names: a run declares only its enabled tools, and a
+                      # registered but disabled name parses, to be refused by the runner with the run's list
+                      error=f"{MALFORMED_CALL}: unknown tool {name!r}; call one of the functions declared "
+                            f"in the system message.")
     if not isinstance(args, dict):
         return Action("malformed", name, error=f"{MALFORMED_CALL}: 'arguments' must be a JSON object; {usage}.")
     key = get_tool_spec(name).argument

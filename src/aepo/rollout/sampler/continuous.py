@@ -7,9 +7,11 @@ branches (the scheduler in `aepo.rollout.scheduler` drives it):
 - each running row owns a *slot* of one cache [layers, slots, kv_heads, columns, head_dim]
   and its keys fill that slot's columns 0..len-1, so rows of any lengths share a decode step
   without padding each other's positions (a step attends to each row's own columns, masked);
-- `start(row, budget, key)` queues a row; at the next `step` its pending tokens (a prompt, a
-  tool result, a branch's fork point) are prefilled from its cache chunks (`LeanBatch.prefill`,
-  passes of similar lengths) beside the decode step, and it samples its first token there;
+- `start(row, budget, key)` queues a row; at the next `step` its cached chunks are copied into
+  a slot and its pending tokens (a prompt, a tool result, a branch's fork point) run in the
+  same forward as the other rows' decode tokens, and it samples its first token there: all of
+  a step's tokens go through the projections and MLP as one packed sequence (the weights are
+  read once a step), and attention runs per row over its own columns;
 - `step()` gives every running row one token and returns the rows whose segment ended (stop
   string, EOS, budget); a row that ends leaves its new positions as one cache chunk, exactly as
   after `generate`, so forks share them and a tool result is appended as usual;
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from aepo.rollout.sampler.layout import DECODE_BLOCK, truncate_chunks
 from aepo.rollout.sampler.lean import LeanBatch
@@ -219,32 +222,27 @@ class SlotBatch:
 
     def step(self) -> list[tuple[int, Generation]]:
         """Give every running row one token; return (row, Generation) for the segments that
-        ended (the rows leave the batch). Rows started with budget 0 are returned at once."""
+        ended (the rows leave the batch). Rows started with budget 0 are returned at once.
+        Joining rows' pending tokens run in the same forward as the decode tokens (`_forward`)."""
         ended, self.done = self.done, []
-        handles: list[int] = []
-        logits: list[torch.Tensor] = []
         with torch.inference_mode():
             joining, self.joining = self.joining, []
-            heavy = []
-            for h in joining:  # one token to feed (a fork of a cached row): straight into the decode step
-                if self._pending(h) == 1:
-                    self._place(h)
-                else:
-                    heavy.append(h)
             decoding = [r for r, run in self.rows.items() if run.slot >= 0]
-            if decoding:
-                logits.append(self._decode(decoding))
-                handles += decoding
-            if heavy:
-                joined, out = self._prefill(heavy)
-                logits.append(out)
-                handles += joined
+            joins = []
+            for h in joining:
+                self._place(h)
+                if self._pending(h) == 1:  # one token to feed (e.g. a fork of a cached row): a decode row
+                    decoding.append(h)
+                else:
+                    joins.append(h)
+            handles = decoding + joins
             if not handles:
                 return ended
+            logits = self._forward(decoding, joins)
             rows = [self.s._row(h) for h in handles]
             u = row_uniforms(self.s.seed, [self.rows[h].key for h in handles], [len(r.ids) for r in rows])
             uniforms = torch.tensor(u, dtype=torch.float32, device=self.s.device)[:, None]
-            tokens, token_logp, entropy = self.s._sample(torch.cat(logits), uniforms)
+            tokens, token_logp, entropy = self.s._sample(logits, uniforms)
         self.steps += 1
         self.row_steps += len(handles)
         for h, state, token, lp, ent in zip(handles, rows, tokens.tolist(), token_logp.tolist(),
@@ -261,48 +259,106 @@ class SlotBatch:
             self._compact()
         return ended
 
-    def _decode(self, decoding: list[int]) -> torch.Tensor:
-        """One token for every row already in a slot: each writes its pending token at its
-        own next column and attends to its columns only."""
-        running = {self.rows[h].slot: h for h in decoding}
-        top = max(running) + 1
-        kv_len = max(self.lens[slot] for slot in running) + 1
-        self._alloc(top, kv_len)
-        scratch = self.keys.shape[3] - 1
+    def _forward(self, decoding: list[int], joins: list[int]) -> torch.Tensor:
+        """One forward for the whole step: the decode rows' one token each and the joining rows'
+        pending tokens, packed into one sequence for the projections and the MLP (the weights are
+        read once a step), attention per row over its own slot columns. Each row writes its keys
+        at its own next columns. Logits of each decode row, then of each joining row's last token."""
+        lb = self.decoder
+        assert lb is not None
+        device, dtype = self.s.device, self.s.dtype
+        slot_row = {self.rows[h].slot: h for h in decoding}
+        top = max(slot_row) + 1 if slot_row else 0
+        kv_len = max((self.lens[slot] for slot in slot_row), default=0) + 1
+        self._alloc(max(top, 1), kv_len)
+        lb = self.decoder
+        keys, values, scratch = self.keys, self.values, self.keys.shape[3] - 1
+        # the decode part: one query per slot 0..top-1 (a slot without a decode row computes a
+        # throwaway query that reads column 0 and writes the scratch column)
         tokens, positions, cols, lengths = [], [], [], []
         for slot in range(top):
-            h = running.get(slot)
-            if h is None:  # free slot: computes a throwaway row into the scratch column
-                tokens.append(0)
-                positions.append(0)
-                cols.append(scratch)
-                lengths.append(1)
-            else:
-                n = self.lens[slot]
-                tokens.append(self.s._rows[h].ids[-1])
-                positions.append(n)
-                cols.append(n)
-                lengths.append(n + 1)
-        device = self.s.device
-        length = torch.tensor(lengths, device=device)
-        mask = (torch.arange(kv_len, device=device)[None] < length[:, None])[:, None, None]
-        col = torch.tensor(cols, device=device)[:, None]
-        out = self.decoder._forward(  # type: ignore[union-attr]
-            torch.tensor(tokens, device=device)[:, None], torch.tensor(positions, device=device)[:, None],
-            0, kv_len, mask, self.keys[:, :top], self.values[:, :top], write_col=col)
-        for slot in running:
-            self.lens[slot] += 1
-        return out[torch.tensor([self.rows[h].slot for h in decoding], device=device)]
+            h = slot_row.get(slot)
+            n = self.lens[slot] if h is not None else 0
+            tokens.append(self.s._rows[h].ids[-1] if h is not None else 0)
+            positions.append(n)
+            cols.append(n if h is not None else scratch)
+            lengths.append(n + 1 if h is not None else 1)
+        spans = []  # per joining row: (slot, first column, tokens)
+        for h in joins:
+            run, ids = self.rows[h], self.s._rows[h].ids
+            start = self.lens[run.slot]
+            spans.append((run.slot, start, len(ids) - start))
+            tokens += ids[start:]
+            positions += range(start, len(ids))
+        total = len(tokens)
+        token_t = torch.tensor(tokens, device=device)[None]
+        position_t = torch.tensor(positions, device=device)[None]
+        x = lb.embed(token_t)
+        if lb.rope_table is not None:
+            cos, sin = lb.rope_table[0][position_t], lb.rope_table[1][position_t]
+        else:
+            cos, sin = lb.rotary(x, position_t)
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        x = x.reshape(total, -1)
+        n_kv, g, hd = lb.n_kv, lb.groups, lb.head_dim
+        if top:
+            col = torch.tensor(cols, device=device)[:, None]
+            valid = torch.arange(kv_len, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
+            additive = torch.zeros((top, kv_len), dtype=dtype, device=device).masked_fill_(~valid, float("-inf"))
+            additive = additive[:, None, None].expand(top, n_kv, g, kv_len).reshape(top * n_kv, g, kv_len)
+        causal = []
+        for slot, start, n in spans:  # [1, 1, g*n, start+n]: causal over the row's own columns
+            c = torch.arange(start + n, device=device)[None] <= (start + torch.arange(n, device=device))[:, None]
+            causal.append(c[None, None].expand(1, g, n, start + n).reshape(1, 1, g * n, start + n))
+        for index, ops in enumerate(lb.ops):
+            q, k, v = ops.qkv(x, 1, total, cos, sin)  # [1, T, heads, hd]
+            layer_keys, layer_values = keys[index], values[index]
+            outs = []
+            if top:
+                kd, vd = k[0, :top, :, None], v[0, :top, :, None]  # [top, kv_heads, 1, hd]
+                index_t = col[:, None, :, None].expand(kd.shape)
+                layer_keys[:top].scatter_(2, index_t, kd)
+                layer_values[:top].scatter_(2, index_t, vd)
+                qd = q[0, :top].reshape(top * n_kv, g, hd)
+                scores = torch.baddbmm(additive, qd,
+                                       layer_keys[:top, :, :kv_len].reshape(top * n_kv, kv_len, hd).transpose(1, 2),
+                                       alpha=lb.scaling)
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+                outs.append(torch.bmm(probs, layer_values[:top, :, :kv_len].reshape(top * n_kv, kv_len, hd))
+                            .view(top, n_kv * g * hd))
+            offset = top
+            for (slot, start, n), mask in zip(spans, causal):
+                kj, vj = k[0, offset:offset + n].transpose(0, 1), v[0, offset:offset + n].transpose(0, 1)
+                layer_keys[slot, :, start:start + n] = kj
+                layer_values[slot, :, start:start + n] = vj
+                qg = q[:, offset:offset + n].transpose(1, 2).reshape(1, n_kv, g * n, hd)
+                out = F.scaled_dot_product_attention(qg, layer_keys[slot:slot + 1, :, :start + n],
+                                                     layer_values[slot:slot + 1, :, :start + n],
+                                                     attn_mask=mask, scale=lb.scaling)
+                outs.append(out.reshape(1, n_kv * g, n, hd).transpose(1, 2).reshape(n, n_kv * g * hd))
+                offset += n
+            x = ops.mlp(ops.attn_out(x, torch.cat(outs) if len(outs) > 1 else outs[0]))
+        last = [self.rows[h].slot for h in decoding]
+        offset = top
+        for _, _, n in spans:
+            offset += n
+            last.append(offset - 1)
+        for h in decoding:
+            self.lens[self.rows[h].slot] += 1
+        for (slot, start, n) in spans:
+            self.lens[slot] = start + n
+        return lb.head(x[torch.tensor(last, device=device)])
 
     def _pending(self, row: int) -> int:
         state = self.s._row(row)
         return len(state.ids) - min(state.n_cached, len(state.ids) - 1)
 
     def _place(self, row: int) -> None:
-        """Copy a row's cached chunks into a free slot (all its tokens but the last)."""
+        """Copy a joining row's usable cached chunks into a free slot with room for its pending
+        tokens; they enter the slot at the next forward."""
         state = self.s._row(row)
-        cached = len(state.ids) - 1
-        slot = self._take_slot(cached + 1)
+        cached = min(state.n_cached, len(state.ids) - 1)
+        slot = self._take_slot(len(state.ids) + 1)
         col = 0
         for keys, values in truncate_chunks(state.chunks, cached):
             n = keys.shape[2]
@@ -331,20 +387,3 @@ class SlotBatch:
             cols = (slice(c - cached, c), slice(c + p - (len(st.ids) - cached), c + p))
             pieces.append((h, ([keys[:, i, :, cs] for cs in cols], [values[:, i, :, cs] for cs in cols])))
         return logits, pieces
-
-    def _prefill(self, joining: list[int]) -> tuple[list[int], torch.Tensor]:
-        """Prefill the joining rows' pending tokens and copy each row's cache into a free slot;
-        logits of their last tokens, in the order of the returned rows."""
-        logits, prefilled = self._prefill_batch(joining)
-        for h, (k_parts, v_parts) in prefilled:
-            n = len(self.s._row(h).ids)
-            slot = self._take_slot(n + 1)
-            col = 0
-            for k, v in zip(k_parts, v_parts):
-                self.keys[:, slot, :, col:col + k.shape[2]] = k
-                self.values[:, slot, :, col:col + v.shape[2]] = v
-                col += k.shape[2]
-            self.lens[slot], self.owner[slot] = n, h
-            run = self.rows[h]
-            run.slot, run.chunk_start = slot, k_parts[0].shape[2]
-        return [h for h, _ in prefilled], logits
