@@ -33,6 +33,14 @@ def world_table(world: World) -> Table:
     return table
 
 
+def _check_size_level(size: str, level: int) -> None:
+    """ValueError naming the option when --size or --level is not one the world generator has."""
+    if size not in SIZES:
+        raise ValueError(f"--size {size!r} is not one of {', '.join(SIZES)}; pick one of those")
+    if level not in LEVELS:
+        raise ValueError(f"--level {level} is not one of {', '.join(map(str, LEVELS))}; pick one of those")
+
+
 @app.command("build")
 def build(
     out: Path = typer.Argument(
@@ -52,10 +60,7 @@ def build(
     from aepo.io import check_output_dir
 
     try:
-        if size not in SIZES:
-            raise ValueError(f"--size {size!r} is not one of {', '.join(SIZES)}; pick one of those")
-        if level not in LEVELS:
-            raise ValueError(f"--level {level} is not one of {', '.join(map(str, LEVELS))}; pick one of those")
+        _check_size_level(size, level)
         if kinds:
             try:
                 parse_kinds(kinds)
@@ -89,10 +94,7 @@ def demos(
     try:
         if n < 1 or worlds < 1:
             raise ValueError(f"--n and --worlds must be at least 1, got --n {n} --worlds {worlds}")
-        if size not in SIZES:
-            raise ValueError(f"--size {size!r} is not one of {', '.join(SIZES)}; pick one of those")
-        if level not in LEVELS:
-            raise ValueError(f"--level {level} is not one of {', '.join(map(str, LEVELS))}; pick one of those")
+        _check_size_level(size, level)
         if out.is_dir():
             raise ValueError(f"OUT {out} is a directory; give a .jsonl file name")
     except ValueError as e:

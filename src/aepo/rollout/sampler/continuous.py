@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from aepo.rollout.sampler.layout import DECODE_BLOCK, truncate_chunks
-from aepo.rollout.sampler.lean import LeanBatch
+from aepo.rollout.sampler.lean import LeanBatch, _write
 from aepo.rollout.sampler.streams import row_uniforms
 from aepo.types import Generation
 
@@ -264,14 +263,13 @@ class SlotBatch:
         pending tokens, packed into one sequence for the projections and the MLP (the weights are
         read once a step), attention per row over its own slot columns. Each row writes its keys
         at its own next columns. Logits of each decode row, then of each joining row's last token."""
-        lb = self.decoder
-        assert lb is not None
-        device, dtype = self.s.device, self.s.dtype
+        device = self.s.device
         slot_row = {self.rows[h].slot: h for h in decoding}
         top = max(slot_row) + 1 if slot_row else 0
         kv_len = max((self.lens[slot] for slot in slot_row), default=0) + 1
         self._alloc(max(top, 1), kv_len)
         lb = self.decoder
+        assert lb is not None
         keys, values, scratch = self.keys, self.values, self.keys.shape[3] - 1
         # the decode part: one query per slot 0..top-1 (a slot without a decode row computes a
         # throwaway query that reads column 0 and writes the scratch column)
@@ -291,51 +289,31 @@ class SlotBatch:
             tokens += ids[start:]
             positions += range(start, len(ids))
         total = len(tokens)
-        token_t = torch.tensor(tokens, device=device)[None]
-        position_t = torch.tensor(positions, device=device)[None]
-        x = lb.embed(token_t)
-        if lb.rope_table is not None:
-            cos, sin = lb.rope_table[0][position_t], lb.rope_table[1][position_t]
-        else:
-            cos, sin = lb.rotary(x, position_t)
-        cos, sin = cos[:, :, None], sin[:, :, None]
+        x = lb.embed(torch.tensor(tokens, device=device)[None])
+        cos, sin = lb.rope(x, torch.tensor(positions, device=device)[None])
         x = x.reshape(total, -1)
-        n_kv, g, hd = lb.n_kv, lb.groups, lb.head_dim
         if top:
             col = torch.tensor(cols, device=device)[:, None]
             valid = torch.arange(kv_len, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
-            additive = torch.zeros((top, kv_len), dtype=dtype, device=device).masked_fill_(~valid, float("-inf"))
-            additive = additive[:, None, None].expand(top, n_kv, g, kv_len).reshape(top * n_kv, g, kv_len)
+            additive = lb.decode_bias(valid[:, None, None])
         causal = []
-        for slot, start, n in spans:  # [1, 1, g*n, start+n]: causal over the row's own columns
+        for slot, start, n in spans:  # causal over the row's own columns
             c = torch.arange(start + n, device=device)[None] <= (start + torch.arange(n, device=device))[:, None]
-            causal.append(c[None, None].expand(1, g, n, start + n).reshape(1, 1, g * n, start + n))
+            causal.append(lb.grouped_mask(c[None, None]))
         for index, ops in enumerate(lb.ops):
             q, k, v = ops.qkv(x, 1, total, cos, sin)  # [1, T, heads, hd]
             layer_keys, layer_values = keys[index], values[index]
             outs = []
-            if top:
-                kd, vd = k[0, :top, :, None], v[0, :top, :, None]  # [top, kv_heads, 1, hd]
-                index_t = col[:, None, :, None].expand(kd.shape)
-                layer_keys[:top].scatter_(2, index_t, kd)
-                layer_values[:top].scatter_(2, index_t, vd)
-                qd = q[0, :top].reshape(top * n_kv, g, hd)
-                scores = torch.baddbmm(additive, qd,
-                                       layer_keys[:top, :, :kv_len].reshape(top * n_kv, kv_len, hd).transpose(1, 2),
-                                       alpha=lb.scaling)
-                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-                outs.append(torch.bmm(probs, layer_values[:top, :, :kv_len].reshape(top * n_kv, kv_len, hd))
-                            .view(top, n_kv * g * hd))
+            if top:  # each decode row writes its key at its own next column
+                _write(layer_keys[:top], layer_values[:top], k[0, :top, :, None], v[0, :top, :, None], 0, col)
+                outs.append(lb.decode_attention(q[0, :top], layer_keys[:top, :, :kv_len],
+                                                layer_values[:top, :, :kv_len], additive))
             offset = top
             for (slot, start, n), mask in zip(spans, causal):
-                kj, vj = k[0, offset:offset + n].transpose(0, 1), v[0, offset:offset + n].transpose(0, 1)
-                layer_keys[slot, :, start:start + n] = kj
-                layer_values[slot, :, start:start + n] = vj
-                qg = q[:, offset:offset + n].transpose(1, 2).reshape(1, n_kv, g * n, hd)
-                out = F.scaled_dot_product_attention(qg, layer_keys[slot:slot + 1, :, :start + n],
-                                                     layer_values[slot:slot + 1, :, :start + n],
-                                                     attn_mask=mask, scale=lb.scaling)
-                outs.append(out.reshape(1, n_kv * g, n, hd).transpose(1, 2).reshape(n, n_kv * g * hd))
+                layer_keys[slot, :, start:start + n] = k[0, offset:offset + n].transpose(0, 1)
+                layer_values[slot, :, start:start + n] = v[0, offset:offset + n].transpose(0, 1)
+                outs.append(lb.grouped_attention(q[:, offset:offset + n], layer_keys[slot:slot + 1, :, :start + n],
+                                                 layer_values[slot:slot + 1, :, :start + n], mask))
                 offset += n
             x = ops.mlp(ops.attn_out(x, torch.cat(outs) if len(outs) > 1 else outs[0]))
         last = [self.rows[h].slot for h in decoding]

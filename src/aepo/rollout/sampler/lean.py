@@ -398,40 +398,64 @@ class LeanBatch:
         (each row's own columns). Each layer's projections come from its `_LayerOps` (the HF
         modules, or the packed weights); the attention and the cache are the same for both."""
         b, q_len = tokens.shape
-        n_kv, g, width = self.n_kv, self.groups, kv_len - k0
         x = self.embed(tokens)
-        if self.rope_table is not None:
-            cos, sin = self.rope_table[0][positions], self.rope_table[1][positions]
-        else:
-            cos, sin = self.rotary(x, positions)
-        cos, sin = cos[:, :, None], sin[:, :, None]  # [b, Q, 1, hd]: broadcast over heads
+        cos, sin = self.rope(x, positions)
         x = x.reshape(b * q_len, -1)
         decode = q_len == 1 and self.manual_decode
         if decode:  # single-query attention by two matmuls: about 2x SDPA's CPU kernel here
-            additive = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
-            additive = additive.expand(b, n_kv, g, width).reshape(b * n_kv, g, width)
+            additive = self.decode_bias(mask)
         else:
-            grouped_mask = mask.expand(b, g, q_len, width).reshape(b, 1, g * q_len, width)
+            grouped_mask = self.grouped_mask(mask)
         for index, ops in enumerate(self.ops):
             q, k, v = ops.qkv(x, b, q_len, cos, sin)  # [b, Q, heads, hd], normed and rotated
             _write(keys[index], values[index], k.transpose(1, 2), v.transpose(1, 2), col0, write_col)
             layer_keys, layer_values = keys[index, :, :, k0:kv_len], values[index, :, :, k0:kv_len]
             if decode:
-                scores = torch.baddbmm(additive, q.reshape(b * n_kv, g, self.head_dim),
-                                       layer_keys.reshape(b * n_kv, width, self.head_dim).transpose(1, 2),
-                                       alpha=self.scaling)
-                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-                out = torch.bmm(probs, layer_values.reshape(b * n_kv, width, self.head_dim))
-                out = out.view(b, self.n_heads * self.head_dim)
+                out = self.decode_attention(q, layer_keys, layer_values, additive)
             else:
-                # GQA: the G query heads of one kv head become G*Q queries against that kv head.
-                qg = q.transpose(1, 2).reshape(b, n_kv, g * q_len, self.head_dim)
-                out = F.scaled_dot_product_attention(qg, layer_keys, layer_values, attn_mask=grouped_mask,
-                                                     scale=self.scaling)
-                out = out.reshape(b, self.n_heads, q_len, self.head_dim).transpose(1, 2)
-                out = out.reshape(b * q_len, self.n_heads * self.head_dim)
+                out = self.grouped_attention(q, layer_keys, layer_values, grouped_mask)
             x = ops.mlp(ops.attn_out(x, out))
         return self.head(x.view(b, q_len, -1)[:, -1])
+
+    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [b, Q, 1, hd] of `positions` [b, Q] (broadcast over the heads)."""
+        if self.rope_table is not None:
+            cos, sin = self.rope_table[0][positions], self.rope_table[1][positions]
+        else:
+            cos, sin = self.rotary(x, positions)
+        return cos[:, :, None], sin[:, :, None]
+
+    def decode_bias(self, mask: torch.Tensor) -> torch.Tensor:
+        """The additive mask [b * kv_heads, G, width] of single-query attention from a key mask
+        [b, 1, 1, width] (True: attend)."""
+        b, width = mask.shape[0], mask.shape[-1]
+        additive = torch.zeros(mask.shape, dtype=self.keys.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        return additive.expand(b, self.n_kv, self.groups, width).reshape(b * self.n_kv, self.groups, width)
+
+    def decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         additive: torch.Tensor) -> torch.Tensor:
+        """One query per row (q: b x heads x hd elements) over keys and values [b, kv_heads,
+        width, hd], by two matmuls (about 2x SDPA's CPU kernel at these sizes) -> [b, heads * hd]."""
+        b, n_kv, width, hd = keys.shape
+        scores = torch.baddbmm(additive, q.reshape(b * n_kv, self.groups, hd),
+                               keys.reshape(b * n_kv, width, hd).transpose(1, 2), alpha=self.scaling)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.bmm(probs, values.reshape(b * n_kv, width, hd)).view(b, self.n_heads * hd)
+
+    def grouped_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A mask [b, 1, Q, width] for `grouped_attention`: [b, 1, G * Q, width]."""
+        b, _, q_len, width = mask.shape
+        return mask.expand(b, self.groups, q_len, width).reshape(b, 1, self.groups * q_len, width)
+
+    def grouped_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                          grouped_mask: torch.Tensor) -> torch.Tensor:
+        """Queries q [b, Q, heads, hd] over keys and values [b, kv_heads, width, hd] with SDPA
+        (GQA: the G query heads of one kv head become G*Q queries against it) -> [b*Q, heads*hd]."""
+        b, q_len = q.shape[:2]
+        qg = q.transpose(1, 2).reshape(b, self.n_kv, self.groups * q_len, self.head_dim)
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=grouped_mask, scale=self.scaling)
+        out = out.reshape(b, self.n_heads, q_len, self.head_dim).transpose(1, 2)
+        return out.reshape(b * q_len, self.n_heads * self.head_dim)
 
     def prefill(self) -> torch.Tensor:
         """Logits after each row's pending tokens. Rows sorted by pending length, longest
