@@ -14,8 +14,14 @@ inherited prefix included), `logical_steps` (continuous only: the steps a schedu
 unlimited rows and instant tools would need, AEPO's probe before its prompt's rows included),
 `mean_active_rows` (tokens per step), `rows`, `seconds` (rollout wall time, tools included),
 `cpu_seconds` (the process's CPU time over the same span: steadier on a shared machine),
-`tokens`, `accuracy` (the mean reward of the rows) and `speculative_dropped_tokens`. Results: benchmarks/RESULTS.md,
-"Continuous batching".
+`tokens`, `accuracy` (the mean reward of the rows), `speculative_dropped_tokens` and the tool-grace
+counters (`tool_grace_waits`, `tool_grace_timeouts`).
+
+`--step-cost` times instead one step of the continuous batch (`SlotBatch.step`: the forward,
+sampling and bookkeeping) of the model at several numbers of rows, each row holding
+`--columns` cached tokens: where a step at many rows costs about what it costs at few, fewer
+steps make a faster rollout; where it grows in proportion to the rows, the time follows the
+tokens, whatever the schedule. Results: benchmarks/RESULTS.md, "Continuous batching".
 """
 from __future__ import annotations
 
@@ -23,7 +29,6 @@ import argparse
 import json
 import time
 from pathlib import Path
-
 
 ARMS = {"continuous": ["rollout.scheduler=continuous"],
         "speculative": ["rollout.scheduler=continuous", "rollout.speculate=true"],
@@ -49,7 +54,8 @@ def collect(demo: Path, arm: str, steps: int, max_rows: int, algo: str = "aepo",
     world = World.load(demo / "world")
     runner = build_tools(world, cfg.tools)
     totals = {"decode_steps": 0, "critical_path_tokens": 0, "logical_steps": 0, "row_steps": 0.0,
-              "rows": 0, "seconds": 0.0, "cpu_seconds": 0.0, "tokens": 0, "reward": 0.0, "dropped": 0}
+              "rows": 0, "seconds": 0.0, "cpu_seconds": 0.0, "tokens": 0, "reward": 0.0, "dropped": 0,
+              "grace_waits": 0, "grace_timeouts": 0}
     try:
         trainer = RLTrainer(cfg, model, tok, world_tasks(world.train), runner.run, out)
         for step in range(steps):
@@ -63,6 +69,8 @@ def collect(demo: Path, arm: str, steps: int, max_rows: int, algo: str = "aepo",
             totals["critical_path_tokens"] += r["critical_path_tokens"]
             totals["logical_steps"] += r.get("logical_steps", 0)
             totals["dropped"] += r.get("speculative_dropped_tokens", 0)
+            totals["grace_waits"] += r.get("tool_grace_waits", 0)
+            totals["grace_timeouts"] += r.get("tool_grace_timeouts", 0)
             totals["rows"] += len(trajs)
             totals["tokens"] += sum(sum(t.response_mask) for t in trajs)
             totals["reward"] += sum(t.reward for t in trajs)
@@ -76,7 +84,42 @@ def collect(demo: Path, arm: str, steps: int, max_rows: int, algo: str = "aepo",
             "rows": totals["rows"], "seconds": round(totals["seconds"], 2),
             "cpu_seconds": round(totals["cpu_seconds"], 2), "tokens": totals["tokens"],
             "accuracy": round(totals["reward"] / totals["rows"], 4) if totals["rows"] else 0.0,
-            "speculative_dropped_tokens": totals["dropped"]}
+            "speculative_dropped_tokens": totals["dropped"], "tool_grace_waits": totals["grace_waits"],
+            "tool_grace_timeouts": totals["grace_timeouts"]}
+
+
+def step_cost(model_dir: Path, rows_list: list[int], columns: int, steps: int = 12) -> list[dict]:
+    """Median seconds of one continuous-batch step at each number of rows (rows `columns` long)."""
+    import statistics
+
+    import torch
+
+    from aepo.models.loading import load_model
+    from aepo.rollout.sampler.streams import RowKey
+    from aepo.rollout.sampler.torch_sampler import TorchSampler
+
+    torch.manual_seed(0)
+    model, tok = load_model(model_dir, device="cpu")
+    sampler = TorchSampler(model, tok, temperature=1.0, seed=0, eos_token_ids=[])
+    vocab = int(model.config.vocab_size)
+    out = []
+    for rows in rows_list:
+        batch = sampler.open_batch(max_rows=rows)
+        handles = [sampler.new_row(torch.randint(0, vocab, (columns,)).tolist()) for _ in range(rows)]
+        for i, h in enumerate(handles):
+            batch.start(h, steps + 2, RowKey(0, 0, i))
+        batch.step()  # the rows' prefill
+        seconds = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            batch.step()
+            seconds.append(time.perf_counter() - t0)
+        for h in handles:
+            sampler.release(h)
+        sampler.close_batch()
+        ms = statistics.median(seconds) * 1000
+        out.append({"rows": rows, "columns": columns, "step_ms": round(ms, 2), "ms_per_row": round(ms / rows, 3)})
+    return out
 
 
 def main() -> None:
@@ -93,9 +136,16 @@ def main() -> None:
                     help="continuous (the default scheduler), speculative (rollout.speculate=true), turns")
     ap.add_argument("--repeats", type=int, default=1, help="alternating runs of each scheduler")
     ap.add_argument("--json", action="store_true", help="one JSON line per run (default: also a summary)")
+    ap.add_argument("--step-cost", type=int, nargs="+", default=None, metavar="ROWS",
+                    help="time one continuous-batch step at these numbers of rows instead (e.g. 8 32 128)")
+    ap.add_argument("--columns", type=int, default=256, help="--step-cost: cached tokens of every row")
     args = ap.parse_args()
     if not (args.model or args.demo / "sft").is_dir():
         raise SystemExit(f"{args.model or args.demo / 'sft'} not found: run `aepo demo` first or pass --demo / --model")
+    if args.step_cost:
+        for line in step_cost(args.model or args.demo / "sft", args.step_cost, args.columns):
+            print(json.dumps(line), flush=True)
+        return
     results = []
     for _ in range(args.repeats):
         for arm in args.arms:

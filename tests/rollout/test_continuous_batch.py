@@ -8,7 +8,7 @@ import torch
 from test_torch_sampler import check_against_full, make_model
 
 from aepo.rollout.sampler import TorchSampler
-from aepo.rollout.sampler.streams import RowKey, row_uniform
+from aepo.rollout.sampler.streams import RowKey, row_uniform, stream_state, uniform_at
 
 torch.set_num_threads(1)
 
@@ -136,6 +136,34 @@ def test_row_uniform_is_a_fixed_function():
     assert row_uniform(8, (0, 1, 2), 5) != a and row_uniform(7, (0, 1, 3), 5) != a
     mean = sum(values) / len(values)
     assert abs(mean - 0.5) < 0.03
+
+
+def _splitmix_chain(seed, parts):
+    """splitmix64's mixer chained over the seed and each part, written out independently
+    (docs/algorithms.md section 3.5): the numbers every continuous rollout's tokens come from."""
+    mask = (1 << 64) - 1
+
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % (1 << 64)
+        return z ^ (z >> 31)
+
+    z = mix((seed * 0x9E3779B97F4A7C15 + 1) & mask)
+    for part in parts:
+        z = mix((z + (part & mask) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & mask)
+    return (z >> 40) / 2**24
+
+
+def test_a_running_row_draws_the_numbers_of_its_stream():
+    """The running batch hashes a row's seed and key once (`stream_state`) and its position
+    each token (`uniform_at`): the same numbers as the whole chain, so a rollout is the same as
+    before the split."""
+    for seed, key in ((0, (0, 0, 0)), (7, (4, 3, 1025)), (2**61, (1, 23, 7))):
+        state = stream_state(seed, key)
+        for position in (0, 1, 17, 4095):
+            want = _splitmix_chain(seed, (*key, position))
+            assert row_uniform(seed, key, position) == want
+            assert uniform_at(state, position) == want
 
 
 def test_warmed_prompt_rows_fork_into_the_decode_step(model, tok):

@@ -111,19 +111,93 @@ class InlineExecutor:
         return fut
 
 
-def test_steps_follow_the_critical_path_when_rows_never_wait(monkeypatch):
+@pytest.mark.parametrize("strategy,script", [("arpo", branchy), ("aepo", branchy), ("aepo", long_probe),
+                                             ("random", branchy)])
+def test_steps_follow_the_critical_path_when_rows_never_wait(monkeypatch, strategy, script):
     """With room for every row, tools done by the next step and speculation, the batch takes as
-    many steps as the longest row's tokens; without speculation each branch waits for its
-    decision."""
+    many steps as the longest row's tokens: branches start at their fork points, AEPO's global
+    rows (and their branches) beside the probe, fills beside the rows they follow. Without
+    speculation each branch waits for its decision and each fill for its prompt's rows."""
     monkeypatch.setattr(scheduler_module, "ThreadPoolExecutor", InlineExecutor)
-    _, spec, _, _ = run("arpo", 256, speculate=True)
-    assert spec["decode_steps"] >= spec["logical_steps"] >= spec["critical_path_tokens"]
-    assert spec["decode_steps"] == spec["logical_steps"] == spec["critical_path_tokens"]
-    _, plain, _, _ = run("arpo", 256)
+    _, spec, _, _ = run(strategy, 256, speculate=True, script=script)
+    assert spec["decode_steps"] == spec["critical_path_tokens"]
+    assert spec["logical_steps"] >= spec["critical_path_tokens"]
+    if strategy != "aepo":  # AEPO's rows wait for its probe in logical time
+        assert spec["logical_steps"] == spec["critical_path_tokens"]
+    _, plain, _, _ = run(strategy, 256, script=script)
     assert plain["decode_steps"] > spec["decode_steps"]
     assert plain["speculative_dropped_tokens"] == 0 < spec["speculative_dropped_tokens"]
-    _, narrow, _, _ = run("arpo", 2)
+    _, narrow, _, _ = run(strategy, 2, script=script)
     assert narrow["decode_steps"] > 2 * plain["decode_steps"]  # two rows at a time: far more steps
+
+
+def test_fills_start_beside_the_rows_they_follow(monkeypatch):
+    """AEPO with fills (branchy leaves budget on every prompt): without speculation a fill starts
+    when its prompt's rows have ended, so the steps exceed the critical path; with it the fill
+    row is the fresh row started beside the probe, and the trees are the same."""
+    monkeypatch.setattr(scheduler_module, "ThreadPoolExecutor", InlineExecutor)
+    base, plain, _, _ = run("aepo", 256)
+    assert plain["fills"] and plain["decode_steps"] > plain["critical_path_tokens"]
+    trajs, spec, _, _ = run("aepo", 256, speculate=True)
+    assert summary(trajs) == summary(base)
+    assert [(f["prompt"], f["rows"]) for f in spec["fills"]] == [(f["prompt"], f["rows"]) for f in plain["fills"]]
+    for f in spec["fills"]:  # a fill's rows are fresh rows (trajectories come 6 per prompt in order)
+        fill_rows = trajs[6 * f["prompt"]:6 * f["prompt"] + 6][6 - f["rows"]:]
+        assert all(t.parent_row_id is None for t in fill_rows)
+    assert spec["decode_steps"] == spec["critical_path_tokens"]
+
+
+class _PacedBatch:
+    """Slows every step of a running batch to `seconds` (a real model's step takes milliseconds)."""
+
+    def __init__(self, batch, seconds):
+        self._batch, self._seconds = batch, seconds
+
+    def __getattr__(self, name):
+        return getattr(self._batch, name)
+
+    def step(self):
+        time.sleep(self._seconds)
+        return self._batch.step()
+
+
+def paced(monkeypatch, seconds):
+    original = ScriptedStepSampler.open_batch
+
+    def open_batch(self, *args, **kwargs):
+        return _PacedBatch(original(self, *args, **kwargs), seconds)
+
+    monkeypatch.setattr(ScriptedStepSampler, "open_batch", open_batch)
+
+
+class SleepyTools(FakeTools):
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def __call__(self, calls):
+        time.sleep(self.seconds)
+        return super().__call__(calls)
+
+
+def test_tool_calls_faster_than_a_step_rejoin_at_the_next_step(monkeypatch):
+    """Tool grace: the step's calls get up to one step's time before the next step, so calls
+    that answer within a step cost no step (here: instant tools, 30 ms steps, real threads)."""
+    paced(monkeypatch, 0.03)
+    _, stats, _, _ = run("arpo", 256, speculate=True)
+    assert stats["tool_grace_waits"] > 0 and stats["tool_grace_timeouts"] == 0
+    assert stats["decode_steps"] == stats["critical_path_tokens"]
+
+
+def test_slow_tools_cost_at_most_one_wait_per_backoff(monkeypatch):
+    """Calls slower than a step run beside the decode: a wait that runs out pauses the grace for
+    TOOL_GRACE_BACKOFF steps, so the batch waits at most once in that many steps."""
+    base, _, _, _ = run("arpo", 256)
+    paced(monkeypatch, 0.001)
+    trajs, stats, _, _ = run("arpo", 256, tools=SleepyTools(0.05))
+    assert summary(trajs) == summary(base)
+    assert stats["tool_grace_timeouts"] == stats["tool_grace_waits"] >= 1
+    assert stats["tool_grace_waits"] <= stats["decode_steps"] // scheduler_module.TOOL_GRACE_BACKOFF + 1
 
 
 @pytest.mark.parametrize("strategy,script", [("arpo", branchy), ("aepo", branchy), ("random", branchy),
@@ -140,6 +214,7 @@ def test_speculation_changes_the_schedule_not_the_trees(strategy, script):
         check_invariants(trajs, spec, sampler, prompts, 6)
         assert summary(trajs) == summary(base)
         assert per_prompt(spec["decisions"]) == per_prompt(stats["decisions"])
+        assert spec["logical_steps"] == stats["logical_steps"]  # a property of the trees
     assert spec["decode_steps"] != stats["decode_steps"]
 
 

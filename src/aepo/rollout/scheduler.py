@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from aepo.rollout.agent import RowState, TurnOutcome, fork_row_state
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["TOOL_BATCHES", "ContinuousScheduler", "branch_stream", "supports_continuous"]
 
 TOOL_BATCHES = 8  # steps' tool batches that may run at once (each one tool_fn call)
+TOOL_GRACE_BACKOFF = 16  # steps without a grace wait after a step's tool calls outlasted one
 
 
 def supports_continuous(sampler: Any) -> bool:
@@ -80,11 +82,20 @@ class ContinuousScheduler:
         # speculation (rollout.speculate): rows a pending decision may confirm, run before it
         self.spec: dict[int, RowState] = {}  # id(row) -> a speculative row not yet adopted
         self.spec_children: dict[tuple[int, int], list[RowState]] = {}  # (id(parent), turn) -> children
-        self.spec_globals: dict[int, dict[int, RowState]] = {}  # group -> row_id -> AEPO global row
+        # group -> row_id -> a fresh row (global or fill) not made yet; its decisions wait aside
+        self.spec_fresh: dict[int, dict[int, RowState]] = {}
+        # id(row) -> id(fresh row) whose start its clock counts from: a fresh row not made yet and
+        # the branches started on it; their decisions wait in spec_events until it is made
+        self.anchor: dict[int, int] = {}
+        self.spec_events: dict[int, list[tuple[int, int, TurnOutcome]]] = {}  # id(row) -> (time, fork time, outcome)
         # speculative rows dropped, kept alive so that their id() is never reused in this rollout
         self.dropped: dict[int, RowState] = {}
         self.dropped_tokens = 0
-        self.globals_at = 0  # logical start of the rows made when a probe ends
+        self.adopt_at = 0  # logical start of the fresh rows being made (after a probe, or a fill)
+        # tool grace (`_tool_grace`): the mean step time, the first step that may wait, counters
+        self.step_seconds: float | None = None  # the mean step time (a running mean)
+        self.grace_from = 0
+        self.grace_waits = self.grace_timeouts = 0
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -112,7 +123,9 @@ class ContinuousScheduler:
     def _live(self, g: PromptGroup) -> list[RowState]:
         """Rows of `g` that may still take a decision: unfinished rows and speculative ones."""
         rows = [s for s in g.rows if not s.finished]
-        return rows + [s for s in self.spec.values() if s.group == g.index and not s.finished]
+        # a speculative fresh row's clock (and its branches') counts only from when it is made
+        return rows + [s for s in self.spec.values() if s.group == g.index and not s.finished
+                       and id(s) not in self.anchor]
 
     # ---------------------------------------------------------------- main loop
 
@@ -122,8 +135,8 @@ class ContinuousScheduler:
                 self.roots[g.root] = g
                 self.root_queue.append(g)
             self._admit_new(g, 0)
-            if self.speculate and g.probe is not None:
-                self._speculate_globals(g)
+            if self.speculate and (g.probe is not None or self.st.branching):
+                self._speculate_fresh(g)
         # several steps' calls may be in flight at once; each batch runs its calls concurrently
         with ThreadPoolExecutor(max_workers=TOOL_BATCHES, thread_name_prefix="aepo-tools") as pool:
             while True:
@@ -132,16 +145,24 @@ class ContinuousScheduler:
                 self._admit()
                 if self.batch.active:
                     self.st.round = self.batch.steps
-                    for handle, gen in self.batch.step():
+                    start = perf_counter()
+                    ended = self.batch.step()
+                    seconds = perf_counter() - start
+                    self.step_seconds = seconds if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * seconds
+                    for handle, gen in ended:
                         if handle in self.roots:
                             self._root_ended(self.roots.pop(handle), gen)
                         else:
                             self._segment_ended(self.running.pop(handle), gen)
+                    submitted = None
                     if self.step_calls:  # the step's calls in one tool_fn call, run concurrently
                         rows, actions = zip(*self.step_calls)
-                        self.tools.append((pool.submit(self.agent._run_tools, list(actions)), list(rows)))
+                        submitted = pool.submit(self.agent._run_tools, list(actions))
+                        self.tools.append((submitted, list(rows)))
                         self.step_calls = []
                     self._early_decisions()
+                    if submitted is not None:
+                        self._tool_grace(submitted)
                 elif self.tools:
                     self._collect_tools(block=True)
                 elif not self.ready and not self.root_queue:
@@ -149,6 +170,20 @@ class ContinuousScheduler:
                     self._admit()
                     if not self.batch.active and not self.ready and not self.root_queue:
                         break
+
+    def _tool_grace(self, submitted: Future) -> None:
+        """Give the step's tool calls up to one step's time (a running mean) before the next step:
+        calls that answer within a step rejoin at the next one, as the logical schedule has it
+        (on a CPU the calls otherwise compete with the decode for the cores). A call that takes
+        longer runs beside the decode, and grace pauses for `TOOL_GRACE_BACKOFF` steps, so slow
+        tools (a web search) cost the batch at most one step's wait in that many."""
+        if self.batch.steps < self.grace_from:
+            return
+        self.grace_waits += 1
+        done, _ = wait([submitted], timeout=self.step_seconds)
+        if not done:
+            self.grace_timeouts += 1
+            self.grace_from = self.batch.steps + TOOL_GRACE_BACKOFF
 
     def _root_ended(self, g: PromptGroup, gen: Any) -> None:
         self.st.root_sampled(g, gen)
@@ -175,9 +210,12 @@ class ContinuousScheduler:
         if s.probe:
             self.st.on_tool_feedback(self.st.groups[s.group], outcome)
             return
+        self.waiting_events[id(s)] = self.waiting_events.get(id(s), 0) + 1
+        if id(s) in self.anchor:  # on a fresh row not made yet: the logical time is not known
+            self.spec_events.setdefault(id(s), []).append((time, fork_time, outcome))
+            return
         heapq.heappush(self.events.setdefault(s.group, []),
                        (time, s.traj.row_id, id(outcome), (fork_time, outcome)))
-        self.waiting_events[id(s)] = self.waiting_events.get(id(s), 0) + 1
 
     def _admit(self) -> None:
         while self.root_queue and self.batch.free > 0:
@@ -198,7 +236,8 @@ class ContinuousScheduler:
     def _segment_ended(self, s: RowState, gen: Any) -> None:
         """`Agent.step`'s handling of one row's finished segment, for this row alone."""
         self.clock[id(s)] += len(gen.token_ids)
-        self.max_clock = max(self.max_clock, self.clock[id(s)])
+        if id(s) not in self.spec:  # a speculative row's counts once it is made (`_adopt`)
+            self.max_clock = max(self.max_clock, self.clock[id(s)])
         outcome = self.agent._record_segment(s, gen)
         if self.agent.end_segment(s, outcome, gen):
             action = outcome.action
@@ -230,10 +269,21 @@ class ContinuousScheduler:
             self.agent._append_result(s, call)
             if not s.finished:
                 self.ready.append(s)
-                if self.speculate and self.st.branching and not s.probe and id(s) not in self.spec:
+                if self._may_branch(s):
                     self._speculate_children(s)
 
     # ---------------------------------------------------------------- speculation
+
+    def _may_branch(self, s: RowState) -> bool:
+        """Whether speculation starts the branches of `s`'s tool result: a row of its prompt, or a
+        fresh row while the prompt probes (it may become a global row). A speculative branch
+        does not branch (its row_id, part of its children's stream keys, comes with its
+        decision), nor does a fill (it takes the prompt's whole remaining budget)."""
+        if not (self.speculate and self.st.branching) or s.probe:
+            return False
+        if id(s) not in self.spec:
+            return True
+        return s.stream is None and self.st.groups[s.group].probe is not None
 
     def _speculate_children(self, s: RowState) -> None:
         """Start the Z branches a decision on this tool result may make, at the fork point."""
@@ -246,22 +296,34 @@ class ContinuousScheduler:
             self.st._live.add(child.row)
             self.spec[id(child)] = child
             self.clock[id(child)] = self.clock[id(s)]
+            if id(s) in self.anchor:
+                self.anchor[id(child)] = self.anchor[id(s)]
             self.ready.append(child)
             kids.append(child)
         if kids:
             self.spec_children[(id(s), turn)] = kids
 
-    def _speculate_globals(self, g: PromptGroup) -> None:
-        """AEPO: start the global rows beside the probe (clocks rebased when m is known)."""
-        first = 1 if self.cfg.reuse_probe else 0
+    def _speculate_fresh(self, g: PromptGroup) -> None:
+        """Start every fresh row the prompt may still make, one per row_id not yet taken: AEPO's
+        global rows (beside the probe) and the fills of a tree that ends with budget left. A
+        fresh row's stream depends on its row_id alone, so the one a fill makes as row r is the
+        one started here; it is dropped once a branch takes r. Clocks are rebased when made."""
+        first = len(g.rows) if g.probe is None else (1 if self.cfg.reuse_probe else 0)
         rows = {}
         for row_id in range(first, g.n):
             s = self.st.new_global(g, row_id=row_id)
             self.spec[id(s)] = s
             self.clock[id(s)] = 0
+            self.anchor[id(s)] = id(s)
             self.ready.append(s)
             rows[row_id] = s
-        self.spec_globals[g.index] = rows
+        self.spec_fresh[g.index] = rows
+
+    def _prune_fresh(self, g: PromptGroup) -> None:
+        """Drop the speculative fresh rows whose row_id the prompt has given to another row."""
+        fresh = self.spec_fresh.get(g.index, {})
+        for row_id in [r for r in fresh if r < len(g.rows)]:
+            self._drop(fresh.pop(row_id))
 
     def adopt_child(self, parent: RowState, position: int, z: int, row_id: int) -> RowState | None:
         """The speculative branch z of `parent` at `position`, now row `row_id` (None: none)."""
@@ -275,24 +337,27 @@ class ContinuousScheduler:
         return child
 
     def adopt_global(self, g: PromptGroup, row_id: int) -> RowState | None:
-        """The speculative global row `row_id` of a prompt whose probe just ended, if any."""
-        s = self.spec_globals.get(g.index, {}).pop(row_id, None)
+        """The speculative fresh row `row_id` of a prompt making its global rows (its probe
+        just ended) or a fill, if any; its clock starts at `adopt_at`."""
+        s = self.spec_fresh.get(g.index, {}).pop(row_id, None)
         if s is not None:
-            self._adopt(s, row_id, self.globals_at)
+            self._adopt(s, row_id, self.adopt_at)
         return s
 
     def _adopt(self, s: RowState, row_id: int, shift: int) -> None:
-        """Make a speculative row a row of its prompt: its row_id and (globals) its clock, with
-        its queued decisions re-keyed."""
+        """Make a speculative row a row of its prompt: its row_id (branches) or its clock
+        (fresh rows, `shift`), its decisions queued with their logical times."""
         del self.spec[id(s)]
         s.traj.row_id = row_id
-        self.clock[id(s)] += shift
-        heap = self.events.get(s.group)
-        if heap:
-            self.events[s.group] = [
-                (t + shift, row_id, k, (v[0] + shift, v[1])) if v[1].state is s else (t, r, k, v)
-                for t, r, k, v in heap]
-            heapq.heapify(self.events[s.group])
+        heap = self.events.setdefault(s.group, [])
+        heap[:] = [(t, row_id, k, v) if v[1].state is s else (t, r, k, v) for t, r, k, v in heap]
+        for f in [f for f in (s, *self.spec.values()) if self.anchor.get(id(f)) == id(s)]:
+            del self.anchor[id(f)]  # a fresh row made, and the branches started on it
+            self.clock[id(f)] += shift
+            for time, fork_time, outcome in self.spec_events.pop(id(f), []):
+                heap.append((time + shift, f.traj.row_id, id(outcome), (fork_time + shift, outcome)))
+        heapq.heapify(heap)
+        self.max_clock = max(self.max_clock, self.clock[id(s)])
 
     def _drop(self, s: RowState) -> None:
         """Forget a speculative row no decision made: its tokens, its slot, its decisions."""
@@ -309,6 +374,8 @@ class ContinuousScheduler:
             self.events[s.group] = [e for e in heap if e[3][1].state is not s]
             heapq.heapify(self.events[s.group])
         self.waiting_events.pop(id(s), None)
+        self.spec_events.pop(id(s), None)
+        self.anchor.pop(id(s), None)
         s.finished = True
         self.st._release_state(s)
         self._drop_children_of(s)
@@ -326,30 +393,40 @@ class ContinuousScheduler:
         or fill (`end_turn`), and free the rows nobody can fork any more."""
         for g in self.st.groups:
             if g.probe is not None:
-                self.globals_at = max(self.clock[id(g.probe)], self.root_clock.get(g.index, 0))
+                self.adopt_at = max(self.clock[id(g.probe)], self.root_clock.get(g.index, 0))
                 self.st.end_turn(g)
                 if g.probe is not None:
                     continue  # while m is unknown, no decision of the prompt is taken
-                for s in self.spec_globals.pop(g.index, {}).values():
-                    self._drop(s)
-                self._admit_new(g, self.globals_at)
-            heap = self.events.get(g.index)
-            while heap:
-                horizon = min((self._now(s) for s in self._live(g)), default=None)
-                if horizon is not None and heap[0][0] >= horizon:
-                    break
-                _, _, _, (fork_time, outcome) = heapq.heappop(heap)
-                s = outcome.state
-                self.st.on_tool_feedback(g, outcome)
-                self.waiting_events[id(s)] -= 1
-                turn = s.traj.tool_results_before(outcome.segment_start)
-                self._drop_children_of(s, turn)
-                self._admit_new(g, fork_time)
+                self._admit_new(g, self.adopt_at)
+                self._prune_fresh(g)
+                for s in self.spec_fresh.get(g.index, {}).values():
+                    self._drop_children_of(s)  # the rest can only be fills, which never branch
+            while True:
                 heap = self.events.get(g.index)
-            if not heap and not any(not s.finished for s in g.rows):
-                at = max([self.clock[id(s)] for s in g.rows], default=0)
-                self.st.end_turn(g)  # a fill, when the prompt's rows ended with budget left
-                self._admit_new(g, at)
+                while heap:
+                    horizon = min((self._now(s) for s in self._live(g)), default=None)
+                    if horizon is not None and heap[0][0] >= horizon:
+                        break
+                    _, _, _, (fork_time, outcome) = heapq.heappop(heap)
+                    s = outcome.state
+                    self.st.on_tool_feedback(g, outcome)
+                    self.waiting_events[id(s)] -= 1
+                    turn = s.traj.tool_results_before(outcome.segment_start)
+                    self._drop_children_of(s, turn)
+                    self._admit_new(g, fork_time)
+                    self._prune_fresh(g)
+                    heap = self.events.get(g.index)
+                if heap or g.budget_left == 0 or any(not s.finished for s in g.rows):
+                    break
+                # the prompt's rows ended with budget left: a fill (`end_turn`); fresh rows that
+                # ran speculatively may come with decisions measured already, taken next round
+                self.adopt_at = max([self.clock[id(s)] for s in g.rows], default=0)
+                rows = len(g.rows)
+                self.st.end_turn(g)
+                if len(g.rows) == rows:
+                    break  # a strategy that does not fill
+                self._admit_new(g, self.adopt_at)
+                self._prune_fresh(g)
             for s in g.rows:
                 if s.finished and not self.waiting_events.get(id(s)):
                     self.st._release_state(s)
@@ -362,11 +439,13 @@ class ContinuousScheduler:
 
     def stats(self) -> dict[str, Any]:
         """Scheduling counters: steps of the batch, rows per step, the logical critical path,
-        tokens spent on speculative rows that no decision made."""
+        tokens spent on speculative rows that no decision made, the tool-grace waits and how
+        many of them ran out (`_tool_grace`)."""
         b = self.batch
         return {"scheduler": "continuous", "decode_steps": b.steps + getattr(self.st.sampler, "steps", 0),
                 "mean_active_rows": b.row_steps / b.steps if b.steps else 0.0,
-                "logical_steps": self.max_clock, "speculative_dropped_tokens": self.dropped_tokens}
+                "logical_steps": self.max_clock, "speculative_dropped_tokens": self.dropped_tokens,
+                "tool_grace_waits": self.grace_waits, "tool_grace_timeouts": self.grace_timeouts}
 
 
 def branch_stream(group: int, parent_row: int, turn: int, z: int) -> tuple[int, int, int]:

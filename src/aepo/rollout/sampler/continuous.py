@@ -32,7 +32,7 @@ import torch
 
 from aepo.rollout.sampler.layout import DECODE_BLOCK, truncate_chunks
 from aepo.rollout.sampler.lean import LeanBatch, _write
-from aepo.rollout.sampler.streams import row_uniforms
+from aepo.rollout.sampler.streams import stream_state, uniform_at
 from aepo.types import Generation
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ class _Running:
 
     budget: int
     key: tuple[int, ...]
+    stream: int  # `stream_state` of (seed, key): its token at position j draws uniform_at(stream, j)
     slot: int = -1  # -1 until its prefill ran
     chunk_start: int = 0  # cache positions before this are in the row's chunks
     tokens: list[int] = field(default_factory=list)
@@ -113,7 +114,8 @@ class SlotBatch:
         if len(self.rows) >= self.max_rows:
             raise ValueError(f"the batch is full ({self.max_rows} rows)")
         state.open = []
-        self.rows[row] = _Running(budget=int(budget), key=tuple(int(k) for k in key))
+        key = tuple(int(k) for k in key)
+        self.rows[row] = _Running(budget=int(budget), key=key, stream=stream_state(self.s.seed, key))
         self.joining.append(row)
 
     def flush(self, row: int) -> None:
@@ -239,7 +241,7 @@ class SlotBatch:
                 return ended
             logits = self._forward(decoding, joins)
             rows = [self.s._row(h) for h in handles]
-            u = row_uniforms(self.s.seed, [self.rows[h].key for h in handles], [len(r.ids) for r in rows])
+            u = [uniform_at(self.rows[h].stream, len(r.ids)) for h, r in zip(handles, rows)]
             uniforms = torch.tensor(u, dtype=torch.float32, device=self.s.device)[:, None]
             tokens, token_logp, entropy = self.s._sample(logits, uniforms)
         self.steps += 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-__all__ = ["RowKey", "row_uniform", "row_uniforms"]
+__all__ = ["RowKey", "row_uniform", "row_uniforms", "stream_state", "uniform_at"]
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -33,12 +33,24 @@ def _mix(z: int) -> int:
     return z ^ (z >> 31)
 
 
+def stream_state(seed: int, key: Sequence[int]) -> int:
+    """The hash state of a row's stream after its seed and key: `uniform_at` turns it and a
+    position into the row's number (a running row computes it once, not once a token)."""
+    z = _mix((int(seed) * _GOLDEN + 1) & _MASK)
+    for part in key:
+        z = _mix((z + (int(part) & _MASK) * _GOLDEN + 0x632BE59BD9B4E019) & _MASK)
+    return z
+
+
+def uniform_at(state: int, position: int) -> float:
+    """The number at `position` of the stream whose `stream_state` is `state`."""
+    z = _mix((state + (int(position) & _MASK) * _GOLDEN + 0x632BE59BD9B4E019) & _MASK)
+    return (z >> 40) / float(1 << 24)
+
+
 def row_uniform(seed: int, key: Sequence[int], position: int) -> float:
     """A number in [0, 1) on a 2^-24 grid (exact in float32), a function of its arguments only."""
-    z = _mix((int(seed) * _GOLDEN + 1) & _MASK)
-    for part in (*key, position):
-        z = _mix((z + (int(part) & _MASK) * _GOLDEN + 0x632BE59BD9B4E019) & _MASK)
-    return (z >> 40) / float(1 << 24)
+    return uniform_at(stream_state(seed, key), position)
 
 
 def row_uniforms(seed: int, keys: Sequence[Sequence[int]], positions: Sequence[int]) -> list[float]:
