@@ -8,6 +8,7 @@ import torch
 from test_torch_sampler import check_against_full, make_model
 
 from aepo.rollout.sampler import TorchSampler
+from aepo.rollout.sampler.continuous import _join_groups
 from aepo.rollout.sampler.streams import RowKey, row_uniform, stream_state, uniform_at
 
 torch.set_num_threads(1)
@@ -98,6 +99,35 @@ def test_a_rows_tokens_do_not_depend_on_its_neighbours(model, tok):
     row = s.new_row(tok.encode("The capital of"))
     batch.start(row, 10, RowKey(0, 0, 1))
     assert run_all(batch, {})[row][0].token_ids != alone
+
+
+def test_many_rows_joining_in_one_step_match_a_full_forward(model, tok):
+    """Rows of different pending lengths joining in the same step beside a decoding row run
+    their attention in padded groups (`_join_groups`); each still matches a full forward."""
+    s = TorchSampler(model, tok, temperature=1.0, seed=4)
+    batch = s.open_batch(max_rows=8)
+    texts = TEXTS + ["x y", "the the the the the the the the the the the the the the"]
+    rows = [s.new_row(tok.encode(t)) for t in texts]
+    starts = {r: len(s.tokens(r)) for r in rows}
+    batch.start(rows[0], 8, RowKey(0, 0, 0))
+    batch.step()  # rows[0] decodes while the others join together
+    for i, r in enumerate(rows[1:], 1):
+        batch.start(r, 5, RowKey(0, i, 0))
+    out = run_all(batch, {})
+    assert set(out) == set(rows)
+    for r in rows[1:]:
+        check_against_full(model, s.tokens(r), starts[r], out[r][0], 1.0)
+    for r in rows:
+        s.release(r)
+
+
+def test_join_groups_bound_the_padding():
+    assert _join_groups([]) == []
+    assert _join_groups([5]) == [(0, 1)]
+    assert _join_groups([10, 9, 8, 7]) == [(0, 4)]  # 40 padded for 34 real
+    assert _join_groups([100, 10, 9, 1]) == [(0, 1), (1, 4)]  # 30 padded for 20 real
+    assert _join_groups([6, 2, 2, 2]) == [(0, 2), (2, 4)]  # 12 for 8 (the bound); a third: 18 for 10
+    assert _join_groups([3, 3, 1]) == [(0, 3)]  # 9 for 7
 
 
 def test_stop_strings_and_zero_budget(model, tok):

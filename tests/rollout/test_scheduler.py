@@ -131,6 +131,24 @@ def test_steps_follow_the_critical_path_when_rows_never_wait(monkeypatch, strate
     assert narrow["decode_steps"] > 2 * plain["decode_steps"]  # two rows at a time: far more steps
 
 
+@pytest.mark.parametrize("strategy,script", [("independent", branchy), ("arpo", branchy), ("aepo", branchy),
+                                             ("aepo", long_probe)])
+def test_a_schedule_moves_tokens_between_steps_it_never_removes_one(strategy, script):
+    """Whatever the batch limit, the batch samples exactly the trees' tokens (a branch's
+    inherited prefix once) plus AEPO's H_root samples, and with speculation the dropped tokens
+    on top: fewer steps, never less work. Where a step costs in proportion to its rows (the
+    demo's model on a CPU), the rollout's time follows these tokens, not the steps
+    (benchmarks/RESULTS.md, "Continuous batching")."""
+    roots = 3 * 4 if strategy == "aepo" else 0  # three prompts, n_probe = 4 tokens each
+    for speculate in (False, True):
+        for max_rows in (64, 3):
+            trajs, stats, sampler, _ = run(strategy, max_rows, speculate=speculate, script=script)
+            tree = sum(sum(t.response_mask[t.branch_position or 0:]) for t in trajs)
+            dropped = stats["speculative_dropped_tokens"]
+            assert sampler.last_batch.row_steps == tree + roots + dropped
+            assert (dropped > 0) == (speculate and strategy != "independent")
+
+
 def test_fills_start_beside_the_rows_they_follow(monkeypatch):
     """AEPO with fills (branchy leaves budget on every prompt): without speculation a fill starts
     when its prompt's rows have ended, so the steps exceed the critical path; with it the fill

@@ -236,6 +236,7 @@ class SlotBatch:
                     decoding.append(h)
                 else:
                     joins.append(h)
+            joins.sort(key=lambda h: -self._pending(h))  # similar lengths share an attention call
             handles = decoding + joins
             if not handles:
                 return ended
@@ -298,10 +299,7 @@ class SlotBatch:
             col = torch.tensor(cols, device=device)[:, None]
             valid = torch.arange(kv_len, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
             additive = lb.decode_bias(valid[:, None, None])
-        causal = []
-        for slot, start, n in spans:  # causal over the row's own columns
-            c = torch.arange(start + n, device=device)[None] <= (start + torch.arange(n, device=device))[:, None]
-            causal.append(lb.grouped_mask(c[None, None]))
+        groups = [_JoinGroup(spans[a:b], lb, device) for a, b in _join_groups([n for _, _, n in spans])]
         for index, ops in enumerate(lb.ops):
             q, k, v = ops.qkv(x, 1, total, cos, sin)  # [1, T, heads, hd]
             layer_keys, layer_values = keys[index], values[index]
@@ -311,12 +309,9 @@ class SlotBatch:
                 outs.append(lb.decode_attention(q[0, :top], layer_keys[:top, :, :kv_len],
                                                 layer_values[:top, :, :kv_len], additive))
             offset = top
-            for (slot, start, n), mask in zip(spans, causal):
-                layer_keys[slot, :, start:start + n] = k[0, offset:offset + n].transpose(0, 1)
-                layer_values[slot, :, start:start + n] = v[0, offset:offset + n].transpose(0, 1)
-                outs.append(lb.grouped_attention(q[:, offset:offset + n], layer_keys[slot:slot + 1, :, :start + n],
-                                                 layer_values[slot:slot + 1, :, :start + n], mask))
-                offset += n
+            for group in groups:
+                outs.append(group.attend(lb, q[0], k[0], v[0], offset, layer_keys, layer_values))
+                offset += group.tokens
             x = ops.mlp(ops.attn_out(x, torch.cat(outs) if len(outs) > 1 else outs[0]))
         last = [self.rows[h].slot for h in decoding]
         offset = top
@@ -367,3 +362,74 @@ class SlotBatch:
             cols = (slice(c - cached, c), slice(c + p - (len(st.ids) - cached), c + p))
             pieces.append((h, ([keys[:, i, :, cs] for cs in cols], [values[:, i, :, cs] for cs in cols])))
         return logits, pieces
+
+
+JOIN_PAD = 1.5  # joining rows share one attention call while padding stays under this factor
+
+
+def _join_groups(lengths: list[int]) -> list[tuple[int, int]]:
+    """Consecutive ranges of the joining rows (`lengths`: their pending tokens, longest first)
+    whose tokens padded to the range's longest stay within JOIN_PAD times the real ones."""
+    out, a = [], 0
+    while a < len(lengths):
+        b, widest, total = a + 1, lengths[a], lengths[a]
+        while b < len(lengths):
+            w, t = max(widest, lengths[b]), total + lengths[b]
+            if w * (b + 1 - a) > JOIN_PAD * t:
+                break
+            widest, total, b = w, t, b + 1
+        out.append((a, b))
+        a = b
+    return out
+
+
+class _JoinGroup:
+    """Joining rows whose pending tokens run as one padded attention call: each row's tokens
+    are written at its own next columns and attend causally over its own slot's columns."""
+
+    def __init__(self, spans: list[tuple[int, int, int]], lb: LeanBatch, device: torch.device) -> None:
+        self.spans = spans
+        self.tokens = sum(n for _, _, n in spans)
+        if len(spans) == 1:
+            slot, start, n = spans[0]
+            c = torch.arange(start + n, device=device)[None] <= (start + torch.arange(n, device=device))[:, None]
+            self.mask = lb.grouped_mask(c[None, None])
+            return
+        widest = max(n for _, _, n in spans)
+        self.width = max(start + n for _, start, n in spans)
+        self.slots = torch.tensor([slot for slot, _, _ in spans], device=device)
+        self.write_slot = torch.tensor([slot for slot, _, n in spans for _ in range(n)], device=device)
+        self.write_col = torch.tensor([start + i for _, start, n in spans for i in range(n)], device=device)
+        # padded [rows, widest] queries from the packed tokens (a pad repeats the row's last token)
+        pad, unpad, offset = [], [], 0
+        for j, (_, _, n) in enumerate(spans):
+            pad += [offset + min(i, n - 1) for i in range(widest)]
+            unpad += [j * widest + i for i in range(n)]
+            offset += n
+        self.pad = torch.tensor(pad, device=device)
+        self.unpad = torch.tensor(unpad, device=device)
+        starts = torch.tensor([start for _, start, _ in spans], device=device)
+        lengths = torch.tensor([n for _, _, n in spans], device=device)
+        query_col = starts[:, None] + torch.minimum(torch.arange(widest, device=device)[None], lengths[:, None] - 1)
+        c = torch.arange(self.width, device=device)[None, None] <= query_col[:, :, None]  # [rows, widest, width]
+        self.mask = lb.grouped_mask(c[:, None])
+        self.widest = widest
+
+    def attend(self, lb: LeanBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int,
+               keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Write the group's keys and values (packed tokens offset.. of k, v [T, kv_heads, hd])
+        into its slots of one layer's cache and attend -> [tokens, heads * hd] in packed order."""
+        end = offset + self.tokens
+        if len(self.spans) == 1:
+            slot, start, n = self.spans[0]
+            keys[slot, :, start:start + n] = k[offset:end].transpose(0, 1)
+            values[slot, :, start:start + n] = v[offset:end].transpose(0, 1)
+            return lb.grouped_attention(q[None, offset:end], keys[slot:slot + 1, :, :start + n],
+                                        values[slot:slot + 1, :, :start + n], self.mask)
+        keys[self.write_slot, :, self.write_col] = k[offset:end]
+        values[self.write_slot, :, self.write_col] = v[offset:end]
+        rows = len(self.spans)
+        queries = q[offset:end][self.pad].view(rows, self.widest, *q.shape[1:])
+        out = lb.grouped_attention(queries, keys[:, :, :self.width].index_select(0, self.slots),
+                                   values[:, :, :self.width].index_select(0, self.slots), self.mask)
+        return out[self.unpad]
