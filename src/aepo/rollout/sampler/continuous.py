@@ -391,7 +391,7 @@ class _JoinGroup:
         self.spans = spans
         self.tokens = sum(n for _, _, n in spans)
         if len(spans) == 1:
-            slot, start, n = spans[0]
+            _, start, n = spans[0]
             c = torch.arange(start + n, device=device)[None] <= (start + torch.arange(n, device=device))[:, None]
             self.mask = lb.grouped_mask(c[None, None])
             return
