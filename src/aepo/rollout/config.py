@@ -26,13 +26,14 @@ class RolloutConfig:
     # how rows are scheduled (docs/algorithms.md section 3.5): "turns" one generate call per turn
     # of all rows; "continuous" one running batch that rows join and leave at any step (a row
     # waiting on a tool leaves, a branch joins at once; the torch backend on a Llama-family model).
-    # "turns" is the default: on the CPU demo the continuous batch takes fewer steps but its
-    # steps cost more, 1.6x the rollout time (benchmarks/RESULTS.md, "Continuous batching")
+    # "turns" is the default: on the CPU demo's tiny model a step costs about in proportion to
+    # its rows, so fewer steps do not pay (benchmarks/RESULTS.md, "Continuous batching")
     scheduler: Literal["turns", "continuous"] = "turns"
     max_active_rows: int = 256  # continuous scheduler: rows decoding at once; the others wait
     # continuous scheduler: start the rows a pending decision may make before it is taken (a
-    # branch at its fork point, AEPO's global rows beside its probe) and drop those it does not
-    # make. The same trees; fewer steps for more tokens (docs/algorithms.md section 3.5)
+    # branch at its fork point, AEPO's global rows beside its probe, the fills beside the rows
+    # they fill for) and drop those it does not make. The same trees; fewer steps (with quick
+    # tools, the critical path's) for more tokens (docs/algorithms.md section 3.5)
     speculate: bool = False
     # how the model calls tools (`aepo.formats`): "tags" the paper's <search> ... </search> protocol
     # (aepo's own models), "hermes" JSON in <tool_call> ... </tool_call> with results as `tool`
