@@ -432,8 +432,12 @@ def _bench_update(model, tok, args, device, result: dict, save: Callable[[], Non
 # ------------------------------------------------------------------------------------ 3. RL step
 
 
+SCHEDULERS = {"turns": ["rollout.scheduler=turns"], "continuous": ["rollout.scheduler=continuous"],
+              "speculative": ["rollout.scheduler=continuous", "rollout.speculate=true"]}
+
+
 def bench_rl_step(model, tok, args, device, result: dict, save: Callable[[], None], pause: float = 0.0,
-                  name: str = "rl_step") -> None:
+                  name: str = "rl_step", scheduler: str = "turns") -> None:
     parts = _rl_parts()
     rl_mod = importlib.import_module(parts["RLTrainer"].__module__)
     rollout_metrics = getattr(rl_mod, "rollout_metrics", None)
@@ -443,7 +447,7 @@ def bench_rl_step(model, tok, args, device, result: dict, save: Callable[[], Non
         f"algo={args.algo}", f"rollout.n={args.rl_n}", f"trainer.prompts_per_step={args.rl_prompts}",
         f"rollout.max_response_tokens={args.rl_response_tokens}",
         f"trainer.ppo_mini_batch_size={rows}", f"trainer.ppo_micro_batch_size={min(args.rl_micro, rows)}",
-        "trainer.total_steps=1000", f"rollout.pause_below={pause}",
+        "trainer.total_steps=1000", f"rollout.pause_below={pause}", *SCHEDULERS[scheduler],
     ]
     section["settings"] = {
         "driver": "RLTrainer.collect + rollout_metrics + make_batch + update (train_step's sequence)",
@@ -492,6 +496,8 @@ def bench_rl_step(model, tok, args, device, result: dict, save: Callable[[], Non
                     "branches": metrics.get("rollout/branches"),
                     "tool_calls_per_row": metrics.get("rollout/tool_calls"),
                     "generate_calls": rstats.get("generate_calls"),
+                    "decode_steps": rstats.get("decode_steps"),
+                    "critical_path_tokens": rstats.get("critical_path_tokens"),
                     "advantages_forced": forced,
                     "max_memory_allocated": peak_bytes(device),
                 })
@@ -548,6 +554,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rl-micro", type=int, default=16)
     p.add_argument("--rl-pause-below", type=floats, default=[0.0],
                    help="rollout.pause_below values of the RL step, one step each (0: off; e.g. 0,0.25)")
+    p.add_argument("--rl-schedulers", default="turns",
+                   help="rollout schedulers of the RL step, one step each: turns, continuous, speculative "
+                        "(continuous with rollout.speculate=true); e.g. turns,continuous,speculative")
     p.add_argument("--budget-s", type=float, default=270.0,
                    help="wall-clock budget: later measurements are skipped once it is mostly spent")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 with --tiny)")
@@ -626,8 +635,10 @@ def summary(result: dict) -> None:
         if "timed" in r:
             t = r["timed"]
             print(f"\n{key} ({t['rows']} rows, {t['response_tokens']} response tokens, "
-                  f"{t.get('generate_calls')} generate calls): "
-                  f"rollout {t['rollout_s']:.2f} s, batch {t['batch_s']:.2f} s, update {t['update_s']:.2f} s, "
+                  f"{t.get('generate_calls')} generate calls, {t.get('decode_steps')} decode steps for a "
+                  f"critical path of {t.get('critical_path_tokens')}): "
+                  f"rollout {t['rollout_s']:.2f} s ({r['rollout_tokens_per_s']:,.0f} tokens/s), "
+                  f"batch {t['batch_s']:.2f} s, update {t['update_s']:.2f} s, "
                   f"total {t['total_s']:.2f} s (rollout {100 * r['rollout_fraction']:.0f}%)")
         elif "error" in r:
             print(f"\n{key}: {r['error']}: {r['message'][:200]}")
@@ -696,10 +707,18 @@ def main() -> None:
         ("update", lambda: bench_update(model, tok, args, device, result, save, total)),
     ]
     if not args.skip_rl_step:
-        for pause in args.rl_pause_below:
-            key = "rl_step" if pause == 0 else f"rl_step pause_below={pause}"
-            sections.append((key, functools.partial(bench_rl_step, model, tok, args, device, result, save,
-                                                    pause, key)))
+        schedulers = [x.strip() for x in args.rl_schedulers.split(",") if x.strip()]
+        for name in schedulers:
+            if name not in SCHEDULERS:
+                raise SystemExit(f"--rl-schedulers: unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
+        for scheduler in schedulers:
+            for pause in args.rl_pause_below:
+                if pause and scheduler != "turns":
+                    continue  # pause_below trims the turn scheduler's turns
+                key = "rl_step" if pause == 0 else f"rl_step pause_below={pause}"
+                key += "" if scheduler == "turns" else f" {scheduler}"
+                sections.append((key, functools.partial(bench_rl_step, model, tok, args, device, result, save,
+                                                        pause, key, scheduler)))
     for name, fn in sections:
         if name.startswith("rl_step") and elapsed() > args.budget_s * 0.7:
             result[name] = {"skipped": f"time budget ({elapsed():.0f} s elapsed of {args.budget_s:.0f})"}
