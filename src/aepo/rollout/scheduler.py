@@ -419,7 +419,7 @@ class ContinuousScheduler:
                 if heap or g.budget_left == 0 or any(not s.finished for s in g.rows):
                     break
                 # the prompt's rows ended with budget left: a fill (`end_turn`); fresh rows that
-                # ran speculatively may come with decisions measured already, taken next round
+                # ran speculatively may come with decisions measured already (the next pass)
                 self.adopt_at = max([self.clock[id(s)] for s in g.rows], default=0)
                 rows = len(g.rows)
                 self.st.end_turn(g)
