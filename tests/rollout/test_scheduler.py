@@ -218,17 +218,18 @@ def test_slow_tools_cost_at_most_one_wait_per_backoff(monkeypatch):
     assert stats["tool_grace_waits"] <= stats["decode_steps"] // scheduler_module.TOOL_GRACE_BACKOFF + 1
 
 
-@pytest.mark.parametrize("strategy,script", [("arpo", branchy), ("aepo", branchy), ("random", branchy),
-                                             ("aepo", long_probe)])
-def test_speculation_changes_the_schedule_not_the_trees(strategy, script):
+@pytest.mark.parametrize("strategy,script,extra", [
+    ("arpo", branchy, {}), ("aepo", branchy, {}), ("random", branchy, {}), ("aepo", long_probe, {}),
+    ("aepo", branchy, {"reuse_probe": False}), ("aepo", branchy, {"premonitor": False})])
+def test_speculation_changes_the_schedule_not_the_trees(strategy, script, extra):
     """Branches started at their fork point and AEPO's global rows started beside the probe
     are the rows the decisions make, or are dropped: the trees are those of the plain run
     (also when the speculative rows end before the probe does)."""
-    base, stats, _, prompts = run(strategy, 64, script=script)
+    base, stats, _, prompts = run(strategy, 64, script=script, **extra)
     assert stats["branches"] > 0
     for max_rows, seed in ((64, None), (3, 4)):
         trajs, spec, sampler, _ = run(strategy, max_rows, speculate=True, script=script,
-                                      tools=SlowTools(seed) if seed is not None else None)
+                                      tools=SlowTools(seed) if seed is not None else None, **extra)
         check_invariants(trajs, spec, sampler, prompts, 6)
         assert summary(trajs) == summary(base)
         assert per_prompt(spec["decisions"]) == per_prompt(stats["decisions"])
