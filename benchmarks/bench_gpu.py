@@ -432,8 +432,8 @@ def _bench_update(model, tok, args, device, result: dict, save: Callable[[], Non
 # ------------------------------------------------------------------------------------ 3. RL step
 
 
-SCHEDULERS = {"turns": ["rollout.scheduler=turns"], "continuous": ["rollout.scheduler=continuous"],
-              "speculative": ["rollout.scheduler=continuous", "rollout.speculate=true"]}
+# the schedulers' overrides (turns, continuous, speculative), as bench_rollout_batching runs them
+SCHEDULERS = importlib.import_module("bench_rollout_batching").ARMS
 
 
 def bench_rl_step(model, tok, args, device, result: dict, save: Callable[[], None], pause: float = 0.0,

@@ -43,10 +43,9 @@ __all__ = ["SlotBatch"]
 
 @dataclass
 class _Running:
-    """A row in the batch: its budget, stream key and the segment generated so far."""
+    """A row in the batch: its budget, random stream and the segment generated so far."""
 
     budget: int
-    key: tuple[int, ...]
     stream: int  # `stream_state` of (seed, key): its token at position j draws uniform_at(stream, j)
     slot: int = -1  # -1 until its prefill ran
     chunk_start: int = 0  # cache positions before this are in the row's chunks
@@ -114,8 +113,7 @@ class SlotBatch:
         if len(self.rows) >= self.max_rows:
             raise ValueError(f"the batch is full ({self.max_rows} rows)")
         state.open = []
-        key = tuple(int(k) for k in key)
-        self.rows[row] = _Running(budget=int(budget), key=key, stream=stream_state(self.s.seed, key))
+        self.rows[row] = _Running(budget=int(budget), stream=stream_state(self.s.seed, key))
         self.joining.append(row)
 
     def flush(self, row: int) -> None:

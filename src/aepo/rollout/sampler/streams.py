@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-__all__ = ["RowKey", "row_uniform", "row_uniforms", "stream_state", "uniform_at"]
+__all__ = ["RowKey", "row_uniform", "stream_state", "uniform_at"]
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -51,8 +51,3 @@ def uniform_at(state: int, position: int) -> float:
 def row_uniform(seed: int, key: Sequence[int], position: int) -> float:
     """A number in [0, 1) on a 2^-24 grid (exact in float32), a function of its arguments only."""
     return uniform_at(stream_state(seed, key), position)
-
-
-def row_uniforms(seed: int, keys: Sequence[Sequence[int]], positions: Sequence[int]) -> list[float]:
-    """`row_uniform` for each (key, position) pair."""
-    return [row_uniform(seed, k, p) for k, p in zip(keys, positions)]
