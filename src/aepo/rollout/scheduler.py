@@ -88,8 +88,10 @@ class ContinuousScheduler:
         # the branches started on it; their decisions wait in spec_events until it is made
         self.anchor: dict[int, int] = {}
         self.spec_events: dict[int, list[tuple[int, int, TurnOutcome]]] = {}  # id(row) -> (time, fork time, outcome)
-        # speculative rows dropped, kept alive so that their id() is never reused in this rollout
-        self.dropped: dict[int, RowState] = {}
+        self.dropped: set[int] = set()  # id(row) of the speculative rows dropped
+        # every row given a clock, kept alive so that no id() key above is reused in this rollout
+        # (a released probe or a dropped row would otherwise free its id for a new row)
+        self.seen: list[RowState] = []
         self.dropped_tokens = 0
         self.adopt_at = 0  # logical start of the fresh rows being made (after a probe, or a fill)
         # tool grace (`_tool_grace`): the mean step time, the first step that may wait, counters
@@ -106,6 +108,11 @@ class ContinuousScheduler:
             return s.stream
         return RowKey(1 if s.probe else 0, s.group, s.traj.row_id)
 
+    def _clock_from(self, s: RowState, at: int) -> None:
+        """Start `s`'s logical clock at `at` (and keep `s` alive: the scheduler's state is keyed by id)."""
+        self.clock[id(s)] = at
+        self.seen.append(s)
+
     def _now(self, s: RowState) -> int:
         """The logical time of `s`'s next token (running rows: counting this segment so far)."""
         t = self.clock[id(s)]
@@ -116,7 +123,7 @@ class ContinuousScheduler:
         their clocks starting at `at`."""
         for s in ([g.probe] if g.probe is not None else []) + g.rows:
             if id(s) not in self.clock:
-                self.clock[id(s)] = at
+                self._clock_from(s, at)
                 if not s.finished:
                     self.ready.append(s)
 
@@ -295,7 +302,7 @@ class ContinuousScheduler:
             child.stream = branch_stream(g.index, s.traj.row_id, turn, z)
             self.st._live.add(child.row)
             self.spec[id(child)] = child
-            self.clock[id(child)] = self.clock[id(s)]
+            self._clock_from(child, self.clock[id(s)])
             if id(s) in self.anchor:
                 self.anchor[id(child)] = self.anchor[id(s)]
             self.ready.append(child)
@@ -313,7 +320,7 @@ class ContinuousScheduler:
         for row_id in range(first, g.n):
             s = self.st.new_global(g, row_id=row_id)
             self.spec[id(s)] = s
-            self.clock[id(s)] = 0
+            self._clock_from(s, 0)
             self.anchor[id(s)] = id(s)
             self.ready.append(s)
             rows[row_id] = s
@@ -362,7 +369,7 @@ class ContinuousScheduler:
     def _drop(self, s: RowState) -> None:
         """Forget a speculative row no decision made: its tokens, its slot, its decisions."""
         self.spec.pop(id(s), None)
-        self.dropped[id(s)] = s
+        self.dropped.add(id(s))
         self.dropped_tokens += sum(s.traj.response_mask[s.traj.branch_position or 0:])
         if s.row in self.running:
             self.dropped_tokens += self.batch.generated(s.row)
