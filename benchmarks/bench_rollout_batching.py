@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_rollout_batching.py [--demo runs/demo] [--steps 2] [--json]
     .venv/bin/python benchmarks/bench_rollout_batching.py --demo runs/smol --model runs/smol/sft \
         --config examples/smollm2_hermes.yaml --set actor.lora.rank=0     # a 135M model (memory-bound steps)
+    .venv-vllm/bin/python benchmarks/bench_rollout_batching.py --set rollout.backend=vllm   # on the vLLM engine
 
 Builds the demo's RL trainer (its world, SFT model, tools and `configs/demo.yaml`: 24 prompts x
 8 rows, AEPO with pre-monitoring and branching; `--algo arpo` / `grpo` for the other trees) and collects the rollouts of the first
@@ -43,6 +44,7 @@ def collect(demo: Path, arm: str, steps: int, max_rows: int, algo: str = "aepo",
     from aepo.demo.stages import DEMO_CONFIG, build_tools, world_tasks
     from aepo.demo.world import World
     from aepo.models.loading import load_model
+    from aepo.rollout.sampler import build_backend
     from aepo.train.rl import RLTrainer
 
     torch.manual_seed(0)
@@ -56,8 +58,10 @@ def collect(demo: Path, arm: str, steps: int, max_rows: int, algo: str = "aepo",
     totals = {"decode_steps": 0, "critical_path_tokens": 0, "logical_steps": 0, "row_steps": 0.0,
               "rows": 0, "seconds": 0.0, "cpu_seconds": 0.0, "tokens": 0, "reward": 0.0, "dropped": 0,
               "grace_waits": 0, "grace_timeouts": 0}
+    # the engine is built (and, for vLLM, started) before the clock runs
+    backend = build_backend(cfg.rollout, model, tok, model_dir or demo / "sft")
     try:
-        trainer = RLTrainer(cfg, model, tok, world_tasks(world.train), runner.run, out)
+        trainer = RLTrainer(cfg, model, tok, world_tasks(world.train), runner.run, out, backend=backend)
         for step in range(steps):
             t0, c0 = time.perf_counter(), time.process_time()
             trajs, _, stats = trainer.collect(step)
@@ -75,6 +79,7 @@ def collect(demo: Path, arm: str, steps: int, max_rows: int, algo: str = "aepo",
             totals["tokens"] += sum(sum(t.response_mask) for t in trajs)
             totals["reward"] += sum(t.reward for t in trajs)
     finally:
+        backend.close()
         runner.close()
     steps_ = totals["decode_steps"]
     return {"scheduler": arm, "algo": algo, "rl_steps": steps, "decode_steps": steps_,

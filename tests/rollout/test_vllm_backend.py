@@ -33,6 +33,7 @@ from aepo.models.tokenizer import build_tokenizer
 from aepo.protocol import format_result, stop_strings
 from aepo.rollout.config import RolloutConfig
 from aepo.rollout.sampler import TorchSampler, build_backend
+from aepo.rollout.sampler.sync_check import SyncError
 from aepo.rollout.sampler.vllm_sampler import VLLMSampler
 from aepo.rollout.strategies import rollout
 from aepo.tools import build_tool_runner
@@ -114,6 +115,24 @@ def test_greedy_tokens_logprobs_and_entropies_agree_with_the_torch_sampler(engin
         err = sum(abs(x - y) for x, y in zip(estimated, exact)) / len(exact)
         assert err < 0.15 * max(sum(exact) / len(exact), 0.05), (err, sum(exact) / len(exact))
     assert any(g.finish == "stop" and g.stop in stop_strings() for g in gv)
+
+
+def test_a_stop_string_of_several_tokens_ends_the_segment_where_the_torch_sampler_ends_it(
+        engine, torch_model, world):
+    """The engine matches no stop strings (it detokenizes nothing); the batch matches them on
+    the decoded tail, so a stop spanning two tokens ends both samplers' rows at the same token."""
+    model, tok = torch_model
+    ps = prompts(world, tok)
+    vs = with_temperature(engine, 0.0).sampler(0)
+    ts = TorchSampler(model, tok, temperature=0.0, seed=0, eos_token_ids=[])
+    free = ts.generate([ts.new_row(p) for p in ps], 24)[0].token_ids
+    text = tok.decode(free[5:7])
+    assert len(tok.encode(text, add_special_tokens=False)) > 1  # a text stop, not a token stop
+    gv = vs.generate([vs.new_row(p) for p in ps], 24, [text])
+    gt = ts.generate([ts.new_row(p) for p in ps], 24, [text])
+    assert gv[0].finish == "stop" and gv[0].stop == text and len(gv[0].token_ids) <= 7
+    for a, b in zip(gv, gt):
+        assert (a.token_ids, a.finish, a.stop) == (b.token_ids, b.finish, b.stop)
 
 
 def test_length_finish_and_budget_zero(engine, torch_model, world):
@@ -216,6 +235,12 @@ def test_a_batch_over_the_token_budget_samples_with_seeds(engine, torch_model, w
     assert all(len(g.token_ids) == 4 for g in gens)
 
 
+def varied_score(traj, golds, data_source=None, **kw):
+    """Rewards that differ within a group, so every RL step updates the policy."""
+    r = float(len(traj.text) % 3) / 2
+    return {"reward": r, "acc": float(r > 0.5), "f1": r, "em": 0.0, "format_ok": True, "answer": ""}
+
+
 def check_tree(trajs, n, n_prompts):
     assert len(trajs) == n * n_prompts
     by_prompt: dict[str, list] = {}
@@ -244,8 +269,10 @@ def check_tree(trajs, n, n_prompts):
 def test_tree_rollouts_on_vllm_have_k_rows_and_valid_trees(engine, torch_model, world, strategy):
     _, tok = torch_model
     ps = [(f"q{i}", p) for i, p in enumerate(prompts(world, tok, 6))]
+    # branch_alpha 0.9: P = alpha + beta dH is about 0.9, so rows branch (at the default 0.4 a
+    # seed can draw no branch at all)
     cfg = RolloutConfig(backend="vllm", strategy=strategy, n=6, temperature=1.0, max_response_tokens=96,
-                        max_tool_calls=2, branch_decision="sample")
+                        max_tool_calls=2, branch_decision="sample", branch_alpha=0.9)
     engine.cfg = cfg
     tools = FakeTools(lambda name, arg: "it was founded in tolmere.")
     trajs, stats = rollout(strategy, ps, engine.sampler(5), tok, tools, cfg, random.Random(0))
@@ -287,21 +314,20 @@ def test_train_with_the_vllm_backend_syncs_weights_every_step(model_dir, world, 
     """A short RL run on the demo world: pi_old is re-scored by the trainer, the engine is
     re-synced after each update (so the sampler's log-probs stay those of the current policy),
     and the prefix-cache hit rate is logged."""
-    def varied_score(traj, golds, data_source=None, **kw):  # rewards that differ, so updates happen
-        r = float(len(traj.text) % 3) / 2
-        return {"reward": r, "acc": float(r > 0.5), "f1": r, "em": 0.0, "format_ok": True, "answer": ""}
-
     monkeypatch.setattr(rl_module, "score_trajectory", varied_score)
-    cfg = load_config(None, ["algo=aepo", "rollout.backend=vllm", "rollout.n=4", "rollout.max_tool_calls=1",
-                             "rollout.max_response_tokens=48", "rollout.temperature=1.0",
-                             "trainer.total_steps=3", "trainer.prompts_per_step=4",
-                             "trainer.ppo_mini_batch_size=16", "trainer.lr=3e-3",
-                             "trainer.save_every=0", f"out_dir={tmp_path}"])
+    overrides = ["algo=aepo", "rollout.backend=vllm", "rollout.n=4", "rollout.max_tool_calls=1",
+                 "rollout.max_response_tokens=48", "rollout.temperature=1.0",
+                 "trainer.total_steps=3", "trainer.prompts_per_step=4",
+                 "trainer.ppo_mini_batch_size=16", "trainer.lr=3e-3",
+                 "trainer.save_every=0", f"out_dir={tmp_path}"]
     tok = load_model(model_dir, device="cpu")[1]
-    runner = build_tool_runner(cfg.tools, corpus_docs=world.corpus)
+    runner = build_tool_runner(load_config(None, overrides).tools, corpus_docs=world.corpus)
     diffs = {}
     try:
         for synced in (True, False):
+            # the unsynced control switches off the per-step sync check, which would stop it
+            # (test_an_unsynced_engine_stops_the_run checks that)
+            cfg = load_config(None, overrides + ([] if synced else ["rollout.sync_tolerance=0"]))
             trainer = RLTrainer(cfg, load_model(model_dir, device="cpu")[0], tok, world_tasks(world.train),
                                 runner.run, tmp_path / f"run_{synced}",
                                 backend=build_backend(cfg.rollout, None, tok, model_dir))
@@ -318,6 +344,26 @@ def test_train_with_the_vllm_backend_syncs_weights_every_step(model_dir, world, 
         runner.close()
     assert diffs[True] < 0.02, diffs
     assert diffs[False] > 2 * diffs[True], diffs
+
+
+def test_an_unsynced_engine_stops_the_run(model_dir, world, tmp_path, monkeypatch):
+    """An engine left on the step-0 weights fails the per-step sync check after the first update."""
+    monkeypatch.setattr(rl_module, "score_trajectory", varied_score)
+    cfg = load_config(None, ["algo=aepo", "rollout.backend=vllm", "rollout.n=4", "rollout.max_tool_calls=1",
+                             "rollout.max_response_tokens=32", "trainer.total_steps=2",
+                             "trainer.prompts_per_step=4", "trainer.ppo_mini_batch_size=16", "trainer.lr=3e-2",
+                             "trainer.save_every=0", f"out_dir={tmp_path}"])
+    model, tok = load_model(model_dir, device="cpu")
+    runner = build_tool_runner(cfg.tools, corpus_docs=world.corpus)
+    trainer = RLTrainer(cfg, model, tok, world_tasks(world.train), runner.run, tmp_path / "run",
+                        backend=build_backend(cfg.rollout, None, tok, model_dir))
+    trainer.backend.sync = lambda m: None
+    try:
+        with pytest.raises(SyncError, match="vllm sampler engine is not serving the trained policy after step 1"):
+            trainer.fit(progress=False)
+    finally:
+        trainer.backend.close()
+        runner.close()
 
 
 def test_a_missing_vllm_is_reported_with_what_to_do(monkeypatch, torch_model, model_dir):
@@ -345,3 +391,128 @@ def test_format_result_tokens_reach_the_engine_unchanged(engine, torch_model):
     s.append(row, result)
     (g,) = s.generate([row], 3)
     assert s.tokens(row) == ids + result + g.token_ids
+
+
+# ---------------------------------------------------------------- the running batch (EngineBatch)
+
+
+def run_batch(sampler, starts, stop=(), max_steps=500):
+    """Drive `sampler`'s running batch: `starts` maps a step index to [(row, budget, key)]
+    started before that step -> {row: Generation} and the engine steps taken."""
+    batch = sampler.open_batch(stop=stop)
+    out, step = {}, 0
+    while (batch.active or any(k >= step for k in starts)) and step < max_steps:
+        for row, budget, key in starts.get(step, []):
+            batch.start(row, budget, key)
+        for row, gen in batch.step():
+            out[row] = gen
+        step += 1
+    sampler.close_batch()
+    return out, batch.steps
+
+
+def test_rows_submitted_as_ready_sample_what_generate_samples(engine, torch_model, world):
+    """Greedy: a row started at any step of the running batch generates the tokens, log-probs,
+    entropies and finish of a `generate` call; its tokens land in the row as they arrive."""
+    _, tok = torch_model
+    ps = prompts(world, tok, 6)
+    s = with_temperature(engine, 0.0).sampler(0)
+    stop = stop_strings()
+    ref = s.generate([s.new_row(p) for p in ps], 24, stop)
+    rows = [s.new_row(p) for p in ps]
+    starts = {0: [(rows[0], 24, (0, 0, 0)), (rows[1], 24, (0, 1, 0))], 3: [(rows[2], 24, (0, 2, 0))],
+              5: [(rows[3], 24, (0, 3, 0)), (rows[4], 24, (0, 4, 0))], 9: [(rows[5], 24, (0, 5, 0))]}
+    got, steps = run_batch(s, starts, stop)
+    for r, p, want in zip(rows, ps, ref):
+        g = got[r]
+        assert (g.token_ids, g.finish, g.stop) == (want.token_ids, want.finish, want.stop)
+        assert max(abs(a - b) for a, b in zip(g.logprobs, want.logprobs)) < 1e-5
+        assert max(abs(a - b) for a, b in zip(g.entropies, want.entropies)) < 1e-5
+        assert s.tokens(r) == list(p) + want.token_ids
+    longest = max(len(g.token_ids) for g in ref)
+    assert longest <= steps <= 9 + longest  # one token per engine step, rows overlapping
+
+
+def test_a_rows_samples_do_not_depend_on_when_it_ran_or_beside_whom(engine, torch_model, world):
+    """T = 1: a row's tokens are a function of (seed, its key, its length at start): the same
+    whether the rows start together or staggered in another order, different under another key."""
+    _, tok = torch_model
+    ps = prompts(world, tok, 4)
+    keys = [(0, i, 0) for i in range(4)]
+
+    def sample(schedule, seed=3, keys=keys):
+        s = with_temperature(engine, 1.0).sampler(seed)
+        rows = [s.new_row(p) for p in ps]
+        starts: dict[int, list] = {}
+        for i, at in enumerate(schedule):
+            starts.setdefault(at, []).append((rows[i], 16, keys[i]))
+        got, _ = run_batch(s, starts)
+        return [got[r].token_ids for r in rows]
+
+    together = sample([0, 0, 0, 0])
+    assert sample([7, 2, 0, 4]) == together
+    assert sample([0, 0, 0, 0], keys=[(0, i, 1) for i in range(4)]) != together
+    assert sample([0, 0, 0, 0], seed=4) != together
+
+
+def test_releasing_a_running_row_aborts_its_request(engine, torch_model, world):
+    _, tok = torch_model
+    s = with_temperature(engine, 1.0).sampler(0)
+    a, b = (s.new_row(p) for p in prompts(world, tok, 2))
+    batch = s.open_batch()
+    batch.start(a, 64, (0, 0, 0))
+    batch.start(b, 64, (0, 1, 0))
+    batch.step()
+    s.release(a)
+    assert batch.active == 1 and batch.free == 255
+    ended = []
+    while batch.active:
+        ended += batch.step()
+    assert [row for row, _ in ended] == [b]
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+    s.close_batch()
+    with pytest.raises(ValueError, match="already running"):
+        batch = s.open_batch()
+        batch.start(b, 4, (0, 1, 0))
+        batch.start(b, 4, (0, 1, 0))
+    s.close_batch()  # aborts b's request
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("strategy,speculate", [("arpo", False), ("aepo", False), ("aepo", True)])
+def test_continuous_tree_rollouts_on_vllm_do_not_depend_on_the_batch_limit(engine, torch_model, world,
+                                                                          strategy, speculate):
+    """rollout.scheduler=continuous on the engine: valid trees with k rows, the same trees with
+    at most 3 rows in the engine as with 64, in fewer engine steps than the turn scheduler's."""
+    _, tok = torch_model
+    ps = [(f"q{i}", p) for i, p in enumerate(prompts(world, tok, 4))]
+    tools = FakeTools(lambda name, arg: "it was founded in tolmere.")
+
+    def run(scheduler, max_rows):
+        cfg = RolloutConfig(backend="vllm", strategy=strategy, n=6, temperature=1.0, max_response_tokens=96,
+                            max_tool_calls=2, branch_decision="sample", branch_alpha=0.9,
+                            scheduler=scheduler, max_active_rows=max_rows, speculate=speculate)
+        engine.cfg = cfg
+        trajs, stats = rollout(strategy, ps, engine.sampler(5), tok, tools, cfg, random.Random(0))
+        assert not engine.llm.llm_engine.has_unfinished_requests()
+        return trajs, stats
+
+    wide, stats = run("continuous", 64)
+    assert check_tree(wide, 6, len(ps)) > 0
+    assert stats["scheduler"] == "continuous" and stats["rows_per_prompt"] == [6] * len(ps)
+    narrow, narrow_stats = run("continuous", 3)
+    assert narrow_stats["mean_active_rows"] <= 3
+    as_rows = [(t.prompt_id, t.row_id, t.parent_row_id, t.response_ids) for t in wide]
+    assert [(t.prompt_id, t.row_id, t.parent_row_id, t.response_ids) for t in narrow] == as_rows
+    # the same decisions; their entropies only move by the float rounding of another batch
+    for a, b in zip(narrow, wide):
+        assert len(a.decisions) == len(b.decisions)
+        for x, y in zip(a.decisions, b.decisions):
+            assert {k: v for k, v in x.items() if not isinstance(v, float)} == \
+                {k: v for k, v in y.items() if not isinstance(v, float)}
+            assert all(abs(x[k] - y[k]) < 1e-4 for k in x if isinstance(x[k], float))
+    turns, turn_stats = run("turns", 64)
+    assert check_tree(turns, 6, len(ps)) > 0
+    print(strategy, speculate, "engine steps: turns", turn_stats["decode_steps"], "continuous",
+          stats["decode_steps"], "at most 3 rows", narrow_stats["decode_steps"])
+    assert stats["decode_steps"] < turn_stats["decode_steps"]  # no turn barrier

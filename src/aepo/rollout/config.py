@@ -25,7 +25,8 @@ class RolloutConfig:
     pause_below: float = 0.0
     # how rows are scheduled (docs/algorithms.md section 3.5): "turns" one generate call per turn
     # of all rows; "continuous" one running batch that rows join and leave at any step (a row
-    # waiting on a tool leaves, a branch joins at once; the torch backend on a Llama-family model).
+    # waiting on a tool leaves, a branch joins at once; the vllm backend, or the torch backend on a
+    # Llama-family model).
     # "turns" is the default: on the CPU demo's tiny model a step costs about in proportion to
     # its rows, so fewer steps do not pay (benchmarks/RESULTS.md, "Continuous batching")
     scheduler: Literal["turns", "continuous"] = "turns"

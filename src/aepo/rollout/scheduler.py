@@ -204,7 +204,7 @@ class ContinuousScheduler:
         branch starts up to a whole segment sooner, with the same decision."""
         n = self.cfg.n_probe
         for handle, s in self.running.items():
-            if s.awaiting_decision and self.batch.generated(handle) == n:
+            if s.awaiting_decision and self.batch.generated(handle) >= n:  # an engine step may return several
                 s.awaiting_decision = False
                 entropy = self.agent.segment_entropy(self.batch.entropies(handle)[:n])
                 outcome = TurnOutcome(s, s.response_len, entropy, True, None)  # type: ignore[arg-type]

@@ -171,8 +171,8 @@ class RolloutStrategy:
         if cfg.scheduler not in SCHEDULERS:
             raise ValueError(f"rollout.scheduler must be one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}")
         if cfg.scheduler == "continuous" and not supports_continuous(sampler):
-            raise ValueError(f"rollout.scheduler=continuous needs a sampler with a running batch (the torch "
-                             f"backend on a Llama-family model); {type(sampler).__name__} has none: use "
+            raise ValueError(f"rollout.scheduler=continuous needs a sampler with a running batch (the vllm "
+                             f"backend, or the torch backend on a Llama-family model); {type(sampler).__name__} has none: use "
                              f"rollout.scheduler=turns")
 
     def continuous(self) -> bool:

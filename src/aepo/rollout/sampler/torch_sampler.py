@@ -44,9 +44,7 @@ decoding; its log-probabilities and entropies are then those of the untempered s
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -63,23 +61,15 @@ from aepo.rollout.sampler.lean import (
     supports_lean_forward,
 )
 from aepo.rollout.sampler.rows import Row, RowTable
+from aepo.rollout.sampler.stops import StopSpec, segment_finish, stop_spec
 from aepo.types import Generation
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-_TOKENIZER_CACHE: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 # `generate(..., pause=...)` leaves rows this close to their budget running: a new call's
 # prefill and cache gather cost about as much as a few decode steps
 PAUSE_MIN_TOKENS = 8
-
-
-@dataclass
-class _StopSpec:
-    token_stops: dict[int, str]  # stop strings that are one token: id -> string
-    text_stops: list[str]  # the others, matched on decoded text
-    candidates: list[bool] | None  # token ids whose text may complete a text stop
-    window: int  # tokens decoded to look for a text stop
 
 
 def _usable_cache(state: Row) -> int:
@@ -218,60 +208,8 @@ class TorchSampler(RowTable):
 
     # ---------------------------------------------------------------- stop strings
 
-    def _tokenizer_cache(self) -> dict:
-        """Per-tokenizer memo (token texts, stop specs), shared by all samplers of a tokenizer,
-        since a trainer makes a new sampler every step."""
-        try:
-            return _TOKENIZER_CACHE.setdefault(self.tokenizer, {})
-        except TypeError:  # not weak-referenceable: keep it on this sampler
-            return self._own_cache
-
-    def _pieces(self) -> list[str]:
-        """Text of every token id on its own."""
-        cache = self._tokenizer_cache()
-        pieces = cache.get(("pieces", self.vocab_size))
-        if pieces is None:
-            known = min(self.vocab_size, len(self.tokenizer))  # models may pad their vocabulary
-            pieces = self.tokenizer.batch_decode([[i] for i in range(known)]) + [""] * (
-                self.vocab_size - known
-            )
-            cache[("pieces", self.vocab_size)] = pieces
-        return pieces
-
-    def _stop_spec(self, stop: tuple[str, ...]) -> _StopSpec:
-        cache = self._tokenizer_cache()
-        key = ("stop", self.vocab_size, stop)
-        if key in cache:
-            return cache[key]
-        token_stops: dict[int, str] = {}
-        text_stops: list[str] = []
-        for text in stop:
-            if not isinstance(text, str) or not text:
-                raise ValueError(f"stop strings must be non-empty strings, got {text!r}")
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-            if len(ids) == 1 and self.tokenizer.decode(ids) == text:
-                token_stops.setdefault(int(ids[0]), text)
-            else:
-                text_stops.append(text)
-        candidates = None
-        window = 0
-        if text_stops:
-            last_chars = {s[-1] for s in text_stops}
-            candidates = [
-                any(ch in piece for ch in last_chars) or "\ufffd" in piece or not piece
-                for piece in self._pieces()
-            ]
-            window = max(len(s) for s in text_stops) + 8
-        spec = _StopSpec(token_stops, text_stops, candidates, window)
-        cache[key] = spec
-        return spec
-
-    def _text_stop(self, generated: list[int], spec: _StopSpec) -> str | None:
-        tail = self.tokenizer.decode(generated[-spec.window :])
-        for text in spec.text_stops:
-            if text in tail:
-                return text
-        return None
+    def _stop_spec(self, stop: tuple[str, ...]) -> StopSpec:
+        return stop_spec(self.tokenizer, self.vocab_size, stop, self._own_cache)
 
     # ---------------------------------------------------------------- sampling
 
@@ -391,25 +329,10 @@ class TorchSampler(RowTable):
         return stopped and max(budgets[i] - len(generated[i]) for i in active) > PAUSE_MIN_TOKENS
 
     def _segment_finish(
-        self, generated: list[int], spec: _StopSpec, budget: int, before: list[int] | None = None
+        self, generated: list[int], spec: StopSpec, budget: int, before: list[int] | None = None
     ) -> tuple[str, str | None] | None:
-        """How a segment whose last token was just sampled ends: ("eos" | "stop" | "length",
-        the stop string matched), or None while it goes on. `before`: the tokens of the same
-        segment from a paused call, so a stop string spanning the pause is found."""
-        token = generated[-1]
-        if token in self.eos_token_ids:
-            return ("eos", None)
-        if token in spec.token_stops:
-            return ("stop", spec.token_stops[token])
-        if (
-            spec.candidates is not None
-            and spec.candidates[token]
-            and (matched := self._text_stop((before or []) + generated, spec)) is not None
-        ):
-            return ("stop", matched)
-        if len(generated) >= budget:
-            return ("length", None)
-        return None
+        """How a segment whose last token was just sampled ends (`aepo.rollout.sampler.stops`)."""
+        return segment_finish(self.tokenizer, spec, self.eos_token_ids, generated, budget, before)
 
     def _layout(self, states: list[Row], use_cached: list[int], budget: int) -> Layout:
         device = self.device
@@ -474,7 +397,7 @@ class TorchSampler(RowTable):
         return keys, values
 
     def _generate_batch(
-        self, handles: list[int], budgets: list[int], spec: _StopSpec, pause: float = 0.0
+        self, handles: list[int], budgets: list[int], spec: StopSpec, pause: float = 0.0
     ) -> list[Generation]:
         """`_generate_rows`, with the rows of a CPU lean batch ordered by pending length, longest
         first, so its prefill runs in passes of similar lengths (`LeanBatch.prefill`); results
@@ -490,7 +413,7 @@ class TorchSampler(RowTable):
         return results
 
     def _generate_rows(
-        self, handles: list[int], budgets: list[int], spec: _StopSpec, pause: float = 0.0
+        self, handles: list[int], budgets: list[int], spec: StopSpec, pause: float = 0.0
     ) -> list[Generation]:
         states = [self._rows[h] for h in handles]
         use_cached = [_usable_cache(s) for s in states]

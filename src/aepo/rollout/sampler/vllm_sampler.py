@@ -4,7 +4,8 @@ Like TRL's colocate mode, the engine lives in the trainer's process (vLLM's V1 e
 `VLLM_ENABLE_V1_MULTIPROCESSING=0`), so a weight sync is a tensor copy, not a transfer:
 
 - rows are token-id lists kept here; `generate` submits each row's whole token list as a
-  token-id prompt. A fork, or a row continued after a tool result, re-submits tokens the
+  token-id prompt (`aepo.rollout.sampler.vllm_batch`, which also gives the continuous scheduler
+  a running batch whose rows are submitted as they become ready). A fork, or a row continued after a tool result, re-submits tokens the
   engine has seen, and vLLM's automatic prefix caching serves them from its KV cache; the
   hit rate is reported per step (`rollout/prefix_cache_hit_rate`);
 - each request has its own seed, derived from (sampler seed, call, row): the sampler seed
@@ -13,7 +14,11 @@ Like TRL's colocate mode, the engine lives in the trainer's process (vLLM's V1 e
   and after top-k/top-p when those are on); the probe entropy is estimated from them with
   `aepo.algos.entropy.topk_entropy`, which estimates the missing tail (docs/algorithms.md
   section 1 gives the estimate and its measured error);
-- finish reasons map to eos / stop (a stop string, returned in `Generation.stop`) / length.
+- the engine stops a request at EOS and at its budget; stop strings are matched here on the
+  token ids as they arrive (`aepo.rollout.sampler.stops`, as the torch sampler does), and a
+  matched request is aborted, so the engine detokenizes nothing (decoding the top-k log-prob
+  entries' text per token cost more host time than the forward); finish reasons map to eos /
+  stop (the stop string in `Generation.stop`) / length.
 
 `sync` loads the trainer's weights into the engine's model and then resets the prefix cache,
 so no KV computed with old weights is reused. For a LoRA run (`actor.lora.rank` > 0) the engine
@@ -33,6 +38,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -46,6 +52,7 @@ from aepo.algos.entropy import topk_entropy
 from aepo.models.lora import ADAPTER_CONFIG, adapter_base, is_adapter_dir, is_peft_model
 from aepo.rollout.config import RolloutConfig
 from aepo.rollout.sampler.rows import RowTable
+from aepo.rollout.sampler.vllm_batch import EngineBatch
 from aepo.types import Generation
 
 __all__ = ["VLLMBackend", "VLLMSampler", "vllm_missing_message"]
@@ -116,6 +123,9 @@ class VLLMBackend:
         except Exception as e:  # noqa: BLE001 - any import failure (missing, broken torchvision, ...)
             raise RuntimeError(vllm_missing_message(e)) from None
         self._vllm = vllm
+        from vllm.sampling_params import RequestOutputKind
+
+        self.delta_outputs = RequestOutputKind.DELTA  # a request's outputs: each step's new tokens
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QUIET_ROTARY_RELOAD)
         self.cfg = cfg
         self.lora_request: Any = None
@@ -149,6 +159,7 @@ class VLLMBackend:
         self.llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), **options)
         if adapter is not None:
             self.lora_request = self._lora_request(str(adapter), 1)
+        self.tokenizer = self.llm.get_tokenizer()  # for the stop strings (`EngineBatch`)
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self._prompt_tokens = 0
@@ -208,17 +219,6 @@ class VLLMBackend:
             found.append(float(entry.logprob) if entry is not None else float("-inf"))
         return found
 
-    def run(self, prompts: list[list[int]], params: list[Any]) -> list[Any]:
-        """One engine call; counts prompt and prefix-cache-hit tokens for `stats`."""
-        from vllm.inputs import TokensPrompt
-
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
-                                 lora_request=self.lora_request)
-        for p, out in zip(prompts, outs):
-            self._prompt_tokens += len(p)
-            self._cached_tokens += int(getattr(out, "num_cached_tokens", 0) or 0)
-        return outs
-
     def stats(self) -> dict[str, float]:
         """The prefix-cache hit rate (cached / submitted prompt tokens) since the last call."""
         out = {}
@@ -251,55 +251,112 @@ class VLLMSampler(RowTable):
         self._calls = 0
         c = backend.cfg
         self.temperature, self.top_p, self.top_k = float(c.temperature), float(c.top_p), int(c.top_k)
+        self.batch: EngineBatch | None = None
+        self.steps = 0  # engine steps of `generate` calls (a running batch counts its own)
+        self.row_steps = 0  # tokens they returned
 
-    def _params(self, budget: int, stop: Sequence[str], seed: int) -> Any:
+    can_step = True  # `open_batch`: the continuous scheduler submits rows as they are ready
+
+    def open_batch(self, stop: Sequence[str] = (), max_rows: int = 256) -> EngineBatch:
+        """The sampler's running batch on the engine (`EngineBatch`): rows join with
+        `start(row, budget, key)` as requests and advance with `step()`. One per sampler."""
+        if self.batch is not None:
+            raise ValueError("this sampler already has a running batch")
+        self.batch = EngineBatch(self, stop, max_rows)
+        return self.batch
+
+    def close_batch(self) -> None:
+        """End the running batch, aborting any request still in the engine."""
+        if self.batch is not None:
+            self.batch.close()
+        self.batch = None
+
+    def release(self, row: int) -> None:
+        """Free a row (and abort its request in a running batch); the handle is invalid afterwards."""
+        if self.batch is not None:
+            self.batch.drop(row)
+        super().release(row)
+
+    def _params(self, budget: int, seed: int) -> Any:
+        """A request's sampling parameters. The engine detokenizes nothing: decoding the text of
+        every token's top-k log-prob entries cost more host time than the engine's forward on
+        the demo (`EngineBatch` matches the stop strings on token ids itself)."""
         return self.backend._vllm.SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k if self.top_k > 0 else -1,
-            max_tokens=budget, stop=list(stop), include_stop_str_in_output=True, seed=seed,
-            logprobs=self.backend.cfg.entropy_top_k, skip_special_tokens=False,
-            spaces_between_special_tokens=False,
+            max_tokens=budget, seed=seed, logprobs=self.backend.cfg.entropy_top_k, flat_logprobs=True,
+            detokenize=False,
         )
 
     def generate(
         self, rows: Sequence[int], max_new_tokens: int | Sequence[int], stop: Sequence[str] = ()
     ) -> list[Generation]:
-        """Continue each row until a stop string, EOS or its token budget; one Generation per row."""
+        """Continue each row until a stop string, EOS or its token budget; one Generation per row
+        (one request per row, all submitted at once; the engine batches them)."""
         handles, budgets = self._budgets(rows, max_new_tokens)
         call = self._calls
         self._calls += 1
-        results: list[Generation | None] = [None] * len(handles)
-        todo, prompts, params = [], [], []
-        for i, (handle, budget) in enumerate(zip(handles, budgets)):
-            ids = self._rows[handle].ids
-            budget = min(budget, self.backend.max_model_len - len(ids))  # the engine refuses longer
-            if budget <= 0:
-                results[i] = Generation(token_ids=[], logprobs=[], entropies=[], finish="length")
-                continue
-            todo.append(i)
-            prompts.append(list(ids))
-            params.append(self._params(budget, stop, request_seed(self.seed, call, handle)))
-        outs = self.backend.run(prompts, params) if todo else []
-        for i, out in zip(todo, outs):
-            results[i] = self._generation(out)
-            self._rows[handles[i]].ids.extend(results[i].token_ids)
-        return results  # type: ignore[return-value]
+        batch = EngineBatch(self, stop, max_rows=max(1, len(handles)))
+        done: dict[int, Generation] = {}
+        try:
+            for handle, budget in zip(handles, budgets):
+                batch.start(handle, budget, seed=request_seed(self.seed, call, handle))
+            while batch.active:
+                done.update(batch.step())
+        finally:
+            batch.close()
+        self.steps += batch.steps
+        self.row_steps += batch.row_steps
+        return [done[h] for h in handles]
 
     def _generation(self, out: Any) -> Generation:
         c = out.outputs[0]
+        tokens = [int(t) for t in c.token_ids]
+        logprobs, entropies = self._token_stats(tokens, c.logprobs)
+        finish, stop = self._finish_reason(c)
+        return Generation(tokens, logprobs, entropies, finish=finish, stop=stop)  # type: ignore[arg-type]
+
+    def _token_stats(self, tokens: list[int], tops: Any) -> tuple[list[float], list[float]]:
+        """Each token's log-prob and its entropy estimated from the engine's top-k log-probs."""
+        logprobs, rows = self._top_rows(tokens, tops)
+        return logprobs, self._entropies(rows)
+
+    def _top_rows(self, tokens: list[int], tops: Any) -> tuple[list[float], list[list[float]]]:
+        """Each token's log-prob, and its top-k log-probs (with the sampled token's when it is
+        not among them) for `_entropies`. `tops`: the engine's per-token log-probs, flat (as
+        requested by `_params`) or one dict per token."""
+        k1 = self.backend.cfg.entropy_top_k + 1
+        logprobs, rows = [], []
+        if hasattr(tops, "start_indices"):  # FlatLogprobs: the sampled token first, then the top k
+            ids, values = tops.token_ids, tops.logprobs
+            for i, (a, b) in enumerate(zip(tops.start_indices, tops.end_indices)):
+                logprobs.append(values[a])
+                rows.append([values[a]] + [values[j] for j in range(a + 1, b) if ids[j] != ids[a]][:k1 - 1])
+        else:
+            for top in tops or []:
+                seen = {int(t): float(lp.logprob) for t, lp in top.items()}
+                rows.append(list(seen.values())[:k1])
+                logprobs.append(seen.get(tokens[len(logprobs)], 0.0))
+        logprobs += [0.0] * (len(tokens) - len(logprobs))
+        rows += [[]] * (len(tokens) - len(rows))
+        return logprobs, rows
+
+    def _entropies(self, rows: list[list[float]]) -> list[float]:
+        """The entropies of `_top_rows`' distributions, estimated in one call (docs/algorithms.md
+        section 1)."""
+        if not rows:
+            return []
+        k1 = self.backend.cfg.entropy_top_k + 1
+        table = torch.tensor([r + [-math.inf] * (k1 - len(r)) for r in rows])
+        return topk_entropy(table, self.vocab_size, k1 - 1).tolist()
+
+    @staticmethod
+    def _finish_reason(c: Any) -> tuple[str, str | None]:
+        """(finish, stop string) of a finished request's completion `c`."""
         if c.finish_reason not in ("stop", "length"):
             raise RuntimeError(f"vLLM ended a request with finish reason {c.finish_reason!r} "
                                f"(stop reason {c.stop_reason!r}); see the engine's log above")
-        tokens = [int(t) for t in c.token_ids]
-        k = self.backend.cfg.entropy_top_k
-        tops = [{int(t): float(lp.logprob) for t, lp in top.items()} for top in (c.logprobs or [])]
-        tops += [{}] * (len(tokens) - len(tops))
-        logprobs = [top.get(token, 0.0) for token, top in zip(tokens, tops)]
-        table = torch.full((len(tokens), k + 1), -torch.inf)
-        for i, top in enumerate(tops):
-            table[i, : len(top)] = torch.tensor(list(top.values())[: k + 1])
-        entropies = topk_entropy(table, self.vocab_size, k).tolist() if tokens else []
         if c.finish_reason == "length":
-            return Generation(tokens, logprobs, entropies, finish="length")
+            return ("length", None)
         if isinstance(c.stop_reason, str):
-            return Generation(tokens, logprobs, entropies, finish="stop", stop=c.stop_reason)
-        return Generation(tokens, logprobs, entropies, finish="eos")
+            return ("stop", c.stop_reason)
+        return ("eos", None)
