@@ -15,7 +15,9 @@ Qwen3Config / Qwen3ForCausalLM and random weights (no download), cast to bf16 on
    `--repeats` interleaved timed rounds (median). Reported: generated tokens/s, wall seconds
    (prefill included), ms per decode step, torch.cuda.max_memory_allocated of the call (model
    weights included), and the speed ratio TorchSampler / generate (median of the per-round
-   ratios). An out-of-memory error is recorded in place of the numbers.
+   ratios). An out-of-memory error is recorded in place of the numbers. `slot_batch` runs the
+   same rows through the continuous scheduler's running batch (`SlotBatch`: eager steps, a
+   cache that grows with the rows), for its tokens/s and memory against `generate`'s.
 2. Update: `RLTrainer.update` itself (the trainer's own loop, AdamW from the trainer, bf16
    weights: the trainer has no autocast, it runs in the model's dtype) on one mini-batch of
    `--update-rows` rows (64, 256) of prompt 128 + response 256 tokens, built by
@@ -182,6 +184,22 @@ def run_torch_sampler(sampler_cls, model, tok, prompts: list[list[int]], n: int,
         raise RuntimeError(f"TorchSampler produced lengths {sorted(lengths)}, expected {n}")
 
 
+def run_slot_batch(sampler_cls, model, tok, prompts: list[list[int]], n: int) -> None:
+    """The same rows through the continuous scheduler's running batch (`SlotBatch`, eager): all
+    start at once and run `n` tokens each."""
+    from aepo.rollout.sampler.streams import RowKey
+
+    s = sampler_cls(model, tok, temperature=1.0, seed=0, eos_token_ids=[], max_batch_rows=max(256, len(prompts)))
+    batch = s.open_batch(max_rows=len(prompts))
+    for i, p in enumerate(prompts):
+        batch.start(s.new_row(p), n, RowKey(0, 0, i))
+    lengths = set()
+    while batch.active:
+        lengths |= {len(g.token_ids) for _, g in batch.step()}
+    if lengths != {n}:
+        raise RuntimeError(f"SlotBatch produced lengths {sorted(lengths)}, expected {n}")
+
+
 def run_hf_generate(model, prompts: torch.Tensor, n: int, hf_kwargs: dict) -> None:
     """One `model.generate` call on the same prompts, `n` sampled tokens per row."""
     with torch.inference_mode():
@@ -223,6 +241,7 @@ def bench_sampler(model, tok, args, device, result: dict, save: Callable[[], Non
         if device.type == "cuda":  # the default replays decode steps as CUDA graphs
             runners["torch_sampler_eager"] = functools.partial(
                 run_torch_sampler, sampler_cls, model, tok, prompts.tolist(), n, {}, decode_graphs=False)
+        runners["slot_batch"] = functools.partial(run_slot_batch, sampler_cls, model, tok, prompts.tolist(), n)
         if not args.skip_hf:
             runners["hf_generate"] = functools.partial(run_hf_generate, model, prompts, n, hf_kwargs)
         entry: dict[str, Any] = {"rows": batch}
@@ -604,7 +623,7 @@ def summary(result: dict) -> None:
             if "skipped" in e:
                 print(f"| {key} | skipped: {e['skipped']} | | | | |")
                 continue
-            for name in ("torch_sampler", "torch_sampler_eager", "hf_generate"):
+            for name in ("torch_sampler", "torch_sampler_eager", "slot_batch", "hf_generate"):
                 r = e.get(name)
                 if r is None:
                     continue

@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_torch_sampler import check_against_full, make_model
 
-from aepo.rollout.sampler import TorchSampler
-from aepo.rollout.sampler.continuous import _join_groups
+from aepo.rollout.sampler import TorchSampler, continuous
+from aepo.rollout.sampler.continuous import _join_groups, decode_segments
 from aepo.rollout.sampler.streams import RowKey, row_uniform, stream_state, uniform_at
 
 torch.set_num_threads(1)
@@ -128,6 +128,131 @@ def test_join_groups_bound_the_padding():
     assert _join_groups([100, 10, 9, 1]) == [(0, 1), (1, 4)]  # 30 padded for 20 real
     assert _join_groups([6, 2, 2, 2]) == [(0, 2), (2, 4)]  # 12 for 8 (the bound); a third: 18 for 10
     assert _join_groups([3, 3, 1]) == [(0, 3)]  # 9 for 7
+
+
+def test_decode_segments_cut_where_the_rest_reads_enough_fewer_cells(monkeypatch):
+    monkeypatch.setattr(continuous, "SEGMENT_MIN_SAVING", 100)
+    # sorted: the 3 rows after the first two would read 3 x (100 - 20) = 240 fewer cells
+    assert decode_segments([100, 90, 20, 10, 5]) == [(0, 2, 100), (2, 5, 20)]
+    # the last row alone would save 1 x (20 - 5) = 15 < 100: no cut before it
+    assert decode_segments([100, 90, 20, 20, 5]) == [(0, 2, 100), (2, 5, 20)]
+    # unsorted: a long row late in the order keeps the ranges before it wide
+    assert decode_segments([20, 100, 10, 10, 10, 90]) == [(0, 6, 100)]
+    assert decode_segments([100, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 60]) == [(0, 1, 100), (1, 12, 60)]
+    assert decode_segments([7]) == [(0, 1, 7)] and decode_segments([]) == []
+    monkeypatch.setattr(continuous, "SEGMENT_MIN_SAVING", 10**9)
+    assert decode_segments([100, 90, 20, 10, 5]) == [(0, 5, 100)]
+
+
+def test_ragged_decode_and_sorted_slots_give_the_same_rows(model, tok, monkeypatch):
+    """Rows of very different lengths: attention split into ranges of similar lengths, and the
+    slots sorted by length mid-run, sample what one padded attention over all slots samples,
+    reading fewer cells; each row still matches a full forward."""
+    long_text = " ".join(["the river near the old town"] * 12)
+
+    def run(split: bool):
+        monkeypatch.setattr(continuous, "SEGMENT_MIN_SAVING", 8 if split else 10**9)
+        monkeypatch.setattr(continuous, "REORDER_EVERY", 4 if split else 10**9)
+        s = TorchSampler(model, tok, temperature=1.0, seed=5)
+        batch = s.open_batch(max_rows=8)
+        # the longest row starts in slot 1: sorting moves it, and the short rows after it
+        rows = [s.new_row(tok.encode(t)) for t in ("a", long_text, "The capital of", long_text[:40], "b c")]
+        starts = {r: len(s.tokens(r)) for r in rows}
+        for i, r in enumerate(rows[:3]):
+            batch.start(r, 10, RowKey(0, i, 0))
+        moved = set()
+        out = {}
+        for step in range(30):
+            if step == 3:  # joins after the first rows: the order by length is lost
+                batch.start(rows[3], 8, RowKey(0, 3, 0))
+                batch.start(rows[4], 8, RowKey(0, 4, 0))
+            slots = {r: run.slot for r, run in batch.rows.items()}
+            out.update(batch.step())
+            moved |= {r for r, slot in slots.items() if r in batch.rows and batch.rows[r].slot not in (slot, -1)}
+            if not batch.active:
+                break
+        return s, out, starts, batch, moved
+
+    s, split, starts, batch, moved = run(True)
+    _, whole, _, whole_batch, _ = run(False)
+    assert batch.read_cells < 0.8 * batch.decode_cells and whole_batch.read_cells == whole_batch.decode_cells
+    assert batch.reorders > 0 and moved, "the slots were never sorted"
+    for row, gen in split.items():
+        assert gen.token_ids == whole[row].token_ids
+        assert max(abs(a - b) for a, b in zip(gen.logprobs, whole[row].logprobs)) < 1e-5
+        check_against_full(model, s.tokens(row), starts[row], gen, 1.0)
+
+
+def test_the_cache_grows_by_a_quarter_and_reports_its_peak(model, tok):
+    s = TorchSampler(model, tok, temperature=1.0, seed=0)
+    batch = s.open_batch(max_rows=4)
+    row = s.new_row(tok.encode("a"))
+    batch.start(row, 300, RowKey(0, 0, 0))
+    widths = set()
+    while batch.active:
+        batch.step()
+        widths.add(batch.keys[0].shape[2] - 1)
+    # 128-column blocks, each growth at most a quarter (rounded up to a block) above the last
+    assert sorted(widths) == [128, 256, 384]
+    per_column = sum(2 * k[:, :, :1].numel() * k.element_size() for k in batch.keys)
+    assert batch.peak_cache_bytes == batch.cache_bytes == per_column * (384 + 1)
+
+
+def test_a_row_that_left_rejoins_in_its_own_slot_or_from_its_chunks_when_evicted(model, tok):
+    """A row that ends a segment parks in its slot (no copy); after a tool result it continues
+    there. A fork of a parked row copies its positions out and the row stays parked. A parked
+    row whose slot another row needs is evicted: its positions go to its chunks, and it rejoins
+    from them. Every segment matches a full forward; closing the batch leaves every row's
+    positions in its chunks."""
+    s = TorchSampler(model, tok, temperature=1.0, seed=4)
+    batch = s.open_batch(max_rows=2)
+    a, b = s.new_row(tok.encode(TEXTS[0])), s.new_row(tok.encode(TEXTS[1]))
+    batch.start(a, 3, RowKey(0, 0, 0))
+    batch.start(b, 9, RowKey(0, 1, 0))
+    batch.step()
+    slot_a = batch.rows[a].slot
+    chunks_a = list(s._row(a).chunks)
+    while a in batch.rows:
+        batch.step()
+    assert batch.parked[a][0] == slot_a and s._row(a).chunks == chunks_a  # parked: nothing copied
+    s.append(a, tok.encode(" result: Paris."))
+    start = len(s.tokens(a))
+    batch.start(a, 4, RowKey(0, 0, 0))
+    batch.step()
+    assert batch.rows[a].slot == slot_a and s._row(a).chunks == chunks_a  # continued in place
+    out = run_all(batch, {})
+    check_against_full(model, s.tokens(a), start, out[a][0], 1.0)
+
+    # a fork of the parked row: its positions are copied out, it stays parked
+    fork_at = len(s.tokens(a)) - 2
+    child = s.fork(a, fork_at)
+    assert a in batch.parked and s.cached_length(a) == len(s.tokens(a)) - 1
+    s.append(a, tok.encode(" more."))
+    start_a = len(s.tokens(a))
+    batch.start(child, 5, RowKey(0, 0, 1))
+    batch.start(a, 5, RowKey(0, 0, 0))
+    out = run_all(batch, {})
+    check_against_full(model, s.tokens(child), fork_at, out[child][0], 1.0)
+    check_against_full(model, s.tokens(a), start_a, out[a][0], 1.0)
+
+    # a third row needs a slot: the oldest parked row is evicted into its chunks
+    parked_before = dict(batch.parked)
+    c = s.new_row(tok.encode(TEXTS[3]))
+    batch.start(c, 3, RowKey(0, 3, 0))
+    batch.step()
+    evicted = [r for r in parked_before if r not in batch.parked]
+    assert evicted and len(batch.keys[0]) == 2  # no slot added beyond max_rows=2
+    for r in evicted:
+        assert s.cached_length(r) == len(s.tokens(r)) - 1
+    r = evicted[0]
+    s.append(r, tok.encode(" again"))
+    start_r = len(s.tokens(r))
+    batch.start(r, 4, RowKey(0, 9, 0))
+    out = run_all(batch, {})
+    check_against_full(model, s.tokens(r), start_r, out[r][0], 1.0)
+    s.close_batch()
+    for row in (a, b, child, c):
+        assert s.cached_length(row) == len(s.tokens(row)) - 1
 
 
 def test_stop_strings_and_zero_budget(model, tok):

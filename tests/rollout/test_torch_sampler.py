@@ -591,3 +591,34 @@ def test_cuda_graph_decode_equals_eager_decode(tok, monkeypatch):
         assert with_graph.token_ids == eager.token_ids
         torch.testing.assert_close(torch.tensor(with_graph.logprobs), torch.tensor(eager.logprobs), atol=1e-4, rtol=0)
         torch.testing.assert_close(torch.tensor(with_graph.entropies), torch.tensor(eager.entropies), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_a_generate_call_frees_its_batch_cache_when_it_returns(tok, models, pack):
+    """A LeanBatch and its ops (and decode graphs) hold no reference cycle, so the batch cache of
+    a `generate` call is freed as the call returns, not at some later gc pass; a running batch
+    that grows keeps only its current forward."""
+    import gc
+
+    from aepo.rollout.sampler.lean import LeanBatch
+    from aepo.rollout.sampler.streams import RowKey
+
+    def alive() -> int:
+        return sum(type(o) is LeanBatch for o in gc.get_objects())  # not the ops' weak proxies
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = alive()
+        s = TorchSampler(models["qwen3"], tok, temperature=1.0, seed=0, pack_weights=pack, eos_token_ids=[])
+        s.generate([s.new_row(tok.encode(t)) for t in ("The capital of", "a b")], 12)
+        assert alive() == before
+        batch = s.open_batch(max_rows=4)
+        for i in range(3):
+            batch.start(s.new_row(tok.encode("one two three " * (i + 1))), 140, RowKey(0, 0, i))
+        while batch.active:
+            batch.step()
+        assert batch.keys[0].shape[2] > 129  # it grew at least once
+        assert alive() == before + 1  # batch.decoder only
+    finally:
+        gc.enable()

@@ -24,13 +24,14 @@ scheduler.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from aepo.rollout.sampler.layout import DECODE_BLOCK, truncate_chunks
+from aepo.rollout.sampler.layout import DECODE_BLOCK, PREFILL_TOKEN_BUDGET, truncate_chunks
 from aepo.rollout.sampler.lean import LeanBatch, _write
 from aepo.rollout.sampler.streams import stream_state, uniform_at
 from aepo.types import Generation
@@ -70,15 +71,28 @@ class SlotBatch:
         self.n_kv = int(model.config.num_key_value_heads)
         self.head_dim = int(model.model.layers[0].self_attn.head_dim)
         self.packed = sampler._packed_weights()
-        self.keys = self.values = None  # type: ignore[assignment]
+        # per layer: [slots, kv_heads, columns + 1, head_dim] (one tensor a layer, so growing
+        # the cache copies one layer at a time)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
         self.lens: list[int] = []  # per slot: cached positions, -1 when free
-        self.owner: list[int] = []  # per slot: the row handle, -1 when free
+        self.owner: list[int] = []  # per slot: the row handle (running or parked), -1 when free
         self.rows: dict[int, _Running] = {}
+        # rows that left (for a tool, or ended) and whose new positions are still only in their
+        # slot: row -> (slot, first column not in its chunks); oldest first
+        self.parked: dict[int, tuple[int, int]] = {}
         self.joining: list[int] = []
         self.done: list[tuple[int, Generation]] = []  # rows started with a budget of 0
         self.decoder: LeanBatch | None = None
         self.steps = 0  # steps that decoded or prefilled a token
         self.row_steps = 0  # tokens generated (the sum of the steps' batch sizes)
+        # decode attention: (slot, column) cells up to the longest row, those read, and those
+        # of the rows' own columns
+        self.decode_cells = self.read_cells = self.used_cells = 0
+        self.peak_cache_bytes = 0  # the largest the cache's keys and values were
+        self._ordered_at = 0  # the step of the last `_reorder` check
+        self.reorders = 0  # times the slots were sorted by length
+        self.in_place = self.evicted = 0  # parked rows that rejoined in their slot / were evicted
 
     # ---------------------------------------------------------------- rows in and out
 
@@ -117,21 +131,32 @@ class SlotBatch:
         self.joining.append(row)
 
     def flush(self, row: int) -> None:
-        """Move a running row's new cache positions into its chunks (before a fork reads them)."""
-        run = self.rows.get(row)
-        if run is None or run.slot < 0:
+        """Move a running or parked row's new cache positions into its chunks (before a fork or
+        another reader uses them); the row keeps its slot."""
+        if row in self.parked:
+            slot, start = self.parked[row]
+            self.parked[row] = (slot, self._materialize(row, slot, start))
             return
-        state = self.s._row(row)
-        end = self.lens[run.slot]
-        if end > run.chunk_start:
-            chunk = (self.keys[:, run.slot, :, run.chunk_start:end].clone(),
-                     self.values[:, run.slot, :, run.chunk_start:end].clone())
-            state.chunks = truncate_chunks(state.chunks, run.chunk_start) + [chunk]
+        run = self.rows.get(row)
+        if run is not None and run.slot >= 0:
+            run.chunk_start = self._materialize(row, run.slot, run.chunk_start)
+
+    def _materialize(self, row: int, slot: int, start: int) -> int:
+        """Copy the slot's columns start..its length into one more chunk of `row`; -> the length."""
+        end = self.lens[slot]
+        if end > start:
+            state = self.s._row(row)
+            chunk = (torch.stack([k[slot, :, start:end] for k in self.keys]),
+                     torch.stack([v[slot, :, start:end] for v in self.values]))
+            state.chunks = truncate_chunks(state.chunks, start) + [chunk]
             state.n_cached = end
-            run.chunk_start = end
+        return end
 
     def drop(self, row: int) -> None:
-        """Forget a running row without a result (its sampler row is being released)."""
+        """Forget a running or parked row without a result (its sampler row is being released)."""
+        parked = self.parked.pop(row, None)
+        if parked is not None:
+            self._free_slot(parked[0])
         run = self.rows.pop(row, None)
         if run is None:
             return
@@ -140,12 +165,25 @@ class SlotBatch:
         if run.slot >= 0:
             self._free_slot(run.slot)
 
+    def close(self) -> None:
+        """Move every parked row's positions into its chunks and free the slots (the batch ends)."""
+        for row in list(self.parked):
+            self._evict(row)
+
+    def _evict(self, row: int) -> int:
+        """Free a parked row's slot, its positions moved into its chunks first; -> the slot."""
+        slot, start = self.parked.pop(row)
+        self._materialize(row, slot, start)
+        self._free_slot(slot)
+        self.evicted += 1
+        return slot
+
     def _leave(self, row: int, finish: str, stop: str | None) -> Generation:
-        """The row's segment, which ended with `finish`; its new cache positions become a chunk."""
-        run = self.rows[row]
-        self.flush(row)
-        self._free_slot(run.slot)
-        del self.rows[row]
+        """The row's segment, which ended with `finish`. The row parks in its slot: its new
+        positions become a chunk only when something reads them or needs the slot, and a row
+        that rejoins before that (after a tool) continues in place."""
+        run = self.rows.pop(row)
+        self.parked[row] = (run.slot, run.chunk_start)
         return Generation(token_ids=run.tokens, logprobs=run.logprobs, entropies=run.entropies,
                           finish=finish, stop=stop)  # type: ignore[arg-type]
 
@@ -154,26 +192,45 @@ class SlotBatch:
     def _alloc(self, slots: int, columns: int) -> None:
         """At least `slots` slots and `columns` usable columns (plus the scratch column, the
         last, where free slots write during a decode step)."""
-        have_slots = 0 if self.keys is None else self.keys.shape[1]
-        have_cols = 0 if self.keys is None else self.keys.shape[3] - 1
+        have_slots = len(self.lens)
+        have_cols = self.keys[0].shape[2] - 1 if self.keys else 0
         if slots <= have_slots and columns <= have_cols:
             return
-        new_slots = max(slots, min(self.max_rows, 2 * have_slots), 1)
-        new_cols = max(columns, 2 * have_cols) if columns > have_cols else have_cols
+        # slots and columns grow by a quarter (not doubling), one layer at a time: the cache
+        # stays within 1.25x of the most rows and the longest row (plus a block of columns),
+        # and growing holds one layer twice, not the whole cache
+        new_slots = max(slots, min(self.max_rows, math.ceil(CACHE_GROWTH * have_slots)), 1) \
+            if slots > have_slots else have_slots
+        new_cols = max(columns, int(CACHE_GROWTH * have_cols)) if columns > have_cols else have_cols
         new_cols = -(-new_cols // DECODE_BLOCK) * DECODE_BLOCK
-        shape = (self.layers, new_slots, self.n_kv, new_cols + 1, self.head_dim)
-        keys = torch.zeros(shape, dtype=self.s.dtype, device=self.s.device)
-        values = torch.zeros_like(keys)
-        if self.keys is not None:
-            keys[:, :have_slots, :, :have_cols] = self.keys[:, :, :, :have_cols]
-            values[:, :have_slots, :, :have_cols] = self.values[:, :, :, :have_cols]
-        self.keys, self.values = keys, values
+        shape = (new_slots, self.n_kv, new_cols + 1, self.head_dim)
+        for cache in (self.keys, self.values):
+            for layer in range(self.layers):
+                grown = torch.zeros(shape, dtype=self.s.dtype, device=self.s.device)
+                if len(cache) > layer:
+                    grown[:have_slots, :, :have_cols] = cache[layer][:, :, :have_cols]
+                    cache[layer] = grown
+                else:
+                    cache.append(grown)
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
         self.lens += [-1] * (new_slots - len(self.lens))
         self.owner += [-1] * (new_slots - len(self.owner))
-        self.decoder = LeanBatch(self.s.model, None, keys, values, packed=self.packed, positions=new_cols + 1)
+        # the forward's modules; it is handed each layer's cache per call and keeps only an empty
+        # tensor of the cache's dtype and device (a LeanBatch is in a reference cycle with its
+        # ops, so one holding the cache would keep a replaced cache alive until a gc pass)
+        like = torch.empty(0, dtype=self.s.dtype, device=self.s.device)
+        self.decoder = LeanBatch(self.s.model, None, like, like, packed=self.packed, positions=new_cols + 1)
+
+    @property
+    def cache_bytes(self) -> int:
+        """The bytes the cache's keys and values take."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def _take_slot(self, columns: int) -> int:
+        """A free slot (else the oldest parked row's, else a new one) with `columns` columns."""
         free = next((i for i, n in enumerate(self.lens) if n < 0), None)
+        if free is None and self.parked:
+            free = self._evict(next(iter(self.parked)))
         if free is None:
             free = len(self.lens)
         self._alloc(free + 1, columns + 1)
@@ -182,6 +239,26 @@ class SlotBatch:
     def _free_slot(self, slot: int) -> None:
         self.lens[slot] = -1
         self.owner[slot] = -1
+
+    def _move(self, moves: list[tuple[int, int]]) -> None:
+        """Move slots (source, destination) at once, one layer's copy at a time; the rows (running
+        or parked) follow their slots."""
+        width = max(self.lens[src] for src, _ in moves)
+        device = self.keys[0].device
+        src = torch.tensor([a for a, _ in moves], device=device)
+        dst = torch.tensor([b for _, b in moves], device=device)
+        for cache in (self.keys, self.values):
+            for layer in cache:
+                layer[dst, :, :width] = layer[src, :, :width]
+        placed = [(b, self.lens[a], self.owner[a]) for a, b in moves]
+        for a, _ in moves:
+            self._free_slot(a)
+        for slot, n, row in placed:
+            self.lens[slot], self.owner[slot] = n, row
+            if row in self.parked:
+                self.parked[row] = (slot, self.parked[row][1])
+            else:
+                self.rows[row].slot = slot
 
     def _compact(self) -> None:
         """Move the last occupied slots into the holes below them, so a decode step's prefix of
@@ -193,17 +270,30 @@ class SlotBatch:
         holes = [i for i in range(top) if self.lens[i] < 0]
         if len(holes) <= max(2, top // 4):
             return
-        for hole in holes:
-            src = max(i for i, n in enumerate(self.lens) if n >= 0)
-            if src <= hole:
-                break
-            n = self.lens[src]
-            self.keys[:, hole, :, :n] = self.keys[:, src, :, :n]
-            self.values[:, hole, :, :n] = self.values[:, src, :, :n]
-            row = self.owner[src]
-            self.lens[hole], self.owner[hole] = n, row
-            self.rows[row].slot = hole
-            self._free_slot(src)
+        sources = [i for i in reversed(used) if i > holes[0]]
+        moves = [(a, b) for a, b in zip(sources, holes) if a > b]
+        if moves:
+            self._move(moves)
+
+    def _reorder(self) -> None:
+        """Sort the running rows' slots longest first (parked rows after them) when that would
+        cut the decode's reads by more than twice the copy over the next REORDER_EVERY steps:
+        slots of similar lengths then sit together, and `decode_segments` reads each range only
+        up to its own longest row."""
+        running = sorted((run.slot for run in self.rows.values() if run.slot >= 0), key=lambda i: -self.lens[i])
+        if len(running) < 2:
+            return
+        order = running + [slot for slot, _ in self.parked.values()]
+        top = max(running) + 1
+        decoding = set(running)
+        now = _cells([self.lens[i] + 1 if i in decoding else 1 for i in range(top)])
+        after = _cells([self.lens[i] + 1 for i in running])
+        if (now - after) * REORDER_EVERY <= 2 * after:
+            return
+        moves = [(a, b) for b, a in enumerate(order) if a != b]
+        if moves:
+            self.reorders += 1
+            self._move(moves)
 
     # ---------------------------------------------------------------- one step
 
@@ -225,8 +315,10 @@ class SlotBatch:
         Joining rows' pending tokens run in the same forward as the decode tokens (`_forward`)."""
         ended, self.done = self.done, []
         with torch.inference_mode():
-            joining, self.joining = self.joining, []
+            joining = self._admit()
             decoding = [r for r, run in self.rows.items() if run.slot >= 0]
+            if joining:  # room for every joining row at once: one allocation, not one per row
+                self._alloc(len(decoding) + len(joining), max(len(self.s._row(h).ids) for h in joining) + 2)
             joins = []
             for h in joining:
                 self._place(h)
@@ -257,6 +349,9 @@ class SlotBatch:
                 ended.append((h, self._leave(h, *reason)))
         with torch.inference_mode():
             self._compact()
+            if self.steps - self._ordered_at >= REORDER_EVERY:
+                self._ordered_at = self.steps
+                self._reorder()
         return ended
 
     def _forward(self, decoding: list[int], joins: list[int]) -> torch.Tensor:
@@ -271,7 +366,7 @@ class SlotBatch:
         self._alloc(max(top, 1), kv_len)
         lb = self.decoder
         assert lb is not None
-        keys, values, scratch = self.keys, self.values, self.keys.shape[3] - 1
+        keys, values, scratch = self.keys, self.values, self.keys[0].shape[2] - 1
         # the decode part: one query per slot 0..top-1 (a slot without a decode row computes a
         # throwaway query that reads column 0 and writes the scratch column)
         tokens, positions, cols, lengths = [], [], [], []
@@ -296,7 +391,12 @@ class SlotBatch:
         if top:
             col = torch.tensor(cols, device=device)[:, None]
             valid = torch.arange(kv_len, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
-            additive = lb.decode_bias(valid[:, None, None])
+            # slot ranges that each attend over their own longest row's columns only
+            segments = decode_segments(lengths)
+            self.decode_cells += top * kv_len
+            self.used_cells += sum(lengths[slot] for slot in slot_row)
+            self.read_cells += sum((b - a) * w for a, b, w in segments)
+            biases = [lb.decode_bias(valid[a:b, None, None, :w]) for a, b, w in segments]
         groups = [_JoinGroup(spans[a:b], lb, device) for a, b in _join_groups([n for _, _, n in spans])]
         for index, ops in enumerate(lb.ops):
             q, k, v = ops.qkv(x, 1, total, cos, sin)  # [1, T, heads, hd]
@@ -304,8 +404,9 @@ class SlotBatch:
             outs = []
             if top:  # each decode row writes its key at its own next column
                 _write(layer_keys[:top], layer_values[:top], k[0, :top, :, None], v[0, :top, :, None], 0, col)
-                outs.append(lb.decode_attention(q[0, :top], layer_keys[:top, :, :kv_len],
-                                                layer_values[:top, :, :kv_len], additive))
+                for (a, b, w), bias in zip(segments, biases):
+                    outs.append(lb.decode_attention(q[0, a:b], layer_keys[a:b, :, :w], layer_values[a:b, :, :w],
+                                                    bias))
             offset = top
             for group in groups:
                 outs.append(group.attend(lb, q[0], k[0], v[0], offset, layer_keys, layer_values))
@@ -323,23 +424,55 @@ class SlotBatch:
         return lb.head(x[torch.tensor(last, device=device)])
 
     def _pending(self, row: int) -> int:
+        """Tokens of a row still to run: a placed or parked row's not in its slot yet, another's
+        not in its chunks (at least its last)."""
         state = self.s._row(row)
+        run = self.rows.get(row)
+        if run is not None and run.slot >= 0:
+            return len(state.ids) - self.lens[run.slot]
+        if row in self.parked:
+            return len(state.ids) - self.lens[self.parked[row][0]]
         return len(state.ids) - min(state.n_cached, len(state.ids) - 1)
 
+    def _admit(self) -> list[int]:
+        """The joining rows that enter this step: parked rows first (they continue in place),
+        then in order while their pending tokens stay within PREFILL_TOKEN_BUDGET (a row with
+        one token to feed costs a decode row; the first row always enters). The others join
+        at a later step: a prefill of hundreds of rows at once would hold activations as large
+        as the cache."""
+        joining = sorted(self.joining, key=lambda h: h not in self.parked)
+        self.joining, admitted, tokens = [], [], 0
+        for h in joining:
+            n = self._pending(h)
+            if n > 1 and admitted and tokens + n > PREFILL_TOKEN_BUDGET:
+                self.joining.append(h)
+                continue
+            admitted.append(h)
+            tokens += n if n > 1 else 0
+        return admitted
+
     def _place(self, row: int) -> None:
-        """Copy a joining row's usable cached chunks into a free slot with room for its pending
-        tokens; they enter the slot at the next forward."""
+        """Give a joining row a slot with room for its pending tokens: its own, if it is parked
+        there, else a free one its cached chunks are copied into. Pending tokens enter the slot
+        at the next forward."""
         state = self.s._row(row)
+        run = self.rows[row]
+        if row in self.parked:
+            slot, start = self.parked.pop(row)
+            self._alloc(slot + 1, len(state.ids) + 1)
+            run.slot, run.chunk_start = slot, start
+            self.in_place += 1
+            return
         cached = min(state.n_cached, len(state.ids) - 1)
         slot = self._take_slot(len(state.ids) + 1)
         col = 0
         for keys, values in truncate_chunks(state.chunks, cached):
             n = keys.shape[2]
-            self.keys[:, slot, :, col:col + n] = keys
-            self.values[:, slot, :, col:col + n] = values
+            for layer in range(self.layers):
+                self.keys[layer][slot, :, col:col + n] = keys[layer]
+                self.values[layer][slot, :, col:col + n] = values[layer]
             col += n
         self.lens[slot], self.owner[slot] = cached, row
-        run = self.rows[row]
         run.slot, run.chunk_start = slot, cached
 
     def _prefill_batch(self, rows: list[int]) -> tuple[torch.Tensor, list[tuple[int, tuple[list, list]]]]:
@@ -363,6 +496,36 @@ class SlotBatch:
 
 
 JOIN_PAD = 1.5  # joining rows share one attention call while padding stays under this factor
+CACHE_GROWTH = 1.25  # the cache's slots and columns grow by this factor (columns rounded up to DECODE_BLOCK)
+# decode attention is split where the slots after a point would read this many fewer
+# (slot, column) cells: each range costs a few more kernels a layer
+SEGMENT_MIN_SAVING = 4096
+REORDER_EVERY = 16  # steps between checks whether sorting the slots by length pays
+
+
+def decode_segments(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """Contiguous slot ranges (start, end, width) of a decode step whose `lengths` (columns each
+    slot attends over) are given in slot order: each range attends over its own widest slot's
+    columns. A range is cut where the slots after it would read at least SEGMENT_MIN_SAVING
+    fewer cells (at most their widest instead of the range's width so far)."""
+    n = len(lengths)
+    suffix = lengths[:]
+    for i in range(n - 2, -1, -1):
+        suffix[i] = max(suffix[i], suffix[i + 1])
+    out, a, width = [], 0, 0
+    for j in range(n):
+        if j > a and (n - j) * (width - suffix[j]) >= SEGMENT_MIN_SAVING:
+            out.append((a, j, width))
+            a, width = j, 0
+        width = max(width, lengths[j])
+    if n:
+        out.append((a, n, width))
+    return out
+
+
+def _cells(lengths: list[int]) -> int:
+    """The (slot, column) cells a decode step over slots of these lengths reads."""
+    return sum((b - a) * w for a, b, w in decode_segments(lengths))
 
 
 def _join_groups(lengths: list[int]) -> list[tuple[int, int]]:

@@ -10,6 +10,7 @@ step) and fuses the residual adds, so a CPU decode step runs about half as many 
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -248,7 +249,9 @@ class _ModuleOps(_LayerOps):
     """The HF layer's own submodules (any dtype, LoRA-wrapped projections included)."""
 
     def __init__(self, layer: torch.nn.Module, batch: LeanBatch) -> None:
-        self.layer, self.attn, self.batch = layer, layer.self_attn, batch
+        # a weak reference: the batch owns its ops, and a cycle would keep the batch's cache
+        # alive after the call until a gc pass
+        self.layer, self.attn, self.batch = layer, layer.self_attn, weakref.proxy(batch)
 
     def qkv(self, x, b, q_len, cos, sin):  # type: ignore[no-untyped-def]
         bt, attn = self.batch, self.attn
@@ -273,7 +276,7 @@ class _PackedOps(_LayerOps):
     adds fused into the output matmuls, one norm and one rotation for q and k together."""
 
     def __init__(self, layer: _PackedLayer, batch: LeanBatch) -> None:
-        self.p, self.batch = layer, batch
+        self.p, self.batch = layer, weakref.proxy(batch)  # the batch owns its ops (no cycle)
 
     def qkv(self, x, b, q_len, cos, sin):  # type: ignore[no-untyped-def]
         p, bt = self.p, self.batch
@@ -553,7 +556,7 @@ class DecodeGraphs:
     """
 
     def __init__(self, batch: LeanBatch, capture: bool = True) -> None:
-        self.batch = batch
+        self.batch = weakref.proxy(batch)  # the batch owns its graphs (no cycle)
         self.capture = capture
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None

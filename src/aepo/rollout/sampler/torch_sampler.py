@@ -200,10 +200,14 @@ class TorchSampler(RowTable):
         """End the running batch (its rows keep their tokens and cache chunks)."""
         if self.batch is not None and self.batch.active:
             raise ValueError(f"the running batch still has {self.batch.active} rows")
+        if self.batch is not None:
+            self.batch.close()  # parked rows' positions into their chunks
         self.batch = None
 
     def cached_length(self, row: int) -> int:
         """How many of the row's tokens already have keys/values in its cache."""
+        if self.batch is not None:
+            self.batch.flush(row)
         return self._row(row).n_cached
 
     # ---------------------------------------------------------------- stop strings
@@ -298,6 +302,9 @@ class TorchSampler(RowTable):
         if not 0.0 <= pause < 1.0:
             raise ValueError(f"pause must be in [0, 1) (a fraction of a batch's rows; 0 = off), got {pause}")
         handles, budgets = self._budgets(rows, max_new_tokens)
+        if self.batch is not None:  # rows parked in the running batch: their positions into chunks
+            for handle in handles:
+                self.batch.flush(handle)
         spec = self._stop_spec(tuple(stop))
         results: list[Generation | None] = [None] * len(handles)
         todo = []
