@@ -13,14 +13,19 @@ branches (the scheduler in `aepo.rollout.scheduler` drives it):
   a step's tokens go through the projections and MLP as one packed sequence (the weights are
   read once a step), and attention runs per row over its own columns;
 - `step()` gives every running row one token and returns the rows whose segment ended (stop
-  string, EOS, budget); a row that ends leaves its new positions as one cache chunk, exactly as
-  after `generate`, so forks share them and a tool result is appended as usual;
+  string, EOS, budget). A row that ends *parks* in its slot: when it rejoins (after its tool
+  result) it continues there; its new positions become one cache chunk, exactly as after
+  `generate`, only when a fork or another reader needs them or another row needs the slot;
 - a row's token is drawn from the uniform number `row_uniform(seed, key, position)`, so what
   a row samples does not depend on which rows ran beside it (`aepo.rollout.sampler.streams`).
 
 Slots freed in the middle are refilled from the end (`_compact`), and the decode step runs over
-the occupied prefix only. Llama-family models only (the lean forward); others use the turn
-scheduler.
+the occupied prefix only, in ranges of slots that each attend up to their own longest row
+(`decode_segments`; `_reorder` sorts the slots by length when that pays). The cache is one
+tensor per layer and grows by a quarter, one layer at a time, and at most
+`PREFILL_TOKEN_BUDGET` prefill tokens join a step, so a batch's peak memory stays near the
+rows' keys and values (benchmarks/RESULTS.md, "Continuous batching", third round). Llama-family
+models only (the lean forward); others use the turn scheduler.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import torch
 
 from aepo.rollout.sampler.layout import DECODE_BLOCK, PREFILL_TOKEN_BUDGET, truncate_chunks
 from aepo.rollout.sampler.lean import LeanBatch, _write
+from aepo.rollout.sampler.running import RunningBatch
 from aepo.rollout.sampler.streams import stream_state, uniform_at
 from aepo.types import Generation
 
@@ -55,17 +61,15 @@ class _Running:
     entropies: list[float] = field(default_factory=list)
 
 
-class SlotBatch:
+class SlotBatch(RunningBatch):
     """One running batch of a `TorchSampler`'s rows (see the module docstring)."""
 
     def __init__(self, sampler: TorchSampler, stop: Sequence[str], max_rows: int = 256) -> None:
         if not sampler.lean:
             raise ValueError("SlotBatch needs the lean (Llama-family) forward")
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        super().__init__(max_rows)
         self.s = sampler
         self.spec = sampler._stop_spec(tuple(stop))
-        self.max_rows = int(max_rows)
         model = sampler.model
         self.layers = int(model.config.num_hidden_layers)
         self.n_kv = int(model.config.num_key_value_heads)
@@ -77,15 +81,12 @@ class SlotBatch:
         self.values: list[torch.Tensor] = []
         self.lens: list[int] = []  # per slot: cached positions, -1 when free
         self.owner: list[int] = []  # per slot: the row handle (running or parked), -1 when free
-        self.rows: dict[int, _Running] = {}
+        self.rows: dict[int, _Running]
         # rows that left (for a tool, or ended) and whose new positions are still only in their
         # slot: row -> (slot, first column not in its chunks); oldest first
         self.parked: dict[int, tuple[int, int]] = {}
         self.joining: list[int] = []
-        self.done: list[tuple[int, Generation]] = []  # rows started with a budget of 0
         self.decoder: LeanBatch | None = None
-        self.steps = 0  # steps that decoded or prefilled a token
-        self.row_steps = 0  # tokens generated (the sum of the steps' batch sizes)
         # decode attention: (slot, column) cells up to the longest row, those read, and those
         # of the rows' own columns
         self.decode_cells = self.read_cells = self.used_cells = 0
@@ -96,36 +97,11 @@ class SlotBatch:
 
     # ---------------------------------------------------------------- rows in and out
 
-    @property
-    def active(self) -> int:
-        """Rows started and not yet ended."""
-        return len(self.rows)
-
-    @property
-    def free(self) -> int:
-        """Rows that can still start before the batch is full."""
-        return self.max_rows - len(self.rows)
-
-    def generated(self, row: int) -> int:
-        """Tokens the running `row` has generated in its current segment."""
-        return len(self.rows[row].tokens)
-
-    def entropies(self, row: int) -> list[float]:
-        """The token entropies of the running `row`'s current segment so far."""
-        return self.rows[row].entropies
-
     def start(self, row: int, budget: int, key: Sequence[int]) -> None:
         """Queue `row` to generate one segment of at most `budget` tokens from the next step."""
         state = self.s._row(row)
-        if row in self.rows:
-            raise ValueError(f"row {row} is already running")
-        if budget < 0:
-            raise ValueError(f"budget must be >= 0, got {budget}")
-        if budget == 0:
-            self.done.append((row, Generation(token_ids=[], logprobs=[], entropies=[], finish="length")))
+        if not self._accept(row, budget):
             return
-        if len(self.rows) >= self.max_rows:
-            raise ValueError(f"the batch is full ({self.max_rows} rows)")
         state.open = []
         self.rows[row] = _Running(budget=int(budget), stream=stream_state(self.s.seed, key))
         self.joining.append(row)

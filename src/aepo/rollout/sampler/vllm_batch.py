@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from aepo.rollout.sampler.running import RunningBatch
 from aepo.rollout.sampler.stops import segment_finish, stop_spec
 from aepo.rollout.sampler.streams import stream_state
 from aepo.types import Generation
@@ -51,56 +52,27 @@ class _Request:
     entropies: list[float] = field(default_factory=list)
 
 
-class EngineBatch:
+class EngineBatch(RunningBatch):
     """One running batch of a `VLLMSampler`'s rows (see the module docstring)."""
 
     def __init__(self, sampler: VLLMSampler, stop: Sequence[str], max_rows: int = 256) -> None:
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        super().__init__(max_rows)
         self.s = sampler
-        self.max_rows = int(max_rows)
         self.engine = sampler.backend.llm.llm_engine
         self.tokenizer = sampler.backend.tokenizer
         self.spec = stop_spec(self.tokenizer, sampler.vocab_size, stop)
-        self.rows: dict[int, _Request] = {}
+        self.rows: dict[int, _Request]
         self.handles: dict[str, int] = {}  # request id -> row
-        self.done: list[tuple[int, Generation]] = []  # rows started with no budget
         self._ids = itertools.count()
-        self.steps = 0  # engine steps
-        self.row_steps = 0  # tokens returned
-
-    @property
-    def active(self) -> int:
-        """Rows started and not yet ended."""
-        return len(self.rows) + len(self.done)
-
-    @property
-    def free(self) -> int:
-        """Rows that can still start before the batch is full."""
-        return self.max_rows - len(self.rows)
-
-    def generated(self, row: int) -> int:
-        """Tokens the running `row` has generated in its current segment."""
-        return len(self.rows[row].tokens)
-
-    def entropies(self, row: int) -> list[float]:
-        """The token entropies of the running `row`'s current segment so far."""
-        return self.rows[row].entropies
 
     def start(self, row: int, budget: int, key: Sequence[int] = (), *, seed: int | None = None) -> None:
         """Submit `row`'s next segment of at most `budget` tokens, seeded by its stream `key`
         (`segment_seed`) or by `seed`."""
         ids = self.s._row(row).ids
-        if row in self.rows:
-            raise ValueError(f"row {row} is already running")
-        if budget < 0:
-            raise ValueError(f"budget must be >= 0, got {budget}")
-        budget = min(int(budget), self.s.backend.max_model_len - len(ids))  # the engine refuses longer
-        if budget <= 0:
-            self.done.append((row, Generation(token_ids=[], logprobs=[], entropies=[], finish="length")))
+        if budget >= 0:  # the engine refuses a request past its max_model_len
+            budget = max(0, min(int(budget), self.s.backend.max_model_len - len(ids)))
+        if not self._accept(row, budget):
             return
-        if len(self.rows) >= self.max_rows:
-            raise ValueError(f"the batch is full ({self.max_rows} rows)")
         request_id = f"aepo-{row}-{next(self._ids)}"
         if seed is None:
             seed = segment_seed(self.s.seed, key, len(ids))
