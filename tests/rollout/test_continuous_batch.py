@@ -280,6 +280,14 @@ def test_stop_strings_and_zero_budget(model, tok):
     batch = s.open_batch()
     with pytest.raises(ValueError, match="budget"):
         batch.start(s.new_row([5]), -1, RowKey(0, 0, 0))
+    # a row started with no budget and released before the next step is gone, so the batch can
+    # close (a rollout that fails releases its rows, then closes the batch)
+    empty_row = s.new_row([5])
+    batch.start(empty_row, 0, RowKey(0, 2, 0))
+    assert batch.active == 1
+    s.release(empty_row)
+    assert batch.active == 0
+    s.close_batch()
 
 
 def test_row_uniform_is_a_fixed_function():

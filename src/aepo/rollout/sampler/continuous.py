@@ -130,6 +130,7 @@ class SlotBatch(RunningBatch):
 
     def drop(self, row: int) -> None:
         """Forget a running or parked row without a result (its sampler row is being released)."""
+        self.done = [(r, g) for r, g in self.done if r != row]
         parked = self.parked.pop(row, None)
         if parked is not None:
             self._free_slot(parked[0])
