@@ -85,6 +85,8 @@ METRICS: list[Metric] = [
            "The most model tokens of one row, inherited prefix included."),
     Metric("rollout/speculative_dropped_tokens", "speculative tokens dropped",
            "Tokens of rows started speculatively that no decision made (rollout.speculate)."),
+    Metric("rollout/batch_cache_gib", "running batch cache (GiB)",
+           "Continuous scheduler, torch backend: the peak size of the running batch's KV cache."),
     Metric("rollout/tool_steps", "tool steps", "Model segments that follow a tool result (aepo.rollout.analyses)."),
     Metric("rollout/high_entropy_step_rate", "high-entropy tool steps", "Share of tool steps with dH > 0.",
            ("run",)),

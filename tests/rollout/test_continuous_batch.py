@@ -356,6 +356,7 @@ def test_a_real_model_rollout_is_the_same_under_any_batch_limit(tok):
 
     from aepo.config import RolloutConfig
     from aepo.rollout import rollout
+    from aepo.rollout.metrics import rollout_metrics
 
     model = make_model("qwen3", len(tok), seed=4)
     prompts = [(f"p{i}", tok.encode(t)) for i, t in enumerate(TEXTS[:2])]
@@ -368,6 +369,7 @@ def test_a_real_model_rollout_is_the_same_under_any_batch_limit(tok):
         assert s.n_rows == 0 and s.batch is None  # the batch is closed: the sampler takes another rollout
         again, _ = rollout("independent", prompts[:1], s, tok, FakeTools(), cfg, random.Random(1))
         assert len(again) == 4 and s.n_rows == 0
+        stats["metrics"] = rollout_metrics(trajs, stats)
         return [(t.row_id, t.response_ids, t.logprobs) for t in trajs], stats
 
     wide, stats = run(64)
@@ -376,3 +378,6 @@ def test_a_real_model_rollout_is_the_same_under_any_batch_limit(tok):
     for (_, _, a), (_, _, b) in zip(narrow, wide):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
     assert narrow_stats["decode_steps"] > stats["decode_steps"]
+    # the running batch's peak cache, logged: a batch of at most 2 rows holds fewer slots
+    assert 0 < narrow_stats["batch_cache_gib"] < stats["batch_cache_gib"]
+    assert stats["metrics"]["rollout/batch_cache_gib"] == stats["batch_cache_gib"]

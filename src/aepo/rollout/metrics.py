@@ -40,7 +40,8 @@ _STAT_KEYS = {"branches": "rollout/branches", "mean_l": "rollout/mean_l", "uniqu
               "prefix_cache_hit_rate": "rollout/prefix_cache_hit_rate", "decode_steps": "rollout/decode_steps",
               "mean_active_rows": "rollout/mean_active_rows",
               "critical_path_tokens": "rollout/critical_path_tokens",
-              "speculative_dropped_tokens": "rollout/speculative_dropped_tokens"}
+              "speculative_dropped_tokens": "rollout/speculative_dropped_tokens",
+              "batch_cache_gib": "rollout/batch_cache_gib"}
 
 
 def rollout_metrics(trajs: list[Trajectory], stats: dict) -> dict[str, float]:
