@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, in one call on a machine with one CUDA GPU and PyTorch (repo root):
 #     bash benchmarks/gpu_checks.sh [OUT_DIR]
-# 1. the sampler and LM-head tests, CUDA ones included (graph-replayed decoding, bf16 gradients);
+# 1. the sampler, running-batch and LM-head tests, CUDA ones included (graph-replayed decoding,
+#    the continuous batch on CUDA, bf16 gradients);
 # 2. aepo against TRL's GRPOTrainer on a 0.6B-class Qwen3 in bf16 (benchmarks/bench_vs_trl.py);
 # 3. aepo's sampler (graphs, eager) against HF generate, its update's MFU and memory, and one
 #    AEPO RL step under each rollout scheduler: turns, continuous, continuous with speculation
@@ -19,7 +20,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 python3 -c "import trl, datasets; print('trl', trl.__version__, 'datasets', datasets.__version__)"
 
 echo "== 1. CUDA tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/rollout/test_torch_sampler.py tests/train/test_vocab_head.py 2>&1 | tee "$out/pytest_gpu.log" | tail -15
+timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/rollout/test_torch_sampler.py tests/rollout/test_continuous_batch.py tests/train/test_vocab_head.py 2>&1 | tee "$out/pytest_gpu.log" | tail -15
 
 echo "== 2. aepo vs TRL (qwen3-0.6b, bf16)"
 timeout 200 python3 benchmarks/bench_vs_trl.py --device cuda --model qwen3-0.6b --max-tokens 256 \
