@@ -15,8 +15,9 @@ inherited prefix included), `logical_steps` (continuous only: the steps a schedu
 unlimited rows and instant tools would need, AEPO's probe before its prompt's rows included),
 `mean_active_rows` (tokens per step), `rows`, `seconds` (rollout wall time, tools included),
 `cpu_seconds` (the process's CPU time over the same span: steadier on a shared machine),
-`tokens`, `accuracy` (the mean reward of the rows), `speculative_dropped_tokens` and the tool-grace
-counters (`tool_grace_waits`, `tool_grace_timeouts`).
+`tokens`, `accuracy` (the mean reward of the rows), `speculative_dropped_tokens`, the tool-grace
+counters (`tool_grace_waits`, `tool_grace_timeouts`) and, for the torch backend's running batch,
+`BATCH_COUNTERS` (its peak cache, parked rows, slot sorts and decode attention cells).
 
 `--step-cost` times instead one step of the continuous batch (`SlotBatch.step`: the forward,
 sampling and bookkeeping) of the model at several numbers of rows, each row holding
@@ -31,6 +32,10 @@ import json
 import time
 from pathlib import Path
 
+# what the torch running batch reports of itself: its peak cache (the largest over the steps),
+# parked rows rejoining in place or evicted, slot sorts, decode attention cells (summed)
+BATCH_COUNTERS = ("batch_cache_gib", "rejoined_in_place", "parked_evicted", "slot_reorders",
+                  "attention_cells_padded", "attention_cells_read", "attention_cells_used")
 ARMS = {"continuous": ["rollout.scheduler=continuous"],
         "speculative": ["rollout.scheduler=continuous", "rollout.speculate=true"],
         "turns": ["rollout.scheduler=turns"]}
@@ -75,6 +80,10 @@ def collect(demo: Path, arm: str, steps: int, max_rows: int, algo: str = "aepo",
             totals["dropped"] += r.get("speculative_dropped_tokens", 0)
             totals["grace_waits"] += r.get("tool_grace_waits", 0)
             totals["grace_timeouts"] += r.get("tool_grace_timeouts", 0)
+            for key in BATCH_COUNTERS:  # the torch running batch's own counters (`SlotBatch.stats`)
+                if key in r:
+                    totals[key] = max(totals.get(key, 0), r[key]) if key == "batch_cache_gib" \
+                        else totals.get(key, 0) + r[key]
             totals["rows"] += len(trajs)
             totals["tokens"] += sum(sum(t.response_mask) for t in trajs)
             totals["reward"] += sum(t.reward for t in trajs)
@@ -90,7 +99,7 @@ def collect(demo: Path, arm: str, steps: int, max_rows: int, algo: str = "aepo",
             "cpu_seconds": round(totals["cpu_seconds"], 2), "tokens": totals["tokens"],
             "accuracy": round(totals["reward"] / totals["rows"], 4) if totals["rows"] else 0.0,
             "speculative_dropped_tokens": totals["dropped"], "tool_grace_waits": totals["grace_waits"],
-            "tool_grace_timeouts": totals["grace_timeouts"]}
+            "tool_grace_timeouts": totals["grace_timeouts"], **{k: totals[k] for k in BATCH_COUNTERS if k in totals}}
 
 
 def step_cost(model_dir: Path, rows_list: list[int], columns: int, steps: int = 12) -> list[dict]:

@@ -293,6 +293,9 @@ class _ScriptedBatch:
     def active(self) -> int:
         return len(self.rows)
 
+    def stats(self) -> dict:
+        return {}
+
     @property
     def free(self) -> int:
         return self.max_rows - len(self.rows)

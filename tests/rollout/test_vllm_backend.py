@@ -145,11 +145,14 @@ def test_length_finish_and_budget_zero(engine, torch_model, world):
 
 
 def completion(finish_reason, stop_reason, tokens=(5, 6)):
-    lp = types.SimpleNamespace
-    top = [{t: lp(logprob=-0.1), 9: lp(logprob=-2.5)} for t in tokens]
-    out = types.SimpleNamespace(token_ids=list(tokens), logprobs=top, finish_reason=finish_reason,
-                                stop_reason=stop_reason)
-    return types.SimpleNamespace(outputs=[out])
+    """A finished completion as the engine returns it, with flat top-k log-probs (per token the
+    sampled token first, then the top 2: itself and token 9)."""
+    ids = [x for t in tokens for x in (t, t, 9)]
+    starts = list(range(0, len(ids), 3))
+    flat = types.SimpleNamespace(token_ids=ids, logprobs=[-0.1, -0.1, -2.5] * len(tokens),
+                                 start_indices=starts, end_indices=[a + 3 for a in starts])
+    return types.SimpleNamespace(token_ids=list(tokens), logprobs=flat, finish_reason=finish_reason,
+                                 stop_reason=stop_reason)
 
 
 @pytest.mark.parametrize("finish_reason, stop_reason, finish, stop", [
@@ -159,14 +162,14 @@ def completion(finish_reason, stop_reason, tokens=(5, 6)):
     ("length", None, "length", None),
 ])
 def test_finish_reasons_map_to_eos_stop_length(engine, finish_reason, stop_reason, finish, stop):
-    g = VLLMSampler(engine, 0)._generation(completion(finish_reason, stop_reason))
-    assert (g.finish, g.stop) == (finish, stop)
-    assert g.token_ids == [5, 6] and g.logprobs == [-0.1, -0.1]
+    s, c = VLLMSampler(engine, 0), completion(finish_reason, stop_reason)
+    assert s._finish_reason(c) == (finish, stop)
+    assert c.token_ids == [5, 6] and s._top_rows(c.token_ids, c.logprobs)[0] == [-0.1, -0.1]
 
 
 def test_an_aborted_request_is_an_error(engine):
     with pytest.raises(RuntimeError, match="abort"):
-        VLLMSampler(engine, 0)._generation(completion("abort", None))
+        VLLMSampler(engine, 0)._finish_reason(completion("abort", None))
 
 
 def test_a_fork_hits_the_prefix_cache_and_a_sync_resets_it(engine, torch_model, world):

@@ -447,15 +447,13 @@ class ContinuousScheduler:
     def stats(self) -> dict[str, Any]:
         """Scheduling counters: steps of the batch, rows per step, the logical critical path,
         tokens spent on speculative rows that no decision made, the tool-grace waits and how
-        many of them ran out (`_tool_grace`), and the torch batch's peak cache in GiB."""
+        many of them ran out (`_tool_grace`), and the batch's own counters (`stats`; the torch
+        batch's peak cache in GiB among them)."""
         b = self.batch
-        out = {"scheduler": "continuous", "decode_steps": b.steps + getattr(self.st.sampler, "steps", 0),
-               "mean_active_rows": b.row_steps / b.steps if b.steps else 0.0,
-               "logical_steps": self.max_clock, "speculative_dropped_tokens": self.dropped_tokens,
-               "tool_grace_waits": self.grace_waits, "tool_grace_timeouts": self.grace_timeouts}
-        if hasattr(b, "peak_cache_bytes"):  # the torch batch's own cache (vLLM sizes its own)
-            out["batch_cache_gib"] = b.peak_cache_bytes / 2**30
-        return out
+        return {"scheduler": "continuous", "decode_steps": b.steps + getattr(self.st.sampler, "steps", 0),
+                "mean_active_rows": b.row_steps / b.steps if b.steps else 0.0,
+                "logical_steps": self.max_clock, "speculative_dropped_tokens": self.dropped_tokens,
+                "tool_grace_waits": self.grace_waits, "tool_grace_timeouts": self.grace_timeouts, **b.stats()}
 
 
 def branch_stream(group: int, parent_row: int, turn: int, z: int) -> tuple[int, int, int]:

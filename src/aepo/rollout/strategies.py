@@ -172,8 +172,8 @@ class RolloutStrategy:
             raise ValueError(f"rollout.scheduler must be one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}")
         if cfg.scheduler == "continuous" and not supports_continuous(sampler):
             raise ValueError(f"rollout.scheduler=continuous needs a sampler with a running batch (the vllm "
-                             f"backend, or the torch backend on a Llama-family model); {type(sampler).__name__} has none: use "
-                             f"rollout.scheduler=turns")
+                             f"backend, or the torch backend on a Llama-family model); "
+                             f"{type(sampler).__name__} has none: use rollout.scheduler=turns")
 
     def continuous(self) -> bool:
         """Whether this rollout runs on the continuous scheduler (`aepo.rollout.scheduler`,

@@ -198,6 +198,15 @@ class SlotBatch(RunningBatch):
         like = torch.empty(0, dtype=self.s.dtype, device=self.s.device)
         self.decoder = LeanBatch(self.s.model, None, like, like, packed=self.packed, positions=new_cols + 1)
 
+    def stats(self) -> dict[str, float]:
+        """The peak cache in GiB, what happened to parked rows, how often the slots were sorted,
+        and the decode attention's (slot, column) cells: up to the longest row, read, and the
+        rows' own."""
+        return {"batch_cache_gib": self.peak_cache_bytes / 2**30, "rejoined_in_place": self.in_place,
+                "parked_evicted": self.evicted, "slot_reorders": self.reorders,
+                "attention_cells_padded": self.decode_cells, "attention_cells_read": self.read_cells,
+                "attention_cells_used": self.used_cells}
+
     @property
     def cache_bytes(self) -> int:
         """The bytes the cache's keys and values take."""

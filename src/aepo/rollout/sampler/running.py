@@ -44,6 +44,10 @@ class RunningBatch:
         """The token entropies of the running `row`'s current segment so far."""
         return self.rows[row].entropies
 
+    def stats(self) -> dict[str, float]:
+        """The batch's own counters for the rollout's stats (none here)."""
+        return {}
+
     def _accept(self, row: int, budget: int) -> bool:
         """Check a start of `row` with `budget` tokens: False when there is nothing to generate
         (the row is returned at the next step with an empty segment)."""

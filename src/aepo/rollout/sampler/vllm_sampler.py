@@ -4,10 +4,11 @@ Like TRL's colocate mode, the engine lives in the trainer's process (vLLM's V1 e
 `VLLM_ENABLE_V1_MULTIPROCESSING=0`), so a weight sync is a tensor copy, not a transfer:
 
 - rows are token-id lists kept here; `generate` submits each row's whole token list as a
-  token-id prompt (`aepo.rollout.sampler.vllm_batch`, which also gives the continuous scheduler
-  a running batch whose rows are submitted as they become ready). A fork, or a row continued after a tool result, re-submits tokens the
-  engine has seen, and vLLM's automatic prefix caching serves them from its KV cache; the
-  hit rate is reported per step (`rollout/prefix_cache_hit_rate`);
+  token-id prompt (through `aepo.rollout.sampler.vllm_batch`, which also gives the continuous
+  scheduler a running batch whose rows are submitted as they become ready). A fork, or a row
+  continued after a tool result, re-submits tokens the engine has seen, and vLLM's automatic
+  prefix caching serves them from its KV cache; the hit rate is reported per step
+  (`rollout/prefix_cache_hit_rate`);
 - each request has its own seed, derived from (sampler seed, call, row): the sampler seed
   already holds (run seed, step), so a resumed run samples what the uninterrupted one did;
 - the engine returns the top-k log-probs of the processed distribution (after temperature,
@@ -308,34 +309,16 @@ class VLLMSampler(RowTable):
         self.row_steps += batch.row_steps
         return [done[h] for h in handles]
 
-    def _generation(self, out: Any) -> Generation:
-        c = out.outputs[0]
-        tokens = [int(t) for t in c.token_ids]
-        logprobs, entropies = self._token_stats(tokens, c.logprobs)
-        finish, stop = self._finish_reason(c)
-        return Generation(tokens, logprobs, entropies, finish=finish, stop=stop)  # type: ignore[arg-type]
-
-    def _token_stats(self, tokens: list[int], tops: Any) -> tuple[list[float], list[float]]:
-        """Each token's log-prob and its entropy estimated from the engine's top-k log-probs."""
-        logprobs, rows = self._top_rows(tokens, tops)
-        return logprobs, self._entropies(rows)
-
     def _top_rows(self, tokens: list[int], tops: Any) -> tuple[list[float], list[list[float]]]:
         """Each token's log-prob, and its top-k log-probs (with the sampled token's when it is
-        not among them) for `_entropies`. `tops`: the engine's per-token log-probs, flat (as
-        requested by `_params`) or one dict per token."""
+        not among them) for `_entropies`. `tops`: the engine's flat log-probs (`FlatLogprobs`,
+        as `_params` asks): per token the sampled token first, then the top k."""
         k1 = self.backend.cfg.entropy_top_k + 1
         logprobs, rows = [], []
-        if hasattr(tops, "start_indices"):  # FlatLogprobs: the sampled token first, then the top k
-            ids, values = tops.token_ids, tops.logprobs
-            for i, (a, b) in enumerate(zip(tops.start_indices, tops.end_indices)):
-                logprobs.append(values[a])
-                rows.append([values[a]] + [values[j] for j in range(a + 1, b) if ids[j] != ids[a]][:k1 - 1])
-        else:
-            for top in tops or []:
-                seen = {int(t): float(lp.logprob) for t, lp in top.items()}
-                rows.append(list(seen.values())[:k1])
-                logprobs.append(seen.get(tokens[len(logprobs)], 0.0))
+        ids, values = tops.token_ids, tops.logprobs
+        for a, b in zip(tops.start_indices, tops.end_indices):
+            logprobs.append(values[a])
+            rows.append([values[a]] + [values[j] for j in range(a + 1, b) if ids[j] != ids[a]][:k1 - 1])
         logprobs += [0.0] * (len(tokens) - len(logprobs))
         rows += [[]] * (len(tokens) - len(rows))
         return logprobs, rows
