@@ -16,8 +16,9 @@ Qwen3Config / Qwen3ForCausalLM and random weights (no download), cast to bf16 on
    (prefill included), ms per decode step, torch.cuda.max_memory_allocated of the call (model
    weights included), and the speed ratio TorchSampler / generate (median of the per-round
    ratios). An out-of-memory error is recorded in place of the numbers. `slot_batch` runs the
-   same rows through the continuous scheduler's running batch (`SlotBatch`: eager steps, a
-   cache that grows with the rows), for its tokens/s and memory against `generate`'s.
+   same rows through the continuous scheduler's running batch (`SlotBatch`: a cache that grows
+   with the rows; decode steps as CUDA graphs, `slot_batch_eager` without), for its tokens/s
+   and memory against `generate`'s.
 2. Update: `RLTrainer.update` itself (the trainer's own loop, AdamW from the trainer, bf16
    weights: the trainer has no autocast, it runs in the model's dtype) on one mini-batch of
    `--update-rows` rows (64, 256) of prompt 128 + response 256 tokens, built by
@@ -184,12 +185,14 @@ def run_torch_sampler(sampler_cls, model, tok, prompts: list[list[int]], n: int,
         raise RuntimeError(f"TorchSampler produced lengths {sorted(lengths)}, expected {n}")
 
 
-def run_slot_batch(sampler_cls, model, tok, prompts: list[list[int]], n: int) -> None:
-    """The same rows through the continuous scheduler's running batch (`SlotBatch`, eager): all
-    start at once and run `n` tokens each."""
+def run_slot_batch(sampler_cls, model, tok, prompts: list[list[int]], n: int,
+                   decode_graphs: bool | None = None) -> None:
+    """The same rows through the continuous scheduler's running batch (`SlotBatch`): all start at
+    once and run `n` tokens each."""
     from aepo.rollout.sampler.streams import RowKey
 
-    s = sampler_cls(model, tok, temperature=1.0, seed=0, eos_token_ids=[], max_batch_rows=max(256, len(prompts)))
+    s = sampler_cls(model, tok, temperature=1.0, seed=0, eos_token_ids=[], max_batch_rows=max(256, len(prompts)),
+                    decode_graphs=decode_graphs)
     batch = s.open_batch(max_rows=len(prompts))
     for i, p in enumerate(prompts):
         batch.start(s.new_row(p), n, RowKey(0, 0, i))
@@ -242,6 +245,9 @@ def bench_sampler(model, tok, args, device, result: dict, save: Callable[[], Non
             runners["torch_sampler_eager"] = functools.partial(
                 run_torch_sampler, sampler_cls, model, tok, prompts.tolist(), n, {}, decode_graphs=False)
         runners["slot_batch"] = functools.partial(run_slot_batch, sampler_cls, model, tok, prompts.tolist(), n)
+        if device.type == "cuda":
+            runners["slot_batch_eager"] = functools.partial(
+                run_slot_batch, sampler_cls, model, tok, prompts.tolist(), n, decode_graphs=False)
         if not args.skip_hf:
             runners["hf_generate"] = functools.partial(run_hf_generate, model, prompts, n, hf_kwargs)
         entry: dict[str, Any] = {"rows": batch}
@@ -451,8 +457,11 @@ def _bench_update(model, tok, args, device, result: dict, save: Callable[[], Non
 # ------------------------------------------------------------------------------------ 3. RL step
 
 
-# the schedulers' overrides (turns, continuous, speculative), as bench_rollout_batching runs them
-SCHEDULERS = importlib.import_module("bench_rollout_batching").ARMS
+# the schedulers' overrides (turns, continuous, speculative), as bench_rollout_batching runs them,
+# and speculative with the running batch's decode steps eager (no CUDA graphs)
+SCHEDULERS = {**importlib.import_module("bench_rollout_batching").ARMS,
+              "speculative_eager": [*importlib.import_module("bench_rollout_batching").ARMS["speculative"],
+                                    "rollout.decode_graphs=false"]}
 
 
 def bench_rl_step(model, tok, args, device, result: dict, save: Callable[[], None], pause: float = 0.0,
@@ -517,6 +526,8 @@ def bench_rl_step(model, tok, args, device, result: dict, save: Callable[[], Non
                     "generate_calls": rstats.get("generate_calls"),
                     "decode_steps": rstats.get("decode_steps"),
                     "critical_path_tokens": rstats.get("critical_path_tokens"),
+                    "graph_steps": rstats.get("graph_steps"),  # the running batch's, as CUDA graphs
+                    "graph_captures": rstats.get("graph_captures"),
                     "advantages_forced": forced,
                     "max_memory_allocated": peak_bytes(device),
                 })
@@ -575,7 +586,8 @@ def parse_args() -> argparse.Namespace:
                    help="rollout.pause_below values of the RL step, one step each (0: off; e.g. 0,0.25)")
     p.add_argument("--rl-schedulers", default="turns",
                    help="rollout schedulers of the RL step, one step each: turns, continuous, speculative "
-                        "(continuous with rollout.speculate=true); e.g. turns,continuous,speculative")
+                        "(continuous with rollout.speculate=true), speculative_eager (without decode graphs); "
+                        "e.g. turns,continuous,speculative")
     p.add_argument("--budget-s", type=float, default=270.0,
                    help="wall-clock budget: later measurements are skipped once it is mostly spent")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 with --tiny)")
@@ -623,7 +635,7 @@ def summary(result: dict) -> None:
             if "skipped" in e:
                 print(f"| {key} | skipped: {e['skipped']} | | | | |")
                 continue
-            for name in ("torch_sampler", "torch_sampler_eager", "slot_batch", "hf_generate"):
+            for name in ("torch_sampler", "torch_sampler_eager", "slot_batch", "slot_batch_eager", "hf_generate"):
                 r = e.get(name)
                 if r is None:
                     continue
@@ -655,7 +667,9 @@ def summary(result: dict) -> None:
             t = r["timed"]
             print(f"\n{key} ({t['rows']} rows, {t['response_tokens']} response tokens, "
                   f"{t.get('generate_calls')} generate calls, {t.get('decode_steps')} decode steps for a "
-                  f"critical path of {t.get('critical_path_tokens')}): "
+                  f"critical path of {t.get('critical_path_tokens')}"
+                  + (f", {t['graph_steps']} as CUDA graphs, {t.get('graph_captures')} captured" if t.get("graph_steps") else "")
+                  + "): "
                   f"rollout {t['rollout_s']:.2f} s ({r['rollout_tokens_per_s']:,.0f} tokens/s), "
                   f"batch {t['batch_s']:.2f} s, update {t['update_s']:.2f} s, "
                   f"total {t['total_s']:.2f} s (rollout {100 * r['rollout_fraction']:.0f}%)")

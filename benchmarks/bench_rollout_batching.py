@@ -35,7 +35,8 @@ from pathlib import Path
 # what the torch running batch reports of itself: its peak cache (the largest over the steps),
 # parked rows rejoining in place or evicted, slot sorts, decode attention cells (summed)
 BATCH_COUNTERS = ("batch_cache_gib", "rejoined_in_place", "parked_evicted", "slot_reorders",
-                  "attention_cells_padded", "attention_cells_read", "attention_cells_used")
+                  "attention_cells_padded", "attention_cells_read", "attention_cells_used", "graph_steps",
+                  "graph_captures")
 ARMS = {"continuous": ["rollout.scheduler=continuous"],
         "speculative": ["rollout.scheduler=continuous", "rollout.speculate=true"],
         "turns": ["rollout.scheduler=turns"]}

@@ -5,8 +5,9 @@
 #    the continuous batch on CUDA, bf16 gradients);
 # 2. aepo against TRL's GRPOTrainer on a 0.6B-class Qwen3 in bf16 (benchmarks/bench_vs_trl.py);
 # 3. aepo's sampler (graphs, eager) against HF generate, its update's MFU and memory, and one
-#    AEPO RL step under each rollout scheduler: turns, continuous, continuous with speculation
-#    (its rollout tokens/s against the flat sampler's; benchmarks/bench_gpu.py); the
+#    AEPO RL step under each rollout scheduler: turns, continuous, continuous with speculation,
+#    and that without the running batch's decode graphs (its rollout tokens/s against the flat
+#    sampler's; benchmarks/bench_gpu.py); the
 #    update with the direct LM head and with chunks of the CPU and the CUDA default sizes
 #    (2^24, 2^28 logits).
 # Each part has its own time limit and a failing part does not stop the others. TRL and
@@ -30,5 +31,5 @@ grep -v -i -E "warn|^\{" "$out/bench_vs_trl.log" | tail -14
 echo "== 3. sampler, update, RL step"
 timeout 330 python3 benchmarks/bench_gpu.py --out "$out/bench_gpu.json" --batch-sizes 64,256 \
     --update-rows 256 --micro 16 --head-chunk-elements 0,16777216,268435456 \
-    --rl-schedulers turns,continuous,speculative --budget-s 320 > "$out/bench_gpu.log" 2>&1
+    --rl-schedulers turns,continuous,speculative,speculative_eager --budget-s 320 > "$out/bench_gpu.log" 2>&1
 tail -38 "$out/bench_gpu.log"

@@ -7,8 +7,9 @@ import pytest
 import torch
 from test_torch_sampler import check_against_full, make_model
 
-from aepo.rollout.sampler import TorchSampler, continuous
+from aepo.rollout.sampler import TorchSampler, continuous, slot_graphs
 from aepo.rollout.sampler.continuous import _join_groups, decode_segments
+from aepo.rollout.sampler.slot_graphs import bucket
 from aepo.rollout.sampler.streams import RowKey, row_uniform, stream_state, uniform_at
 
 torch.set_num_threads(1)
@@ -346,6 +347,150 @@ def test_warmed_prompt_rows_fork_into_the_decode_step(model, tok):
         check_against_full(model, s.tokens(row), len(s.tokens(base)), out[row][0], 1.0)
 
 
+def test_buckets_are_powers_of_two_and_one_and_a_half_times_them():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 6, 7, 9, 13, 17, 25, 33, 97, 256, 257)] == \
+        [1, 2, 3, 4, 6, 6, 8, 12, 16, 24, 32, 48, 128, 256, 384]
+    assert [bucket(n, 64) for n in (1, 64, 65, 129, 193, 257, 385, 1000)] == [64, 64, 128, 192, 256, 384, 512, 1024]
+    for n in range(2, 600):
+        assert n <= bucket(n) <= 1.5 * n
+    with pytest.raises(ValueError, match="n >= 1"):
+        bucket(0)
+
+
+class _ReplayGraph:
+    """A stand-in for a CUDA graph on the CPU: `replay` reruns the captured step on the cache
+    tensors and forward it was captured with (a graph's addresses are fixed at capture), reading
+    the static inputs as they are now, into the same output buffer."""
+
+    def __init__(self, run, out, batch):
+        self.run, self.out, self.batch = run, out, batch
+        self.bound = (list(batch.keys), list(batch.values), batch.decoder)
+
+    def replay(self):
+        b = self.batch
+        now = (b.keys, b.values, b.decoder)
+        b.keys, b.values, b.decoder = self.bound
+        try:
+            self.out.copy_(self.run())
+        finally:
+            b.keys, b.values, b.decoder = now
+
+
+def _graph_rollout(model, tok, graphs, monkeypatch, fake_capture=False):
+    """Rows whose decode steps use a bucket of slots with parked and free slots inside it, rows
+    that park and rejoin after a tool result, a fork of a parked row, and one row long enough
+    to grow the cache; -> (sampler, {row: [Generations]}, {row: [segment starts]}, batch,
+    (slot count, slots without a decode row) of each static step)."""
+    sizes = []
+    original = slot_graphs.SlotGraphs.step
+
+    def step(self, inputs, longest):
+        padded = int((inputs[2] == self.batch.columns).sum())  # slots writing the scratch column
+        sizes.append((inputs.shape[1], padded))
+        return original(self, inputs, longest)
+
+    monkeypatch.setattr(slot_graphs.SlotGraphs, "step", step)
+    s = TorchSampler(model, tok, temperature=1.0, seed=7, decode_graphs=graphs)
+    if fake_capture:
+        def capture(run, device):
+            out = run()
+            return _ReplayGraph(run, out, s.batch), out
+        monkeypatch.setattr(slot_graphs, "capture_graph", capture)
+    batch = s.open_batch(max_rows=6)
+    if fake_capture:
+        batch.graphs.capture = True
+    texts = TEXTS + ["I think", " ".join(["the river near the old town"] * 4)]
+    rows = [s.new_row(tok.encode(t)) for t in texts]
+    starts = {r: [len(s.tokens(r))] for r in rows}
+    out: dict[int, list] = {}
+    budgets = [3, 4, 150, 6, 9, 5]  # row 2 runs past the cache's first 128 columns
+    for i, r in enumerate(rows[:3]):
+        batch.start(r, budgets[i], RowKey(0, i, 0))
+    resumed = forked = False
+    for step in range(400):
+        if step == 2:
+            for i, r in enumerate(rows[3:], start=3):
+                batch.start(r, budgets[i], RowKey(0, i, 0))
+        for row, gen in batch.step():
+            out.setdefault(row, []).append(gen)
+        if step > 12 and not resumed:  # rows 0 and 1 parked long ago: a tool result each, and a fork
+            resumed = True
+            for i in (0, 1):
+                s.append(rows[i], tok.encode(" result: Paris."))
+                starts[rows[i]].append(len(s.tokens(rows[i])))
+                batch.start(rows[i], 5, RowKey(0, i, 0))
+            child = s.fork(rows[3])
+            starts[child] = [len(s.tokens(child))]
+            batch.start(child, 4, RowKey(0, 3, 1))
+            forked = True
+        if not batch.active and resumed:
+            break
+    assert forked and len(out[rows[0]]) == 2
+    return s, out, starts, batch, sizes
+
+
+def test_static_decode_steps_sample_what_the_eager_step_samples(model, tok, monkeypatch):
+    """Decode graphs (`SlotGraphs`; their static step runs uncaptured on the CPU): steps without
+    joining rows run over a bucket of slots, with parked and free slots inside it writing the
+    scratch column, and a window of columns; each row samples the same tokens as the eager step,
+    matches a full forward, and a parked row inside the bucket rejoins intact."""
+    s, graphed, starts, batch, sizes = _graph_rollout(model, tok, True, monkeypatch)
+    _, eager, _, eager_batch, eager_sizes = _graph_rollout(model, tok, False, monkeypatch)
+    assert eager_sizes == [] and eager_batch.graphs is None
+    stats = batch.stats()
+    assert 0 < stats["graph_steps"] == len(sizes) < batch.steps  # steps with joining rows ran eagerly
+    assert stats["graph_captures"] == 0  # no capture on a CPU
+    assert len({n for n, _ in sizes}) >= 2 and any(padded for _, padded in sizes)
+    assert batch.cache_version > 1  # the cache grew while steps ran as graphs
+    assert graphed.keys() == eager.keys()
+    for row, gens in graphed.items():
+        for gen, again, start in zip(gens, eager[row], starts[row]):
+            assert gen.token_ids == again.token_ids
+            assert max(abs(a - b) for a, b in zip(gen.logprobs, again.logprobs)) < 1e-5
+            check_against_full(model, s.tokens(row), start, gen, 1.0)
+
+
+def test_graph_replays_read_the_refilled_inputs_and_recapture_when_needed(model, tok, monkeypatch):
+    """With a stand-in graph whose replay reruns the step captured on the static inputs: the
+    replays give the eager step's tokens, one graph is captured per (cache, slot bucket, wider
+    window), and replays outnumber captures."""
+    keys = []
+    original = slot_graphs.SlotGraphs.step
+
+    def step(self, inputs, longest):
+        logits, window = original(self, inputs, longest)
+        keys.append((self.batch.cache_version, inputs.shape[1], window))
+        return logits, window
+
+    monkeypatch.setattr(slot_graphs.SlotGraphs, "step", step)
+    _, replayed, _, batch, _ = _graph_rollout(model, tok, True, monkeypatch, fake_capture=True)
+    monkeypatch.setattr(slot_graphs.SlotGraphs, "step", original)
+    _, eager, _, _, _ = _graph_rollout(model, tok, False, monkeypatch)
+    for row, gens in replayed.items():
+        for gen, again in zip(gens, eager[row]):
+            assert gen.token_ids == again.token_ids
+    captures = batch.graphs.captures
+    assert captures <= len(set(keys)) and captures < len(keys)
+    assert len({version for version, _, _ in keys}) >= 2  # recaptured after the cache grew
+
+
+def test_a_failed_capture_of_the_slot_step_decodes_eagerly(model, tok, monkeypatch):
+    def refuse(run, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(slot_graphs, "capture_graph", refuse)
+    s = TorchSampler(model, tok, temperature=1.0, seed=1, decode_graphs=True)
+    batch = s.open_batch(max_rows=4)
+    batch.graphs.capture = True
+    row = s.new_row(tok.encode(TEXTS[1]))
+    start = len(s.tokens(row))
+    batch.start(row, 6, RowKey(0, 0, 0))
+    with pytest.warns(UserWarning, match="running batch's decode step failed"):
+        out = run_all(batch, {})
+    assert batch.graphs.capture is False and batch.graphs.steps == 5
+    check_against_full(model, s.tokens(row), start, out[row][0], 1.0)
+
+
 def test_a_real_model_rollout_is_the_same_under_any_batch_limit(tok):
     """Rows of an ARPO rollout with a (random) Qwen3 keep their tokens when at most 2 rows decode
     at once instead of all: per-row streams, decisions in logical order, and float results that
@@ -385,16 +530,17 @@ def test_a_real_model_rollout_is_the_same_under_any_batch_limit(tok):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_running_batch_matches_a_full_forward(tok, monkeypatch):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cuda_running_batch_matches_a_full_forward(tok, monkeypatch, graphs):
     """SlotBatch on CUDA (float32): rows joining late, a tool result, a fork of a parked row,
-    attention split into ranges and the slots sorted mid-run; every segment matches a fresh
-    full forward of the CPU model."""
+    attention split into ranges and the slots sorted mid-run (eager), or decode steps replayed
+    as CUDA graphs; every segment matches a fresh full forward of the CPU model."""
     import copy
 
     monkeypatch.setattr(continuous, "SEGMENT_MIN_SAVING", 8)
     monkeypatch.setattr(continuous, "REORDER_EVERY", 4)
     cpu_model = make_model("qwen3", len(tok))
-    s = TorchSampler(copy.deepcopy(cpu_model).cuda(), tok, temperature=1.0, seed=6)
+    s = TorchSampler(copy.deepcopy(cpu_model).cuda(), tok, temperature=1.0, seed=6, decode_graphs=graphs)
     assert s.device.type == "cuda"
     batch = s.open_batch(max_rows=4)
     long_text = " ".join(["the river near the old town"] * 12)
@@ -413,7 +559,10 @@ def test_cuda_running_batch_matches_a_full_forward(tok, monkeypatch):
             break
     for row in rows:
         check_against_full(cpu_model, s.tokens(row), starts[row], out[row][0], 1.0)
-    assert batch.reorders > 0 and batch.read_cells < batch.decode_cells
+    if graphs:
+        assert batch.graphs.capture and batch.stats()["graph_captures"] > 0
+    else:
+        assert batch.reorders > 0 and batch.read_cells < batch.decode_cells
     s.append(rows[0], tok.encode(" result: Paris."))
     child = s.fork(rows[0])  # a fork of a parked row
     again = {rows[0]: len(s.tokens(rows[0])), child: len(s.tokens(child))}
@@ -424,3 +573,24 @@ def test_cuda_running_batch_matches_a_full_forward(tok, monkeypatch):
     for r in list(s._rows):
         s.release(r)
     s.close_batch()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_sample_what_the_eager_step_samples(tok, monkeypatch):
+    """Captured CUDA graphs of the running batch's decode step (several slot buckets, parked
+    slots inside a bucket, recaptures after the cache grew) give the eager CUDA step's tokens,
+    and every segment matches a full forward of the CPU model."""
+    import copy
+
+    cpu_model = make_model("qwen3", len(tok))
+    cuda_model = copy.deepcopy(cpu_model).cuda()
+    s, graphed, starts, batch, sizes = _graph_rollout(cuda_model, tok, True, monkeypatch)
+    _, eager, _, _, _ = _graph_rollout(cuda_model, tok, False, monkeypatch)
+    stats = batch.stats()
+    assert batch.graphs.capture and 0 < stats["graph_captures"] < stats["graph_steps"]
+    assert len({n for n, _ in sizes}) >= 2 and any(padded for _, padded in sizes)
+    for row, gens in graphed.items():
+        for gen, again, start in zip(gens, eager[row], starts[row]):
+            assert gen.token_ids == again.token_ids
+            check_against_full(cpu_model, s.tokens(row), start, gen, 1.0)

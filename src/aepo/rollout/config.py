@@ -14,7 +14,8 @@ class RolloutConfig:
     # the engine behind the sampler (`aepo.rollout.sampler.backend`): "torch" (built in) or "vllm"
     # (in-process vLLM, the `vllm` extra; pi_old is then always re-scored by the trainer)
     backend: Literal["torch", "vllm"] = "torch"
-    # torch backend on CUDA: replay each decode step as a CUDA graph (`DecodeGraphs`); false
+    # torch backend on CUDA: replay each decode step as a CUDA graph (`DecodeGraphs`; under the
+    # continuous scheduler the running batch's steps without joining rows, `SlotGraphs`); false
     # decodes eagerly (the same tokens, slower at real model sizes)
     decode_graphs: bool = True
     # torch backend: once a turn's generate call is down to this fraction of its rows and some

@@ -24,8 +24,10 @@ the occupied prefix only, in ranges of slots that each attend up to their own lo
 (`decode_segments`; `_reorder` sorts the slots by length when that pays). The cache is one
 tensor per layer and grows by a quarter, one layer at a time, and at most
 `PREFILL_TOKEN_BUDGET` prefill tokens join a step, so a batch's peak memory stays near the
-rows' keys and values (benchmarks/RESULTS.md, "Continuous batching", third round). Llama-family
-models only (the lean forward); others use the turn scheduler.
+rows' keys and values (benchmarks/RESULTS.md, "Continuous batching", third round). With decode
+graphs on (CUDA), a step in which no row joins replays as a CUDA graph over a bucket of slots
+(`aepo.rollout.sampler.slot_graphs`). Llama-family models only (the lean forward); others use
+the turn scheduler.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import torch
 from aepo.rollout.sampler.layout import DECODE_BLOCK, PREFILL_TOKEN_BUDGET, truncate_chunks
 from aepo.rollout.sampler.lean import LeanBatch, _write
 from aepo.rollout.sampler.running import RunningBatch
+from aepo.rollout.sampler.slot_graphs import SlotGraphs, bucket
 from aepo.rollout.sampler.streams import stream_state, uniform_at
 from aepo.types import Generation
 
@@ -94,6 +97,10 @@ class SlotBatch(RunningBatch):
         self._ordered_at = 0  # the step of the last `_reorder` check
         self.reorders = 0  # times the slots were sorted by length
         self.in_place = self.evicted = 0  # parked rows that rejoined in their slot / were evicted
+        self.cache_version = 0  # bumped when the cache tensors are replaced (they grew)
+        # decode steps without joining rows as CUDA graphs (`rollout.decode_graphs`; without
+        # capture on a CPU, where the tests check the static step)
+        self.graphs = SlotGraphs(self, capture=self.s.device.type == "cuda") if sampler.decode_graphs else None
 
     # ---------------------------------------------------------------- rows in and out
 
@@ -189,6 +196,7 @@ class SlotBatch(RunningBatch):
                     cache[layer] = grown
                 else:
                     cache.append(grown)
+        self.cache_version += 1
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
         self.lens += [-1] * (new_slots - len(self.lens))
         self.owner += [-1] * (new_slots - len(self.owner))
@@ -205,7 +213,14 @@ class SlotBatch(RunningBatch):
         return {"batch_cache_gib": self.peak_cache_bytes / 2**30, "rejoined_in_place": self.in_place,
                 "parked_evicted": self.evicted, "slot_reorders": self.reorders,
                 "attention_cells_padded": self.decode_cells, "attention_cells_read": self.read_cells,
-                "attention_cells_used": self.used_cells}
+                "attention_cells_used": self.used_cells,
+                "graph_steps": self.graphs.steps if self.graphs else 0,
+                "graph_captures": self.graphs.captures if self.graphs else 0}
+
+    @property
+    def columns(self) -> int:
+        """The cache's usable columns per slot (the last one is the scratch column)."""
+        return self.keys[0].shape[2] - 1 if self.keys else 0
 
     @property
     def cache_bytes(self) -> int:
@@ -344,25 +359,48 @@ class SlotBatch(RunningBatch):
         """One forward for the whole step: the decode rows' one token each and the joining rows'
         pending tokens, packed into one sequence for the projections and the MLP (the weights are
         read once a step), attention per row over its own slot columns. Each row writes its keys
-        at its own next columns. Logits of each decode row, then of each joining row's last token."""
+        at its own next columns. Logits of each decode row, then of each joining row's last token.
+        A step without joining rows runs as `decode_static` over a bucket of slots (`SlotGraphs`)
+        when decode graphs are on."""
         device = self.s.device
         slot_row = {self.rows[h].slot: h for h in decoding}
         top = max(slot_row) + 1 if slot_row else 0
         kv_len = max((self.lens[slot] for slot in slot_row), default=0) + 1
-        self._alloc(max(top, 1), kv_len)
+        graphed = self.graphs is not None and top > 0 and not joins
+        # the decode part: one query per slot 0..slots-1 (a slot without a decode row computes a
+        # throwaway query that reads column 0 and writes the scratch column)
+        slots = min(bucket(top), max(self.max_rows, top)) if graphed else top
+        self._alloc(max(slots, 1), kv_len)
         lb = self.decoder
         assert lb is not None
-        keys, values, scratch = self.keys, self.values, self.keys[0].shape[2] - 1
-        # the decode part: one query per slot 0..top-1 (a slot without a decode row computes a
-        # throwaway query that reads column 0 and writes the scratch column)
         tokens, positions, cols, lengths = [], [], [], []
-        for slot in range(top):
+        for slot in range(slots):
             h = slot_row.get(slot)
             n = self.lens[slot] if h is not None else 0
             tokens.append(self.s._rows[h].ids[-1] if h is not None else 0)
             positions.append(n)
-            cols.append(n if h is not None else scratch)
+            cols.append(n if h is not None else self.columns)
             lengths.append(n + 1 if h is not None else 1)
+        self.decode_cells += top * kv_len
+        self.used_cells += sum(lengths[slot] for slot in slot_row)
+        last = [self.rows[h].slot for h in decoding]
+        if graphed:
+            assert self.graphs is not None
+            logits, window = self.graphs.step(torch.tensor([tokens, positions, cols, lengths]), kv_len)
+            self.read_cells += slots * window
+        else:
+            logits = self._forward_eager(joins, tokens, positions, cols, lengths, kv_len, last)
+        for h in decoding:
+            self.lens[self.rows[h].slot] += 1
+        return logits[torch.tensor(last, device=device)] if graphed else logits
+
+    def _forward_eager(self, joins: list[int], tokens: list[int], positions: list[int], cols: list[int],
+                       lengths: list[int], kv_len: int, last: list[int]) -> torch.Tensor:
+        """`_forward` with the decode slots' inputs built: attention split into slot ranges
+        (`decode_segments`) and the joining rows' pending tokens appended, in padded groups."""
+        device = self.s.device
+        lb = self.decoder
+        top = len(tokens)
         spans = []  # per joining row: (slot, first column, tokens)
         for h in joins:
             run, ids = self.rows[h], self.s._rows[h].ids
@@ -370,23 +408,54 @@ class SlotBatch(RunningBatch):
             spans.append((run.slot, start, len(ids) - start))
             tokens += ids[start:]
             positions += range(start, len(ids))
-        total = len(tokens)
         x = lb.embed(torch.tensor(tokens, device=device)[None])
         cos, sin = lb.rope(x, torch.tensor(positions, device=device)[None])
-        x = x.reshape(total, -1)
+        segments, biases = [], []
         if top:
-            col = torch.tensor(cols, device=device)[:, None]
             valid = torch.arange(kv_len, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
             # slot ranges that each attend over their own longest row's columns only
             segments = decode_segments(lengths)
-            self.decode_cells += top * kv_len
-            self.used_cells += sum(lengths[slot] for slot in slot_row)
             self.read_cells += sum((b - a) * w for a, b, w in segments)
             biases = [lb.decode_bias(valid[a:b, None, None, :w]) for a, b, w in segments]
         groups = [_JoinGroup(spans[a:b], lb, device) for a, b in _join_groups([n for _, _, n in spans])]
+        x = self._layers(x.reshape(len(tokens), -1), cos, sin, torch.tensor(cols, device=device)[:, None],
+                         segments, biases, groups)
+        offset = top
+        for _, _, n in spans:
+            offset += n
+            last.append(offset - 1)
+        for (slot, start, n) in spans:
+            self.lens[slot] = start + n
+        return lb.head(x[torch.tensor(last, device=device)])
+
+    def decode_static(self, inputs: torch.Tensor, window: int) -> torch.Tensor:
+        """The decode step of slots 0..b-1 with shapes fixed by b and `window` alone: `inputs`
+        [4, b] holds each slot's token, position, column to write and number of columns to
+        attend over (all <= `window`). Logits [b, V]. Every input is a tensor refilled in
+        place, so `SlotGraphs` replays one captured graph for any such step."""
+        lb = self.decoder
+        assert lb is not None
+        tokens, positions, cols, lengths = inputs
+        b = inputs.shape[1]
+        x = lb.embed(tokens[None])
+        cos, sin = lb.rope(x, positions[None])
+        valid = torch.arange(window, device=inputs.device)[None] < lengths[:, None]
+        bias = lb.decode_bias(valid[:, None, None])
+        return lb.head(self._layers(x.reshape(b, -1), cos, sin, cols[:, None], [(0, b, window)], [bias], []))
+
+    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, col: torch.Tensor,
+                segments: list[tuple[int, int, int]], biases: list[torch.Tensor],
+                groups: list[_JoinGroup]) -> torch.Tensor:
+        """The layers over packed tokens x [T, hidden]: the first tokens are decode slots 0..top-1
+        (top: the last segment's end), each writing its key at its column `col` [top, 1] and
+        attending per segment (start, end, width) with its additive bias; then each join group's
+        tokens. -> hidden states [T, hidden]."""
+        lb = self.decoder
+        assert lb is not None
+        total, top = x.shape[0], segments[-1][1] if segments else 0
         for index, ops in enumerate(lb.ops):
             q, k, v = ops.qkv(x, 1, total, cos, sin)  # [1, T, heads, hd]
-            layer_keys, layer_values = keys[index], values[index]
+            layer_keys, layer_values = self.keys[index], self.values[index]
             outs = []
             if top:  # each decode row writes its key at its own next column
                 _write(layer_keys[:top], layer_values[:top], k[0, :top, :, None], v[0, :top, :, None], 0, col)
@@ -398,16 +467,7 @@ class SlotBatch(RunningBatch):
                 outs.append(group.attend(lb, q[0], k[0], v[0], offset, layer_keys, layer_values))
                 offset += group.tokens
             x = ops.mlp(ops.attn_out(x, torch.cat(outs) if len(outs) > 1 else outs[0]))
-        last = [self.rows[h].slot for h in decoding]
-        offset = top
-        for _, _, n in spans:
-            offset += n
-            last.append(offset - 1)
-        for h in decoding:
-            self.lens[self.rows[h].slot] += 1
-        for (slot, start, n) in spans:
-            self.lens[slot] = start + n
-        return lb.head(x[torch.tensor(last, device=device)])
+        return x
 
     def _pending(self, row: int) -> int:
         """Tokens of a row still to run: a placed or parked row's not in its slot yet, another's

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -597,17 +598,22 @@ class DecodeGraphs:
         return self.out
 
     def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Warm up on a side stream (allocator and library handles), then capture. The warm-up
-        and the capture write this step's keys and values, which the replay writes again."""
-        device = self.tokens.device
-        with torch.cuda.device(device):  # the model's GPU, whichever is current
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                self._run()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()  # its own memory pool, freed with it
-            # other threads (tool workers, a server's other requests) may use CUDA meanwhile
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                out = self._run()
-        return graph, out
+        return capture_graph(self._run, self.tokens.device)
+
+
+def capture_graph(run: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Capture `run` (a step whose inputs are static tensors refilled before each replay) as a
+    CUDA graph -> (graph, its output). It is warmed up on a side stream first (allocator and
+    library handles); the warm-up and the capture write that step's keys and values, which a
+    replay writes again."""
+    with torch.cuda.device(device):  # the model's GPU, whichever is current
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()  # its own memory pool, freed with it
+        # other threads (tool workers, a server's other requests) may use CUDA meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = run()
+    return graph, out

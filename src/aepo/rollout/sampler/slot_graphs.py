@@ -1,0 +1,103 @@
+"""CUDA graphs for the running batch's decode steps (`SlotBatch`, `rollout.scheduler=continuous`).
+
+At real model sizes an eager GPU decode step is bound by kernel launches (`DecodeGraphs` in
+`aepo.rollout.sampler.lean` says by how much). A step of the running batch in which no row
+joins is a decode step over its slots 0..top-1, each attending to its own columns, so its
+shapes depend on two numbers only. `SlotGraphs` replays such a step as one CUDA graph captured
+for a *bucket* of slots (`bucket(top)`: at most 1.5x the slots, so a batch whose rows come and
+go reuses a handful of graphs) and a *window* of columns (`bucket(longest, GRAPH_COLUMNS)`,
+masked per slot). One graph is kept per slot bucket; it is captured again when its bucket
+needs a wider window, and all are dropped when the cache is reallocated (it grew). Steps in
+which rows join (their pending tokens run in the same forward) run eagerly.
+
+The inputs are one static [4, bucket] tensor (each slot's token, position, column to write and
+columns to attend over) refilled by one copy; the logits are the graph's output buffer, valid
+until the next step. Sampling stays outside the graph. `capture=False` runs the same static
+step eagerly (any device: what the CPU tests check).
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from aepo.rollout.sampler.lean import GRAPH_COLUMNS, capture_graph
+
+if TYPE_CHECKING:
+    from aepo.rollout.sampler.continuous import SlotBatch
+
+__all__ = ["SlotGraphs", "bucket"]
+
+
+def bucket(n: int, unit: int = 1) -> int:
+    """The smallest of unit x (1, 2, 3, 4, 6, 8, 12, 16, 24, ...) (powers of two and 1.5 times
+    them) that is at least `n`: at most 1.5x `n` (for n > unit), in few distinct sizes."""
+    if n < 1 or unit < 1:
+        raise ValueError(f"bucket needs n >= 1 and unit >= 1, got n={n}, unit={unit}")
+    p = 1
+    while True:
+        for size in (p, p + p // 2) if p >= 2 else (p,):
+            if size * unit >= n:
+                return size * unit
+        p *= 2
+
+
+@dataclass
+class _Graph:
+    """One slot bucket's static inputs [4, bucket] and, once captured, its graph and output."""
+
+    window: int
+    inputs: torch.Tensor
+    graph: torch.cuda.CUDAGraph | None = None
+    out: torch.Tensor | None = None
+
+
+class SlotGraphs:
+    """A SlotBatch's decode steps replayed as CUDA graphs, one per slot bucket (module docstring)."""
+
+    def __init__(self, batch: SlotBatch, capture: bool = True) -> None:
+        self.batch = weakref.proxy(batch)  # the batch owns its graphs (no cycle)
+        self.capture = capture
+        self.graphs: dict[int, _Graph] = {}
+        self.version = -1  # the batch's cache_version the graphs were captured on
+        self.steps = 0  # decode steps run through here
+        self.captures = 0  # graphs captured
+
+    def step(self, inputs: torch.Tensor, longest: int) -> tuple[torch.Tensor, int]:
+        """Run the decode step of `inputs` [4, slots] (host or device; `SlotBatch.decode_static`)
+        whose longest slot attends over `longest` columns -> (logits [slots, V], the window of
+        columns it attended over)."""
+        batch = self.batch
+        if batch.cache_version != self.version:  # the cache tensors were replaced
+            self.graphs.clear()
+            self.version = batch.cache_version
+        slots = inputs.shape[1]
+        window = min(bucket(longest, GRAPH_COLUMNS), batch.columns)
+        g = self.graphs.get(slots)
+        if g is None or g.window < window:
+            self.graphs.pop(slots, None)  # frees the old graph before the new one is captured
+            g = self.graphs[slots] = _Graph(window, torch.empty(inputs.shape, dtype=torch.long,
+                                                                  device=batch.keys[0].device))
+        g.inputs.copy_(inputs)
+        self.steps += 1
+
+        def run() -> torch.Tensor:
+            return batch.decode_static(g.inputs, g.window)
+
+        if not self.capture:
+            return run(), g.window
+        if g.graph is None:
+            try:
+                g.graph, g.out = capture_graph(run, g.inputs.device)
+            except RuntimeError as error:  # an op this torch build cannot capture: run eagerly
+                warnings.warn(f"CUDA graph capture of the running batch's decode step failed ({error}); "
+                              "decoding eagerly (rollout.decode_graphs=false skips the attempt)", stacklevel=2)
+                self.capture = False
+                self.graphs.clear()
+                return run(), g.window
+            self.captures += 1
+        g.graph.replay()
+        return g.out, g.window
