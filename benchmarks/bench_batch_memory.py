@@ -2,11 +2,14 @@
 continuous batch (`SlotBatch`, `rollout.scheduler=continuous`).
 
     .venv/bin/python benchmarks/bench_batch_memory.py                       # CPU: 4 layers
+    .venv/bin/python benchmarks/bench_batch_memory.py --rows 64 --layers 28  # CPU: 0.6B's depth
     PYTHONPATH=src python3 benchmarks/bench_batch_memory.py --layers 28 --dtype bfloat16   # a GPU
 
 A Qwen3 with Qwen3-0.6B's attention (16 query / 8 key-value heads of 128), random weights, and
-a small MLP and vocabulary (`--layers`, default 4 on a CPU: keys and values per token scale with
-the layers, and so does every arm's cache, so the ratios do not depend on them). `--rows` rows
+a small MLP and vocabulary (`--layers`, default 4 on a CPU). Keys and values per token scale
+with the layers, a prefill's activations do not (one layer's at a time): with 4 layers they
+weigh about 7x more against the cache than in the 28 layers of Qwen3-0.6B, so an arm whose peak
+is its prefill reads higher there than at full depth. `--rows` rows
 (256) of `--prompt-len` random tokens (128) each sample `--new-tokens` tokens (256; no EOS).
 Each arm runs in a fresh process: on CUDA it reports `torch.cuda.max_memory_allocated` less the
 weights, on a CPU the peak resident set (`ru_maxrss`) less the resident set before the call.

@@ -10,7 +10,7 @@ import torch
 from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
 from aepo.rollout.sampler import TorchSampler, lean, supports_lean_forward, torch_sampler
-from aepo.rollout.sampler.layout import padded_ranges
+from aepo.rollout.sampler.layout import chunk_length, padded_ranges, put_chunks, take_spans, truncate_chunks
 from aepo.types import Generation, Sampler
 
 torch.set_num_threads(1)
@@ -620,5 +620,90 @@ def test_a_generate_call_frees_its_batch_cache_when_it_returns(tok, models, pack
             batch.step()
         assert batch.keys[0].shape[2] > 129  # it grew at least once
         assert alive() == before + 1  # batch.decoder only
+    finally:
+        gc.enable()
+
+
+def test_take_spans_copies_each_span_and_frees_the_cache_layer_by_layer():
+    """Chunks of (slot, start, end) spans equal the cache's columns, share no memory with the
+    cache (they do not keep it alive), and with `free` each layer of the cache is dropped once
+    its spans are copied out (the end of a generate call holds one extra layer, not a copy);
+    `put_chunks` writes chunks back at any slot and column."""
+    g = torch.Generator().manual_seed(0)
+    keys = [torch.randn(3, 2, 9, 4, generator=g) for _ in range(3)]
+    values = [torch.randn(3, 2, 9, 4, generator=g) for _ in range(3)]
+    spans = [(2, 1, 6), (0, 4, 9), (1, 0, 1), (2, 6, 8)]
+    original = ([k.clone() for k in keys], [v.clone() for v in values])
+    seen = []
+
+    class Watched(list):  # records which layers are still held when the next one is read
+        def __getitem__(self, index):
+            seen.append((index, [layer.numel() > 0 for layer in self]))
+            return list.__getitem__(self, index)
+
+    chunks = take_spans(Watched(keys), Watched(values), spans, free=False)
+    assert len(chunks) == 4
+    for (slot, a, b), chunk in zip(spans, chunks):
+        assert chunk_length(chunk) == b - a
+        for layer in range(3):
+            torch.testing.assert_close(chunk[0][layer], original[0][layer][slot, :, a:b], rtol=0, atol=0)
+            torch.testing.assert_close(chunk[1][layer], original[1][layer][slot, :, a:b], rtol=0, atol=0)
+            cache_ptr = keys[layer].untyped_storage().data_ptr()
+            assert chunk[0][layer].untyped_storage().data_ptr() != cache_ptr
+    # a partial chunk is a view of the same positions
+    (part,) = truncate_chunks([chunks[0]], 3)
+    torch.testing.assert_close(part[0][1], original[0][1][2, :, 1:4], rtol=0, atol=0)
+    seen.clear()
+    watched_keys, watched_values = Watched(keys), Watched(values)
+    freed = take_spans(watched_keys, watched_values, spans, free=True)
+    for chunk, again in zip(freed, chunks):
+        for layer in range(3):
+            assert torch.equal(chunk[0][layer], again[0][layer]) and torch.equal(chunk[1][layer], again[1][layer])
+    assert all(layer.numel() == 0 for layer in list(watched_keys) + list(watched_values))
+    # when a layer is read, the layers before it are already freed (keys, then values)
+    assert {index for index, _ in seen} == {0, 1, 2}
+    assert all(held[index:] == [True] * (3 - index) and not any(held[:index]) for index, held in seen)
+    assert take_spans(keys, values, []) == []
+    # put_chunks places them back: two chunks after each other in one slot, one elsewhere, an
+    # empty one ignored
+    empty = take_spans(original[0], original[1], [(0, 3, 3)])[0]
+    out_k = [torch.zeros(2, 2, 12, 4) for _ in range(3)]
+    out_v = [torch.zeros(2, 2, 12, 4) for _ in range(3)]
+    put_chunks(out_k, out_v, [(1, 2, chunks[0]), (1, 7, chunks[3]), (0, 0, chunks[1]), (0, 5, empty)])
+    for layer in range(3):
+        for side, out in enumerate((out_k, out_v)):
+            want = torch.zeros(2, 2, 12, 4)
+            want[1, :, 2:7] = original[side][layer][2, :, 1:6]
+            want[1, :, 7:9] = original[side][layer][2, :, 6:8]
+            want[0, :, 0:5] = original[side][layer][0, :, 4:9]
+            assert torch.equal(out[layer], want)
+
+
+def test_a_generate_calls_chunks_do_not_keep_its_batch_cache(tok, models):
+    """After `generate`, every row's new chunk is a copy: the batch cache's tensors are gone
+    (checked with gc off), so the rows hold only the positions they filled."""
+    import gc
+    import weakref
+
+    caches = []
+    init = lean.LeanBatch.__init__
+
+    def spy(self, model, layout, keys, values, *args, **kwargs):
+        caches.extend(weakref.ref(t) for t in keys + values)
+        init(self, model, layout, keys, values, *args, **kwargs)
+
+    gc.collect()
+    gc.disable()
+    try:
+        s = TorchSampler(models["qwen3"], tok, temperature=1.0, seed=0, eos_token_ids=[])
+        lean.LeanBatch.__init__ = spy
+        try:
+            rows = [s.new_row(tok.encode(t)) for t in ("The capital of", "a b", "one two three four five six")]
+            s.generate(rows, 20)
+        finally:
+            lean.LeanBatch.__init__ = init
+        assert caches and all(ref() is None for ref in caches)
+        for r in rows:
+            assert sum(chunk_length(c) for c in s._row(r).chunks) == s.cached_length(r) == len(s.tokens(r)) - 1
     finally:
         gc.enable()

@@ -38,7 +38,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from aepo.rollout.sampler.layout import DECODE_BLOCK, PREFILL_TOKEN_BUDGET, truncate_chunks
+from aepo.rollout.sampler.layout import (
+    DECODE_BLOCK,
+    PREFILL_TOKEN_BUDGET,
+    chunk_length,
+    put_chunks,
+    take_spans,
+    truncate_chunks,
+)
 from aepo.rollout.sampler.lean import LeanBatch, _write
 from aepo.rollout.sampler.running import RunningBatch
 from aepo.rollout.sampler.slot_graphs import SlotGraphs, bucket
@@ -129,8 +136,7 @@ class SlotBatch(RunningBatch):
         end = self.lens[slot]
         if end > start:
             state = self.s._row(row)
-            chunk = (torch.stack([k[slot, :, start:end] for k in self.keys]),
-                     torch.stack([v[slot, :, start:end] for v in self.values]))
+            chunk = take_spans(self.keys, self.values, [(slot, start, end)])[0]
             state.chunks = truncate_chunks(state.chunks, start) + [chunk]
             state.n_cached = end
         return end
@@ -204,7 +210,7 @@ class SlotBatch(RunningBatch):
         # tensor of the cache's dtype and device (a LeanBatch is in a reference cycle with its
         # ops, so one holding the cache would keep a replaced cache alive until a gc pass)
         like = torch.empty(0, dtype=self.s.dtype, device=self.s.device)
-        self.decoder = LeanBatch(self.s.model, None, like, like, packed=self.packed, positions=new_cols + 1)
+        self.decoder = LeanBatch(self.s.model, None, [like], [like], packed=self.packed, positions=new_cols + 1)
 
     def stats(self) -> dict[str, float]:
         """The peak cache in GiB, what happened to parked rows, how often the slots were sorted,
@@ -304,11 +310,19 @@ class SlotBatch(RunningBatch):
         todo = [h for h in rows if self.s._row(h).n_cached < len(self.s._row(h).ids)]
         if not todo:
             return
+        s = self.s
+        order = sorted(todo, key=lambda h: -self._pending(h))  # as `generate` orders a CPU prefill
+        states = [s._rows[h] for h in order]
+        cached = [st.n_cached for st in states]
         with torch.inference_mode():
-            _, prefilled = self._prefill_batch(todo)
-            for h, (k_parts, v_parts) in prefilled:
-                st = self.s._row(h)
-                st.chunks, st.n_cached = [(torch.cat(k_parts, dim=2), torch.cat(v_parts, dim=2))], len(st.ids)
+            layout = s._layout(states, cached, 1)
+            c, p = layout.cache_len, layout.pending_len
+            batch = LeanBatch(s.model, layout, *s._gather_cache(states, cached, c + p, c), packed=self.packed)
+            batch.prefill()
+            spans = [(i, c + p - (len(st.ids) - n), c + p) for i, (st, n) in enumerate(zip(states, cached))]
+            for st, n, chunk in zip(states, cached, batch.take(spans, free=True)):
+                st.chunks = truncate_chunks(st.chunks, n) + [chunk]
+                st.n_cached = len(st.ids)
 
     def step(self) -> list[tuple[int, Generation]]:
         """Give every running row one token; return (row, Generation) for the segments that
@@ -511,34 +525,13 @@ class SlotBatch(RunningBatch):
             return
         cached = min(state.n_cached, len(state.ids) - 1)
         slot = self._take_slot(len(state.ids) + 1)
-        col = 0
-        for keys, values in truncate_chunks(state.chunks, cached):
-            n = keys.shape[2]
-            for layer in range(self.layers):
-                self.keys[layer][slot, :, col:col + n] = keys[layer]
-                self.values[layer][slot, :, col:col + n] = values[layer]
-            col += n
+        placed, col = [], 0
+        for chunk in truncate_chunks(state.chunks, cached):
+            placed.append((slot, col, chunk))
+            col += chunk_length(chunk)
+        put_chunks(self.keys, self.values, placed)
         self.lens[slot], self.owner[slot] = cached, row
         run.slot, run.chunk_start = slot, cached
-
-    def _prefill_batch(self, rows: list[int]) -> tuple[torch.Tensor, list[tuple[int, tuple[list, list]]]]:
-        """The rows' pending tokens prefilled in a left-padded batch of their chunks, as `generate`
-        does -> (logits of their last tokens, longest pending first; per row, its handle and the
-        keys and values of all its tokens as [layers, kv_heads, n, head_dim] pieces: its cached
-        columns, then its pending ones)."""
-        s = self.s
-        order = sorted(rows, key=lambda h: -self._pending(h))
-        states = [s._rows[h] for h in order]
-        use_cached = [min(st.n_cached, len(st.ids) - 1) for st in states]
-        layout = s._layout(states, use_cached, 1)
-        c, p = layout.cache_len, layout.pending_len
-        keys, values = s._gather_cache(states, use_cached, c + p, c)
-        logits = LeanBatch(s.model, layout, keys, values, packed=self.packed).prefill()
-        pieces = []
-        for i, (h, st, cached) in enumerate(zip(order, states, use_cached)):
-            cols = (slice(c - cached, c), slice(c + p - (len(st.ids) - cached), c + p))
-            pieces.append((h, ([keys[:, i, :, cs] for cs in cols], [values[:, i, :, cs] for cs in cols])))
-        return logits, pieces
 
 
 JOIN_PAD = 1.5  # joining rows share one attention call while padding stays under this factor

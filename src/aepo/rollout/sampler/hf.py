@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from aepo.rollout.sampler.layout import Chunk, Layout, prefill_mask
+from aepo.rollout.sampler.layout import Chunk, Layout, prefill_mask, take_spans
 
 
 class HFBatch:
     """Any causal LM with a standard cache: the model's own forward, DynamicCache, 4-D mask."""
 
     def __init__(
-        self, model: torch.nn.Module, layout: Layout, keys: torch.Tensor | None, values: torch.Tensor | None
+        self, model: torch.nn.Module, layout: Layout, keys: list[torch.Tensor] | None,
+        values: list[torch.Tensor] | None,
     ):
+        """`keys`, `values`: per layer [B, kv_heads, cached columns, head_dim], or None."""
         from transformers import DynamicCache
 
         self.model = model
@@ -21,7 +23,7 @@ class HFBatch:
         if keys is None or values is None:
             self.cache = DynamicCache()
         else:
-            self.cache = DynamicCache(ddp_cache_data=list(zip(keys.unbind(0), values.unbind(0))))
+            self.cache = DynamicCache(ddp_cache_data=list(zip(keys, values)))
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         zero = torch.zeros((), dtype=self.dtype, device=allowed.device)
@@ -54,11 +56,14 @@ class HFBatch:
         )
         return out.logits[:, -1]
 
-    def take(self, slot: int, start: int, end: int) -> Chunk:
-        layers = self.cache.layers
-        keys = torch.stack([layer.keys[slot, :, start:end] for layer in layers])
-        values = torch.stack([layer.values[slot, :, start:end] for layer in layers])
-        return keys, values
+    def take(self, spans: list[tuple[int, int, int]], free: bool = False) -> list[Chunk]:
+        """`LeanBatch.take` for the DynamicCache's layers (`free`: the cache is dropped and its
+        layers freed one at a time as they are copied out)."""
+        keys = [layer.keys for layer in self.cache.layers]
+        values = [layer.values for layer in self.cache.layers]
+        if free:
+            self.cache = None  # the lists hold the layers now
+        return take_spans(keys, values, spans, free=free)
 
     def keep(self, slots: torch.Tensor) -> None:
         for layer in self.cache.layers:

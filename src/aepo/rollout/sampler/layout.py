@@ -1,7 +1,7 @@
 """The KV cache's layout in a batch: chunks, the column layout, the prefill mask.
 
-A row's cache is a list of immutable chunks, each (keys, values) shaped
-[layers, kv_heads, n, head_dim]. A batch lays its rows out in columns
+A row's cache is a list of immutable chunks, each (keys, values), per layer a tensor
+[kv_heads, n, head_dim] (often a view of a larger tensor the chunks of a batch share). A batch lays its rows out in columns
 [cache C | pending P | decode T-1], left-padded, with a 2-D key mask for the pads.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-Chunk = tuple[torch.Tensor, torch.Tensor]  # keys, values: [layers, kv_heads, n, head_dim]
+# keys, values: per layer [kv_heads, n, head_dim]
+Chunk = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]
 
 PREFILL_SCORE_BUDGET = 1 << 24  # query x key x head-group elements per prefill sub-batch
 PREFILL_TOKEN_BUDGET = 8192  # tokens per prefill sub-batch (bounds MLP activations)
@@ -22,6 +23,11 @@ DECODE_BLOCK = 128  # decode columns allocated at a time
 PREFILL_PASS_OVERHEAD_TOKENS = 128
 
 
+def chunk_length(chunk: Chunk) -> int:
+    """The positions a chunk holds."""
+    return int(chunk[0][0].shape[1])
+
+
 def truncate_chunks(chunks: list[Chunk], n: int) -> list[Chunk]:
     """The chunks covering the first `n` cached positions (a partial chunk becomes a view)."""
     kept: list[Chunk] = []
@@ -29,13 +35,56 @@ def truncate_chunks(chunks: list[Chunk], n: int) -> list[Chunk]:
     for keys, values in chunks:
         if remaining <= 0:
             break
-        size = keys.shape[2]
+        size = chunk_length((keys, values))
         if size <= remaining:
             kept.append((keys, values))
         else:
-            kept.append((keys[:, :, :remaining], values[:, :, :remaining]))
+            kept.append((tuple(k[:, :remaining] for k in keys), tuple(v[:, :remaining] for v in values)))
         remaining -= min(size, remaining)
     return kept
+
+
+def take_spans(keys: list[torch.Tensor], values: list[torch.Tensor], spans: list[tuple[int, int, int]],
+               free: bool = False) -> list[Chunk]:
+    """Chunks of (slot, start, end) column spans of a per-layer cache [B, kv_heads, S, head_dim]:
+    each layer's spans are gathered into one packed tensor (one copy a layer, whatever the rows),
+    of which each chunk holds a view. `free`: drop each layer from `keys`/`values` once copied."""
+    if not spans:
+        return []
+    device = keys[0].device
+    slot_index = torch.tensor([slot for slot, a, b in spans for _ in range(b - a)], dtype=torch.long)
+    col_index = torch.tensor([c for _, a, b in spans for c in range(a, b)], dtype=torch.long)
+    slot_index, col_index = slot_index.to(device), col_index.to(device)
+    bounds = [0]
+    for _, a, b in spans:
+        bounds.append(bounds[-1] + b - a)
+    parts: tuple[list, list] = ([], [])
+    for cache, out in zip((keys, values), parts):
+        for index in range(len(cache)):
+            packed = cache[index][slot_index, :, col_index]  # [total, kv_heads, head_dim]
+            out.append([packed[bounds[j]:bounds[j + 1]].transpose(0, 1) for j in range(len(spans))])
+            if free:
+                cache[index] = cache[index].new_empty(0)
+    return [(tuple(layer[j] for layer in parts[0]), tuple(layer[j] for layer in parts[1]))
+            for j in range(len(spans))]
+
+
+def put_chunks(keys: list[torch.Tensor], values: list[torch.Tensor],
+               placed: list[tuple[int, int, Chunk]]) -> None:
+    """Copy chunks into a per-layer cache [B, kv_heads, S, head_dim]: each (slot, first column,
+    chunk) fills that slot's columns from there. One copy a layer, whatever the rows and chunks
+    (the inverse of `take_spans`)."""
+    if not placed:
+        return
+    device = keys[0].device
+    slot_index = torch.tensor([slot for slot, _, c in placed for _ in range(chunk_length(c))], dtype=torch.long)
+    col_index = torch.tensor([j for _, col, c in placed for j in range(col, col + chunk_length(c))],
+                             dtype=torch.long)
+    slot_index, col_index = slot_index.to(device), col_index.to(device)
+    for side, cache in enumerate((keys, values)):
+        for index, layer in enumerate(cache):
+            parts = [chunk[side][index] for _, _, chunk in placed]
+            layer[slot_index, :, col_index] = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]).transpose(0, 1)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from aepo.rollout.sampler.layout import (
     Layout,
     padded_ranges,
     prefill_mask,
+    take_spans,
 )
 
 LEAN_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -301,19 +302,22 @@ class _PackedOps(_LayerOps):
 
 
 class LeanBatch:
-    """Llama-family forward on a preallocated [layers, B, kv_heads, S, head_dim] cache."""
+    """Llama-family forward on a preallocated cache: per layer, keys and values [B, kv_heads, S,
+    head_dim] (one tensor a layer, so growing or compacting it, or copying rows out at the end,
+    holds one extra layer at a time, not a second cache)."""
 
     def __init__(
         self,
         model: torch.nn.Module,
         layout: Layout | None,
-        keys: torch.Tensor,
-        values: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
         packed: PackedModel | None = None,
         positions: int | None = None,
     ):
         """`positions`: the rope table's length when there is no layout (`layout` None: the
-        continuous batch's slot cache, `aepo.rollout.sampler.continuous`)."""
+        continuous batch's slot cache, `aepo.rollout.sampler.continuous`, which passes its layers
+        per call)."""
         inner = model.model
         self.packed = packed
         self.embed = inner.embed_tokens
@@ -329,7 +333,8 @@ class LeanBatch:
         self.qk_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
         # Single-query attention by two matmuls beats SDPA's CPU kernel about 2x at these
         # sizes; on CUDA (and for prefill) SDPA is used.
-        self.manual_decode = keys.device.type == "cpu"
+        like = keys[0]
+        self.manual_decode = like.device.type == "cpu"
         # torch's fused RMSNorm equals the HF module in float32 (HF casts around it otherwise).
         norms = [self.norm] + [
             m
@@ -340,7 +345,7 @@ class LeanBatch:
                 *((layer.self_attn.q_norm, layer.self_attn.k_norm) if self.qk_norm else ()),
             )
         ]
-        self.fused_norm = keys.dtype == torch.float32 and all(
+        self.fused_norm = like.dtype == torch.float32 and all(
             type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") for m in norms
         )
         self.scaling = float(attn.scaling)
@@ -354,7 +359,7 @@ class LeanBatch:
         if layout is not None:
             decode_columns = layout.total_len - layout.cache_len - layout.pending_len
             positions = int(layout.next_positions.max()) + decode_columns + 1
-        self.rope_table = self._rope_table(int(positions or 0), keys)
+        self.rope_table = self._rope_table(int(positions or 0), like)
         self.graphs: DecodeGraphs | None = None
         self.cache_version = 0  # bumped when `keys`/`values` are replaced (grow, keep)
 
@@ -390,8 +395,8 @@ class LeanBatch:
         col0: int,
         kv_len: int,
         mask: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
         k0: int = 0,
         write_col: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -413,7 +418,7 @@ class LeanBatch:
         for index, ops in enumerate(self.ops):
             q, k, v = ops.qkv(x, b, q_len, cos, sin)  # [b, Q, heads, hd], normed and rotated
             _write(keys[index], values[index], k.transpose(1, 2), v.transpose(1, 2), col0, write_col)
-            layer_keys, layer_values = keys[index, :, :, k0:kv_len], values[index, :, :, k0:kv_len]
+            layer_keys, layer_values = keys[index][:, :, k0:kv_len], values[index][:, :, k0:kv_len]
             if decode:
                 out = self.decode_attention(q, layer_keys, layer_values, additive)
             else:
@@ -433,7 +438,7 @@ class LeanBatch:
         """The additive mask [b * kv_heads, G, width] of single-query attention from a key mask
         [b, 1, 1, width] (True: attend)."""
         b, width = mask.shape[0], mask.shape[-1]
-        additive = torch.zeros(mask.shape, dtype=self.keys.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        additive = torch.zeros(mask.shape, dtype=self.keys[0].dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         return additive.expand(b, self.n_kv, self.groups, width).reshape(b * self.n_kv, self.groups, width)
 
     def decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -485,15 +490,15 @@ class LeanBatch:
                         c + q0,
                         c + p,
                         prefill_mask(lay, rows)[:, :, q0:, k0:],
-                        self.keys[:, rows],
-                        self.values[:, rows],
+                        [k[rows] for k in self.keys],
+                        [v[rows] for v in self.values],
                         k0,
                     )
                 )
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, col: int) -> torch.Tensor:
-        if col >= self.keys.shape[3]:
+        if col >= self.keys[0].shape[2]:
             self._grow(col)
         if self.graphs is not None:
             return self.graphs.step(tokens, positions, col)
@@ -519,23 +524,28 @@ class LeanBatch:
         )
 
     def _grow(self, col: int) -> None:
-        """Double the decode columns (rows usually stop at a tag long before their budget)."""
-        old = self.keys.shape[3]
+        """Double the decode columns (rows usually stop at a tag long before their budget), one
+        layer at a time."""
+        old = self.keys[0].shape[2]
         prefix = self.layout.cache_len + self.layout.pending_len
         size = min(self.layout.total_len, max(col + 1, prefix + 2 * (old - prefix)))
-        for name in ("keys", "values"):
-            current = getattr(self, name)
-            grown = current.new_zeros(*current.shape[:3], size, current.shape[4])
-            grown[:, :, :, :old] = current
-            setattr(self, name, grown)
+        for cache in (self.keys, self.values):
+            for index, current in enumerate(cache):
+                grown = current.new_zeros(*current.shape[:2], size, current.shape[3])
+                grown[:, :, :old] = current
+                cache[index] = grown
         self.cache_version += 1
 
-    def take(self, slot: int, start: int, end: int) -> Chunk:
-        return (self.keys[:, slot, :, start:end].clone(), self.values[:, slot, :, start:end].clone())
+    def take(self, spans: list[tuple[int, int, int]], free: bool = False) -> list[Chunk]:
+        """The chunks of (slot, start, end) column spans (`take_spans`). `free`: the batch is
+        done; its cache is freed one layer at a time as the spans are copied out, so its peak
+        stays one layer above the cache instead of holding the cache and its copy."""
+        return take_spans(self.keys, self.values, spans, free=free)
 
     def keep(self, slots: torch.Tensor) -> None:
-        self.keys = self.keys.index_select(1, slots)
-        self.values = self.values.index_select(1, slots)
+        for cache in (self.keys, self.values):
+            for index, layer in enumerate(cache):
+                cache[index] = layer.index_select(0, slots)
         self.cache_version += 1
 
 
@@ -575,7 +585,7 @@ class DecodeGraphs:
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, col: int) -> torch.Tensor:
         batch = self.batch
-        columns = min(batch.keys.shape[3], (col // GRAPH_COLUMNS + 1) * GRAPH_COLUMNS)
+        columns = min(batch.keys[0].shape[2], (col // GRAPH_COLUMNS + 1) * GRAPH_COLUMNS)
         key = (batch.cache_version, columns)
         if key != self.key:
             self.graph = self.out = None  # frees the old graph before the new one is captured

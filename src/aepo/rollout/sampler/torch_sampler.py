@@ -3,8 +3,8 @@
 Implements `aepo.types.Sampler`. Each row keeps
 
 - its token ids (prompt, generated and appended),
-- its KV cache as a list of immutable *chunks*, each a pair of tensors shaped
-  [layers, kv_heads, n, head_dim] (post-RoPE keys, values) for consecutive positions,
+- its KV cache as a list of immutable *chunks*, each (keys, values) of consecutive positions,
+  per layer a tensor [kv_heads, n, head_dim] (post-RoPE),
 - how many of its tokens are in that cache; the rest are *pending* (appended tool results,
   and the last sampled token) and enter the cache at the next `generate` (one prefill).
 
@@ -51,7 +51,7 @@ import torch
 
 from aepo.rollout.sampler.continuous import SlotBatch
 from aepo.rollout.sampler.hf import HFBatch
-from aepo.rollout.sampler.layout import DECODE_BLOCK, Layout, truncate_chunks
+from aepo.rollout.sampler.layout import DECODE_BLOCK, Layout, chunk_length, put_chunks, truncate_chunks
 from aepo.rollout.sampler.lean import (
     LEAN_MODEL_TYPES,
     LeanBatch,
@@ -370,37 +370,30 @@ class TorchSampler(RowTable):
 
     def _gather_cache(
         self, states: list[Row], use_cached: list[int], columns: int, c_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Left-padded batch cache [layers, B, kv_heads, columns, head_dim] with the rows' chunks."""
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """Left-padded batch cache with the rows' chunks: per layer, keys and values [B, kv_heads,
+        columns, head_dim] (None for the HF path with nothing cached)."""
         first = next((s.chunks[0] for s, c in zip(states, use_cached) if c > 0), None)
         if first is None:
-            shape_from = None
-        else:
-            shape_from = first[0].shape, first[1].shape
-        if shape_from is None:
             if not self.lean:
                 return None
             config = self.model.config
             layers = int(config.num_hidden_layers)
             n_kv = int(config.num_key_value_heads)
             head_dim = int(self.model.model.layers[0].self_attn.head_dim)
-            k_shape = v_shape = (layers, n_kv, 0, head_dim)
+            shapes = [((n_kv, head_dim), (n_kv, head_dim))] * layers
         else:
-            k_shape, v_shape = shape_from
+            shapes = [((k.shape[0], k.shape[2]), (v.shape[0], v.shape[2])) for k, v in zip(*first)]
         batch = len(states)
-        keys = torch.zeros(
-            k_shape[0], batch, k_shape[1], columns, k_shape[3], dtype=self.dtype, device=self.device
-        )
-        values = torch.zeros(
-            v_shape[0], batch, v_shape[1], columns, v_shape[3], dtype=self.dtype, device=self.device
-        )
+        keys = [torch.zeros(batch, k[0], columns, k[1], dtype=self.dtype, device=self.device) for k, _ in shapes]
+        values = [torch.zeros(batch, v[0], columns, v[1], dtype=self.dtype, device=self.device) for _, v in shapes]
+        placed = []
         for i, (state, cached) in enumerate(zip(states, use_cached)):
             offset = c_len - cached
-            for chunk_k, chunk_v in truncate_chunks(state.chunks, cached):
-                n = chunk_k.shape[2]
-                keys[:, i, :, offset : offset + n] = chunk_k
-                values[:, i, :, offset : offset + n] = chunk_v
-                offset += n
+            for chunk in truncate_chunks(state.chunks, cached):
+                placed.append((i, offset, chunk))
+                offset += chunk_length(chunk)
+        put_chunks(keys, values, placed)
         return keys, values
 
     def _generate_batch(
@@ -448,15 +441,21 @@ class TorchSampler(RowTable):
         slots = list(range(batch))  # batch slot -> row index; shrinks when the batch is compacted
         last_col = c_len + p_len  # first decode column
 
-        def close(i: int, slot: int) -> None:
-            state = states[i]
-            n_fed = len(state.ids) - use_cached[i] - 1 + len(generated[i])
-            n_pending = len(state.ids) - use_cached[i]
-            start = c_len + p_len - n_pending
-            chunk = engine.take(slot, start, start + n_fed)
-            state.chunks = truncate_chunks(state.chunks, use_cached[i]) + [chunk]
-            state.n_cached = use_cached[i] + n_fed
-            state.ids.extend(generated[i])
+        def close(rows: list[tuple[int, int]], free: bool = False) -> None:
+            """Each (row index, batch slot)'s positions filled here become one more chunk of the
+            row (`free`: the batch's last call, its cache freed as they are copied out)."""
+            spans = []
+            for i, slot in rows:
+                state = states[i]
+                n_fed = len(state.ids) - use_cached[i] - 1 + len(generated[i])
+                start = c_len + p_len - (len(state.ids) - use_cached[i])
+                spans.append((slot, start, start + n_fed))
+            chunks = engine.take(spans, free=free)
+            for (i, _), (_, start, end), chunk in zip(rows, spans, chunks):
+                state = states[i]
+                state.chunks = truncate_chunks(state.chunks, use_cached[i]) + [chunk]
+                state.n_cached = use_cached[i] + end - start
+                state.ids.extend(generated[i])
 
         logits = engine.prefill()
         positions = layout.next_positions
@@ -488,9 +487,7 @@ class TorchSampler(RowTable):
                     finish[slots[k]] = ("paused", None)
                 break
             if len(active) <= len(slots) // 2 and len(slots) >= 8:
-                for k, i in enumerate(slots):
-                    if finish[i] is not None:
-                        close(i, k)
+                close([(i, k) for k, i in enumerate(slots) if finish[i] is not None])
                 keep = torch.tensor(active, device=self.device)
                 engine.keep(keep)
                 layout.key_valid = layout.key_valid.index_select(0, keep)
@@ -501,8 +498,7 @@ class TorchSampler(RowTable):
             logits = engine.decode(tokens, positions + step, last_col + step)
             step += 1
 
-        for k, i in enumerate(slots):
-            close(i, k)
+        close([(i, k) for k, i in enumerate(slots)], free=True)
         for i, state in enumerate(states):
             state.open = state.open + generated[i] if finish[i][0] == "paused" else []  # type: ignore[index]
         logprobs = torch.stack(logprob_cols, 1).tolist()
