@@ -528,6 +528,7 @@ def bench_rl_step(model, tok, args, device, result: dict, save: Callable[[], Non
                     "critical_path_tokens": rstats.get("critical_path_tokens"),
                     "graph_steps": rstats.get("graph_steps"),  # the running batch's, as CUDA graphs
                     "graph_captures": rstats.get("graph_captures"),
+                    "graph_capture_s": rstats.get("graph_capture_s"),  # of the rollout's time
                     "advantages_forced": forced,
                     "max_memory_allocated": peak_bytes(device),
                 })
@@ -668,7 +669,8 @@ def summary(result: dict) -> None:
             print(f"\n{key} ({t['rows']} rows, {t['response_tokens']} response tokens, "
                   f"{t.get('generate_calls')} generate calls, {t.get('decode_steps')} decode steps for a "
                   f"critical path of {t.get('critical_path_tokens')}"
-                  + (f", {t['graph_steps']} as CUDA graphs, {t.get('graph_captures')} captured" if t.get("graph_steps") else "")
+                  + (f", {t['graph_steps']} as CUDA graphs, {t.get('graph_captures')} captured in "
+                     f"{t.get('graph_capture_s') or 0:.2f} s" if t.get("graph_steps") else "")
                   + "): "
                   f"rollout {t['rollout_s']:.2f} s ({r['rollout_tokens_per_s']:,.0f} tokens/s), "
                   f"batch {t['batch_s']:.2f} s, update {t['update_s']:.2f} s, "

@@ -471,6 +471,7 @@ def test_graph_replays_read_the_refilled_inputs_and_recapture_when_needed(model,
             assert gen.token_ids == again.token_ids
     captures = batch.graphs.captures
     assert captures <= len(set(keys)) and captures < len(keys)
+    assert batch.stats()["graph_captures"] == captures and batch.stats()["graph_capture_s"] > 0
     assert len({version for version, _, _ in keys}) >= 2  # recaptured after the cache grew
 
 

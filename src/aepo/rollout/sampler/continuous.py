@@ -221,7 +221,8 @@ class SlotBatch(RunningBatch):
                 "attention_cells_padded": self.decode_cells, "attention_cells_read": self.read_cells,
                 "attention_cells_used": self.used_cells,
                 "graph_steps": self.graphs.steps if self.graphs else 0,
-                "graph_captures": self.graphs.captures if self.graphs else 0}
+                "graph_captures": self.graphs.captures if self.graphs else 0,
+                "graph_capture_s": self.graphs.capture_s if self.graphs else 0.0}
 
     @property
     def columns(self) -> int:

@@ -17,6 +17,7 @@ step eagerly (any device: what the CPU tests check).
 """
 from __future__ import annotations
 
+import time
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class SlotGraphs:
         self.version = -1  # the batch's cache_version the graphs were captured on
         self.steps = 0  # decode steps run through here
         self.captures = 0  # graphs captured
+        self.capture_s = 0.0  # seconds spent capturing them (a capture costs a few eager steps)
 
     def step(self, inputs: torch.Tensor, longest: int) -> tuple[torch.Tensor, int]:
         """Run the decode step of `inputs` [4, slots] (host or device; `SlotBatch.decode_static`)
@@ -90,6 +92,7 @@ class SlotGraphs:
         if not self.capture:
             return run(), g.window
         if g.graph is None:
+            began = time.perf_counter()
             try:
                 g.graph, g.out = capture_graph(run, g.inputs.device)
             except RuntimeError as error:  # an op this torch build cannot capture: run eagerly
@@ -99,5 +102,6 @@ class SlotGraphs:
                 self.graphs.clear()
                 return run(), g.window
             self.captures += 1
+            self.capture_s += time.perf_counter() - began
         g.graph.replay()
         return g.out, g.window
