@@ -475,6 +475,57 @@ def test_graph_replays_read_the_refilled_inputs_and_recapture_when_needed(model,
     assert len({version for version, _, _ in keys}) >= 2  # recaptured after the cache grew
 
 
+def test_graphs_captured_on_a_cache_that_grew_are_not_replayed(model, tok, monkeypatch):
+    """A row decodes alone long enough for its bucket's graph to be captured; a second row joins
+    (the cache grows a slot) and leaves at once; the first row's bucket is the same again but
+    its graph, bound to the old cache, must be captured anew: the tokens match the eager step's
+    and a full forward."""
+    def capture(run, device):
+        out = run()
+        return _ReplayGraph(run, out, s.batch), out
+
+    def rollout(graphs):
+        nonlocal s
+        s = TorchSampler(model, tok, temperature=1.0, seed=2, decode_graphs=graphs)
+        batch = s.open_batch(max_rows=4)
+        if graphs:
+            batch.graphs.capture = True
+        a, b = s.new_row(tok.encode(TEXTS[1])), s.new_row(tok.encode(TEXTS[0]))
+        batch.start(a, 20, RowKey(0, 0, 0))
+        out = {}
+        for step in range(30):
+            if step == 8:
+                batch.start(b, 1, RowKey(0, 1, 0))
+            out.update(batch.step())
+            if not batch.active:
+                break
+        return a, out, batch
+
+    s = None
+    monkeypatch.setattr(slot_graphs, "capture_graph", capture)
+    a, graphed, batch = rollout(True)
+    assert batch.cache_version >= 2 and batch.graphs.captures >= 2
+    start = len(s.tokens(a)) - len(graphed[a].token_ids)
+    _, eager, _ = rollout(False)
+    assert graphed[a].token_ids == eager[a].token_ids
+    check_against_full(model, s.tokens(a), start, graphed[a], 1.0)
+
+
+def test_a_bucket_runs_as_a_graph_from_its_nth_step_on_one_cache():
+    """A capture costs a few eager steps: a slot bucket runs as a graph only from its
+    GRAPH_AFTER_STEPS-th step on the same cache, counted per bucket and again after a grow."""
+    class Batch:
+        cache_version = 0
+
+    batch = Batch()
+    graphs = slot_graphs.SlotGraphs(batch, capture=False)
+    n = slot_graphs.GRAPH_AFTER_STEPS
+    assert [graphs.ready(8) for _ in range(n + 1)] == [False] * (n - 1) + [True, True]
+    assert graphs.ready(4) is False
+    batch.cache_version = 1  # the cache grew: its graphs and counts are gone
+    assert [graphs.ready(8) for _ in range(n)] == [False] * (n - 1) + [True]
+
+
 def test_a_failed_capture_of_the_slot_step_decodes_eagerly(model, tok, monkeypatch):
     def refuse(run, device):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -485,10 +536,12 @@ def test_a_failed_capture_of_the_slot_step_decodes_eagerly(model, tok, monkeypat
     batch.graphs.capture = True
     row = s.new_row(tok.encode(TEXTS[1]))
     start = len(s.tokens(row))
-    batch.start(row, 6, RowKey(0, 0, 0))
+    batch.start(row, 12, RowKey(0, 0, 0))
     with pytest.warns(UserWarning, match="running batch's decode step failed"):
         out = run_all(batch, {})
-    assert batch.graphs.capture is False and batch.graphs.steps == 5
+    # a join, GRAPH_AFTER_STEPS - 1 eager decode steps, then the rest through SlotGraphs: the
+    # first's capture failed, so they ran the static step uncaptured
+    assert batch.graphs.capture is False and batch.graphs.steps == 11 - (slot_graphs.GRAPH_AFTER_STEPS - 1)
     check_against_full(model, s.tokens(row), start, out[row][0], 1.0)
 
 

@@ -381,10 +381,15 @@ class SlotBatch(RunningBatch):
         slot_row = {self.rows[h].slot: h for h in decoding}
         top = max(slot_row) + 1 if slot_row else 0
         kv_len = max((self.lens[slot] for slot in slot_row), default=0) + 1
-        graphed = self.graphs is not None and top > 0 and not joins
+        slots, graphed = top, False
+        if self.graphs is not None and top > 0 and not joins:
+            # a graph's bucket of slots, on a cache that already holds it (growing the cache
+            # would drop the graphs), from the bucket's GRAPH_AFTER_STEPS-th step on that cache
+            graph_slots = min(bucket(top), max(self.max_rows, top))
+            if graph_slots <= len(self.lens) and kv_len <= self.columns and self.graphs.ready(graph_slots):
+                slots, graphed = graph_slots, True
         # the decode part: one query per slot 0..slots-1 (a slot without a decode row computes a
         # throwaway query that reads column 0 and writes the scratch column)
-        slots = min(bucket(top), max(self.max_rows, top)) if graphed else top
         self._alloc(max(slots, 1), kv_len)
         lb = self.decoder
         assert lb is not None

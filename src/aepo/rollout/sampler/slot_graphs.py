@@ -7,8 +7,10 @@ shapes depend on two numbers only. `SlotGraphs` replays such a step as one CUDA 
 for a *bucket* of slots (`bucket(top)`: at most 1.5x the slots, so a batch whose rows come and
 go reuses a handful of graphs) and a *window* of columns (`bucket(longest, GRAPH_COLUMNS)`,
 masked per slot). One graph is kept per slot bucket; it is captured again when its bucket
-needs a wider window, and all are dropped when the cache is reallocated (it grew). Steps in
-which rows join (their pending tokens run in the same forward) run eagerly.
+needs a wider window, and all are dropped when the cache is reallocated (it grew). A bucket
+runs as a graph from its `GRAPH_AFTER_STEPS`-th step on the same cache: a capture costs a few
+eager steps, and while rows join and the cache grows, a bucket often lasts fewer steps than
+that. Steps in which rows join (their pending tokens run in the same forward) run eagerly.
 
 The inputs are one static [4, bucket] tensor (each slot's token, position, column to write and
 columns to attend over) refilled by one copy; the logits are the graph's output buffer, valid
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
     from aepo.rollout.sampler.continuous import SlotBatch
 
 __all__ = ["SlotGraphs", "bucket"]
+
+GRAPH_AFTER_STEPS = 4  # a slot bucket's steps on one cache before it runs (and is captured) as a graph
 
 
 def bucket(n: int, unit: int = 1) -> int:
@@ -63,19 +67,31 @@ class SlotGraphs:
         self.batch = weakref.proxy(batch)  # the batch owns its graphs (no cycle)
         self.capture = capture
         self.graphs: dict[int, _Graph] = {}
+        self.uses: dict[int, int] = {}  # slot bucket -> its steps on this cache
         self.version = -1  # the batch's cache_version the graphs were captured on
         self.steps = 0  # decode steps run through here
         self.captures = 0  # graphs captured
         self.capture_s = 0.0  # seconds spent capturing them (a capture costs a few eager steps)
+
+    def ready(self, slots: int) -> bool:
+        """Count a decode step of `slots` (a bucket) on the batch's current cache; True when it
+        should run here: from the bucket's `GRAPH_AFTER_STEPS`-th step on that cache."""
+        self._check_version()
+        self.uses[slots] = self.uses.get(slots, 0) + 1
+        return self.uses[slots] >= GRAPH_AFTER_STEPS
+
+    def _check_version(self) -> None:
+        if self.batch.cache_version != self.version:  # the cache tensors were replaced
+            self.graphs.clear()
+            self.uses.clear()
+            self.version = self.batch.cache_version
 
     def step(self, inputs: torch.Tensor, longest: int) -> tuple[torch.Tensor, int]:
         """Run the decode step of `inputs` [4, slots] (host or device; `SlotBatch.decode_static`)
         whose longest slot attends over `longest` columns -> (logits [slots, V], the window of
         columns it attended over)."""
         batch = self.batch
-        if batch.cache_version != self.version:  # the cache tensors were replaced
-            self.graphs.clear()
-            self.version = batch.cache_version
+        self._check_version()
         slots = inputs.shape[1]
         window = min(bucket(longest, GRAPH_COLUMNS), batch.columns)
         g = self.graphs.get(slots)
