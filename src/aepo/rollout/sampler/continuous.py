@@ -383,10 +383,10 @@ class SlotBatch(RunningBatch):
         kv_len = max((self.lens[slot] for slot in slot_row), default=0) + 1
         slots, graphed = top, False
         if self.graphs is not None and top > 0 and not joins:
-            # a graph's bucket of slots, on a cache that already holds it (growing the cache
-            # would drop the graphs), from the bucket's GRAPH_AFTER_STEPS-th step on that cache
-            graph_slots = min(bucket(top), max(self.max_rows, top))
-            if graph_slots <= len(self.lens) and kv_len <= self.columns and self.graphs.ready(graph_slots):
+            # a graph's bucket of slots (at most the cache's: growing the cache would drop the
+            # graphs), from the bucket's GRAPH_AFTER_STEPS-th step on that cache
+            graph_slots = min(bucket(top), len(self.lens))
+            if kv_len <= self.columns and self.graphs.ready(graph_slots):
                 slots, graphed = graph_slots, True
         # the decode part: one query per slot 0..slots-1 (a slot without a decode row computes a
         # throwaway query that reads column 0 and writes the scratch column)
