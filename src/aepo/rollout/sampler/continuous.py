@@ -206,9 +206,8 @@ class SlotBatch(RunningBatch):
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
         self.lens += [-1] * (new_slots - len(self.lens))
         self.owner += [-1] * (new_slots - len(self.owner))
-        # the forward's modules; it is handed each layer's cache per call and keeps only an empty
-        # tensor of the cache's dtype and device (a LeanBatch is in a reference cycle with its
-        # ops, so one holding the cache would keep a replaced cache alive until a gc pass)
+        # the forward's modules and rope table (as long as the columns); the layers' caches are
+        # this batch's, so it keeps only an empty tensor of their dtype and device
         like = torch.empty(0, dtype=self.s.dtype, device=self.s.device)
         self.decoder = LeanBatch(self.s.model, None, [like], [like], packed=self.packed, positions=new_cols + 1)
 

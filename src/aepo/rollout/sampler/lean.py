@@ -316,8 +316,8 @@ class LeanBatch:
         positions: int | None = None,
     ):
         """`positions`: the rope table's length when there is no layout (`layout` None: the
-        continuous batch's slot cache, `aepo.rollout.sampler.continuous`, which passes its layers
-        per call)."""
+        continuous batch's forward, `aepo.rollout.sampler.continuous`, which holds its cache
+        itself and passes one empty tensor of the cache's dtype and device)."""
         inner = model.model
         self.packed = packed
         self.embed = inner.embed_tokens
