@@ -527,6 +527,7 @@ def bench_rl_step(model, tok, args, device, result: dict, save: Callable[[], Non
                     "decode_steps": rstats.get("decode_steps"),
                     "critical_path_tokens": rstats.get("critical_path_tokens"),
                     "graph_steps": rstats.get("graph_steps"),  # the running batch's, as CUDA graphs
+                    "layer_graph_steps": rstats.get("layer_graph_steps"),  # steps with joins: layers as graphs
                     "graph_captures": rstats.get("graph_captures"),
                     "graph_capture_s": rstats.get("graph_capture_s"),  # of the rollout's time
                     "advantages_forced": forced,
@@ -669,7 +670,8 @@ def summary(result: dict) -> None:
             print(f"\n{key} ({t['rows']} rows, {t['response_tokens']} response tokens, "
                   f"{t.get('generate_calls')} generate calls, {t.get('decode_steps')} decode steps for a "
                   f"critical path of {t.get('critical_path_tokens')}"
-                  + (f", {t['graph_steps']} as CUDA graphs, {t.get('graph_captures')} captured in "
+                  + (f", {t['graph_steps']} as CUDA graphs and {t.get('layer_graph_steps')} with their layers' "
+                     f"dense parts as graphs, {t.get('graph_captures')} captured in "
                      f"{t.get('graph_capture_s') or 0:.2f} s" if t.get("graph_steps") else "")
                   + "): "
                   f"rollout {t['rollout_s']:.2f} s ({r['rollout_tokens_per_s']:,.0f} tokens/s), "

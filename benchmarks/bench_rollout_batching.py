@@ -36,7 +36,7 @@ from pathlib import Path
 # parked rows rejoining in place or evicted, slot sorts, decode attention cells (summed)
 BATCH_COUNTERS = ("batch_cache_gib", "rejoined_in_place", "parked_evicted", "slot_reorders",
                   "attention_cells_padded", "attention_cells_read", "attention_cells_used", "graph_steps",
-                  "graph_captures", "graph_capture_s")
+                  "layer_graph_steps", "graph_captures", "graph_capture_s")
 ARMS = {"continuous": ["rollout.scheduler=continuous"],
         "speculative": ["rollout.scheduler=continuous", "rollout.speculate=true"],
         "turns": ["rollout.scheduler=turns"]}

@@ -371,7 +371,9 @@ class _ReplayGraph:
         now = (b.keys, b.values, b.decoder)
         b.keys, b.values, b.decoder = self.bound
         try:
-            self.out.copy_(self.run())
+            result = self.run()
+            for out, new in zip(*((self.out, result) if isinstance(result, tuple) else ((self.out,), (result,)))):
+                out.copy_(new)
         finally:
             b.keys, b.values, b.decoder = now
 
@@ -392,13 +394,14 @@ def _graph_rollout(model, tok, graphs, monkeypatch, fake_capture=False):
     monkeypatch.setattr(slot_graphs.SlotGraphs, "step", step)
     s = TorchSampler(model, tok, temperature=1.0, seed=7, decode_graphs=graphs)
     if fake_capture:
-        def capture(run, device):
+        def capture(run, device, pool=None):
             out = run()
             return _ReplayGraph(run, out, s.batch), out
         monkeypatch.setattr(slot_graphs, "capture_graph", capture)
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     batch = s.open_batch(max_rows=6)
     if fake_capture:
-        batch.graphs.capture = True
+        batch.graphs.capture = batch.layer_graphs.capture = True
     texts = TEXTS + ["I think", " ".join(["the river near the old town"] * 4)]
     rows = [s.new_row(tok.encode(t)) for t in texts]
     starts = {r: [len(s.tokens(r))] for r in rows}
@@ -438,7 +441,8 @@ def test_static_decode_steps_sample_what_the_eager_step_samples(model, tok, monk
     _, eager, _, eager_batch, eager_sizes = _graph_rollout(model, tok, False, monkeypatch)
     assert eager_sizes == [] and eager_batch.graphs is None
     stats = batch.stats()
-    assert 0 < stats["graph_steps"] == len(sizes) < batch.steps  # steps with joining rows ran eagerly
+    assert 0 < stats["graph_steps"] == len(sizes) < batch.steps  # steps with joining rows: not whole
+    assert stats["layer_graph_steps"] > 0  # ... but their layers' dense parts through LayerGraphs
     assert stats["graph_captures"] == 0  # no capture on a CPU
     assert len({n for n, _ in sizes}) >= 2 and any(padded for _, padded in sizes)
     assert batch.cache_version > 1  # the cache grew while steps ran as graphs
@@ -471,7 +475,12 @@ def test_graph_replays_read_the_refilled_inputs_and_recapture_when_needed(model,
             assert gen.token_ids == again.token_ids
     captures = batch.graphs.captures
     assert captures <= len(set(keys)) and captures < len(keys)
-    assert batch.stats()["graph_captures"] == captures and batch.stats()["graph_capture_s"] > 0
+    layers = batch.layer_graphs
+    # a token bucket's pieces (one per layer and one more) are captured once and replayed after
+    pieces_per_bucket = model.config.num_hidden_layers + 1
+    assert layers.captures == pieces_per_bucket * sum(1 for p in layers.buckets.values() if p.graphs) > 0
+    assert layers.steps > layers.captures // pieces_per_bucket
+    assert batch.stats()["graph_captures"] == captures + layers.captures and batch.stats()["graph_capture_s"] > 0
     assert len({version for version, _, _ in keys}) >= 2  # recaptured after the cache grew
 
 
@@ -524,6 +533,32 @@ def test_a_bucket_runs_as_a_graph_from_its_nth_step_on_one_cache():
     assert graphs.ready(4) is False
     batch.cache_version = 1  # the cache grew: its graphs and counts are gone
     assert [graphs.ready(8) for _ in range(n)] == [False] * (n - 1) + [True]
+
+
+def test_a_failed_capture_of_the_layer_pieces_runs_them_eagerly(model, tok, monkeypatch):
+    def refuse(run, device, pool=None):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(slot_graphs, "capture_graph", refuse)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    s = TorchSampler(model, tok, temperature=1.0, seed=1, decode_graphs=True)
+    batch = s.open_batch(max_rows=4)
+    batch.layer_graphs.capture = True
+    rows = [s.new_row(tok.encode(t)) for t in TEXTS]
+    starts = {r: len(s.tokens(r)) for r in rows}
+    out = {}
+
+    def run() -> None:
+        for i, r in enumerate(rows):  # a row joins at each of four steps: steps with joins
+            batch.start(r, 8, RowKey(0, i, 0))
+            out.update(batch.step())
+        out.update({r: g[0] for r, g in run_all(batch, {}).items()})
+
+    with pytest.warns(UserWarning, match="running batch's layers failed"):
+        run()
+    assert batch.layer_graphs.capture is False and batch.layer_graphs.steps > 0
+    for r in rows:
+        check_against_full(model, s.tokens(r), starts[r], out[r], 1.0)
 
 
 def test_a_failed_capture_of_the_slot_step_decodes_eagerly(model, tok, monkeypatch):
@@ -633,8 +668,9 @@ def test_cuda_running_batch_matches_a_full_forward(tok, monkeypatch, graphs):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replays_sample_what_the_eager_step_samples(tok, monkeypatch):
     """Captured CUDA graphs of the running batch's decode step (several slot buckets, parked
-    slots inside a bucket, recaptures after the cache grew) give the eager CUDA step's tokens,
-    and every segment matches a full forward of the CPU model."""
+    slots inside a bucket, recaptures after the cache grew) and of the layers' dense parts in
+    steps with joining rows give the eager CUDA step's tokens, and every segment matches a full
+    forward of the CPU model."""
     import copy
 
     cpu_model = make_model("qwen3", len(tok))
@@ -642,7 +678,8 @@ def test_cuda_graph_replays_sample_what_the_eager_step_samples(tok, monkeypatch)
     s, graphed, starts, batch, sizes = _graph_rollout(cuda_model, tok, True, monkeypatch)
     _, eager, _, _, _ = _graph_rollout(cuda_model, tok, False, monkeypatch)
     stats = batch.stats()
-    assert batch.graphs.capture and 0 < stats["graph_captures"] < stats["graph_steps"]
+    assert batch.graphs.capture and 0 < batch.graphs.captures < stats["graph_steps"]
+    assert batch.layer_graphs.capture and batch.layer_graphs.captures > 0 and stats["layer_graph_steps"] > 0
     assert len({n for n, _ in sizes}) >= 2 and any(padded for _, padded in sizes)
     for row, gens in graphed.items():
         for gen, again, start in zip(gens, eager[row], starts[row]):

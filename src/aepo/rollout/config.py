@@ -15,8 +15,9 @@ class RolloutConfig:
     # (in-process vLLM, the `vllm` extra; pi_old is then always re-scored by the trainer)
     backend: Literal["torch", "vllm"] = "torch"
     # torch backend on CUDA: replay each decode step as a CUDA graph (`DecodeGraphs`; under the
-    # continuous scheduler the running batch's steps without joining rows, `SlotGraphs`); false
-    # decodes eagerly (the same tokens, slower at real model sizes)
+    # continuous scheduler the running batch's steps without joining rows, `SlotGraphs`, and the
+    # layers' dense parts of the others, `LayerGraphs`); false decodes eagerly (the same tokens,
+    # slower at real model sizes)
     decode_graphs: bool = True
     # torch backend: once a turn's generate call is down to this fraction of its rows and some
     # row stopped for a tool, the others pause and continue in the next turn's batch, so rows

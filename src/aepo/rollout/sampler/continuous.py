@@ -25,9 +25,10 @@ the occupied prefix only, in ranges of slots that each attend up to their own lo
 tensor per layer and grows by a quarter, one layer at a time, and at most
 `PREFILL_TOKEN_BUDGET` prefill tokens join a step, so a batch's peak memory stays near the
 rows' keys and values (benchmarks/RESULTS.md, "Continuous batching", third round). With decode
-graphs on (CUDA), a step in which no row joins replays as a CUDA graph over a bucket of slots
-(`aepo.rollout.sampler.slot_graphs`). Llama-family models only (the lean forward); others use
-the turn scheduler.
+graphs on (CUDA), a step in which no row joins replays as a CUDA graph over a bucket of slots,
+and in a step with joining rows the layers' projections and MLPs replay as graphs, attention
+eager (`aepo.rollout.sampler.slot_graphs`). Llama-family models only (the lean forward); others
+use the turn scheduler.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ from aepo.rollout.sampler.layout import (
 )
 from aepo.rollout.sampler.lean import LeanBatch, _write
 from aepo.rollout.sampler.running import RunningBatch
-from aepo.rollout.sampler.slot_graphs import SlotGraphs, bucket
+from aepo.rollout.sampler.slot_graphs import LayerGraphs, SlotGraphs, bucket
 from aepo.rollout.sampler.streams import stream_state, uniform_at
 from aepo.types import Generation
 
@@ -108,6 +109,8 @@ class SlotBatch(RunningBatch):
         # decode steps without joining rows as CUDA graphs (`rollout.decode_graphs`; without
         # capture on a CPU, where the tests check the static step)
         self.graphs = SlotGraphs(self, capture=self.s.device.type == "cuda") if sampler.decode_graphs else None
+        # the other steps' (joining rows) layers: their dense parts as graphs, attention eager
+        self.layer_graphs = LayerGraphs(self, capture=self.s.device.type == "cuda") if sampler.decode_graphs else None
 
     # ---------------------------------------------------------------- rows in and out
 
@@ -213,15 +216,17 @@ class SlotBatch(RunningBatch):
 
     def stats(self) -> dict[str, float]:
         """The peak cache in GiB, what happened to parked rows, how often the slots were sorted,
-        and the decode attention's (slot, column) cells: up to the longest row, read, and the
-        rows' own."""
+        the decode attention's (slot, column) cells (up to the longest row, read, and the rows'
+        own), and the CUDA graphs: steps replayed whole, steps whose layers ran as graphs, and
+        the graphs captured and the seconds that took."""
         return {"batch_cache_gib": self.peak_cache_bytes / 2**30, "rejoined_in_place": self.in_place,
                 "parked_evicted": self.evicted, "slot_reorders": self.reorders,
                 "attention_cells_padded": self.decode_cells, "attention_cells_read": self.read_cells,
                 "attention_cells_used": self.used_cells,
                 "graph_steps": self.graphs.steps if self.graphs else 0,
-                "graph_captures": self.graphs.captures if self.graphs else 0,
-                "graph_capture_s": self.graphs.capture_s if self.graphs else 0.0}
+                "layer_graph_steps": self.layer_graphs.steps if self.layer_graphs else 0,
+                "graph_captures": sum(g.captures for g in (self.graphs, self.layer_graphs) if g),
+                "graph_capture_s": sum(g.capture_s for g in (self.graphs, self.layer_graphs) if g)}
 
     @property
     def columns(self) -> int:
@@ -437,8 +442,9 @@ class SlotBatch(RunningBatch):
             self.read_cells += sum((b - a) * w for a, b, w in segments)
             biases = [lb.decode_bias(valid[a:b, None, None, :w]) for a, b, w in segments]
         groups = [_JoinGroup(spans[a:b], lb, device) for a, b in _join_groups([n for _, _, n in spans])]
+        size = self.layer_graphs.ready(len(tokens)) if self.layer_graphs is not None else None
         x = self._layers(x.reshape(len(tokens), -1), cos, sin, torch.tensor(cols, device=device)[:, None],
-                         segments, biases, groups)
+                         segments, biases, groups, size)
         offset = top
         for _, _, n in spans:
             offset += n
@@ -464,16 +470,17 @@ class SlotBatch(RunningBatch):
 
     def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, col: torch.Tensor,
                 segments: list[tuple[int, int, int]], biases: list[torch.Tensor],
-                groups: list[_JoinGroup]) -> torch.Tensor:
+                groups: list[_JoinGroup], size: int | None = None) -> torch.Tensor:
         """The layers over packed tokens x [T, hidden]: the first tokens are decode slots 0..top-1
         (top: the last segment's end), each writing its key at its column `col` [top, 1] and
         attending per segment (start, end, width) with its additive bias; then each join group's
-        tokens. -> hidden states [T, hidden]."""
+        tokens. `size`: run the dense parts as `LayerGraphs` of that token bucket. -> hidden
+        states [T, hidden]."""
         lb = self.decoder
         assert lb is not None
-        total, top = x.shape[0], segments[-1][1] if segments else 0
-        for index, ops in enumerate(lb.ops):
-            q, k, v = ops.qkv(x, 1, total, cos, sin)  # [1, T, heads, hd]
+        top = segments[-1][1] if segments else 0
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             layer_keys, layer_values = self.keys[index], self.values[index]
             outs = []
             if top:  # each decode row writes its key at its own next column
@@ -485,7 +492,14 @@ class SlotBatch(RunningBatch):
             for group in groups:
                 outs.append(group.attend(lb, q[0], k[0], v[0], offset, layer_keys, layer_values))
                 offset += group.tokens
-            x = ops.mlp(ops.attn_out(x, torch.cat(outs) if len(outs) > 1 else outs[0]))
+            return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+        if size is not None:
+            assert self.layer_graphs is not None
+            return self.layer_graphs.run(size, x, cos, sin, attend)
+        for index, ops in enumerate(lb.ops):
+            q, k, v = ops.qkv(x, 1, x.shape[0], cos, sin)  # [1, T, heads, hd]
+            x = ops.mlp(ops.attn_out(x, attend(index, q, k, v)))
         return x
 
     def _pending(self, row: int) -> int:

@@ -13,6 +13,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -611,19 +612,19 @@ class DecodeGraphs:
         return capture_graph(self._run, self.tokens.device)
 
 
-def capture_graph(run: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+def capture_graph(run: Callable[[], Any], device: torch.device, pool: Any = None) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Capture `run` (a step whose inputs are static tensors refilled before each replay) as a
     CUDA graph -> (graph, its output). It is warmed up on a side stream first (allocator and
     library handles); the warm-up and the capture write that step's keys and values, which a
-    replay writes again."""
+    replay writes again. `pool`: a memory pool shared with graphs replayed in capture order."""
     with torch.cuda.device(device):  # the model's GPU, whichever is current
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             run()
         torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()  # its own memory pool, freed with it
+        graph = torch.cuda.CUDAGraph()  # its own memory pool (or `pool`), freed with it
         # other threads (tool workers, a server's other requests) may use CUDA meanwhile
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             out = run()
     return graph, out

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,8 +32,9 @@ from aepo.rollout.sampler.lean import GRAPH_COLUMNS, capture_graph
 
 if TYPE_CHECKING:
     from aepo.rollout.sampler.continuous import SlotBatch
+    from aepo.rollout.sampler.lean import LeanBatch
 
-__all__ = ["SlotGraphs", "bucket"]
+__all__ = ["LayerGraphs", "SlotGraphs", "bucket"]
 
 GRAPH_AFTER_STEPS = 4  # a slot bucket's steps on one cache before it runs (and is captured) as a graph
 
@@ -121,3 +123,113 @@ class SlotGraphs:
             self.capture_s += time.perf_counter() - began
         g.graph.replay()
         return g.out, g.window
+
+
+PIECE_TOKENS = 512  # steps of at most this many packed tokens run their layers' dense parts as graphs
+
+
+class _Pieces:
+    """One token bucket's static inputs (hidden states, cos/sin, the attention output) and its
+    pieces: per piece, the captured graph (None until captured) and its outputs."""
+
+    def __init__(self, tokens: int, lb: LeanBatch) -> None:
+        like = lb.embed.weight
+        self.tokens = tokens
+        self.x = torch.zeros(tokens, like.shape[1], dtype=like.dtype, device=like.device)
+        cos, sin = lb.rope(self.x[None], torch.zeros(1, tokens, dtype=torch.long, device=like.device))
+        self.cos, self.sin = torch.zeros_like(cos), torch.zeros_like(sin)
+        self.attn = torch.zeros(tokens, lb.n_heads * lb.head_dim, dtype=like.dtype, device=like.device)
+        self.graphs: list[torch.cuda.CUDAGraph | None] = []
+        self.outs: list[tuple[torch.Tensor, ...]] = []
+
+
+class LayerGraphs:
+    """The dense part of a step with any rows (joining rows' prefill included) as CUDA graphs,
+    attention left eager: for a bucket of packed tokens (`bucket(tokens, 8)`, up to
+    `PIECE_TOKENS`), piece 0 is layer 0's projections, piece l its attention output and MLP of
+    layer l-1 and the projections of layer l, the last piece the last layer's output and MLP.
+    Between pieces the caller's `attend(layer, q, k, v)` writes the keys and values into the
+    cache and attends (ragged rows, join groups: shapes that change every step). The pieces
+    read no cache, so a bucket's graphs serve the whole batch, captured once (from its
+    `GRAPH_AFTER_STEPS`-th step) into one memory pool and replayed in the order captured.
+    `capture=False` runs the same pieces eagerly on the static tensors (the CPU tests)."""
+
+    def __init__(self, batch: SlotBatch, capture: bool = True) -> None:
+        self.batch = weakref.proxy(batch)  # the batch owns its graphs (no cycle)
+        self.capture = capture
+        self.buckets: dict[int, _Pieces] = {}
+        self.uses: dict[int, int] = {}
+        self.steps = 0  # steps whose layers ran through here
+        self.captures = 0  # pieces captured
+        self.capture_s = 0.0
+
+    def ready(self, tokens: int) -> int | None:
+        """Count a step of `tokens` packed tokens; -> its bucket when the step should run here
+        (from the bucket's GRAPH_AFTER_STEPS-th step; never above PIECE_TOKENS), else None."""
+        size = bucket(tokens, 8)
+        if size > PIECE_TOKENS:
+            return None
+        self.uses[size] = self.uses.get(size, 0) + 1
+        return size if self.uses[size] >= GRAPH_AFTER_STEPS else None
+
+    def _piece(self, index: int, pieces: _Pieces) -> tuple[torch.Tensor, ...]:
+        """Piece `index` on the static tensors: layer index-1's attention output and MLP (from
+        the previous piece's hidden states and `pieces.attn`), then layer index's q, k, v."""
+        ops = self.batch.decoder.ops
+        if index == 0:
+            x = pieces.x
+        else:
+            last = ops[index - 1]
+            x = last.mlp(last.attn_out(pieces.outs[index - 1][0], pieces.attn))
+        if index == len(ops):
+            return (x,)
+        return (x, *ops[index].qkv(x, 1, pieces.tokens, pieces.cos, pieces.sin))
+
+    def run(self, size: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The layers over packed tokens x [T, hidden] (rope cos/sin [1, T, 1, hd]) in bucket
+        `size` >= T; `attend(layer, q, k, v)` (each [1, T, heads, hd]) -> the attention output
+        [T, heads * hd]. -> hidden states [T, hidden] after the last layer."""
+        pieces = self.buckets.get(size)
+        if pieces is None:
+            pieces = self.buckets[size] = _Pieces(size, self.batch.decoder)
+        n = x.shape[0]
+        pieces.x[:n] = x
+        pieces.cos[:, :n], pieces.sin[:, :n] = cos, sin
+        self.steps += 1
+        layers = len(self.batch.decoder.ops)
+        if self.capture and not pieces.graphs:
+            self._capture(pieces, layers)
+        for index in range(layers + 1):
+            if pieces.graphs:
+                pieces.graphs[index].replay()
+                out = pieces.outs[index]
+            else:  # uncaptured: the same pieces eagerly
+                out = self._piece(index, pieces)
+                if len(pieces.outs) <= index:
+                    pieces.outs.append(out)
+                else:
+                    pieces.outs[index] = out
+            if index < layers:
+                _, q, k, v = out
+                pieces.attn[:n] = attend(index, q[:, :n], k[:, :n], v[:, :n])
+        return pieces.outs[layers][0][:n]
+
+    def _capture(self, pieces: _Pieces, layers: int) -> None:
+        """Capture every piece of a bucket, in order, into one pool (they read only static
+        tensors and earlier pieces' outputs); a failure leaves them eager."""
+        began = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        try:
+            for index in range(layers + 1):
+                graph, out = capture_graph(lambda i=index: self._piece(i, pieces), pieces.x.device, pool)
+                pieces.graphs.append(graph)
+                pieces.outs.append(out)
+        except RuntimeError as error:  # an op this torch build cannot capture: run eagerly
+            warnings.warn(f"CUDA graph capture of the running batch's layers failed ({error}); running "
+                          "them eagerly (rollout.decode_graphs=false skips the attempt)", stacklevel=3)
+            self.capture = False
+            pieces.graphs, pieces.outs = [], []
+            return
+        self.captures += layers + 1
+        self.capture_s += time.perf_counter() - began
