@@ -520,6 +520,92 @@ def test_graphs_captured_on_a_cache_that_grew_are_not_replayed(model, tok, monke
     check_against_full(model, s.tokens(a), start, graphed[a], 1.0)
 
 
+def test_layer_graphs_serve_the_samplers_later_batches_while_the_weights_stay(model, tok, monkeypatch):
+    """The layers' graphs read only the weights: a second running batch of the same sampler
+    replays the graphs the first captured (no new capture) and samples what eager steps sample;
+    its stats count its own steps. New graphs come when the weights are repacked, a parameter
+    tensor is replaced or the model's train/eval mode changes."""
+    def capture(run, device, pool=None):
+        out = run()
+        return _ReplayGraph(run, out, s.batch), out
+
+    monkeypatch.setattr(slot_graphs, "capture_graph", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+
+    def two_batches(graphs):
+        nonlocal s
+        s = TorchSampler(model, tok, temperature=1.0, seed=8, decode_graphs=graphs, pack_weights=False)
+        outs, stats, captured = [], [], []
+        for round_ in range(2):
+            batch = s.open_batch(max_rows=4)
+            if graphs:
+                batch.layer_graphs.capture = True
+            rows = [s.new_row(tok.encode(t)) for t in TEXTS]
+            for i, r in enumerate(rows):  # a row joins at each of the first steps
+                batch.start(r, 9, RowKey(round_, i, 0))
+                batch.step()
+            run_all(batch, {})
+            outs.append([s.tokens(r) for r in rows])
+            stats.append(batch.stats())
+            captured.append((batch.layer_graphs.captures, batch.layer_graphs.steps) if graphs else (0, 0))
+            for r in rows:
+                s.release(r)
+            s.close_batch()
+        return outs, stats, captured
+
+    s = None
+    graphed, stats, captured = two_batches(True)
+    eager, _, _ = two_batches(False)
+    assert graphed == eager
+    (captures, steps), (captures_after, steps_after) = captured
+    assert captures > 0 and captures_after == captures  # the second batch captured nothing
+    assert stats[0]["layer_graph_steps"] == steps and stats[1]["layer_graph_steps"] == steps_after - steps
+    # the second batch's buckets need no first steps eagerly: more of its steps are graphs
+    assert stats[1]["graph_captures"] == 0 and stats[1]["layer_graph_steps"] > stats[0]["layer_graph_steps"]
+    graphs = s.layer_graphs()
+    assert s.layer_graphs() is graphs
+    with torch.no_grad():  # an optimizer step updates the weights in place: the graphs stay
+        next(model.parameters()).add_(0.0)
+    assert s.layer_graphs() is graphs
+    model.train()
+    try:
+        assert s.layer_graphs() is not graphs
+    finally:
+        model.eval()
+    graphs = s.layer_graphs()
+    weight = next(model.parameters())
+    original = weight.data
+    weight.data = original.clone()  # the weights moved: graphs would read freed memory
+    try:
+        assert s.layer_graphs() is not graphs
+    finally:
+        weight.data = original
+    packed = TorchSampler(model, tok, temperature=1.0, seed=8, decode_graphs=True)
+    if packed._packed_weights() is not None:  # packed copies are rebuilt after an update
+        first = packed.layer_graphs()
+        with torch.no_grad():
+            next(model.parameters()).add_(0.0)
+        assert packed.layer_graphs() is not first
+
+
+def test_a_backends_samplers_share_their_layer_graphs(tok):
+    """A fresh sampler each rollout, one graph cache per backend: the layer graphs captured in
+    one rollout serve the next (a bfloat16 model: no packed copies, the weights stay in place)."""
+    import copy
+
+    from aepo.config import RolloutConfig
+    from aepo.rollout.sampler import TorchBackend
+
+    model = copy.deepcopy(make_model("qwen3", len(tok))).to(torch.bfloat16)
+    backend = TorchBackend(model, tok, RolloutConfig(decode_graphs=True))
+    first, second = backend.sampler(0), backend.sampler(1)
+    first.decode_graphs = second.decode_graphs = True  # (on a CPU: the uncaptured pieces)
+    assert first._packed_weights() is None
+    assert first.layer_graphs() is second.layer_graphs()
+    alone = TorchSampler(model, tok, decode_graphs=True)
+    assert alone.layer_graphs() is not first.layer_graphs()
+
+
 def test_a_bucket_runs_as_a_graph_from_its_nth_step_on_one_cache():
     """A capture costs a few eager steps: a slot bucket runs as a graph only from its
     GRAPH_AFTER_STEPS-th step on the same cache, counted per bucket and again after a grow."""

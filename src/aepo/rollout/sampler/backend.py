@@ -61,12 +61,14 @@ class TorchBackend:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: RolloutConfig) -> None:
         self.model, self.tokenizer, self.cfg = policy_module(model), tokenizer, cfg
+        self.graph_cache: dict = {}  # the samplers' CUDA graphs that outlive one (one sampler at a time)
 
     def sampler(self, seed: int) -> TorchSampler:
         c = self.cfg
         return TorchSampler(self.model, self.tokenizer, temperature=c.temperature, top_p=c.top_p,
                             top_k=c.top_k, seed=seed,
-                            decode_graphs=None if c.decode_graphs else False)  # None: on CUDA only
+                            decode_graphs=None if c.decode_graphs else False,  # None: on CUDA only
+                            graph_cache=self.graph_cache)  # layer graphs kept across rollouts
 
     def sync(self, model: torch.nn.Module) -> None:
         self.model = policy_module(model)

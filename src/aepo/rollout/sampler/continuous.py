@@ -49,7 +49,7 @@ from aepo.rollout.sampler.layout import (
 )
 from aepo.rollout.sampler.lean import LeanBatch, _write
 from aepo.rollout.sampler.running import RunningBatch
-from aepo.rollout.sampler.slot_graphs import LayerGraphs, SlotGraphs, bucket
+from aepo.rollout.sampler.slot_graphs import SlotGraphs, bucket
 from aepo.rollout.sampler.streams import stream_state, uniform_at
 from aepo.types import Generation
 
@@ -109,8 +109,10 @@ class SlotBatch(RunningBatch):
         # decode steps without joining rows as CUDA graphs (`rollout.decode_graphs`; without
         # capture on a CPU, where the tests check the static step)
         self.graphs = SlotGraphs(self, capture=self.s.device.type == "cuda") if sampler.decode_graphs else None
-        # the other steps' (joining rows) layers: their dense parts as graphs, attention eager
-        self.layer_graphs = LayerGraphs(self, capture=self.s.device.type == "cuda") if sampler.decode_graphs else None
+        # the other steps' (joining rows) layers: their dense parts as graphs, attention eager;
+        # the sampler's, kept across batches (the counters below are this batch's)
+        self.layer_graphs = sampler.layer_graphs() if sampler.decode_graphs else None
+        self._layer_counts = self._layer_graph_counts()
 
     # ---------------------------------------------------------------- rows in and out
 
@@ -223,10 +225,21 @@ class SlotBatch(RunningBatch):
                 "parked_evicted": self.evicted, "slot_reorders": self.reorders,
                 "attention_cells_padded": self.decode_cells, "attention_cells_read": self.read_cells,
                 "attention_cells_used": self.used_cells,
-                "graph_steps": self.graphs.steps if self.graphs else 0,
-                "layer_graph_steps": self.layer_graphs.steps if self.layer_graphs else 0,
-                "graph_captures": sum(g.captures for g in (self.graphs, self.layer_graphs) if g),
-                "graph_capture_s": sum(g.capture_s for g in (self.graphs, self.layer_graphs) if g)}
+                **self._graph_stats()}
+
+    def _layer_graph_counts(self) -> tuple[int, int, float]:
+        g = self.layer_graphs
+        return (g.steps, g.captures, g.capture_s) if g is not None else (0, 0, 0.0)
+
+    def _graph_stats(self) -> dict[str, float]:
+        """This batch's CUDA-graph counters: whole steps, steps whose layers ran as graphs, and
+        the graphs captured and the seconds that took (the sampler's layer graphs count from the
+        batch's start)."""
+        steps, captures, seconds = (now - then for now, then in zip(self._layer_graph_counts(), self._layer_counts))
+        whole = self.graphs
+        return {"graph_steps": whole.steps if whole else 0, "layer_graph_steps": steps,
+                "graph_captures": captures + (whole.captures if whole else 0),
+                "graph_capture_s": seconds + (whole.capture_s if whole else 0.0)}
 
     @property
     def columns(self) -> int:
@@ -496,7 +509,7 @@ class SlotBatch(RunningBatch):
 
         if size is not None:
             assert self.layer_graphs is not None
-            return self.layer_graphs.run(size, x, cos, sin, attend)
+            return self.layer_graphs.run(size, lb, x, cos, sin, attend)
         for index, ops in enumerate(lb.ops):
             q, k, v = ops.qkv(x, 1, x.shape[0], cos, sin)  # [1, T, heads, hd]
             x = ops.mlp(ops.attn_out(x, attend(index, q, k, v)))

@@ -32,7 +32,7 @@ from aepo.rollout.sampler.lean import GRAPH_COLUMNS, capture_graph
 
 if TYPE_CHECKING:
     from aepo.rollout.sampler.continuous import SlotBatch
-    from aepo.rollout.sampler.lean import LeanBatch
+    from aepo.rollout.sampler.lean import LeanBatch, _LayerOps
 
 __all__ = ["LayerGraphs", "SlotGraphs", "bucket"]
 
@@ -150,12 +150,12 @@ class LayerGraphs:
     layer l-1 and the projections of layer l, the last piece the last layer's output and MLP.
     Between pieces the caller's `attend(layer, q, k, v)` writes the keys and values into the
     cache and attends (ragged rows, join groups: shapes that change every step). The pieces
-    read no cache, so a bucket's graphs serve the whole batch, captured once (from its
-    `GRAPH_AFTER_STEPS`-th step) into one memory pool and replayed in the order captured.
-    `capture=False` runs the same pieces eagerly on the static tensors (the CPU tests)."""
+    read no cache, only the weights, so they outlive a running batch (`TorchSampler.layer_graphs`,
+    shared by a backend's samplers while the weights stay where they are): a bucket is captured
+    once (from its `GRAPH_AFTER_STEPS`-th step) into one memory pool and replayed in the order
+    captured. `capture=False` runs the same pieces eagerly on the static tensors (the CPU tests)."""
 
-    def __init__(self, batch: SlotBatch, capture: bool = True) -> None:
-        self.batch = weakref.proxy(batch)  # the batch owns its graphs (no cycle)
+    def __init__(self, capture: bool = True) -> None:
         self.capture = capture
         self.buckets: dict[int, _Pieces] = {}
         self.uses: dict[int, int] = {}
@@ -172,10 +172,10 @@ class LayerGraphs:
         self.uses[size] = self.uses.get(size, 0) + 1
         return size if self.uses[size] >= GRAPH_AFTER_STEPS else None
 
-    def _piece(self, index: int, pieces: _Pieces) -> tuple[torch.Tensor, ...]:
+    @staticmethod
+    def _piece(index: int, pieces: _Pieces, ops: list[_LayerOps]) -> tuple[torch.Tensor, ...]:
         """Piece `index` on the static tensors: layer index-1's attention output and MLP (from
         the previous piece's hidden states and `pieces.attn`), then layer index's q, k, v."""
-        ops = self.batch.decoder.ops
         if index == 0:
             x = pieces.x
         else:
@@ -185,27 +185,28 @@ class LayerGraphs:
             return (x,)
         return (x, *ops[index].qkv(x, 1, pieces.tokens, pieces.cos, pieces.sin))
 
-    def run(self, size: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def run(self, size: int, lb: LeanBatch, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The layers over packed tokens x [T, hidden] (rope cos/sin [1, T, 1, hd]) in bucket
-        `size` >= T; `attend(layer, q, k, v)` (each [1, T, heads, hd]) -> the attention output
-        [T, heads * hd]. -> hidden states [T, hidden] after the last layer."""
+        """The layers of `lb` (the batch's forward) over packed tokens x [T, hidden] (rope
+        cos/sin [1, T, 1, hd]) in bucket `size` >= T; `attend(layer, q, k, v)` (each [1, T,
+        heads, hd]) -> the attention output [T, heads * hd]. -> hidden states [T, hidden] after
+        the last layer."""
         pieces = self.buckets.get(size)
         if pieces is None:
-            pieces = self.buckets[size] = _Pieces(size, self.batch.decoder)
+            pieces = self.buckets[size] = _Pieces(size, lb)
         n = x.shape[0]
         pieces.x[:n] = x
         pieces.cos[:, :n], pieces.sin[:, :n] = cos, sin
         self.steps += 1
-        layers = len(self.batch.decoder.ops)
+        layers = len(lb.ops)
         if self.capture and not pieces.graphs:
-            self._capture(pieces, layers)
+            self._capture(pieces, lb.ops)
         for index in range(layers + 1):
             if pieces.graphs:
                 pieces.graphs[index].replay()
                 out = pieces.outs[index]
             else:  # uncaptured: the same pieces eagerly
-                out = self._piece(index, pieces)
+                out = self._piece(index, pieces, lb.ops)
                 if len(pieces.outs) <= index:
                     pieces.outs.append(out)
                 else:
@@ -215,14 +216,15 @@ class LayerGraphs:
                 pieces.attn[:n] = attend(index, q[:, :n], k[:, :n], v[:, :n])
         return pieces.outs[layers][0][:n]
 
-    def _capture(self, pieces: _Pieces, layers: int) -> None:
+    def _capture(self, pieces: _Pieces, ops: list[_LayerOps]) -> None:
         """Capture every piece of a bucket, in order, into one pool (they read only static
         tensors and earlier pieces' outputs); a failure leaves them eager."""
         began = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
+        layers = len(ops)
         try:
             for index in range(layers + 1):
-                graph, out = capture_graph(lambda i=index: self._piece(i, pieces), pieces.x.device, pool)
+                graph, out = capture_graph(lambda i=index: self._piece(i, pieces, ops), pieces.x.device, pool)
                 pieces.graphs.append(graph)
                 pieces.outs.append(out)
         except RuntimeError as error:  # an op this torch build cannot capture: run eagerly

@@ -61,6 +61,7 @@ from aepo.rollout.sampler.lean import (
     supports_lean_forward,
 )
 from aepo.rollout.sampler.rows import Row, RowTable
+from aepo.rollout.sampler.slot_graphs import LayerGraphs
 from aepo.rollout.sampler.stops import StopSpec, segment_finish, stop_spec
 from aepo.types import Generation
 
@@ -87,7 +88,8 @@ class TorchSampler(RowTable):
     when the architecture supports it); `pack_weights` allows (default) or forbids its packed
     variant for small float32 models; `decode_graphs` replays each lean decode step as a CUDA
     graph (default: on for CUDA; `True` on a CPU runs the same static-shape steps without
-    capture, which the tests use to check them).
+    capture, which the tests use to check them); `graph_cache`: a dict shared by the samplers of
+    one model (a backend's), where the running batches' layer graphs outlive a sampler.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class TorchSampler(RowTable):
         lean: bool | None = None,
         pack_weights: bool | None = None,
         decode_graphs: bool | None = None,
+        graph_cache: dict | None = None,
     ) -> None:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -151,6 +154,9 @@ class TorchSampler(RowTable):
         self.steps = 0  # sampling steps of `generate` (its prefill's first token included)
         self.row_steps = 0  # tokens sampled by them
         self._packed: PackedModel | None = None
+        # "layers": (packed weights, parameter addresses and mode, the LayerGraphs captured on
+        # them); a backend passes one dict to all its samplers, so the graphs outlive a rollout
+        self._graph_cache = {} if graph_cache is None else graph_cache
 
     # ---------------------------------------------------------------- row bookkeeping
 
@@ -195,6 +201,17 @@ class TorchSampler(RowTable):
             raise ValueError("this sampler already has a running batch")
         self.batch = SlotBatch(self, stop, max_rows)
         return self.batch
+
+    def layer_graphs(self) -> LayerGraphs:
+        """The running batches' layer graphs (`LayerGraphs`), kept while the weights they were
+        captured on stay where they are: the same packed copies, the same parameter tensors and
+        the same train/eval mode (a graph replays what it captured, wherever the weights went)."""
+        packed = self._packed_weights()
+        where = (tuple(p.data_ptr() for p in self.model.parameters()), self.model.training)
+        kept = self._graph_cache.get("layers")
+        if kept is None or kept[0] is not packed or kept[1] != where:  # held, so `is` is safe
+            kept = self._graph_cache["layers"] = (packed, where, LayerGraphs(capture=self.device.type == "cuda"))
+        return kept[2]
 
     def close_batch(self) -> None:
         """End the running batch (its rows keep their tokens and cache chunks)."""
