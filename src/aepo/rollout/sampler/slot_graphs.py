@@ -1,4 +1,4 @@
-"""CUDA graphs for the running batch's decode steps (`SlotBatch`, `rollout.scheduler=continuous`).
+"""CUDA graphs for the running batch's steps (`SlotBatch`, `rollout.scheduler=continuous`).
 
 At real model sizes an eager GPU decode step is bound by kernel launches (`DecodeGraphs` in
 `aepo.rollout.sampler.lean` says by how much). A step of the running batch in which no row
@@ -10,12 +10,15 @@ masked per slot). One graph is kept per slot bucket; it is captured again when i
 needs a wider window, and all are dropped when the cache is reallocated (it grew). A bucket
 runs as a graph from its `GRAPH_AFTER_STEPS`-th step on the same cache: a capture costs a few
 eager steps, and while rows join and the cache grows, a bucket often lasts fewer steps than
-that. Steps in which rows join (their pending tokens run in the same forward) run eagerly.
+that. Its inputs are one static [4, bucket] tensor (each slot's token, position, column to
+write and columns to attend over) refilled by one copy; the logits are the graph's output
+buffer, valid until the next step. Sampling stays outside the graph.
 
-The inputs are one static [4, bucket] tensor (each slot's token, position, column to write and
-columns to attend over) refilled by one copy; the logits are the graph's output buffer, valid
-until the next step. Sampling stays outside the graph. `capture=False` runs the same static
-step eagerly (any device: what the CPU tests check).
+A step in which rows join (their pending tokens run in the same forward) has shapes that
+change every step in its attention only: `LayerGraphs` replays each layer's projections and MLP
+as graphs per bucket of packed tokens and runs the attention eagerly between them.
+
+`capture=False` runs the same static steps eagerly (any device: what the CPU tests check).
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LayerGraphs", "SlotGraphs", "bucket"]
 
-GRAPH_AFTER_STEPS = 4  # a slot bucket's steps on one cache before it runs (and is captured) as a graph
+GRAPH_AFTER_STEPS = 4  # a bucket's steps (on one cache, for SlotGraphs) before it runs as a graph
 
 
 def bucket(n: int, unit: int = 1) -> int:
