@@ -44,6 +44,13 @@ def truncate_chunks(chunks: list[Chunk], n: int) -> list[Chunk]:
     return kept
 
 
+def _span_index(spans: list[tuple[int, int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (slot, column) index pairs of (slot, start, end) spans, in order, on `device`."""
+    slots = torch.tensor([slot for slot, a, b in spans for _ in range(b - a)], dtype=torch.long)
+    cols = torch.tensor([c for _, a, b in spans for c in range(a, b)], dtype=torch.long)
+    return slots.to(device), cols.to(device)
+
+
 def take_spans(keys: list[torch.Tensor], values: list[torch.Tensor], spans: list[tuple[int, int, int]],
                free: bool = False) -> list[Chunk]:
     """Chunks of (slot, start, end) column spans of a per-layer cache [B, kv_heads, S, head_dim]:
@@ -51,10 +58,7 @@ def take_spans(keys: list[torch.Tensor], values: list[torch.Tensor], spans: list
     of which each chunk holds a view. `free`: drop each layer from `keys`/`values` once copied."""
     if not spans:
         return []
-    device = keys[0].device
-    slot_index = torch.tensor([slot for slot, a, b in spans for _ in range(b - a)], dtype=torch.long)
-    col_index = torch.tensor([c for _, a, b in spans for c in range(a, b)], dtype=torch.long)
-    slot_index, col_index = slot_index.to(device), col_index.to(device)
+    slot_index, col_index = _span_index(spans, keys[0].device)
     bounds = [0]
     for _, a, b in spans:
         bounds.append(bounds[-1] + b - a)
@@ -76,11 +80,8 @@ def put_chunks(keys: list[torch.Tensor], values: list[torch.Tensor],
     (the inverse of `take_spans`)."""
     if not placed:
         return
-    device = keys[0].device
-    slot_index = torch.tensor([slot for slot, _, c in placed for _ in range(chunk_length(c))], dtype=torch.long)
-    col_index = torch.tensor([j for _, col, c in placed for j in range(col, col + chunk_length(c))],
-                             dtype=torch.long)
-    slot_index, col_index = slot_index.to(device), col_index.to(device)
+    slot_index, col_index = _span_index([(slot, col, col + chunk_length(c)) for slot, col, c in placed],
+                                        keys[0].device)
     for side, cache in enumerate((keys, values)):
         for index, layer in enumerate(cache):
             parts = [chunk[side][index] for _, _, chunk in placed]

@@ -13,7 +13,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,8 @@ from aepo.rollout.sampler.layout import (
     prefill_mask,
     take_spans,
 )
+
+T = TypeVar("T")
 
 LEAN_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position only
@@ -598,18 +600,27 @@ class DecodeGraphs:
         if not self.capture:
             return self._run()
         if self.graph is None:
-            try:
-                self.graph, self.out = self._capture()
-            except RuntimeError as error:  # an op this torch build cannot capture: run eagerly
-                warnings.warn(f"CUDA graph capture of the decode step failed ({error}); decoding "
-                              "eagerly (rollout.decode_graphs=false skips the attempt)", stacklevel=2)
+            captured = capture_or_warn(self._capture, "the decode step")
+            if captured is None:
                 self.capture = False
                 return self._run()
+            self.graph, self.out = captured
         self.graph.replay()
         return self.out
 
     def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         return capture_graph(self._run, self.tokens.device)
+
+
+def capture_or_warn(capture: Callable[[], T], what: str) -> T | None:
+    """`capture()`, or None after a warning when this torch build cannot capture `what` (an op
+    that is not capturable): the caller then runs it eagerly."""
+    try:
+        return capture()
+    except RuntimeError as error:
+        warnings.warn(f"CUDA graph capture of {what} failed ({error}); running it eagerly "
+                      "(rollout.decode_graphs=false skips the attempt)", stacklevel=3)
+        return None
 
 
 def capture_graph(run: Callable[[], Any], device: torch.device, pool: Any = None) -> tuple[torch.cuda.CUDAGraph, Any]:

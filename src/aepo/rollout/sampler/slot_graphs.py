@@ -23,7 +23,6 @@ as graphs per bucket of packed tokens and runs the attention eagerly between the
 from __future__ import annotations
 
 import time
-import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from aepo.rollout.sampler.lean import GRAPH_COLUMNS, capture_graph
+from aepo.rollout.sampler.lean import GRAPH_COLUMNS, capture_graph, capture_or_warn
 
 if TYPE_CHECKING:
     from aepo.rollout.sampler.continuous import SlotBatch
@@ -114,14 +113,13 @@ class SlotGraphs:
             return run(), g.window
         if g.graph is None:
             began = time.perf_counter()
-            try:
-                g.graph, g.out = capture_graph(run, g.inputs.device)
-            except RuntimeError as error:  # an op this torch build cannot capture: run eagerly
-                warnings.warn(f"CUDA graph capture of the running batch's decode step failed ({error}); "
-                              "decoding eagerly (rollout.decode_graphs=false skips the attempt)", stacklevel=2)
+            captured = capture_or_warn(lambda: capture_graph(run, g.inputs.device),
+                                       "the running batch's decode step")
+            if captured is None:
                 self.capture = False
                 self.graphs.clear()
                 return run(), g.window
+            g.graph, g.out = captured
             self.captures += 1
             self.capture_s += time.perf_counter() - began
         g.graph.replay()
@@ -225,14 +223,15 @@ class LayerGraphs:
         began = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         layers = len(ops)
-        try:
-            for index in range(layers + 1):
+
+        def capture_all() -> bool:
+            for index in range(layers + 1):  # piece i reads piece i-1's output: captured in order
                 graph, out = capture_graph(lambda i=index: self._piece(i, pieces, ops), pieces.x.device, pool)
                 pieces.graphs.append(graph)
                 pieces.outs.append(out)
-        except RuntimeError as error:  # an op this torch build cannot capture: run eagerly
-            warnings.warn(f"CUDA graph capture of the running batch's layers failed ({error}); running "
-                          "them eagerly (rollout.decode_graphs=false skips the attempt)", stacklevel=3)
+            return True
+
+        if capture_or_warn(capture_all, "the running batch's layers") is None:
             self.capture = False
             pieces.graphs, pieces.outs = [], []
             return
