@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_torch_sampler import check_against_full, make_model
 
-from aepo.rollout.sampler import TorchSampler, continuous, slot_graphs
+from aepo.rollout.sampler import TorchSampler, capture, continuous, slot_graphs
 from aepo.rollout.sampler.continuous import _join_groups, decode_segments
 from aepo.rollout.sampler.slot_graphs import bucket
 from aepo.rollout.sampler.streams import RowKey, row_uniform, stream_state, uniform_at
@@ -365,6 +365,11 @@ class _ReplayGraph:
     def __init__(self, run, out, batch):
         self.run, self.out, self.batch = run, out, batch
         self.bound = (list(batch.keys), list(batch.values), batch.decoder)
+        self.static: set[int] = set()  # outputs that are static inputs (a layer piece's hidden states)
+
+    def written(self):
+        """The output buffers the graph writes (not those that are its own static inputs)."""
+        return [t for t in (self.out if isinstance(self.out, tuple) else (self.out,)) if t.data_ptr() not in self.static]
 
     def replay(self):
         b = self.batch
@@ -376,6 +381,25 @@ class _ReplayGraph:
                 out.copy_(new)
         finally:
             b.keys, b.values, b.decoder = now
+
+
+def _stand_in_capture(monkeypatch, batch, graph=_ReplayGraph):
+    """Capture with `graph` (a _ReplayGraph class) in place of CUDA's: `capture.capture_graph`
+    still replays it once and checks the replay against the eager warm-up."""
+    if graph is True:
+        graph = _ReplayGraph
+
+    def record(run, device, pool=None):
+        eager = run()
+        out = run()  # the graph's own output buffers: unwritten until a replay, as on CUDA
+        g = graph(run, out, batch())
+        g.static = {t.data_ptr() for t in (eager if isinstance(eager, tuple) else (eager,))}
+        for t in g.written():
+            t.fill_(float("nan"))
+        return g, out, eager
+
+    monkeypatch.setattr(capture, "record_graph", record)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
 
 
 def _graph_rollout(model, tok, graphs, monkeypatch, fake_capture=False):
@@ -394,11 +418,7 @@ def _graph_rollout(model, tok, graphs, monkeypatch, fake_capture=False):
     monkeypatch.setattr(slot_graphs.SlotGraphs, "step", step)
     s = TorchSampler(model, tok, temperature=1.0, seed=7, decode_graphs=graphs)
     if fake_capture:
-        def capture(run, device, pool=None):
-            out = run()
-            return _ReplayGraph(run, out, s.batch), out
-        monkeypatch.setattr(slot_graphs, "capture_graph", capture)
-        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+        _stand_in_capture(monkeypatch, lambda: s.batch, fake_capture)
     batch = s.open_batch(max_rows=6)
     if fake_capture:
         batch.graphs.capture = batch.layer_graphs.capture = True
@@ -484,15 +504,73 @@ def test_graph_replays_read_the_refilled_inputs_and_recapture_when_needed(model,
     assert len({version for version, _, _ in keys}) >= 2  # recaptured after the cache grew
 
 
+class _StaleGraph(_ReplayGraph):
+    """A graph whose replay computes nothing: its output buffers keep what the capture left."""
+
+    def replay(self):
+        pass
+
+
+class _DriftingGraph(_ReplayGraph):
+    """A graph whose replay is 5% off the eager step (a kernel reading the wrong memory)."""
+
+    def replay(self):
+        super().replay()
+        for out in self.written():
+            out.mul_(1.05)
+
+
+@pytest.mark.parametrize("graph", [_StaleGraph, _DriftingGraph])
+def test_a_graph_whose_first_replay_differs_from_the_eager_step_is_not_used(model, tok, monkeypatch, graph):
+    """`capture_graph` replays each graph once and compares it with the eager warm-up: a replay
+    that computes nothing or drifts is caught at capture, both kinds of graph fall back to eager
+    steps with a warning, and the rollout samples what it samples eagerly."""
+    with pytest.warns(UserWarning, match="first replay") as caught:
+        s, graphed, starts, batch, _ = _graph_rollout(model, tok, True, monkeypatch, fake_capture=graph)
+    said = " ".join(str(w.message) for w in caught)
+    assert "running batch's decode step failed" in said and "running batch's layers failed" in said
+    assert batch.graphs.capture is False and batch.layer_graphs.capture is False
+    assert batch.stats()["graph_captures"] == 0
+    _, eager, _, _, _ = _graph_rollout(model, tok, False, monkeypatch)
+    for row, gens in graphed.items():
+        for gen, again, start in zip(gens, eager[row], starts[row]):
+            assert gen.token_ids == again.token_ids
+            check_against_full(model, s.tokens(row), start, gen, 1.0)
+
+
+def test_check_replay_compares_shapes_non_finite_entries_and_values():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 10
+    logits[5] = float("nan")  # a free slot of a bucket may give non-finite logits: the same ones
+    q = torch.randn(1, 8, 2, 4)
+    capture.check_replay(logits.clone(), logits)
+    capture.check_replay((logits.clone(), q.clone()), [logits, q])
+    capture.check_replay(logits + 1e-4 * logits.nan_to_num().abs().max(), logits)  # rounding
+    capture.check_replay(torch.zeros(3), torch.zeros(3))
+    half = logits.to(torch.bfloat16)  # compared in their own dtype
+    capture.check_replay(half.clone(), half)
+    with pytest.raises(capture.ReplayMismatch, match="by 0.05"):
+        capture.check_replay(half * 1.05, half)
+    bad = {
+        "differs from the eager step by": logits * 1.05,
+        "non-finite": logits.nan_to_num(),
+        "shape": logits[:5],
+        "outputs": (logits.clone(),),
+    }
+    for match, replayed in bad.items():
+        with pytest.raises(capture.ReplayMismatch, match=match):
+            capture.check_replay(replayed, (logits, q) if match == "outputs" else logits)
+    with pytest.raises(capture.ReplayMismatch, match="non-finite"):
+        capture.check_replay(torch.full((3,), float("nan")), torch.zeros(3))
+    assert issubclass(capture.ReplayMismatch, RuntimeError)  # capture_or_warn turns it into a warning
+    capture.check_replay(logits * 1.05, logits, tolerance=0.06)
+
+
 def test_graphs_captured_on_a_cache_that_grew_are_not_replayed(model, tok, monkeypatch):
     """A row decodes alone long enough for its bucket's graph to be captured; a second row joins
     (the cache grows a slot) and leaves at once; the first row's bucket is the same again but
     its graph, bound to the old cache, must be captured anew: the tokens match the eager step's
     and a full forward."""
-    def capture(run, device):
-        out = run()
-        return _ReplayGraph(run, out, s.batch), out
-
     def rollout(graphs):
         nonlocal s
         s = TorchSampler(model, tok, temperature=1.0, seed=2, decode_graphs=graphs)
@@ -511,7 +589,7 @@ def test_graphs_captured_on_a_cache_that_grew_are_not_replayed(model, tok, monke
         return a, out, batch
 
     s = None
-    monkeypatch.setattr(slot_graphs, "capture_graph", capture)
+    _stand_in_capture(monkeypatch, lambda: s.batch)
     a, graphed, batch = rollout(True)
     assert batch.cache_version >= 2 and batch.graphs.captures >= 2
     start = len(s.tokens(a)) - len(graphed[a].token_ids)
@@ -525,12 +603,7 @@ def test_layer_graphs_serve_the_samplers_later_batches_while_the_weights_stay(mo
     replays the graphs the first captured (no new capture) and samples what eager steps sample;
     its stats count its own steps. New graphs come when the weights are repacked, a parameter
     tensor is replaced or the model's train/eval mode changes."""
-    def capture(run, device, pool=None):
-        out = run()
-        return _ReplayGraph(run, out, s.batch), out
-
-    monkeypatch.setattr(slot_graphs, "capture_graph", capture)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    _stand_in_capture(monkeypatch, lambda: s.batch)
 
     def two_batches(graphs):
         nonlocal s
@@ -625,7 +698,7 @@ def test_a_failed_capture_of_the_layer_pieces_runs_them_eagerly(model, tok, monk
     def refuse(run, device, pool=None):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(slot_graphs, "capture_graph", refuse)
+    monkeypatch.setattr(capture, "record_graph", refuse)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     s = TorchSampler(model, tok, temperature=1.0, seed=1, decode_graphs=True)
     batch = s.open_batch(max_rows=4)
@@ -648,10 +721,10 @@ def test_a_failed_capture_of_the_layer_pieces_runs_them_eagerly(model, tok, monk
 
 
 def test_a_failed_capture_of_the_slot_step_decodes_eagerly(model, tok, monkeypatch):
-    def refuse(run, device):
+    def refuse(run, device, pool=None):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(slot_graphs, "capture_graph", refuse)
+    monkeypatch.setattr(capture, "record_graph", refuse)
     s = TorchSampler(model, tok, temperature=1.0, seed=1, decode_graphs=True)
     batch = s.open_batch(max_rows=4)
     batch.graphs.capture = True

@@ -9,15 +9,13 @@ step) and fuses the residual adds, so a CPU decode step runs about half as many 
 """
 from __future__ import annotations
 
-import warnings
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 
+from aepo.rollout.sampler.capture import capture_graph, capture_or_warn
 from aepo.rollout.sampler.layout import (
     PREFILL_PASS_OVERHEAD_TOKENS,
     PREFILL_SCORE_BUDGET,
@@ -28,8 +26,6 @@ from aepo.rollout.sampler.layout import (
     prefill_mask,
     take_spans,
 )
-
-T = TypeVar("T")
 
 LEAN_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position only
@@ -610,32 +606,3 @@ class DecodeGraphs:
 
     def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         return capture_graph(self._run, self.tokens.device)
-
-
-def capture_or_warn(capture: Callable[[], T], what: str) -> T | None:
-    """`capture()`, or None after a warning when this torch build cannot capture `what` (an op
-    that is not capturable): the caller then runs it eagerly."""
-    try:
-        return capture()
-    except RuntimeError as error:
-        warnings.warn(f"CUDA graph capture of {what} failed ({error}); running it eagerly "
-                      "(rollout.decode_graphs=false skips the attempt)", stacklevel=3)
-        return None
-
-
-def capture_graph(run: Callable[[], Any], device: torch.device, pool: Any = None) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """Capture `run` (a step whose inputs are static tensors refilled before each replay) as a
-    CUDA graph -> (graph, its output). It is warmed up on a side stream first (allocator and
-    library handles); the warm-up and the capture write that step's keys and values, which a
-    replay writes again. `pool`: a memory pool shared with graphs replayed in capture order."""
-    with torch.cuda.device(device):  # the model's GPU, whichever is current
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            run()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()  # its own memory pool (or `pool`), freed with it
-        # other threads (tool workers, a server's other requests) may use CUDA meanwhile
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            out = run()
-    return graph, out

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from aepo.rollout.sampler.lean import GRAPH_COLUMNS, capture_graph, capture_or_warn
+from aepo.rollout.sampler.capture import capture_graph, capture_or_warn
+from aepo.rollout.sampler.lean import GRAPH_COLUMNS
 
 if TYPE_CHECKING:
     from aepo.rollout.sampler.continuous import SlotBatch
