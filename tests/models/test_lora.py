@@ -229,6 +229,22 @@ def test_sampler_samples_from_the_adapted_model(tmp_path):
     assert torch.allclose(torch.tensor(gen2.logprobs), want2, atol=1e-4)
 
 
+def test_layer_graphs_are_not_replayed_across_adapters_on_and_off():
+    """The running batch's layer graphs (`TorchSampler.layer_graphs`) of an unpacked LoRA model
+    call its LoRA layers: captured with the adapters on, they would replay them under
+    `adapters_disabled` too, so the flag is part of what keeps them."""
+    model = apply_lora(tiny_model(arch="llama"), LoraConfig(rank=4))
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=1)
+    s = TorchSampler(policy_module(model), tok, temperature=1.0, seed=3, eos_token_ids=[1],
+                     pack_weights=False, decode_graphs=True)
+    graphs = s.layer_graphs()
+    assert s.layer_graphs() is graphs
+    with adapters_disabled(model):
+        off = s.layer_graphs()
+        assert off is not graphs and s.layer_graphs() is off
+    assert s.layer_graphs() is not off
+
+
 # ----------------------------------------------------------------------------- sync check
 
 

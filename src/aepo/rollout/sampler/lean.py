@@ -119,12 +119,16 @@ def _is_rms_norm(module: torch.nn.Module) -> bool:
     return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
 
 
+def adapter_flags(model: torch.nn.Module) -> tuple[int, ...]:
+    """Whether each LoRA layer's adapters are disabled (peft's `disable_adapter()` flips a flag,
+    not a parameter, so nothing else tells a computation made under it from one made outside)."""
+    return tuple(int(bool(m.disable_adapters)) for m in model.modules() if _lora_layer(m) is not None)
+
+
 def parameter_versions(model: torch.nn.Module) -> tuple[int, ...]:
-    """Every parameter's version counter, and whether each LoRA layer's adapters are disabled
-    (peft's `disable_adapter()` flips a flag, not a parameter): packed copies made under
-    other values are stale."""
-    flags = tuple(int(bool(m.disable_adapters)) for m in model.modules() if _lora_layer(m) is not None)
-    return tuple(p._version for p in model.parameters()) + flags
+    """Every parameter's version counter and the adapter flags (`adapter_flags`): packed copies
+    made under other values are stale."""
+    return tuple(p._version for p in model.parameters()) + adapter_flags(model)
 
 
 def _lora_layer(module: torch.nn.Module) -> torch.nn.Linear | None:

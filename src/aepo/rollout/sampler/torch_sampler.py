@@ -56,6 +56,7 @@ from aepo.rollout.sampler.lean import (
     LEAN_MODEL_TYPES,
     LeanBatch,
     PackedModel,
+    adapter_flags,
     pack_llama_weights,
     parameter_versions,
     supports_lean_forward,
@@ -204,10 +205,12 @@ class TorchSampler(RowTable):
 
     def layer_graphs(self) -> LayerGraphs:
         """The running batches' layer graphs (`LayerGraphs`), kept while the weights they were
-        captured on stay where they are: the same packed copies, the same parameter tensors and
-        the same train/eval mode (a graph replays what it captured, wherever the weights went)."""
+        captured on stay where they are: the same packed copies, the same parameter tensors, the
+        same train/eval mode and LoRA adapters on or off alike (a graph replays what it captured,
+        wherever the weights went and whatever a flag now says)."""
         packed = self._packed_weights()
-        where = (tuple(p.data_ptr() for p in self.model.parameters()), self.model.training)
+        where = (tuple(p.data_ptr() for p in self.model.parameters()), self.model.training,
+                 adapter_flags(self.model))
         kept = self._graph_cache.get("layers")
         if kept is None or kept[0] is not packed or kept[1] != where:  # held, so `is` is safe
             kept = self._graph_cache["layers"] = (packed, where, LayerGraphs(capture=self.device.type == "cuda"))
