@@ -19,6 +19,9 @@ unlimited rows and instant tools would need, AEPO's probe before its prompt's ro
 counters (`tool_grace_waits`, `tool_grace_timeouts`) and, for the torch backend's running batch,
 `BATCH_COUNTERS` (its peak cache, parked rows, slot sorts and decode attention cells).
 
+`--await-tools` makes the continuous scheduler wait for every step's tool calls before the next
+step (a measurement, not a setting): the steps a schedule takes without the tools' latency.
+
 `--step-cost` times instead one step of the continuous batch (`SlotBatch.step`: the forward,
 sampling and bookkeeping) of the model at several numbers of rows, each row holding
 `--columns` cached tokens: where a step at many rows costs about what it costs at few, fewer
@@ -137,6 +140,19 @@ def step_cost(model_dir: Path, rows_list: list[int], columns: int, steps: int = 
     return out
 
 
+def await_every_tool_call() -> None:
+    """Make the continuous scheduler's tool grace wait for the step's calls however long they take."""
+    from concurrent.futures import wait
+
+    from aepo.rollout.scheduler import ContinuousScheduler
+
+    def grace(self, submitted) -> None:  # type: ignore[no-untyped-def]
+        self.grace_waits += 1
+        wait([submitted])
+
+    ContinuousScheduler._tool_grace = grace
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo", type=Path, default=Path("runs/demo"),
@@ -154,7 +170,11 @@ def main() -> None:
     ap.add_argument("--step-cost", type=int, nargs="+", default=None, metavar="ROWS",
                     help="time one continuous-batch step at these numbers of rows instead (e.g. 8 32 128)")
     ap.add_argument("--columns", type=int, default=256, help="--step-cost: cached tokens of every row")
+    ap.add_argument("--await-tools", action="store_true",
+                    help="continuous: wait for every step's tool calls before the next step (no tool latency)")
     args = ap.parse_args()
+    if args.await_tools:
+        await_every_tool_call()
     if not (args.model or args.demo / "sft").is_dir():
         raise SystemExit(f"{args.model or args.demo / 'sft'} not found: run `aepo demo` first or pass --demo / --model")
     if args.step_cost:

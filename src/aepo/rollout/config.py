@@ -36,7 +36,8 @@ class RolloutConfig:
     # continuous scheduler: start the rows a pending decision may make before it is taken (a
     # branch at its fork point, AEPO's global rows beside its probe, the fills beside the rows
     # they fill for) and drop those it does not make. The same trees; fewer steps (with quick
-    # tools, the critical path's) for more tokens (docs/algorithms.md section 3.5)
+    # tools, the critical path's) for more tokens, given room: with max_active_rows far below
+    # the rows a rollout holds it can take more steps than without (docs/algorithms.md section 3.5)
     speculate: bool = False
     # how the model calls tools (`aepo.formats`): "tags" the paper's <search> ... </search> protocol
     # (aepo's own models), "hermes" JSON in <tool_call> ... </tool_call> with results as `tool`

@@ -229,10 +229,11 @@ class ContinuousScheduler:
             g = self.root_queue.popleft()
             self.batch.start(g.root, self.cfg.n_probe, RowKey(2, g.index, 0))
         budget = self.cfg.max_response_tokens
-        if len(self.ready) > self.batch.free:
+        if self.speculate and len(self.ready) > self.batch.free:
             # more rows wait than the batch has room for: the trees' own rows before speculative
-            # ones (which a decision may drop), each earliest in logical time first; no token
-            # changes, only when it is sampled (benchmarks/RESULTS.md, "Continuous batching")
+            # ones (which a decision may drop), each earliest in logical time first (without
+            # speculation, first come first served measured as well). No token changes, only
+            # when it is sampled (benchmarks/RESULTS.md, "Continuous batching, fifth round")
             self.ready = deque(sorted(self.ready, key=lambda s: (id(s) in self.spec, self.clock[id(s)])))
         while self.ready and self.batch.free > 0:
             s = self.ready.popleft()
