@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from aepo.rollout.sampler.streams import stream_state
 from aepo.types import Generation, SegmentRecord, ToolCall, Trajectory
 
 SPECIAL_TOKENS = [
@@ -309,10 +310,14 @@ class _ScriptedBatch:
 
     def start(self, row: int, budget: int, key: Sequence[int]) -> None:
         assert row not in self.rows and len(self.rows) < self.max_rows and budget >= 1
-        kind, _, row_id = key
+        if len(key) == 3:  # (kind, prompt, row_id): a group row, a probe, a root sample
+            kind, _, row_id = key
+            draw = row_id + 100 * kind
+        else:  # a branch: its parent's key, then (tool call, 4 + z)
+            draw = 400 + stream_state(0, key) % 1024
         tokens = self.s._get(row)
         n = len(tokens)
-        full = self.s._reply(row, budget, self.stop, draw=row_id + 100 * kind)
+        full = self.s._reply(row, budget, self.stop, draw=draw)
         del tokens[n:]  # emitted one per step below
         self.rows[row] = (full, [])
 

@@ -149,6 +149,35 @@ def test_a_schedule_moves_tokens_between_steps_it_never_removes_one(strategy, sc
             assert (dropped > 0) == (speculate and strategy != "independent")
 
 
+def slow_probe(ctx: str, draw: int) -> Reply:
+    """AEPO's probe (draws 100-199) makes four long segments; the other rows (branches draw
+    400 and up) three short ones, each after a result uncertain, so their decisions branch and
+    branches branch again, all while the probe still runs."""
+    k = ctx.count("<result>")
+    if 100 <= draw < 200:
+        return Reply("hm" * 12 + f"<search>p{k}</search>", nats(0.01, TOK)) if k < 4 else Reply("<answer>p</answer>")
+    if k < 3:
+        return Reply("h" * (1 + draw % 3) + f"<search>d{k}.{draw % 5}</search>", nats(0.01 if k == 0 else 0.6, TOK))
+    return Reply(f"<answer>a{draw % 5}</answer>", nats(0.6, TOK))
+
+
+def test_branches_of_speculative_branches_start_at_their_fork_point(monkeypatch):
+    """A branch's stream key follows from its parent's (`branch_stream`), so speculation also
+    starts the branches of a branch it started. Here AEPO's fresh rows run beside a long probe;
+    their decisions wait for the probe's end, and their branches reach their own tool calls
+    before then: the batch still takes the critical path's steps, and the trees (parent
+    row_ids included, known only when the parent is adopted) are those of the plain run."""
+    monkeypatch.setattr(scheduler_module, "ThreadPoolExecutor", InlineExecutor)
+    base, plain, _, _ = run("aepo", 256, script=slow_probe)
+    by_row = {(t.prompt_id, t.row_id): t for t in base}
+    assert any(t.parent_row_id is not None and by_row[(t.prompt_id, t.parent_row_id)].parent_row_id is not None
+               for t in base)  # branches of branches
+    trajs, spec, sampler, prompts = run("aepo", 256, speculate=True, script=slow_probe)
+    assert summary(trajs) == summary(base)
+    check_invariants(trajs, spec, sampler, prompts, 6)
+    assert spec["decode_steps"] == spec["critical_path_tokens"] < plain["decode_steps"]
+
+
 def test_fills_start_beside_the_rows_they_follow(monkeypatch):
     """AEPO with fills (branchy leaves budget on every prompt): without speculation a fill starts
     when its prompt's rows have ended, so the steps exceed the critical path; with it the fill
@@ -158,7 +187,8 @@ def test_fills_start_beside_the_rows_they_follow(monkeypatch):
     assert plain["fills"] and plain["decode_steps"] > plain["critical_path_tokens"]
     trajs, spec, _, _ = run("aepo", 256, speculate=True)
     assert summary(trajs) == summary(base)
-    assert [(f["prompt"], f["rows"]) for f in spec["fills"]] == [(f["prompt"], f["rows"]) for f in plain["fills"]]
+    # the same fills (prompts interleave as the schedule goes)
+    assert sorted((f["prompt"], f["rows"]) for f in spec["fills"]) == sorted((f["prompt"], f["rows"]) for f in plain["fills"])
     for f in spec["fills"]:  # a fill's rows are fresh rows (trajectories come 6 per prompt in order)
         fill_rows = trajs[6 * f["prompt"]:6 * f["prompt"] + 6][6 - f["rows"]:]
         assert all(t.parent_row_id is None for t in fill_rows)
@@ -201,7 +231,7 @@ def test_a_full_batch_takes_the_trees_rows_before_speculative_ones(monkeypatch, 
 
     monkeypatch.setattr(scheduler_module.ContinuousScheduler, "_admit", admit)
     base, _, _, _ = run(strategy, 64, script=script)
-    trajs, spec, _, _ = run(strategy, 3, speculate=True, script=script)
+    trajs, _, _, _ = run(strategy, 3, speculate=True, script=script)
     assert summary(trajs) == summary(base)
     assert seen["full"] > 0 and seen["fresh"] + seen["branch"] > 0  # the batch was full, speculative rows ran
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,7 @@ from aepo.rollout.sampler.streams import RowKey
 if TYPE_CHECKING:
     from aepo.rollout.strategies import PromptGroup, RolloutStrategy
 
-__all__ = ["TOOL_BATCHES", "ContinuousScheduler", "branch_stream", "supports_continuous"]
+__all__ = ["TOOL_BATCHES", "ContinuousScheduler", "branch_stream", "stream_key", "supports_continuous"]
 
 TOOL_BATCHES = 8  # steps' tool batches that may run at once (each one tool_fn call)
 TOOL_GRACE_BACKOFF = 16  # steps without a grace wait after a step's tool calls outlasted one
@@ -100,13 +101,6 @@ class ContinuousScheduler:
         self.grace_waits = self.grace_timeouts = 0
 
     # ---------------------------------------------------------------- bookkeeping
-
-    def _key(self, s: RowState) -> tuple[int, ...]:
-        """A row's stream key: branches by (parent, tool call, child index), so a branch samples
-        the same tokens whether it started at its decision or speculatively before it."""
-        if s.stream is not None:
-            return s.stream
-        return RowKey(1 if s.probe else 0, s.group, s.traj.row_id)
 
     def _clock_from(self, s: RowState, at: int) -> None:
         """Start `s`'s logical clock at `at` (and keep `s` alive: the scheduler's state is keyed by id)."""
@@ -240,7 +234,7 @@ class ContinuousScheduler:
                 self._drop_children_of(s)
                 continue
             self.running[s.row] = s
-            self.batch.start(s.row, budget - s.response_len, self._key(s))
+            self.batch.start(s.row, budget - s.response_len, stream_key(s))
 
     def _start_order(self, s: RowState) -> tuple[int, int]:
         """Which ready rows a full batch starts first under speculation: the trees' own rows,
@@ -294,15 +288,15 @@ class ContinuousScheduler:
     # ---------------------------------------------------------------- speculation
 
     def _may_branch(self, s: RowState) -> bool:
-        """Whether speculation starts the branches of `s`'s tool result: a row of its prompt, or a
-        fresh row while the prompt probes (it may become a global row). A speculative branch
-        does not branch (its row_id, part of its children's stream keys, comes with its
-        decision), nor does a fill (it takes the prompt's whole remaining budget)."""
+        """Whether speculation starts the branches of `s`'s tool result: a row of its prompt, a
+        speculative branch (its children's stream keys follow from its own), or a fresh row
+        while the prompt probes (it may become a global row); not a fill (it takes the prompt's
+        whole remaining budget, so it never branches)."""
         if not (self.speculate and self.st.branching) or s.probe:
             return False
-        if id(s) not in self.spec:
+        if id(s) not in self.spec or s.stream is not None:  # a row of the trees, or a branch
             return True
-        return s.stream is None and self.st.groups[s.group].probe is not None
+        return self.st.groups[s.group].probe is not None
 
     def _speculate_children(self, s: RowState) -> None:
         """Start the Z branches a decision on this tool result may make, at the fork point."""
@@ -311,7 +305,7 @@ class ContinuousScheduler:
         kids = []
         for z in range(min(self.cfg.branch_children, g.budget_left)):
             child = fork_row_state(self.st.sampler, s, s.response_len, row_id=-1)
-            child.stream = branch_stream(g.index, s.traj.row_id, turn, z)
+            child.stream = branch_stream(stream_key(s), turn, z)
             self.st._live.add(child.row)
             self.spec[id(child)] = child
             self._clock_from(child, self.clock[id(s)])
@@ -368,6 +362,11 @@ class ContinuousScheduler:
         (fresh rows, `shift`), its decisions queued with their logical times."""
         del self.spec[id(s)]
         s.traj.row_id = row_id
+        for (parent, _), kids in self.spec_children.items():  # its own branches, started before
+            if parent == id(s):
+                for kid in kids:
+                    if kid is not None:
+                        kid.traj.parent_row_id = row_id
         heap = self.events.setdefault(s.group, [])
         heap[:] = [(t, row_id, k, v) if v[1].state is s else (t, r, k, v) for t, r, k, v in heap]
         for f in [f for f in (s, *self.spec.values()) if self.anchor.get(id(f)) == id(s)]:
@@ -468,6 +467,16 @@ class ContinuousScheduler:
                 "tool_grace_waits": self.grace_waits, "tool_grace_timeouts": self.grace_timeouts, **b.stats()}
 
 
-def branch_stream(group: int, parent_row: int, turn: int, z: int) -> tuple[int, int, int]:
-    """The stream key of branch z of row `parent_row` at its tool call `turn`."""
-    return (4 + z, group, parent_row * 1024 + turn)
+def stream_key(s: RowState) -> tuple[int, ...]:
+    """A row's stream key: a branch's `branch_stream`, else (kind, prompt, row_id) (`RowKey`)."""
+    if s.stream is not None:
+        return s.stream
+    return RowKey(1 if s.probe else 0, s.group, s.traj.row_id)
+
+
+def branch_stream(parent: Sequence[int], turn: int, z: int) -> tuple[int, ...]:
+    """The stream key of branch z of the row whose key is `parent`, forked after its tool call
+    `turn`: the parent's key, then (turn, 4 + z). It follows the tree's shape alone, so it is
+    known before any row_id on the way is: a branch samples the same tokens whether it started
+    at its decision or speculatively before it, also when its parent is itself speculative."""
+    return (*parent, turn, 4 + z)

@@ -40,7 +40,7 @@ from aepo.rollout.branching import (
 )
 from aepo.rollout.config import SCHEDULERS, RolloutConfig
 from aepo.rollout.sampler.streams import row_uniform
-from aepo.rollout.scheduler import ContinuousScheduler, branch_stream, supports_continuous
+from aepo.rollout.scheduler import ContinuousScheduler, branch_stream, stream_key, supports_continuous
 from aepo.types import Generation, Sampler, Trajectory
 
 __all__ = [
@@ -220,7 +220,7 @@ class RolloutStrategy:
                 child = self.scheduler.adopt_child(parent, position, z, row_id=len(g.rows))
             if child is None:
                 child = fork_row_state(self.sampler, parent, position, row_id=len(g.rows))
-            child.stream = branch_stream(g.index, parent.traj.row_id, turn, z)
+            child.stream = branch_stream(stream_key(parent), turn, z)
             # the chain's decisions up to the branch point (the one that forks it included),
             # as the child inherits the tool calls up to there
             child.traj.decisions = [dict(d) for d in parent.traj.decisions if d["turn"] <= turn]
