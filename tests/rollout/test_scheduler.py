@@ -291,7 +291,8 @@ def test_slow_tools_cost_at_most_one_wait_per_backoff(monkeypatch):
 
 @pytest.mark.parametrize("strategy,script,extra", [
     ("arpo", branchy, {}), ("aepo", branchy, {}), ("random", branchy, {}), ("aepo", long_probe, {}),
-    ("aepo", branchy, {"reuse_probe": False}), ("aepo", branchy, {"premonitor": False})])
+    ("aepo", branchy, {"reuse_probe": False}), ("aepo", branchy, {"premonitor": False}),
+    ("aepo", slow_probe, {}), ("aepo", slow_probe, {"branch_penalty": 0.9}), ("aepo", branchy, {"branch_penalty": 0.9})])
 def test_speculation_changes_the_schedule_not_the_trees(strategy, script, extra):
     """Branches started at their fork point and AEPO's global rows started beside the probe
     are the rows the decisions make, or are dropped: the trees are those of the plain run

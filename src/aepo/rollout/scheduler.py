@@ -366,7 +366,7 @@ class ContinuousScheduler:
             if parent == id(s):
                 for kid in kids:
                     if kid is not None:
-                        kid.traj.parent_row_id = row_id
+                        kid.traj.parent_row_id = kid.parent = row_id
         heap = self.events.setdefault(s.group, [])
         heap[:] = [(t, row_id, k, v) if v[1].state is s else (t, r, k, v) for t, r, k, v in heap]
         for f in [f for f in (s, *self.spec.values()) if self.anchor.get(id(f)) == id(s)]:

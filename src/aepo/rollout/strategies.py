@@ -222,8 +222,10 @@ class RolloutStrategy:
                 child = fork_row_state(self.sampler, parent, position, row_id=len(g.rows))
             child.stream = branch_stream(stream_key(parent), turn, z)
             # the chain's decisions up to the branch point (the one that forks it included),
-            # as the child inherits the tool calls up to there
+            # as the child inherits the tool calls up to there, and its l as this decision left
+            # it (a speculative child was forked before the decision was taken)
             child.traj.decisions = [dict(d) for d in parent.traj.decisions if d["turn"] <= turn]
+            child.l = parent.l
             self._live.add(child.row)
             g.rows.append(child)
             made.append(child.traj.row_id)
