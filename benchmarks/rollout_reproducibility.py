@@ -3,6 +3,8 @@ sets of overrides, compared row by row.
 
     .venv/bin/python benchmarks/rollout_reproducibility.py [--demo runs/demo] [--algo aepo] \\
         --a rollout.max_active_rows=256 --b rollout.max_active_rows=16
+    .venv-vllm/bin/python benchmarks/rollout_reproducibility.py --a rollout.backend=vllm \\
+        --b rollout.backend=vllm rollout.speculate=true     # on the vLLM engine
 
 Builds the demo's RL trainer (its world, SFT model and `configs/demo.yaml`, continuous scheduler)
 and collects step 0's rollout under each set of overrides. Prints the decode steps of each, how
@@ -23,6 +25,7 @@ def collect(demo: Path, algo: str, overrides: list[str]) -> tuple[list, dict]:
     from aepo.demo.stages import DEMO_CONFIG, build_tools, world_tasks
     from aepo.demo.world import World
     from aepo.models.loading import load_model
+    from aepo.rollout.sampler import build_backend
     from aepo.train.rl import RLTrainer
 
     out = Path("/tmp/rollout_reproducibility")
@@ -31,10 +34,12 @@ def collect(demo: Path, algo: str, overrides: list[str]) -> tuple[list, dict]:
     model, tok = load_model(demo / "sft", device="cpu")
     world = World.load(demo / "world")
     runner = build_tools(world, cfg.tools)
+    backend = build_backend(cfg.rollout, model, tok, demo / "sft")  # the torch sampler, or a vLLM engine
     try:
-        trainer = RLTrainer(cfg, model, tok, world_tasks(world.train), runner.run, out)
+        trainer = RLTrainer(cfg, model, tok, world_tasks(world.train), runner.run, out, backend=backend)
         trajs, _, stats = trainer.collect(0)
     finally:
+        backend.close()
         runner.close()
     return trajs, stats
 
