@@ -188,7 +188,7 @@ class SlotBatch(RunningBatch):
         """At least `slots` slots and `columns` usable columns (plus the scratch column, the
         last, where free slots write during a decode step)."""
         have_slots = len(self.lens)
-        have_cols = self.keys[0].shape[2] - 1 if self.keys else 0
+        have_cols = self.columns
         if slots <= have_slots and columns <= have_cols:
             return
         # slots and columns grow by a quarter (not doubling), one layer at a time: the cache

@@ -605,6 +605,7 @@ class DecodeGraphs:
                 self.capture = False
                 return self._run()
             self.graph, self.out = captured
+            return self.out  # the capture's checked replay ran this step
         self.graph.replay()
         return self.out
 

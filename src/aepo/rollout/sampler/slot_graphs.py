@@ -123,6 +123,7 @@ class SlotGraphs:
             g.graph, g.out = captured
             self.captures += 1
             self.capture_s += time.perf_counter() - began
+            return g.out, g.window  # the capture's checked replay ran this step
         g.graph.replay()
         return g.out, g.window
 
